@@ -1,0 +1,43 @@
+"""bntool: BatchNorm surgery and calibration for PyTorch.
+
+    import bntool
+    folded, report = bntool.fold(model, example_input)
+    report = bntool.recalibrate(model, batches)
+    report = bntool.inspect(model)
+
+Attributes are imported on first use so that the command line starts without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_EXPORTS = {
+    "inspect": "inspection",
+    "InspectReport": "inspection",
+    "fold": "folding",
+    "FoldReport": "folding",
+    "apply_fold_layout": "folding",
+    "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "ChannelAffine": "layers",
+    "BntoolError": "errors",
+    "InputError": "errors",
+    "CheckFailed": "errors",
+    "UnsupportedError": "errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bntool' has no attribute {name!r}")

@@ -1,0 +1,522 @@
+"""Fold BatchNorm into the conv/linear that feeds it (or that it feeds), from the model's real dataflow.
+
+The fold of an eval-mode BN y = (x - μ)·γ/√(σ²+ε) + β = x·s + t into the layer that produces x:
+    W'[o] = W[o]·s[o]        b'[o] = b[o]·s[o] + t[o]
+and into a layer that consumes y (no zero padding in between, so every input element is a BN output):
+    W'[:, i] = W[:, i]·s[i]  b' = b + Σ_i,k W[:, i, k]·t[i]
+Both are computed in float64 and cast once to the layer's dtype. Anything else becomes ChannelAffine.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+from .checkpoint import iter_tensors
+from .errors import CheckFailed, InputError
+from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
+from .layers import (
+    ChannelAffine,
+    affine_of,
+    bn_modules,
+    bn_num_features,
+    has_standard_forward,
+    is_bn,
+    is_frozen_bn,
+    make_custom_bn_folded,
+)
+
+STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+# What a BN became.
+FOLDED = "folded"  # into the layer that feeds it
+FOLDED_FORWARD = "folded-forward"  # into the layer it feeds
+AFFINE = "affine"  # exact per-channel scale and shift, no batch_norm op
+REFUSED = "refused"  # left as it was
+
+
+@dataclass
+class BNDecision:
+    name: str
+    type: str
+    channels: int
+    action: str
+    target: str | None = None  # the conv/linear it was folded into
+    reason: str = ""
+
+
+@dataclass
+class Comparison:
+    """Folded vs original outputs on one input."""
+
+    input: str
+    max_abs_error: float
+    max_rel_error: float  # max |Δ| / max |reference|
+    reference_scale: float
+
+
+@dataclass
+class FoldReport:
+    decisions: list[BNDecision] = field(default_factory=list)
+    batch_norm_ops_before: int = 0
+    batch_norm_ops_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    comparisons: list[Comparison] = field(default_factory=list)
+    rtol: float = 0.0
+    atol: float = 0.0
+    passed: bool = True
+    fold_seconds: float = 0.0
+    check_seconds: float = 0.0
+    layout: dict[str, list[str]] = field(default_factory=dict)
+
+    def count(self, action: str) -> int:
+        return sum(d.action == action for d in self.decisions)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.comparisons), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.comparisons), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["counts"] = {a: self.count(a) for a in (FOLDED, FOLDED_FORWARD, AFFINE, REFUSED)}
+        d["max_abs_error"], d["max_rel_error"] = self.max_abs_error, self.max_rel_error
+        return d
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol), relative to the largest reference output: rounding changes when ops are merged."""
+    if dtype == torch.float64:
+        return 1e-9, 1e-12
+    if dtype in (torch.float16, torch.bfloat16):
+        return 5e-2, 1e-3
+    return 1e-4, 1e-6
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+# ---------------------------------------------------------------- public API
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    *,
+    samples: int = 0,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    skip: Sequence[str] = (),
+    check: bool = True,
+) -> tuple[nn.Module, FoldReport]:
+    """Return a folded copy of `model` (in eval mode) and a report; `model` itself is not modified.
+
+    Folded outputs are compared with the original on `example_inputs` and `samples` random inputs of the
+    same shapes; with `check`, a difference over tolerance raises CheckFailed (its `.report` says how much).
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    started = time.perf_counter()
+    folded, by_request = _eval_copy(model)
+    flow, _ = trace(folded, inputs)
+    report = FoldReport(batch_norm_ops_before=_norm_op_count(flow, folded),
+                        params_before=sum(p.numel() for p in folded.parameters()))
+    names = {id(m): n for n, m in folded.named_modules()}
+    tied = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
+    plans = [_decide(name, bn, flow, names, tied, by_request, skip) for name, bn in bn_modules(folded)]
+    _apply(folded, plans, report)
+    report.fold_seconds = time.perf_counter() - started
+    report.decisions = [p.decision for p in plans]
+    report.params_after = sum(p.numel() for p in folded.parameters())
+
+    started = time.perf_counter()
+    dtype = model_dtype(model)
+    default_rtol, default_atol = default_tolerances(dtype)
+    report.rtol = default_rtol if rtol is None else rtol
+    report.atol = default_atol if atol is None else atol
+    report.batch_norm_ops_after = _compare(model, folded, inputs, samples, seed, by_request, report)
+    report.passed = all(c.max_abs_error <= report.atol + report.rtol * c.reference_scale for c in report.comparisons)
+    report.check_seconds = time.perf_counter() - started
+    if check and not report.passed:
+        err = CheckFailed(
+            f"folded model differs from the original: max abs error {report.max_abs_error:.3g} "
+            f"(relative {report.max_rel_error:.3g}) exceeds atol={report.atol:g} + rtol={report.rtol:g}·scale"
+        )
+        err.report = report
+        raise err
+    return folded, report
+
+
+def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Module:
+    """Give a freshly built architecture the structure of a folded one, so its folded state_dict loads."""
+    modules = dict(model.named_modules())
+    for name in layout.get("bias_added", []):
+        layer = _module(modules, name)
+        out_channels = layer.weight.shape[1] * layer.groups if isinstance(layer, _ConvTransposeNd) else layer.weight.shape[0]
+        layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
+    for name in layout.get("identity", []) + layout.get("affine", []):
+        bn = _module(modules, name)
+        if not is_bn(bn):
+            raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
+        affine = name in layout.get("affine", [])
+        c, dtype = bn_num_features(bn), bn.running_mean.dtype
+        if has_standard_forward(bn):
+            _replace_module(model, name, ChannelAffine.empty(c, dtype) if affine else nn.Identity())
+        else:
+            ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+            make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
+    return model
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass
+class _Plan:
+    decision: BNDecision
+    bn: nn.Module
+    layer: nn.Module | None = None
+    mapping: list[int] | None = None  # backward: BN channel -> layer channel; forward: layer input -> BN channel
+
+
+def _decide(name, bn, flow: Dataflow, names, tied, by_request, skip) -> _Plan:
+    decision = BNDecision(name=name, type=type(bn).__name__, channels=bn_num_features(bn) if _has_stats(bn) else 0,
+                          action=REFUSED)
+    plan = _Plan(decision, bn)
+    refusal = _refusal(name, bn, by_request, skip)
+    if refusal:
+        decision.reason = refusal
+        return plan
+    calls = flow.calls_of(bn)
+    if len(calls) != 1:
+        decision.action = AFFINE
+        decision.reason = "not executed on the example input" if not calls else f"called {len(calls)} times"
+        return plan
+    layer, mapping, why_not = _producer_layer(bn, flow, tied)
+    if layer is not None:
+        decision.action, decision.target, plan.layer, plan.mapping = FOLDED, names[id(layer)], layer, mapping
+        return plan
+    consumer, fwd_mapping, why_not_forward = _consumer_layer(bn, flow, tied)
+    if consumer is not None:
+        decision.action, decision.target, plan.layer, plan.mapping = (
+            FOLDED_FORWARD, names[id(consumer)], consumer, fwd_mapping)
+        decision.reason = why_not
+        return plan
+    decision.action = AFFINE
+    decision.reason = why_not if why_not_forward is None else f"{why_not}; {why_not_forward}"
+    return plan
+
+
+def _has_stats(bn) -> bool:
+    return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
+
+
+def _refusal(name, bn, by_request, skip) -> str:
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+        return "skipped by request"
+    if name in by_request:
+        return "in training mode by request (normalizes with batch statistics)"
+    if not _has_stats(bn) or getattr(bn, "track_running_stats", True) is False:
+        return "track_running_stats=False: normalizes with batch statistics at inference"
+    tensors = [bn.running_mean, bn.running_var] + [t for t in (getattr(bn, "weight", None), getattr(bn, "bias", None))
+                                                   if t is not None]
+    if any(not torch.isfinite(t).all() for t in tensors):
+        return "statistics or affine parameters contain NaN/Inf"
+    if (bn.running_var.double() + float(getattr(bn, "eps", 1e-5)) <= 0).any():
+        return "running_var + eps <= 0"
+    return ""
+
+
+def _normalized_input(bn, flow: Dataflow) -> tuple[torch.Tensor | None, OpCall | None]:
+    """The tensor this BN normalizes, and the op that reads it (None: the module's own ops read it)."""
+    norm_ops = flow.ops_in(bn, "batch_norm")
+    if len(norm_ops) == 1:
+        op = norm_ops[0]
+        return (op.args[0] if op.args else op.kwargs["input"]), op
+    if is_frozen_bn(bn) and has_standard_forward(bn):
+        return flow.calls_of(bn)[0].inputs[0], None
+    return None, None
+
+
+def _producer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[int] | None, str]:
+    """The conv/linear whose output (through data movement only) is this BN's input and read by nothing else."""
+    x, reader = _normalized_input(bn, flow)
+    if x is None:
+        return None, None, "its forward runs no single batch_norm op"
+    chain: list[OpCall] = []
+    while True:
+        readers = flow.readers(x)
+        sole = len(readers) == 1 and (readers[0] is reader if reader is not None else
+                                      isinstance(readers[0], OpCall) and readers[0].module is bn)
+        if not sole:
+            return None, None, f"its input is also read by {_describe(readers, reader)}"
+        op = flow.producer(x)
+        if op is None:
+            return None, None, "fed by a model input"
+        if op.name in LAYER_OPS:
+            return _check_producer(op, x, chain, bn, flow, tied)
+        if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is op.inputs[0]:
+            chain.append(op)
+            x, reader = op.args[0], op
+            continue
+        return None, None, f"fed by {op.name}, not a conv/linear"
+
+
+def _check_producer(op: OpCall, x, chain, bn, flow, tied):
+    layer = op.module
+    if not isinstance(layer, (_ConvNd, nn.Linear)):
+        return None, None, f"fed by a bare {op.name} call, not a conv/linear module"
+    bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+    if op.args[1] is not layer.weight or bias_arg is not layer.bias:
+        return None, None, "the conv transforms its weight in forward (e.g. weight standardization)"
+    calls = flow.calls_of(layer)
+    if len(calls) != 1:
+        return None, None, f"the conv/linear feeding it is called {len(calls)} times"
+    if not any(o is op.outputs[0] for o in calls[0].outputs):
+        return None, None, "the conv/linear post-processes its output"
+    if tied[id(layer.weight)] > 1:
+        return None, None, "the conv/linear weight is shared with another module"
+    channels = bn_num_features(bn)
+    out_axis = layer_channel_axis(layer, x_ndim := op.outputs[0].dim(), output=True)
+    if not chain:
+        if op.outputs[0].shape[out_axis] != channels:
+            return None, None, "channel counts differ"
+        return layer, list(range(channels)), ""
+    probe = replay(reversed(chain), channel_probe(op.outputs[0].shape, out_axis % x_ndim))
+    mapping = channel_map(probe, 1)
+    if mapping is None or sorted(mapping) != list(range(op.outputs[0].shape[out_axis])):
+        return None, None, "the reshape between conv/linear and BN mixes channels"
+    return layer, mapping, ""
+
+
+def _consumer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[int] | None, str | None]:
+    """The conv/linear that alone reads this BN's output with no zero padding in between."""
+    if not has_standard_forward(bn):
+        return None, None, None
+    y = flow.calls_of(bn)[0].outputs[0]
+    chain: list[OpCall] = []
+    while True:
+        readers = flow.readers(y)
+        if len(readers) != 1 or readers[0] == "output":
+            return None, None, None
+        op = readers[0]
+        if op.name == "pad" and type(op.module) in STANDARD_CONSUMERS and op.module.padding_mode != "zeros":
+            pad_readers = flow.readers(op.outputs[0])  # reflect/replicate/circular padding copies BN outputs
+            if len(pad_readers) == 1 and isinstance(pad_readers[0], OpCall) and pad_readers[0].module is op.module:
+                return _check_consumer(pad_readers[0], op.outputs[0], chain, bn, flow, tied, y_shape=y.shape)
+            return None, None, None
+        if op.name in LAYER_OPS:
+            return _check_consumer(op, y, chain, bn, flow, tied, y_shape=y.shape)
+        if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is y:
+            chain.append(op)
+            y = op.outputs[0]
+            continue
+        return None, None, None
+
+
+def _check_consumer(op, y, chain, bn, flow, tied, y_shape):
+    layer = op.module
+    if type(layer) not in STANDARD_CONSUMERS or op.args[1] is not layer.weight or op.args[0] is not y:
+        return None, None, None
+    if isinstance(layer, _ConvNd) and layer.padding_mode == "zeros" and any(layer._reversed_padding_repeated_twice):
+        return None, None, "the next conv zero-pads its input"
+    if len(flow.calls_of(layer)) != 1 or tied[id(layer.weight)] > 1:
+        return None, None, None
+    in_axis = 1 if isinstance(layer, _ConvNd) else -1
+    probe = replay(chain, channel_probe(y_shape, 1))
+    mapping = channel_map(probe, in_axis % probe.dim()) if probe.dim() > 1 else None
+    if mapping is None:
+        return None, None, "the reshape between BN and the next layer mixes channels"
+    return layer, mapping, None
+
+
+def _describe(readers, expected) -> str:
+    others = [r for r in readers if r is not expected]
+    names = sorted({r if isinstance(r, str) else r.name for r in others})
+    return ", ".join(names) or "nothing"
+
+
+def layer_channel_axis(layer: nn.Module, ndim: int, output: bool) -> int:
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+# ---------------------------------------------------------------- surgery
+
+
+def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:
+    identity, affine, bias_added = [], [], []
+    names = {id(m): n for n, m in model.named_modules()}
+    for plan in plans:
+        action = plan.decision.action
+        if action == REFUSED:
+            continue
+        scale, shift = affine_of(plan.bn)
+        if action == FOLDED:
+            inverse = [0] * len(plan.mapping)
+            for bn_channel, layer_channel in enumerate(plan.mapping):
+                inverse[layer_channel] = bn_channel
+            idx = torch.tensor(inverse)
+            if fold_into_producer(plan.layer, scale[idx], shift[idx]):
+                bias_added.append(names[id(plan.layer)])
+            identity.append(plan.decision.name)
+            _replace_bn(model, plan.decision.name, plan.bn, None, None)
+        elif action == FOLDED_FORWARD:
+            idx = torch.tensor(plan.mapping)
+            if fold_into_consumer(plan.layer, scale[idx], shift[idx]):
+                bias_added.append(names[id(plan.layer)])
+            identity.append(plan.decision.name)
+            _replace_bn(model, plan.decision.name, plan.bn, None, None)
+        else:
+            affine.append(plan.decision.name)
+            _replace_bn(model, plan.decision.name, plan.bn, scale, shift)
+    report.layout = {"identity": identity, "affine": affine, "bias_added": sorted(set(bias_added))}
+
+
+def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """layer(x)·scale + shift per output channel, folded into its weight and bias (float64, cast once).
+    Returns True if a bias had to be added."""
+    w = layer.weight.detach().double()
+    if isinstance(layer, _ConvTransposeNd):  # weight: (in, out/groups, *k); output channel = group·(out/groups)+j
+        g = layer.groups
+        grouped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        new_w = (grouped * scale.view(g, 1, w.shape[1], *[1] * (w.dim() - 2))).reshape(w.shape)
+    else:  # conv (out, in/groups, *k) and linear (out, in)
+        new_w = w * scale.view(-1, *[1] * (w.dim() - 1))
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
+    return _assign(layer, new_w, bias * scale + shift)
+
+
+def fold_into_consumer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """layer(x·scale + shift) with scale/shift per input channel, folded into its weight and bias."""
+    w = layer.weight.detach().double()
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    if isinstance(layer, nn.Linear):
+        return _assign(layer, w * scale.view(1, -1), bias + w @ shift)
+    g, out, per_group = layer.groups, w.shape[0], w.shape[1]
+    grouped = w.reshape(g, out // g, per_group, *w.shape[2:])
+    ones = [1] * (w.dim() - 2)
+    new_w = (grouped * scale.view(g, 1, per_group, *ones)).reshape(w.shape)
+    # A constant input t per channel contributes Σ_i,k W[o,i,k]·t[i] to every output (no padding).
+    added = (grouped * shift.view(g, 1, per_group, *ones)).sum(dim=tuple(range(2, grouped.dim()))).reshape(out)
+    return _assign(layer, new_w, bias + added)
+
+
+def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    dtype = layer.weight.dtype
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(dtype))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
+            return True
+        layer.bias.copy_(bias.to(dtype))
+    return False
+
+
+def _replace_bn(model, name, bn, scale, shift) -> None:
+    dtype = bn.running_mean.dtype
+    if has_standard_forward(bn):
+        new = nn.Identity() if scale is None else ChannelAffine(scale.to(dtype), shift.to(dtype))
+        _replace_module(model, name, new)
+    else:
+        make_custom_bn_folded(bn, None if scale is None else scale.to(dtype), None if shift is None else shift.to(dtype))
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in modules:
+        raise InputError(f"fold layout names {name!r}, which this architecture does not have")
+    return modules[name]
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _eval_copy(model: nn.Module) -> tuple[nn.Module, set[str]]:
+    """A deep copy in eval mode, except BNs the user left in training mode inside an eval model."""
+    by_request = {n for n, m in bn_modules(model) if m.training and not model.training}
+    copied = copy.deepcopy(model).eval()
+    for name, m in copied.named_modules():
+        if name in by_request:
+            m.train()
+    return copied, by_request
+
+
+def _norm_op_count(flow: Dataflow, model: nn.Module) -> int:
+    frozen = sum(len(flow.calls_of(m)) for m in model.modules() if is_frozen_bn(m))
+    return flow.count("batch_norm") + frozen
+
+
+def random_like(inputs: Sequence[Any], generator: torch.Generator) -> tuple[Any, ...]:
+    """Random inputs shaped like the example: normal floats; integer inputs are kept as they are."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            out.append(torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype))
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def _compare(model, folded, inputs, samples, seed, by_request, report: FoldReport) -> int:
+    """Fill report.comparisons; return the batch_norm op count of the folded model."""
+    if by_request:
+        reference = _eval_copy(model)[0]
+        flags = None
+    else:
+        reference, flags = model, [m.training for m in model.modules()]
+        model.eval()
+    try:
+        flow, out = trace(folded, inputs)
+        with torch.no_grad():
+            report.comparisons.append(compare_outputs("example", reference(*inputs), out))
+            g = torch.Generator().manual_seed(seed)
+            for i in range(samples):
+                x = random_like(inputs, g)
+                report.comparisons.append(compare_outputs(f"random #{i + 1}", reference(*x), folded(*x)))
+    finally:
+        if flags is not None:
+            for m, training in zip(model.modules(), flags):
+                m.training = training
+    return _norm_op_count(flow, folded)
+
+
+def compare_outputs(label: str, reference: Any, candidate: Any) -> Comparison:
+    refs, cands = list(iter_tensors(reference)), list(iter_tensors(candidate))
+    if len(refs) != len(cands):
+        raise CheckFailed(f"{label}: the folded model returns {len(cands)} tensors, the original {len(refs)}")
+    max_abs, scale = 0.0, 0.0
+    for r, c in zip(refs, cands):
+        if not r.is_floating_point():
+            if not torch.equal(r, c):
+                max_abs = math.inf
+            continue
+        r64, c64 = r.detach().double(), c.detach().double()
+        diff = (r64 - c64).abs()
+        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+        scale = max(scale, float(r64.abs().max()) if r64.numel() else 0.0)
+        if not torch.isfinite(c64).all() and not torch.equal(torch.isfinite(r64), torch.isfinite(c64)):
+            max_abs = math.inf
+    return Comparison(label, max_abs, max_abs / scale if scale > 0 else max_abs, scale)

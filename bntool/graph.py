@@ -1,0 +1,194 @@
+"""The dataflow of one real forward: which op produced each tensor, and which ops read it.
+
+Recorded with a TorchFunctionMode (every torch call, functional or method) and module hooks (which module
+was running), so it follows Python control flow, subclasses and functional code that symbolic tracing
+(torch.fx) cannot. Tensors are identified by object, and every one is kept alive during the trace so
+that ids are never reused.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .checkpoint import iter_tensors
+
+# Ops that only move data: each output element is one input element, so a per-channel affine commutes
+# with them once the channel mapping is checked (see channel_map).
+DATA_MOVEMENT_OPS = {
+    "view", "reshape", "flatten", "unflatten", "transpose", "permute", "squeeze", "unsqueeze", "contiguous",
+    "t", "swapaxes", "swapdims", "movedim", "moveaxis", "clone", "view_as", "reshape_as",
+}
+# Identity in eval mode.
+DROPOUT_OPS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+LAYER_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"}
+
+
+@dataclass(eq=False)
+class OpCall:
+    """One torch function call made during the forward."""
+
+    index: int
+    name: str
+    func: Callable
+    args: tuple
+    kwargs: dict
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    module: nn.Module | None  # innermost module whose forward made the call
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    module: nn.Module
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+@dataclass
+class Dataflow:
+    ops: list[OpCall] = field(default_factory=list)
+    module_calls: dict[int, list[ModuleCall]] = field(default_factory=lambda: defaultdict(list))
+    model_outputs: list[torch.Tensor] = field(default_factory=list)
+    _producer: dict[int, OpCall] = field(default_factory=dict)
+    _readers: dict[int, list[OpCall]] = field(default_factory=lambda: defaultdict(list))
+    _keep: list[Any] = field(default_factory=list)
+
+    def producer(self, t: torch.Tensor) -> OpCall | None:
+        return self._producer.get(id(t))
+
+    def readers(self, t: torch.Tensor) -> list[OpCall | str]:
+        """Ops that read t, plus "output" if the model returns it."""
+        readers: list[OpCall | str] = list(self._readers.get(id(t), []))
+        if any(o is t for o in self.model_outputs):
+            readers.append("output")
+        return readers
+
+    def calls_of(self, module: nn.Module) -> list[ModuleCall]:
+        return self.module_calls.get(id(module), [])
+
+    def ops_in(self, module: nn.Module, name: str | None = None) -> list[OpCall]:
+        return [op for op in self.ops if op.module is module and (name is None or op.name == name)]
+
+    def count(self, name: str) -> int:
+        return sum(op.name == name for op in self.ops)
+
+
+def _op_name(func: Callable) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, flow: Dataflow, stack: list[nn.Module]):
+        super().__init__()
+        self.flow, self.stack = flow, stack
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = list(iter_tensors(out))
+        if outputs:  # metadata queries (size, shape, dim) return no tensor and read no values
+            inputs = list(iter_tensors(args)) + list(iter_tensors(kwargs))
+            op = OpCall(len(self.flow.ops), _op_name(func), func, args, kwargs, inputs, outputs,
+                        self.stack[-1] if self.stack else None)
+            self.flow.ops.append(op)
+            self.flow._keep.append((args, kwargs, out))
+            for t in inputs:
+                self.flow._readers[id(t)].append(op)
+            for t in outputs:
+                if not any(t is i for i in inputs):  # in-place ops keep their input's producer
+                    self.flow._producer[id(t)] = op
+        return out
+
+
+def trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[Dataflow, Any]:
+    """Run model(*inputs) once under no_grad, recording its dataflow. Returns (dataflow, output)."""
+    flow = Dataflow()
+    stack: list[nn.Module] = []
+
+    def pre_hook(module, args, kwargs):
+        stack.append(module)
+        flow.module_calls[id(module)].append(
+            ModuleCall(module, list(iter_tensors(args)) + list(iter_tensors(kwargs)), []))
+
+    def post_hook(module, args, kwargs, output):
+        stack.pop()
+        flow.module_calls[id(module)][-1].outputs = list(iter_tensors(output))
+        flow._keep.append(output)
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        with torch.no_grad(), _Recorder(flow, stack):
+            output = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    flow.model_outputs = list(iter_tensors(output))
+    flow._keep.append(output)
+    return flow, output
+
+
+def is_eval_identity(op: OpCall) -> bool:
+    """Data-movement ops, and dropout called with training=False."""
+    if op.name in DATA_MOVEMENT_OPS:
+        return True
+    if op.name in DROPOUT_OPS:
+        training = op.kwargs.get("training", op.args[2] if len(op.args) > 2 else True)
+        return training is False
+    return False
+
+
+def replay(ops: Sequence[OpCall], probe: torch.Tensor) -> torch.Tensor:
+    """Apply a recorded chain of single-tensor data-movement ops to another tensor of the same shape."""
+    for op in ops:
+        probe = op.func(probe, *op.args[1:], **op.kwargs)
+    return probe
+
+
+def channel_map(probe: torch.Tensor, axis: int) -> list[int] | None:
+    """probe holds channel numbers of some source layout; return, for each index along `axis`, the one
+    source channel all its elements come from, or None where an index mixes channels."""
+    moved = probe.movedim(axis, 0).reshape(probe.shape[axis], -1)
+    if moved.shape[1] == 0:
+        return None
+    lo, hi = moved.min(dim=1).values, moved.max(dim=1).values
+    if not torch.equal(lo, hi):
+        return None
+    return [int(v) for v in lo.tolist()]
+
+
+def channel_probe(shape: Sequence[int], axis: int) -> torch.Tensor:
+    """A float64 tensor of `shape` whose value is the index along `axis` (exact up to 2**53 channels)."""
+    n = shape[axis]
+    view = [1] * len(shape)
+    view[axis] = n
+    return torch.arange(n, dtype=torch.float64).view(view).expand(*shape).contiguous()
+
+
+def dependency_levels(flow: Dataflow, modules: Sequence[nn.Module]) -> dict[int, int]:
+    """For each module in `modules` (by id): 1 + the largest level among those of `modules` upstream of it.
+
+    A module of level k reads data that depends only on modules of levels < k, so once those are fixed its
+    input statistics can be measured exactly. Ops are recorded in execution order, so one sweep suffices.
+    """
+    wanted = {id(m) for m in modules}
+    tensor_level: dict[int, int] = {}
+    module_level: dict[int, int] = {}
+    for op in flow.ops:
+        level = max((tensor_level.get(id(t), 0) for t in op.inputs), default=0)
+        owner = op.module
+        if owner is not None and id(owner) in wanted and op.name == "batch_norm":
+            level += 1
+            module_level[id(owner)] = max(module_level.get(id(owner), 0), level)
+        for t in op.outputs:
+            tensor_level[id(t)] = max(tensor_level.get(id(t), 0), level)
+    return module_level

@@ -1,0 +1,134 @@
+"""Every BN layer of a model: its configuration, statistics, health, and what `fold` would do with it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import bn_eps, bn_modules, bn_type_name
+
+DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
+
+
+@dataclass
+class TensorSummary:
+    min: float
+    max: float
+    mean: float
+
+    @classmethod
+    def of(cls, t: torch.Tensor | None) -> TensorSummary | None:
+        if t is None or t.numel() == 0:
+            return None
+        t = t.detach().double()
+        finite = t[torch.isfinite(t)]
+        if finite.numel() == 0:
+            return cls(float("nan"), float("nan"), float("nan"))
+        return cls(float(finite.min()), float(finite.max()), float(finite.mean()))
+
+
+@dataclass
+class BNLayerInfo:
+    name: str
+    type: str
+    channels: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    training: bool
+    num_batches_tracked: int | None
+    running_mean: TensorSummary | None
+    running_var: TensorSummary | None
+    weight: TensorSummary | None
+    bias: TensorSummary | None
+    flags: list[str] = field(default_factory=list)
+    fold_action: str | None = None
+    fold_target: str | None = None
+    fold_reason: str = ""
+
+
+@dataclass
+class InspectReport:
+    layers: list[BNLayerInfo]
+    total_modules: int
+    total_params: int
+    fold_planned: bool
+
+    @property
+    def unhealthy(self) -> list[BNLayerInfo]:
+        return [layer for layer in self.layers if layer.flags]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def health_flags(module: nn.Module) -> list[str]:
+    """Problems that make a BN produce wrong or degenerate outputs in eval mode."""
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    if mean is None or var is None:
+        return ["no running statistics (track_running_stats=False)"]
+    flags = []
+    tensors = {"running_mean": mean, "running_var": var, "weight": getattr(module, "weight", None),
+               "bias": getattr(module, "bias", None)}
+    for key, t in tensors.items():
+        if t is not None and not torch.isfinite(t).all():
+            flags.append(f"NaN/Inf in {key} ({int((~torch.isfinite(t)).sum())} channels)")
+    low = int((var.double() <= bn_eps(module)).sum())
+    if low:
+        flags.append(f"var <= eps in {low} channels")
+    weight = tensors["weight"]
+    if weight is not None and weight.numel():
+        gamma = weight.detach().double().abs()
+        dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
+        if dead:
+            flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
+    tracked = getattr(module, "num_batches_tracked", None)
+    if bool((mean == 0).all()) and bool((var == 1).all()):
+        flags.append("never updated: running stats are exactly 0/1")
+    elif tracked is not None and int(tracked) == 0:
+        flags.append("never updated: num_batches_tracked is 0")
+    return flags
+
+
+def describe_layer(name: str, module: nn.Module) -> BNLayerInfo:
+    mean = getattr(module, "running_mean", None)
+    tracked = getattr(module, "num_batches_tracked", None)
+    weight = getattr(module, "weight", None)
+    return BNLayerInfo(
+        name=name,
+        type=bn_type_name(module),
+        channels=int(mean.numel()) if mean is not None else int(getattr(module, "num_features", 0)),
+        eps=bn_eps(module),
+        momentum=getattr(module, "momentum", None),
+        affine=bool(getattr(module, "affine", weight is not None)),
+        track_running_stats=bool(getattr(module, "track_running_stats", mean is not None)),
+        training=module.training,
+        num_batches_tracked=int(tracked) if tracked is not None else None,
+        running_mean=TensorSummary.of(mean),
+        running_var=TensorSummary.of(getattr(module, "running_var", None)),
+        weight=TensorSummary.of(weight),
+        bias=TensorSummary.of(getattr(module, "bias", None)),
+        flags=health_flags(module),
+    )
+
+
+def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None) -> InspectReport:
+    """Describe every BN-family layer; with example inputs, also plan the fold (without keeping it)."""
+    layers = [describe_layer(name, m) for name, m in bn_modules(model)]
+    report = InspectReport(layers=layers, total_modules=sum(1 for _ in model.modules()),
+                           total_params=sum(p.numel() for p in model.parameters()), fold_planned=False)
+    if example_inputs is not None and layers and not isinstance(model, torch.jit.ScriptModule):
+        from .folding import fold
+
+        _, fold_report = fold(model, example_inputs, check=False)
+        by_name = {d.name: d for d in fold_report.decisions}
+        for layer in layers:
+            d = by_name[layer.name]
+            layer.fold_action, layer.fold_target, layer.fold_reason = d.action, d.target, d.reason
+        report.fold_planned = True
+    return report

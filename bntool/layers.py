@@ -1,0 +1,143 @@
+"""Which modules are BatchNorm, what they compute in eval mode, and the modules that replace them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+# Forwards whose eval-mode output is exactly the BN affine of the input and nothing else.
+_STANDARD_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    _STANDARD_BN_FORWARDS.add(_cls.forward)
+
+
+def is_frozen_bn(module: nn.Module) -> bool:
+    """torchvision/timm-style FrozenBatchNorm: fixed stats held as buffers, no batch_norm op."""
+    buffers = dict(module.named_buffers(recurse=False))
+    return "FrozenBatchNorm" in type(module).__name__ and {"running_mean", "running_var"} <= set(buffers)
+
+
+BN_CLASS_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "FrozenBatchNorm2d"}
+
+
+def bn_type_name(module: nn.Module) -> str:
+    """The class name, also for modules inside a TorchScript archive."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def is_bn(module: nn.Module) -> bool:
+    if isinstance(module, torch.jit.ScriptModule):
+        return bn_type_name(module) in BN_CLASS_NAMES and hasattr(module, "running_mean")
+    return isinstance(module, _BatchNorm) or is_frozen_bn(module)
+
+
+def has_standard_forward(module: nn.Module) -> bool:
+    """True where forward is only the normalization (no activation, drop-path, ... added by a subclass)."""
+    if is_frozen_bn(module):
+        return type(module).__name__ == "FrozenBatchNorm2d"
+    return type(module).forward in _STANDARD_BN_FORWARDS
+
+
+def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if is_bn(m)]
+
+
+def bn_eps(module: nn.Module) -> float:
+    return float(getattr(module, "eps", 1e-5))
+
+
+def bn_num_features(module: nn.Module) -> int:
+    return int(module.running_mean.numel())
+
+
+def affine_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 such that eval-mode BN(x) == x * scale + shift per channel."""
+    mean = module.running_mean.detach().double()
+    var = module.running_var.detach().double()
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    scale = torch.rsqrt(var + bn_eps(module))
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
+
+
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Shape a per-channel vector to broadcast over axis 1 of an ndim tensor."""
+    return t.view([1, -1] + [1] * (ndim - 2)) if ndim >= 2 else t
+
+
+class ChannelAffine(nn.Module):
+    """x * scale + shift per channel (axis 1): what an eval-mode BatchNorm computes, as one op."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", shift.clone())
+
+    @classmethod
+    def empty(cls, num_features: int, dtype: torch.dtype = torch.float32) -> ChannelAffine:
+        return cls(torch.ones(num_features, dtype=dtype), torch.zeros(num_features, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(channel_view(self.shift, x.dim()), x, channel_view(self.scale, x.dim()))
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}"
+
+
+class _BatchNormAsAffine(TorchFunctionMode):
+    """Inside a BN subclass's own forward, turn its batch_norm call into the folded affine (or identity)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm or func is torch.batch_norm:
+            x = args[0] if args else kwargs["input"]
+            scale = getattr(self.module, "folded_scale", None)
+            if scale is None:
+                return x
+            return torch.addcmul(channel_view(self.module.folded_shift, x.dim()), x, channel_view(scale, x.dim()))
+        return func(*args, **kwargs)
+
+
+class FoldedNormForward:
+    """Instance-level forward for a folded BN subclass: runs the subclass's own forward (activation,
+    drop-path, ...) with its normalization replaced. A plain class so the module still pickles."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        with _BatchNormAsAffine(self.module):
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def strip_bn_state(module: nn.Module) -> None:
+    """Remove the statistics and affine parameters of a BN whose normalization was folded away."""
+    for name in ("weight", "bias"):
+        if name in module._parameters:
+            module._parameters[name] = None
+        if name in module._buffers:
+            module._buffers[name] = None
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        if name in module._buffers:
+            module._buffers[name] = None
+
+
+def make_custom_bn_folded(module: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
+    """Keep a BN subclass (its extra behaviour) but make its normalization identity or a fixed affine."""
+    strip_bn_state(module)
+    if scale is not None:
+        module.register_buffer("folded_scale", scale.clone())
+        module.register_buffer("folded_shift", shift.clone())
+    module.forward = FoldedNormForward(module)

@@ -1,0 +1,461 @@
+"""Re-estimate BatchNorm running statistics over calibration data.
+
+Only BN layers gather statistics; every other module stays in eval mode (dropout, drop-path off).
+Modes:
+  cumulative  BN layers normalize with batch statistics as in training; the stored statistics are the exact
+              pooled mean and unbiased variance over every sample seen (order independent).
+  ema         what training does: running = (1 - momentum)·running + momentum·batch.
+  exact       eval-mode statistics: every BN input is normalized exactly over the data given the final
+              statistics of the BNs before it, independent of the batch size. Takes one pass per BN level
+              (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN.
+Statistics are merged in float64 with Chan's parallel formula; across processes with torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .layers import bn_modules, is_frozen_bn
+
+MODES = ("cumulative", "ema", "exact")
+ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
+
+
+@dataclass
+class LayerShift:
+    name: str
+    channels: int
+    samples: int  # values per channel seen in the last pass
+    mean_shift: float  # max over channels of |new mean - old mean| / old std
+    var_ratio_min: float  # new var / old var
+    var_ratio_max: float
+    skipped: str = ""
+
+
+@dataclass
+class RecalibrationReport:
+    mode: str
+    layers: list[LayerShift] = field(default_factory=list)
+    samples: int = 0  # samples per pass
+    batches: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples * self.passes / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["samples_per_second"] = self.samples_per_second
+        return d
+
+
+class ChannelStats:
+    """count, mean and M2 per channel in float64, merged with Chan et al.'s formula (stable for any split)."""
+
+    def __init__(self, channels: int, device: torch.device):
+        self.count = 0.0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def add(self, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if n == 0:
+            return
+        mean, m2 = mean.double(), m2.double()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def all_reduce(self) -> None:
+        """Merge the statistics of every rank (exactly: counts, sums, then centered M2)."""
+        import torch.distributed as dist
+
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.mean.device)
+        dist.all_reduce(count)
+        total = float(count.item())
+        if total == 0:
+            return
+        weighted = self.mean * self.count
+        dist.all_reduce(weighted)
+        mean = weighted / total
+        m2 = self.m2 + (self.mean - mean).square() * self.count
+        dist.all_reduce(m2)
+        self.count, self.mean, self.m2 = total, mean, m2
+
+    @property
+    def unbiased_var(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1.0, 1.0)
+
+
+@dataclass
+class _Saved:
+    training: bool
+    momentum: float | None
+    mean: torch.Tensor
+    var: torch.Tensor
+    tracked: torch.Tensor | None
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    mode: str = "cumulative",
+    momentum: float = 0.1,
+    reset: bool = True,
+    num_batches: int | None = None,
+    num_samples: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    input_key: str | None = None,
+    progress: ProgressFn | None = None,
+) -> RecalibrationReport:
+    """Re-estimate the running statistics of every BN layer of `model` in place; return what changed.
+
+    `data` yields batches (tensors, (input, label) tuples or dicts). `exact` mode iterates over it several
+    times, so it must be re-iterable (a list or DataLoader). On any error or Ctrl-C the model's statistics and
+    modes are restored as they were.
+    """
+    from .data import first_input
+
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "ema" and not (0.0 < momentum <= 1.0):
+        raise InputError(f"--momentum {momentum}: must be in (0, 1]")
+    layers = [(n, m) for n, m in bn_modules(model)]
+    if not layers:
+        raise InputError("the model has no BatchNorm layers: nothing to recalibrate")
+    usable = [(n, m) for n, m in layers if _skip_reason(m) == ""]
+    if not usable:
+        raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
+    dev = _device(device, model)
+    if mode == "exact" and iter(data) is data:
+        raise InputError("exact mode passes over the data several times: give a re-iterable (list, DataLoader)")
+
+    batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last)
+    saved = {n: _save(m) for n, m in usable}
+    old = {n: (s.mean.double().clone(), s.var.double().clone(), bn_eps(m)) for (n, m), s in
+           zip(usable, saved.values())}
+    model_training = [mod.training for mod in model.modules()]
+    report = RecalibrationReport(mode=mode)
+    started = time.perf_counter()
+    try:
+        model.eval()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        with torch.no_grad(), _autocast(dev, amp):
+            if mode == "ema":
+                _ema_pass(model, usable, batches, momentum, reset, progress)
+                report.passes = 1
+            elif mode == "exact":
+                _exact_passes(model, usable, batches, progress, report)
+            else:
+                stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
+                _write_all(usable, stats, batches.batches_per_pass)
+                report.passes = 1
+        _check_finite(usable)
+    except BaseException:
+        for n, m in usable:
+            _restore(m, saved[n])
+        raise
+    finally:
+        for mod, training in zip(model.modules(), model_training):
+            mod.training = training
+        for n, m in usable:
+            m.momentum = saved[n].momentum
+    report.seconds = time.perf_counter() - started
+    report.samples, report.batches = batches.samples_per_pass, batches.batches_per_pass
+    report.world_size = _world_size()
+    report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0)) for n, m in layers]
+    return report
+
+
+# ---------------------------------------------------------------- passes
+
+
+class _Batches:
+    """Model inputs moved to the device, limited to num_batches/num_samples, checked for NaN/Inf."""
+
+    def __init__(self, data, first_input, input_key, device, num_batches, num_samples, channels_last):
+        self.data, self.first_input, self.input_key = data, first_input, input_key
+        self.device, self.num_batches, self.num_samples = device, num_batches, num_samples
+        self.channels_last = channels_last
+        self.samples_per_pass = self.batches_per_pass = 0
+        self.values_per_channel: dict[str, int] = {}
+
+    def __iter__(self):
+        seen = batches = 0
+        for raw in self.data:
+            if self.num_batches is not None and batches >= self.num_batches:
+                break
+            x = raw if isinstance(raw, torch.Tensor) else self.first_input(raw, self.input_key)
+            if self.num_samples is not None:
+                if seen >= self.num_samples:
+                    break
+                x = x[: self.num_samples - seen]
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise InputError(f"calibration batch {batches + 1} contains NaN or Inf values")
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            seen += len(x)
+            batches += 1
+            yield x
+        if batches == 0:
+            raise InputError("the calibration data yielded no batches")
+        self.samples_per_pass, self.batches_per_pass = seen, batches
+
+
+def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
+    try:
+        model(x)
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        if batch_index > 0 and "Expected more than 1 value per channel" not in str(e):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Expected more than 1 value per channel" in message:
+            raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
+                             "recalibration; use a larger --batch-size or --mode exact") from e
+        raise InputError(f"calibration input of shape {tuple(x.shape)} does not fit the model: {message[:300]}") from e
+
+
+def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str, ChannelStats]:
+    """BN layers normalize with batch statistics (train mode, momentum 1 so the buffers hold the batch's
+    mean and unbiased variance after each call); those are pooled in float64."""
+    stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
+
+    def collect(name):
+        def hook(module, args, output):
+            x = args[0]
+            n = x.numel() // x.shape[1]
+            batches.values_per_channel[name] = batches.values_per_channel.get(name, 0) + n
+            stats[name].add(n, module.running_mean, module.running_var.double() * (n - 1))
+        return hook
+
+    handles = []
+    for n, m in layers:
+        m.train()
+        m.momentum = 1.0
+        handles.append(m.register_forward_hook(collect(n)))
+    try:
+        _run_pass(model, batches, progress, pass_number)
+    finally:
+        for h in handles:
+            h.remove()
+        for _, m in layers:
+            m.eval()
+    _all_reduce(stats)
+    return stats
+
+
+def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False) -> dict[str, ChannelStats]:
+    """Eval-mode forward (current statistics normalize); the input statistics of `layers` are pooled.
+    With stop_after, each forward ends once all of `layers` have run."""
+    stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
+
+    def collect(name):
+        def hook(module, args):
+            x = args[0]
+            dims = [0, *range(2, x.dim())]
+            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            n = x.numel() // x.shape[1]
+            batches.values_per_channel[name] = batches.values_per_channel.get(name, 0) + n
+            stats[name].add(n, mean, var.double() * n)
+        return hook
+
+    pending = set()
+
+    def finish(name):
+        def hook(module, args, output):
+            pending.discard(name)
+            if not pending:
+                raise _LevelDone
+        return hook
+
+    def restart(module, args):
+        pending.update(n for n, _ in layers)
+
+    handles = [m.register_forward_pre_hook(collect(n)) for n, m in layers]
+    if stop_after:
+        handles.append(model.register_forward_pre_hook(restart))
+        handles += [m.register_forward_hook(finish(n)) for n, m in layers]
+    try:
+        _run_pass(model, batches, progress, pass_number)
+    finally:
+        for h in handles:
+            h.remove()
+    _all_reduce(stats)
+    return stats
+
+
+class _LevelDone(Exception):
+    """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
+
+
+def _exact_passes(model, layers, batches, progress, report) -> None:
+    """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
+    are final by then, so each pass measures its level exactly and the forward stops after it."""
+    levels = _levels(model, layers, batches)
+    depth = max(levels.values(), default=0)
+    for level in range(1, depth + 1):
+        members = [(n, m) for n, m in layers if levels.get(n) == level]
+        stats = _observe_pass(model, members, batches, progress, level, stop_after=True)
+        _write_all(members, stats, batches.batches_per_pass)
+        report.passes += 1
+    unreached = [(n, m) for n, m in layers if n not in levels]
+    if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
+        _write_all(unreached, _observe_pass(model, unreached, batches, progress, depth + 1), batches.batches_per_pass)
+        report.passes += 1
+
+
+def _levels(model, layers, batches) -> dict[str, int]:
+    from .graph import dependency_levels, trace
+
+    first = next(iter(batches))
+    flow, _ = trace(model, (first[:2],))
+    by_id = dependency_levels(flow, [m for _, m in layers])
+    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}
+
+
+def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
+    for _, m in layers:
+        if reset:
+            m.reset_running_stats()
+        m.momentum = momentum
+        m.train()
+    try:
+        _run_pass(model, batches, progress, 1)
+    finally:
+        for _, m in layers:
+            m.eval()
+    if _world_size() > 1:  # each rank saw its own shard: average the EMAs
+        import torch.distributed as dist
+
+        for _, m in layers:
+            for t in (m.running_mean, m.running_var):
+                t64 = t.double()
+                dist.all_reduce(t64)
+                t.copy_(t64 / _world_size())
+
+
+def _run_pass(model, batches, progress, pass_number) -> None:
+    done = 0
+    batches.values_per_channel.clear()
+    for i, x in enumerate(batches):
+        try:
+            _forward(model, x, i)
+        except _LevelDone:
+            pass
+        done += len(x)
+        if progress is not None:
+            progress(done, pass_number, pass_number)
+
+
+# ---------------------------------------------------------------- state
+
+
+def bn_eps(module) -> float:
+    return float(getattr(module, "eps", 1e-5))
+
+
+def _skip_reason(m: nn.Module) -> str:
+    if is_frozen_bn(m):
+        return "frozen BatchNorm: statistics are fixed by design"
+    if getattr(m, "running_mean", None) is None or not getattr(m, "track_running_stats", True):
+        return "track_running_stats=False: uses batch statistics"
+    return ""
+
+
+def _save(m) -> _Saved:
+    tracked = getattr(m, "num_batches_tracked", None)
+    return _Saved(m.training, m.momentum, m.running_mean.detach().clone(), m.running_var.detach().clone(),
+                  tracked.clone() if tracked is not None else None)
+
+
+def _restore(m, s: _Saved) -> None:
+    with torch.no_grad():
+        m.running_mean.copy_(s.mean)
+        m.running_var.copy_(s.var)
+        if s.tracked is not None:
+            m.num_batches_tracked.copy_(s.tracked)
+    m.training, m.momentum = s.training, s.momentum
+
+
+def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> None:
+    with torch.no_grad():
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        if batches is not None and getattr(m, "num_batches_tracked", None) is not None:
+            m.num_batches_tracked.fill_(batches)
+
+
+def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None) -> None:
+    for n, m in layers:
+        _write(m, stats[n].mean, stats[n].unbiased_var, batches)
+
+
+def _check_finite(layers) -> None:
+    for n, m in layers:
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            raise InputError(f"recalibrated statistics of {n} contain NaN/Inf (overflow with --amp?); nothing written")
+
+
+def _shift(name, m, old, values) -> LayerShift:
+    skip = _skip_reason(m)
+    c = int(m.running_mean.numel()) if getattr(m, "running_mean", None) is not None else 0
+    if skip or old is None:
+        return LayerShift(name, c, 0, 0.0, 1.0, 1.0, skipped=skip)
+    old_mean, old_var, eps = old
+    new_mean, new_var = m.running_mean.double().cpu(), m.running_var.double().cpu()
+    old_mean, old_var = old_mean.cpu(), old_var.cpu()
+    mean_shift = float(((new_mean - old_mean).abs() / (old_var + eps).sqrt()).max())
+    ratio = (new_var + eps) / (old_var + eps)
+    return LayerShift(name, c, values, mean_shift, float(ratio.min()), float(ratio.max()))
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(stats: dict[str, ChannelStats]) -> None:
+    if _world_size() > 1:
+        for s in stats.values():
+            s.all_reduce()
+
+
+def _device(device, model) -> torch.device:
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps: MPS is not available on this machine")
+    model.to(dev)
+    return dev
+
+
+def _autocast(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

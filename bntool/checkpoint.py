@@ -344,7 +344,7 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
         if not isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedError(f"{out}: cannot write a TorchScript archive from an eager module here")
         return atomic_write(out, lambda tmp: torch.jit.save(model, tmp))
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = model.state_dict()  # keeps _metadata (module versions) for load_state_dict
     if fold_layout:
         sd[FOLD_LAYOUT_KEY] = encode_layout(fold_layout)
     if ckpt.kind == "wrapped":

@@ -69,7 +69,10 @@ def _root(
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Logs and pipes get wide tables instead of Rich's 80-column default.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _load(ckpt: Path, arch, arch_kwargs, key, trust_pickle):
@@ -220,6 +223,290 @@ def _fit_errors(run, input_shape):
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = " ".join(input_shape or [])
         raise InputError(f"the model does not accept --input-shape {shapes}: {message[:300]}") from e
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
+    return values
+
+
+def _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, workers, image_size, resize,
+               center_crop, mean, std, strict, seed):
+    from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
+
+    options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
+                           mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
+    return open_source(data, loader=loader, loader_kwargs=loader_kwargs, batch_size=batch_size, num_workers=workers,
+                       image=options, npz_key=npz_key, input_key=input_key, strict=strict, seed=seed)
+
+
+DataPath = Annotated[Optional[Path], typer.Option("--data", help="Calibration data: a folder of images (recursive), "
+                                                                 "or a .npy/.npz/.pt tensor file.")]
+LoaderSpec = Annotated[Optional[str], typer.Option("--loader", help="Your own data: 'module.path:callable' returning "
+                                                                    "an iterable of batches (e.g. a DataLoader).")]
+LoaderKwargs = Annotated[Optional[str], typer.Option("--loader-kwargs", help="JSON keyword arguments for --loader.")]
+InputKey = Annotated[Optional[str], typer.Option("--input-key", help="Key of the input in dict batches.")]
+NpzKey = Annotated[Optional[str], typer.Option("--npz-key", help="Array to use from an .npz file.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for --data.")]
+Workers = Annotated[int, typer.Option("--workers", help="DataLoader worker processes for image folders.")]
+ImageSize = Annotated[int, typer.Option("--image-size", help="Image side after the crop.")]
+Resize = Annotated[Optional[int], typer.Option("--resize", help="Shorter side before the crop "
+                                                                "(default image-size*256/224).")]
+CenterCrop = Annotated[bool, typer.Option("--center-crop/--no-center-crop", help="Resize then center-crop, or "
+                                                                                 "resize straight to the size.")]
+Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract (default ImageNet "
+                                                             "0.485,0.456,0.406).")]
+Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default ImageNet 0.229,0.224,0.225).")]
+Strict = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping it.")]
+
+
+@app.command()
+def recalibrate(
+    ckpt: Ckpt,
+    output: Output,
+    data: DataPath = None,
+    loader: LoaderSpec = None,
+    loader_kwargs: LoaderKwargs = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    mode: Annotated[str, typer.Option("--mode", help="cumulative (exact pooled average, train-mode "
+                                                     "normalization), ema (as training does) or exact "
+                                                     "(eval-mode statistics, batch-size independent).")] = "cumulative",
+    momentum: Annotated[float, typer.Option("--momentum", help="EMA momentum for --mode ema.")] = 0.1,
+    reset: Annotated[bool, typer.Option("--reset/--no-reset", help="--mode ema: start from 0/1 statistics or "
+                                                                   "from the current ones.")] = True,
+    batch_size: BatchSize = 32,
+    num_batches: Annotated[Optional[int], typer.Option("--num-batches", help="Use at most this many batches.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Use at most this many samples.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or mps.")] = "cpu",
+    amp: Annotated[bool, typer.Option("--amp", help="Autocast (bfloat16 on CPU, float16 on CUDA).")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels_last memory format.")] = False,
+    workers: Workers = 2,
+    image_size: ImageSize = 224,
+    resize: Resize = None,
+    center_crop: CenterCrop = True,
+    mean: Mean = None,
+    std: Std = None,
+    input_key: InputKey = None,
+    npz_key: NpzKey = None,
+    strict: Strict = False,
+    seed: Seed = 0,
+    force: Force = False,
+    in_place: InPlace = False,
+    json_output: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics."""
+    import torch
+
+    from .checkpoint import check_output_path, save_checkpoint
+    from .recalibration import recalibrate as recalibrate_model
+
+    check_output_path(output, ckpt, force=force, in_place=in_place)
+    torch.manual_seed(seed)
+    source = _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, workers, image_size, resize,
+                        center_crop, mean, std, strict, seed)
+    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    _require_eager(loaded, "recalibrate")
+    total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
+    with _progress(quiet or json_output, total) as progress:
+        report = recalibrate_model(loaded.model, source, mode=mode, momentum=momentum, reset=reset,
+                                   num_batches=num_batches, num_samples=num_samples, device=device, amp=amp,
+                                   channels_last=channels_last, progress=progress)
+    if source.skipped:
+        print(f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})", file=sys.stderr)
+    model = loaded.model.to("cpu")
+    if channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    save_checkpoint(loaded, model, output, force=force, in_place=in_place)
+    if json_output:
+        _print_json(report)
+    elif not quiet:
+        from .report import render_recalibrate
+
+        render_recalibrate(report, _console())
+        _console().print(f"Wrote {output}")
+
+
+class _progress:
+    """A Rich progress bar with samples/s, fed by the library's progress callback."""
+
+    def __init__(self, disabled: bool, total: int | None):
+        self.disabled, self.total = disabled, total
+        self.bar = self.task = None
+        self.current_pass = 0
+
+    def __enter__(self):
+        if self.disabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
+                            console=_console(stderr=True), transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("pass 1", total=self.total, rate="-")
+        return self.update
+
+    def update(self, done: int, pass_number: int, _passes: int) -> None:
+        if pass_number != self.current_pass:
+            self.current_pass = pass_number
+            self.bar.reset(self.task, total=self.total, description=f"pass {pass_number}")
+        task = self.bar.tasks[0]
+        rate = f"{task.speed:,.0f}" if task.speed else "-"
+        self.bar.update(self.task, completed=done, rate=rate)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+Exporter = Annotated[str, typer.Option("--exporter", help="auto (dynamo, falling back to legacy), dynamo or "
+                                                         "legacy (TorchScript-based).")]
+Samples = Annotated[int, typer.Option("--samples", help="Random inputs checked per batch size besides the example.")]
+
+
+def _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, dtype_of):
+    """Real calibration data for a numerical check: at most num_batches batches, in the model's dtype."""
+    if data is None and loader is None:
+        return None
+    source = _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, 0, 224, None, True, None, None,
+                        False, 0)
+    batches = []
+    for x in source:
+        if len(batches) >= num_batches:
+            break
+        batches.append(x.to(dtype_of))
+    return batches
+
+
+@app.command("export-onnx")
+def export_onnx(
+    ckpt: Ckpt,
+    output: Output,
+    input_shape: InputShape = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    dtype: Dtype = None,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BatchNorm before exporting.")] = True,
+    exporter: Exporter = "auto",
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset version (default: the exporter's).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make axis 0 of every input and output "
+                                                                       "dynamic; checked at several batch sizes.")] = False,
+    input_name: Annotated[Optional[list[str]], typer.Option("--input-name", help="Input names, one per input.")] = None,
+    output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output names.")] = None,
+    samples: Samples = 4,
+    seed: Seed = 0,
+    data: DataPath = None,
+    loader: LoaderSpec = None,
+    loader_kwargs: LoaderKwargs = None,
+    input_key: InputKey = None,
+    npz_key: NpzKey = None,
+    batch_size: BatchSize = 8,
+    num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Elementwise relative tolerance.")] = 1e-4,
+    atol: Annotated[float, typer.Option("--atol", help="Elementwise absolute tolerance.")] = 1e-5,
+    provider: Annotated[str, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = "cpu",
+    strict: Annotated[bool, typer.Option("--strict", help="Remove the ONNX file if verification fails.")] = False,
+    force: Force = False,
+    json_output: Json = False,
+) -> None:
+    """Export to ONNX (BatchNorm folded first) and prove it matches PyTorch with onnxruntime."""
+    from .onnx_export import export_onnx as export_model
+
+    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    if loaded.kind == "torchscript" and fold:
+        _require_eager(loaded, "export-onnx with folding (use --no-fold)")
+    inputs = _example_inputs(loaded.model, input_shape, dtype, seed)
+    batches = _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, inputs[0].dtype)
+    try:
+        report = _fit_errors(lambda: export_model(
+            loaded.model, inputs, output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
+            input_names=input_name, output_names=output_name, samples=samples, seed=seed, data=batches, rtol=rtol,
+            atol=atol, provider=provider, strict=strict, force=force), input_shape)
+    except CheckFailed as e:
+        if hasattr(e, "report"):
+            _show(e.report, json_output, "render_export")
+        raise
+    _show(report, json_output, "render_export")
+
+
+@app.command()
+def verify(
+    ckpt: Ckpt,
+    input_shape: InputShape = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    dtype: Dtype = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file instead of a fresh export.")] = None,
+    skip_onnx: Annotated[bool, typer.Option("--skip-onnx", help="Do not check ONNX at all.")] = False,
+    exporter: Exporter = "auto",
+    samples: Samples = 4,
+    seed: Seed = 0,
+    data: DataPath = None,
+    loader: LoaderSpec = None,
+    loader_kwargs: LoaderKwargs = None,
+    input_key: InputKey = None,
+    npz_key: NpzKey = None,
+    batch_size: BatchSize = 8,
+    num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Fold check relative tolerance "
+                                                                 "(default by dtype).")] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Fold check absolute tolerance.")] = None,
+    onnx_rtol: Annotated[float, typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance.")] = 1e-4,
+    onnx_atol: Annotated[float, typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance.")] = 1e-5,
+    junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write a JUnit XML report here.")] = None,
+    json_output: Json = False,
+) -> None:
+    """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails."""
+    from .checkpoint import atomic_write, check_output_path
+    from .verification import to_junit_xml
+    from .verification import verify as verify_model
+
+    if junit_xml is not None:
+        check_output_path(junit_xml, force=True)
+    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    _require_eager(loaded, "verify")
+    inputs = _example_inputs(loaded.model, input_shape, dtype, seed)
+    batches = _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, inputs[0].dtype)
+    report = _fit_errors(lambda: verify_model(
+        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples, seed=seed,
+        rtol=rtol, atol=atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol, data=batches), input_shape)
+    if junit_xml is not None:
+        xml = to_junit_xml(report)
+        atomic_write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
+    _show(report, json_output, "render_verify")
+    if not report.passed:
+        failed = ", ".join(c.name for c in report.checks if not c.passed)
+        raise CheckFailed(f"verification failed: {failed}")
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Where to write the demo's files.")] = Path("bntool-demo"),
+    exporter: Exporter = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files from an earlier demo.")] = True,
+    json_output: Json = False,
+) -> None:
+    """Run inspect → recalibrate → fold → export-onnx → verify on a built-in model and generated data."""
+    from .demo import run_demo
+
+    report = run_demo(directory, force=force, exporter=exporter)
+    _show(report, json_output, "render_demo")
+    if not report.passed:
+        raise CheckFailed("the demo's checks failed")
 
 
 # ---------------------------------------------------------------- entry point

@@ -28,6 +28,7 @@ from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_e
 from .layers import (
     ChannelAffine,
     affine_of,
+    bn_eps,
     bn_modules,
     bn_num_features,
     has_standard_forward,
@@ -37,6 +38,9 @@ from .layers import (
 )
 
 STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
+# (a model input). Past this, an affine that subtracts μ first is used instead.
+MAX_FORWARD_FOLD_MEAN = 4.0
 
 # What a BN became.
 FOLDED = "folded"  # into the layer that feeds it
@@ -179,7 +183,8 @@ def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Modu
         affine = name in layout.get("affine", [])
         c, dtype = bn_num_features(bn), bn.running_mean.dtype
         if has_standard_forward(bn):
-            _replace_module(model, name, ChannelAffine.empty(c, dtype) if affine else nn.Identity())
+            centered = name in layout.get("centered", [])
+            _replace_module(model, name, ChannelAffine.empty(c, dtype, centered) if affine else nn.Identity())
         else:
             ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
             make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
@@ -311,7 +316,10 @@ def _consumer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[in
     """The conv/linear that alone reads this BN's output with no zero padding in between."""
     if not has_standard_forward(bn):
         return None, None, None
-    y = flow.calls_of(bn)[0].outputs[0]
+    if mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN:
+        return None, None, (f"folding forward would lose precision (|mean| is {mean_in_stds(bn):.0f} stds from 0, "
+                            f"limit {MAX_FORWARD_FOLD_MEAN:g})")
+    y = bn_output = flow.calls_of(bn)[0].outputs[0]
     chain: list[OpCall] = []
     while True:
         readers = flow.readers(y)
@@ -321,10 +329,10 @@ def _consumer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[in
         if op.name == "pad" and type(op.module) in STANDARD_CONSUMERS and op.module.padding_mode != "zeros":
             pad_readers = flow.readers(op.outputs[0])  # reflect/replicate/circular padding copies BN outputs
             if len(pad_readers) == 1 and isinstance(pad_readers[0], OpCall) and pad_readers[0].module is op.module:
-                return _check_consumer(pad_readers[0], op.outputs[0], chain, bn, flow, tied, y_shape=y.shape)
+                return _check_consumer(pad_readers[0], op.outputs[0], chain, bn, flow, tied, bn_output.shape)
             return None, None, None
         if op.name in LAYER_OPS:
-            return _check_consumer(op, y, chain, bn, flow, tied, y_shape=y.shape)
+            return _check_consumer(op, y, chain, bn, flow, tied, bn_output.shape)
         if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is y:
             chain.append(op)
             y = op.outputs[0]
@@ -362,7 +370,7 @@ def layer_channel_axis(layer: nn.Module, ndim: int, output: bool) -> int:
 
 
 def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:
-    identity, affine, bias_added = [], [], []
+    identity, affine, centered, bias_added = [], [], [], []
     names = {id(m): n for n, m in model.named_modules()}
     for plan in plans:
         action = plan.decision.action
@@ -386,8 +394,11 @@ def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:
             _replace_bn(model, plan.decision.name, plan.bn, None, None)
         else:
             affine.append(plan.decision.name)
+            if has_standard_forward(plan.bn) and mean_in_stds(plan.bn) > MAX_FORWARD_FOLD_MEAN:
+                centered.append(plan.decision.name)
             _replace_bn(model, plan.decision.name, plan.bn, scale, shift)
-    report.layout = {"identity": identity, "affine": affine, "bias_added": sorted(set(bias_added))}
+    report.layout = {"identity": identity, "affine": affine, "centered": centered,
+                     "bias_added": sorted(set(bias_added))}
 
 
 def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
@@ -430,10 +441,25 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> bool:
     return False
 
 
+def mean_in_stds(bn) -> float:
+    """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations."""
+    mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
+    return float((mean.abs() / (var + bn_eps(bn)).sqrt()).max()) if mean.numel() else 0.0
+
+
+def _affine_module(bn, scale, shift) -> ChannelAffine:
+    """x·s + t in one op; (x - μ)·s + β where μ is far from zero, so the subtraction happens first."""
+    dtype = bn.running_mean.dtype
+    if mean_in_stds(bn) <= MAX_FORWARD_FOLD_MEAN:
+        return ChannelAffine(scale.to(dtype), shift.to(dtype))
+    mean = bn.running_mean.detach().double()
+    return ChannelAffine(scale.to(dtype), (shift + mean * scale).to(dtype), center=mean.to(dtype))
+
+
 def _replace_bn(model, name, bn, scale, shift) -> None:
     dtype = bn.running_mean.dtype
     if has_standard_forward(bn):
-        new = nn.Identity() if scale is None else ChannelAffine(scale.to(dtype), shift.to(dtype))
+        new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
         _replace_module(model, name, new)
     else:
         make_custom_bn_folded(bn, None if scale is None else scale.to(dtype), None if shift is None else shift.to(dtype))

@@ -74,22 +74,27 @@ def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class ChannelAffine(nn.Module):
-    """x * scale + shift per channel (axis 1): what an eval-mode BatchNorm computes, as one op."""
+    """Per-channel (axis 1) x·scale + shift: what an eval-mode BatchNorm computes, as one op.
+    With `center`, (x - center)·scale + shift: two ops, but no precision lost when the mean is far from 0."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, center: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("scale", scale.clone())
         self.register_buffer("shift", shift.clone())
+        self.register_buffer("center", center.clone() if center is not None else None)
 
     @classmethod
-    def empty(cls, num_features: int, dtype: torch.dtype = torch.float32) -> ChannelAffine:
-        return cls(torch.ones(num_features, dtype=dtype), torch.zeros(num_features, dtype=dtype))
+    def empty(cls, num_features: int, dtype: torch.dtype = torch.float32, centered: bool = False) -> ChannelAffine:
+        ones, zeros = torch.ones(num_features, dtype=dtype), torch.zeros(num_features, dtype=dtype)
+        return cls(ones, zeros, zeros if centered else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center is not None:
+            x = x - channel_view(self.center, x.dim())
         return torch.addcmul(channel_view(self.shift, x.dim()), x, channel_view(self.scale, x.dim()))
 
     def extra_repr(self) -> str:
-        return f"{self.scale.numel()}"
+        return f"{self.scale.numel()}" + (", centered" if self.center is not None else "")
 
 
 class _BatchNormAsAffine(TorchFunctionMode):
@@ -137,6 +142,7 @@ def strip_bn_state(module: nn.Module) -> None:
 def make_custom_bn_folded(module: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
     """Keep a BN subclass (its extra behaviour) but make its normalization identity or a fixed affine."""
     strip_bn_state(module)
+    module.track_running_stats = False  # it has none left; also stops load_state_dict re-adding a counter
     if scale is not None:
         module.register_buffer("folded_scale", scale.clone())
         module.register_buffer("folded_shift", shift.clone())

@@ -243,7 +243,6 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
         def hook(module, args, output):
             x = args[0]
             n = x.numel() // x.shape[1]
-            batches.values_per_channel[name] = batches.values_per_channel.get(name, 0) + n
             stats[name].add(n, module.running_mean, module.running_var.double() * (n - 1))
         return hook
 
@@ -259,7 +258,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
             h.remove()
         for _, m in layers:
             m.eval()
-    _all_reduce(stats)
+    _all_reduce(stats, batches)
     return stats
 
 
@@ -275,7 +274,6 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
             xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
             var, mean = torch.var_mean(xf, dim=dims, correction=0)
             n = x.numel() // x.shape[1]
-            batches.values_per_channel[name] = batches.values_per_channel.get(name, 0) + n
             stats[name].add(n, mean, var.double() * n)
         return hook
 
@@ -300,7 +298,7 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
     finally:
         for h in handles:
             h.remove()
-    _all_reduce(stats)
+    _all_reduce(stats, batches)
     return stats
 
 
@@ -356,7 +354,6 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
 
 def _run_pass(model, batches, progress, pass_number) -> None:
     done = 0
-    batches.values_per_channel.clear()
     for i, x in enumerate(batches):
         try:
             _forward(model, x, i)
@@ -435,10 +432,12 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_reduce(stats: dict[str, ChannelStats]) -> None:
+def _all_reduce(stats: dict[str, ChannelStats], batches: _Batches) -> None:
     if _world_size() > 1:
         for s in stats.values():
             s.all_reduce()
+    for name, s in stats.items():
+        batches.values_per_channel[name] = int(s.count)
 
 
 def _device(device, model) -> torch.device:

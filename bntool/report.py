@@ -96,3 +96,68 @@ def render_fold(report, console: Console) -> None:
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs_error)}, "
                   f"max relative error {fmt(report.max_rel_error)} (atol {report.atol:g}, rtol {report.rtol:g}) {verdict}")
+
+
+def render_recalibrate(report, console: Console) -> None:
+    table = Table(title=f"Recalibrated BatchNorm statistics ({report.mode})")
+    for col in ("BN layer", "C", "values/channel", "max mean shift (old σ)", "var ratio new/old"):
+        table.add_column(col, overflow="fold")
+    for layer in report.layers:
+        if layer.skipped:
+            table.add_row(layer.name, str(layer.channels), "-", f"[yellow]skipped: {layer.skipped}[/]", "-")
+            continue
+        table.add_row(layer.name, str(layer.channels), f"{layer.samples:,}", fmt(layer.mean_shift),
+                      f"{fmt(layer.var_ratio_min)} … {fmt(layer.var_ratio_max)}")
+    console.print(table)
+    console.print(f"{report.samples:,} samples in {report.batches} batches × {report.passes} pass(es), "
+                  f"{report.seconds:.2f} s ({report.samples_per_second:,.0f} samples/s)"
+                  + (f", {report.world_size} processes" if report.world_size > 1 else "") + ".")
+
+
+def render_export(report, console: Console) -> None:
+    verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
+    folded = ""
+    if report.folded:
+        c = report.fold_counts
+        folded = (f" after folding ({c.get('folded', 0) + c.get('folded-forward', 0)} folded, "
+                  f"{c.get('affine', 0)} affine, {c.get('refused', 0)} refused)")
+    console.print(f"Exported {report.path} with the {report.exporter} exporter, opset {report.opset}{folded}: "
+                  f"{sum(report.op_counts.values())} nodes, {report.batch_norm_nodes} BatchNormalization, "
+                  f"{report.file_bytes / 1e6:.2f} MB, {report.export_seconds:.1f} s.")
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(report.op_counts.items(), key=lambda kv: -kv[1]))
+    console.print(f"Ops: {ops}")
+    table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch")
+    for col in ("input", "output", "max abs", "max rel", "mean abs", "over tol.", "worst at", "result"):
+        table.add_column(col)
+    for c in report.comparisons:
+        table.add_row(c.input, c.output, fmt(c.max_abs_error), fmt(c.max_rel_error), fmt(c.mean_abs_error),
+                      f"{c.share_over_tolerance:.2%}", str(c.worst_index),
+                      "[green]ok[/]" if c.passed else "[red]FAIL[/]")
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"{verdict} (atol {report.atol:g}, rtol {report.rtol:g}); verified in {report.verify_seconds:.1f} s.")
+
+
+def render_verify(report, console: Console) -> None:
+    table = Table(title="bntool verify")
+    for col in ("check", "result", "details", "time"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        table.add_row(c.name, "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.summary, f"{c.seconds:.1f} s")
+    console.print(table)
+    n_failed = sum(not c.passed for c in report.checks)
+    console.print("[green]All checks passed.[/]" if not n_failed else f"[red]{n_failed} check(s) failed.[/]")
+
+
+def render_demo(report, console: Console) -> None:
+    table = Table(title=f"bntool demo (files in {report.directory})")
+    table.add_column("step")
+    table.add_column("result", overflow="fold")
+    for step in report.steps:
+        details = ", ".join(f"{k}={fmt(v) if isinstance(v, float) else v}" for k, v in step.items() if k != "step")
+        table.add_row(step["step"], details)
+    console.print(table)
+    console.print("[green]Demo passed.[/]" if report.passed else "[red]Demo failed.[/]")
+    console.print(f"Try: bntool inspect {report.files['recalibrated.pt']} --arch bntool.zoo:resnet "
+                  "--input-shape 1,3,32,32")

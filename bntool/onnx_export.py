@@ -1,0 +1,370 @@
+"""Export to ONNX (folding BatchNorm first) and prove numerical equivalence with onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect as pyinspect
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import iter_tensors
+from .errors import CheckFailed, InputError, UnsupportedError
+
+EXPORTERS = ("auto", "dynamo", "legacy")
+TWO_GB = 2 * 1024**3
+
+
+@dataclass
+class OutputComparison:
+    """PyTorch vs onnxruntime for one output on one input."""
+
+    input: str
+    output: str
+    max_abs_error: float
+    max_rel_error: float  # elementwise |Δ| / |reference|, over elements where the reference is not ~0
+    mean_abs_error: float
+    share_over_tolerance: float
+    worst_index: list[int]
+    passed: bool
+
+
+@dataclass
+class ExportReport:
+    path: str
+    exporter: str
+    opset: int | None
+    folded: bool
+    fold_counts: dict[str, int] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    batch_norm_nodes: int = 0
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    dynamic_batch: bool = False
+    comparisons: list[OutputComparison] = field(default_factory=list)
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    provider: str = "CPUExecutionProvider"
+    passed: bool = True
+    notes: list[str] = field(default_factory=list)
+    export_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    file_bytes: int = 0
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((c.max_abs_error for c in self.comparisons), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.max_rel_error for c in self.comparisons), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_abs_error"], d["max_rel_error"] = self.max_abs_error, self.max_rel_error
+        return d
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    fold: bool = True,
+    exporter: str = "auto",
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    data: Iterable[torch.Tensor] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    provider: str = "cpu",
+    strict: bool = False,
+    force: bool = False,
+) -> ExportReport:
+    """Fold (optionally), export atomically to `path`, check the graph, then compare onnxruntime with PyTorch.
+
+    On a mismatch the file is kept (removed with `strict`) and CheckFailed is raised with `.report`.
+    """
+    from .checkpoint import check_output_path
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if exporter not in EXPORTERS:
+        raise InputError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    path = check_output_path(path, force=force)
+    model = model.eval()
+    names_in = list(input_names or (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
+    if len(names_in) != len(inputs):
+        raise InputError(f"--input-name given {len(names_in)} times for {len(inputs)} inputs")
+    report = ExportReport(path=str(path), exporter=exporter, opset=opset, folded=fold, input_names=names_in,
+                          dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)
+    started = time.perf_counter()
+    to_export = model
+    if fold:
+        from .folding import fold as fold_model
+
+        to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
+        report.fold_counts = fold_report.to_dict()["counts"]
+    with torch.no_grad():
+        reference_out = model(*inputs)
+    names_out = list(output_names or _default_output_names(reference_out))
+    report.exporter = _export(to_export, inputs, path, exporter, opset, dynamic_batch, names_in, names_out, report)
+    report.export_seconds = time.perf_counter() - started
+    graph = load_checked(path)
+    report.opset = _opset(graph)
+    report.op_counts = dict(sorted(op_counts(graph).items()))
+    report.batch_norm_nodes = report.op_counts.get("BatchNormalization", 0)
+    report.output_names = [o.name for o in graph.graph.output]
+    report.file_bytes = sum(p.stat().st_size for p in _written_files(path))
+
+    started = time.perf_counter()
+    compare_with_onnxruntime(model, path, inputs, report, samples=samples, seed=seed, data=data, provider=provider)
+    report.verify_seconds = time.perf_counter() - started
+    if fold and report.batch_norm_nodes:
+        report.notes.append(f"{report.batch_norm_nodes} BatchNormalization nodes remain after folding")
+    if not report.passed:
+        if strict:
+            for p in _written_files(path):
+                p.unlink()
+        err = CheckFailed(f"onnxruntime output differs from PyTorch: max abs error {report.max_abs_error:.3g}, "
+                          f"max relative error {report.max_rel_error:.3g} (atol {atol:g}, rtol {rtol:g}); "
+                          + ("file removed (--strict)" if strict else f"{path} kept but FAILED verification"))
+        err.report = report
+        raise err
+    return report
+
+
+def _default_output_names(out: Any) -> list[str]:
+    n = len(list(iter_tensors(out)))
+    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in, names_out, report) -> str:
+    """Export into a private temp directory with the final file name (external data files refer to it by
+    name), then move the files into place: a failure or Ctrl-C leaves nothing behind."""
+    big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB * 0.9
+    has_dynamo = "dynamo" in pyinspect.signature(torch.onnx.export).parameters
+    order = {"auto": ["dynamo", "legacy"] if has_dynamo else ["legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
+    if exporter == "dynamo" and not has_dynamo:
+        raise UnsupportedError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__})")
+    parent = path.parent if str(path.parent) else Path(".")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    failures = []
+    try:
+        for kind in order[exporter]:
+            target = tmpdir / path.name
+            try:
+                _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo)
+            except Exception as e:  # exporters raise many types; each is reported in one line below
+                failures.append(f"{kind} exporter: {_exporter_message(e)}")
+                for p in tmpdir.iterdir():
+                    p.unlink()
+                continue
+            for p in tmpdir.iterdir():
+                os.replace(p, parent / p.name)
+            if failures:
+                report.notes.append(f"fell back to the {kind} exporter ({failures[0]})")
+            return kind
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    hint = "; try --exporter legacy" if exporter == "dynamo" else ""
+    if exporter == "legacy" and has_dynamo:
+        hint = "; try --exporter dynamo"
+    raise InputError("ONNX export failed: " + " | ".join(failures) + hint)
+
+
+def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo) -> None:
+    kwargs: dict[str, Any] = dict(input_names=names_in, output_names=names_out)
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if kind == "dynamo":
+        kwargs.update(dynamo=True, external_data=big, verbose=False)
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            kwargs["dynamic_shapes"] = tuple({0: batch} for _ in inputs)
+    else:
+        if has_dynamo:
+            kwargs["dynamo"] = False
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*names_in, *names_out]}
+    with _quiet_exporter():
+        torch.onnx.export(model, tuple(inputs), str(target), **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporters print progress and warnings meant for their developers; keep the terminal ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
+                                              "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _exporter_message(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("For more information", "Traceback", "File "))]
+    text = (useful or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _written_files(path: Path) -> list[Path]:
+    extra = path.with_name(path.name + ".data")
+    return [p for p in (path, extra) if p.exists()]
+
+
+def load_checked(path: str | os.PathLike):
+    """onnx.load + onnx.checker, with one-line errors for files that are not valid ONNX."""
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir() or path.stat().st_size == 0:
+        raise InputError(f"{path}: not an ONNX file (empty or a directory)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise InputError(f"{path}: corrupt or invalid ONNX model ({_exporter_message(e)})") from e
+    return model
+
+
+def _opset(model) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def op_counts(model) -> Counter:
+    """Node types in the graph, its subgraphs and its local functions."""
+    counts: Counter = Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            counts[node.op_type] += 1
+    return counts
+
+
+def ort_session(path: str | os.PathLike, provider: str = "cpu"):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise InputError(f"--provider cuda: onnxruntime has no CUDA provider here (available: {available})")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:
+        raise InputError(f"{path}: onnxruntime cannot load it ({_exporter_message(e)})") from e
+
+
+def check_signature(session, inputs: Sequence[torch.Tensor], path) -> None:
+    """The ONNX inputs must match the PyTorch inputs in number, rank and fixed sizes."""
+    ort_inputs = session.get_inputs()
+    if len(ort_inputs) != len(inputs):
+        raise InputError(f"{path}: has {len(ort_inputs)} inputs {[i.name for i in ort_inputs]}, "
+                         f"but {len(inputs)} were given (--input-shape)")
+    for spec, x in zip(ort_inputs, inputs):
+        shape = spec.shape
+        if len(shape) != x.dim() or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
+            raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but --input-shape gives "
+                             f"{list(x.shape)}")
+
+
+def _batch_sizes(session, inputs) -> list[int]:
+    dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
+    dynamic = bool(dims) and all(not isinstance(d, int) for d in dims)
+    b = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+    return sorted({1, b, b + 3}) if dynamic else [b]
+
+
+def compare_with_onnxruntime(model, path, inputs, report: ExportReport, *, samples=4, seed=0, data=None,
+                             provider="cpu") -> None:
+    """Run the same inputs through PyTorch and onnxruntime and compare every output."""
+    from .folding import random_like
+
+    session = ort_session(path, provider)
+    report.provider = session.get_providers()[0]
+    check_signature(session, inputs, path)
+    names = [i.name for i in session.get_inputs()]
+    cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
+    g = torch.Generator().manual_seed(seed)
+    for b in _batch_sizes(session, inputs):
+        for i in range(samples):
+            shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype) for x in inputs)
+            cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
+    for i, batch in enumerate(data or []):
+        cases.append((f"data batch {i + 1}", (batch,)))
+    for label, xs in cases:
+        with torch.no_grad():
+            expected = [t.detach().cpu().numpy() for t in iter_tensors(model(*xs))]
+        try:
+            got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
+        except Exception as e:
+            report.comparisons.append(OutputComparison(label, "*", float("inf"), float("inf"), float("inf"), 1.0,
+                                                       [], False))
+            report.notes.append(f"{label}: onnxruntime failed: {_exporter_message(e)}")
+            continue
+        out_names = [o.name for o in session.get_outputs()]
+        if len(got) != len(expected):
+            raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
+        for name, ref, out in zip(out_names, expected, got):
+            report.comparisons.append(compare_arrays(label, name, ref, out, report.rtol, report.atol))
+    report.passed = all(c.passed for c in report.comparisons)
+
+
+def compare_arrays(label: str, name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: float):
+    if ref.shape != out.shape:
+        return OutputComparison(label, name, float("inf"), float("inf"), float("inf"), 1.0, [], False)
+    r, o = ref.astype(np.float64), out.astype(np.float64)
+    diff = np.abs(r - o)
+    if diff.size == 0:
+        return OutputComparison(label, name, 0.0, 0.0, 0.0, 0.0, [], True)
+    diff = np.where(np.isnan(r) & np.isnan(o), 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    over = diff > atol + rtol * np.abs(r)
+    significant = np.abs(r) > atol
+    rel = float((diff[significant] / np.abs(r[significant])).max()) if significant.any() else 0.0
+    worst = [int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)]
+    return OutputComparison(label, name, float(diff.max()), rel, float(diff.mean()), float(over.mean()), worst,
+                            not bool(over.any()))

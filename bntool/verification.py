@@ -1,0 +1,154 @@
+"""The non-interactive checks a CI pipeline runs: BN health, fold equivalence, ONNX equivalence.
+
+Each check passes or fails with figures; `VerifyReport.passed` only when all pass. JSON and JUnit XML
+(`to_junit_xml`) are the machine-readable forms.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import torch
+from torch import nn
+
+from .errors import CheckFailed
+
+# Health flags that make eval-mode outputs wrong; others (near-dead channels) are reported, not failed.
+FATAL_FLAGS = ("NaN/Inf", "never updated", "var <= eps", "no running statistics")
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    summary: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class VerifyReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+
+def verify(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    onnx_path: str | os.PathLike | None = None,
+    onnx: bool = True,
+    exporter: str = "auto",
+    samples: int = 4,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    onnx_rtol: float = 1e-4,
+    onnx_atol: float = 1e-5,
+    data: Iterable[torch.Tensor] | None = None,
+) -> VerifyReport:
+    """Run every check; an ONNX file is exported to a temp directory when `onnx_path` is not given."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    report = VerifyReport()
+    report.checks.append(_timed(lambda: check_health(model)))
+    report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))
+    if onnx:
+        data = list(data) if data is not None else None
+        report.checks.append(_timed(lambda: check_onnx(model, inputs, onnx_path, exporter, samples, seed,
+                                                       onnx_rtol, onnx_atol, data)))
+    return report
+
+
+def _timed(run) -> Check:
+    started = time.perf_counter()
+    check = run()
+    check.seconds = time.perf_counter() - started
+    return check
+
+
+def check_health(model: nn.Module) -> Check:
+    from .inspection import inspect
+
+    report = inspect(model)
+    fatal = {layer.name: [f for f in layer.flags if any(k in f for k in FATAL_FLAGS)] for layer in report.layers}
+    fatal = {k: v for k, v in fatal.items() if v}
+    warned = {layer.name: layer.flags for layer in report.layers if layer.flags and layer.name not in fatal}
+    if fatal:
+        first = next(iter(fatal))
+        summary = f"{len(fatal)} of {len(report.layers)} BN layers unhealthy, e.g. {first}: {fatal[first][0]}"
+    else:
+        summary = f"{len(report.layers)} BN layers healthy" + (f" ({len(warned)} with warnings)" if warned else "")
+    return Check("bn-health", not fatal, summary, {"layers": len(report.layers), "failed": fatal, "warnings": warned})
+
+
+def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
+    from .folding import fold
+
+    try:
+        _, r = fold(model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, check=False)
+    except CheckFailed as e:
+        return Check("fold-equivalence", False, str(e))
+    figures = {"max_abs_error": r.max_abs_error, "max_rel_error": r.max_rel_error, "rtol": r.rtol, "atol": r.atol,
+               "counts": r.to_dict()["counts"], "batch_norm_ops_after": r.batch_norm_ops_after,
+               "inputs": len(r.comparisons)}
+    summary = (f"folded vs original on {len(r.comparisons)} inputs: max abs {r.max_abs_error:.3g}, "
+               f"max rel {r.max_rel_error:.3g}; {r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops")
+    return Check("fold-equivalence", r.passed, summary, figures)
+
+
+def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, data) -> Check:
+    from .onnx_export import ExportReport, compare_with_onnxruntime, export_onnx, load_checked
+
+    if onnx_path is not None:
+        graph = load_checked(onnx_path)
+        report = ExportReport(path=str(onnx_path), exporter="given", opset=None, folded=False, rtol=rtol, atol=atol)
+        report.batch_norm_nodes = sum(n.op_type == "BatchNormalization" for n in graph.graph.node)
+        compare_with_onnxruntime(model.eval(), onnx_path, inputs, report, samples=samples, seed=seed, data=data)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bntool-verify-") as tmp:
+            try:
+                report = export_onnx(model, inputs, Path(tmp) / "model.onnx", exporter=exporter, samples=samples,
+                                     seed=seed, data=data, rtol=rtol, atol=atol, dynamic_batch=True)
+            except CheckFailed as e:
+                if not hasattr(e, "report"):
+                    return Check("onnx-equivalence", False, str(e))
+                report = e.report
+    figures = {"path": report.path, "exporter": report.exporter, "max_abs_error": report.max_abs_error,
+               "max_rel_error": report.max_rel_error, "rtol": rtol, "atol": atol,
+               "batch_norm_nodes": report.batch_norm_nodes, "comparisons": len(report.comparisons),
+               "notes": report.notes}
+    failing = [c for c in report.comparisons if not c.passed]
+    summary = (f"onnxruntime vs PyTorch on {len(report.comparisons)} input/output pairs: max abs "
+               f"{report.max_abs_error:.3g}, max rel {report.max_rel_error:.3g}")
+    if failing:
+        summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
+    return Check("onnx-equivalence", report.passed, summary, figures)
+
+
+def to_junit_xml(report: VerifyReport) -> str:
+    """One testsuite, one testcase per check: what CI systems (GitHub, GitLab, Jenkins) display."""
+    suite = ET.Element("testsuite", name="bntool.verify", tests=str(len(report.checks)),
+                       failures=str(sum(not c.passed for c in report.checks)), errors="0",
+                       time=f"{sum(c.seconds for c in report.checks):.3f}")
+    for check in report.checks:
+        case = ET.SubElement(suite, "testcase", classname="bntool.verify", name=check.name, time=f"{check.seconds:.3f}")
+        if not check.passed:
+            failure = ET.SubElement(case, "failure", message=check.summary)
+            failure.text = repr(check.figures)
+        else:
+            out = ET.SubElement(case, "system-out")
+            out.text = check.summary
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True)

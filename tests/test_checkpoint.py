@@ -1,0 +1,251 @@
+"""Every checkpoint kind loads; every bad input is one clear line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import zipfile
+
+import pytest
+import torch
+from conftest import PYTHON, assert_clean_error, files_in
+from safetensors.torch import save_file
+
+from bntool import zoo
+from bntool.checkpoint import atomic_write, check_output_path, load_checkpoint, save_checkpoint, strip_prefixes
+from bntool.errors import InputError
+
+ARCH = ["--arch", "bntool.zoo:resnet"]
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_state_dict_pt(resnet_sd):
+    ckpt = load_checkpoint(resnet_sd, arch="bntool.zoo:resnet")
+    assert ckpt.kind == "state_dict"
+    assert same_weights(ckpt.model, zoo.build("resnet"))
+
+
+def test_safetensors_roundtrip(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(zoo.build("resnet").state_dict(), str(path))
+    ckpt = load_checkpoint(path, arch="bntool.zoo:resnet")
+    assert ckpt.fmt == "safetensors" and same_weights(ckpt.model, zoo.build("resnet"))
+    out = tmp_path / "out.safetensors"
+    save_checkpoint(ckpt, ckpt.model, out)
+    assert same_weights(load_checkpoint(out, arch="bntool.zoo:resnet").model, zoo.build("resnet"))
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model", "model_state_dict", "ema"])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod."])
+def test_training_checkpoint_wrappers(tmp_path, key, prefix):
+    sd = {prefix + k: v for k, v in zoo.build("resnet").state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({key: sd, "epoch": 7, "optimizer": {"lr": 0.1}}, path)
+    ckpt = load_checkpoint(path, arch="bntool.zoo:resnet")
+    assert ckpt.kind == "wrapped" and ckpt.key == key and ckpt.stripped_prefix == prefix
+    assert same_weights(ckpt.model, zoo.build("resnet"))
+    out = tmp_path / "out.pt"
+    save_checkpoint(ckpt, ckpt.model, out)
+    saved = torch.load(out, weights_only=True)
+    assert saved["epoch"] == 7 and saved["optimizer"] == {"lr": 0.1}  # other keys are kept
+
+
+def test_explicit_key(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"teacher": zoo.build("resnet").state_dict(), "student": zoo.build("resnet", seed=1).state_dict()},
+               path)
+    ckpt = load_checkpoint(path, arch="bntool.zoo:resnet", key="student")
+    assert same_weights(ckpt.model, zoo.build("resnet", seed=1))
+    with pytest.raises(InputError, match="no key 'nope'"):
+        load_checkpoint(path, arch="bntool.zoo:resnet", key="nope")
+
+
+def test_pickled_module_needs_trust(tmp_path, cli):
+    path = tmp_path / "module.pt"
+    torch.save(zoo.build("resnet"), path)
+    result = cli("inspect", path)
+    assert_clean_error(result, contains="--trust-pickle")
+    ckpt = load_checkpoint(path, trust_pickle=True)
+    assert ckpt.kind == "module" and same_weights(ckpt.model, zoo.build("resnet"))
+
+
+def test_pickle_is_not_executed_without_trust(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, path)
+    with pytest.raises(InputError, match="--trust-pickle"):
+        load_checkpoint(path, arch="bntool.zoo:resnet")
+    assert not marker.exists()
+
+
+def test_torchscript_inspect_and_fold_unsupported(tmp_path, cli):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(zoo.build("resnet")), path)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.err
+    assert '"BatchNorm2d"' in result.out
+    out = tmp_path / "out.pt"
+    assert_clean_error(cli("fold", path, "--input-shape", "1,3,32,32", "-o", out), contains="not supported")
+    assert not out.exists()
+
+
+def test_strip_prefixes_only_when_every_key_has_it():
+    sd = {"module.a": torch.zeros(1), "b": torch.zeros(1)}
+    assert strip_prefixes(sd) == (sd, "")
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+
+
+def _jpeg(path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path, format="JPEG")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "truncated", "jpeg", "garbage"])
+def test_bad_checkpoint_files(tmp_path, cli, resnet_sd, case):
+    path = tmp_path / "bad.pt"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        data = resnet_sd.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "jpeg":
+        _jpeg(path)
+    elif case == "garbage":
+        path.write_bytes(os.urandom(1000))
+    out = tmp_path / "out.pt"
+    result = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", out)
+    assert_clean_error(result, contains=str(path))
+    assert not out.exists()
+    assert files_in(tmp_path) <= {"bad.pt", "resnet.pt"}
+
+
+def test_corrupt_zip_member(tmp_path, cli, resnet_sd):
+    path = tmp_path / "corrupt.pt"
+    with zipfile.ZipFile(resnet_sd) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(info, data[: len(data) // 2] if info.filename.endswith(".pkl") else data)
+    assert_clean_error(cli("inspect", path, *ARCH))
+
+
+@pytest.mark.parametrize("arch,kwargs,needle", [
+    ("bntool.zoo:mobilenet", None, "does not fit --arch"),
+    ("no_such_module_xyz:build", None, "cannot import module"),
+    ("bntool.zoo:no_such_factory", None, "has no 'no_such_factory'"),
+    ("bntool.zoo:ZOO", None, "not callable"),
+    ("bntool.zoo", None, "expected 'module.path:callable'"),
+    ("bntool.zoo:resnet", "{num_classes: 3", "invalid JSON"),
+    ("bntool.zoo:resnet", "[1, 2]", "expected a JSON object"),
+    ("bntool.zoo:resnet", '{"num_classes": 3}', "shape mismatches"),
+    ("bntool.zoo:resnet", '{"nonsense": 3}', "calling it with"),
+])
+def test_bad_arch(tmp_path, cli, resnet_sd, arch, kwargs, needle):
+    extra = ["--arch-kwargs", kwargs] if kwargs else []
+    out = tmp_path / "out.pt"
+    result = cli("fold", resnet_sd, "--arch", arch, *extra, "--input-shape", "1,3,32,32", "-o", out)
+    assert_clean_error(result, contains=needle)
+    assert not out.exists()
+
+
+def test_state_dict_without_arch(cli, resnet_sd):
+    assert_clean_error(cli("inspect", resnet_sd), contains="--arch")
+
+
+def test_output_in_missing_directory(tmp_path, cli, resnet_sd):
+    result = cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "nope" / "out.pt")
+    assert_clean_error(result, contains="does not exist")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_output_in_read_only_directory(tmp_path, cli, resnet_sd):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", ro / "o.pt"))
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_output_on_read_only_filesystem(cli, resnet_sd):
+    # /proc is read-only for everyone, root included.
+    assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", "/proc/bntool.pt"))
+
+
+def test_refuses_overwrite_and_in_place(tmp_path, cli, resnet_sd):
+    out = tmp_path / "exists.pt"
+    out.write_bytes(b"keep me")
+    assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", out), contains="--force")
+    assert out.read_bytes() == b"keep me"
+    before = resnet_sd.read_bytes()
+    assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", resnet_sd),
+                       contains="--in-place")
+    assert resnet_sd.read_bytes() == before
+    assert cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", out, "--force").code == 0
+    assert cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", resnet_sd, "--in-place").code == 0
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out.pt"
+
+    def failing(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert files_in(tmp_path) == set()
+
+
+def test_atomic_write_ctrl_c_leaves_nothing_and_keeps_old_file(tmp_path):
+    target = tmp_path / "out.pt"
+    target.write_bytes(b"old")
+
+    def interrupted(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert files_in(tmp_path) == {"out.pt"} and target.read_bytes() == b"old"
+
+
+def test_killed_process_leaves_no_output(tmp_path, resnet_sd):
+    """SIGKILL in the middle of a save: the target never appears half-written."""
+    out = tmp_path / "out.pt"
+    script = (
+        "import os, signal, torch\n"
+        "from bntool.checkpoint import atomic_write\n"
+        "def w(tmp):\n"
+        "    open(tmp, 'wb').write(b'x' * 1000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"atomic_write({str(out)!r}, w)\n"
+    )
+    subprocess.run([PYTHON, "-c", script], check=False)
+    assert not out.exists()
+
+
+def test_check_output_path_messages(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        check_output_path(tmp_path)

@@ -220,7 +220,8 @@ def import_object(spec: str, what: str = "--arch") -> Any:
     except ImportError as e:
         raise InputError(f"{what} {spec!r}: cannot import module {module_name!r} ({_first_line(e)})") from e
     except Exception as e:
-        raise InputError(f"{what} {spec!r}: importing {module_name!r} failed ({type(e).__name__}: {_first_line(e)})") from e
+        raise InputError(f"{what} {spec!r}: importing {module_name!r} failed "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise InputError(f"{what} {spec!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no {part!r}")
@@ -250,7 +251,8 @@ def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) ->
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise InputError(f"--arch {arch!r}: calling it with {kwargs} failed ({type(e).__name__}: {_first_line(e)})") from e
+        raise InputError(f"--arch {arch!r}: calling it with {kwargs} failed "
+                         f"({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -297,9 +299,18 @@ def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None =
             raise InputError(f"{out}: is the input file; pass --in-place to overwrite it")
     elif out.exists() and not force:
         raise InputError(f"{out}: already exists; pass --force to overwrite it")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{out}: cannot write to {parent} (permission denied or read-only)")
+    _probe_writable(out, parent)
     return out
+
+
+def _probe_writable(out: Path, parent: Path) -> None:
+    """Create and remove a temp file: the only reliable test (root, read-only mounts, /proc, quotas)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise InputError(f"{out}: cannot write to {parent} ({e.strerror or e})") from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

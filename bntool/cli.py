@@ -5,13 +5,13 @@ torch and onnx are imported inside the commands so that `bntool --help` stays in
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from ._version import __version__
@@ -85,7 +85,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers like 1,3,224,224") from None
+        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers "
+                         "like 1,3,224,224") from None
     if not dims or any(d <= 0 for d in dims):
         raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers like 1,3,224,224")
     return dims
@@ -400,9 +401,9 @@ def export_onnx(
     dtype: Dtype = None,
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BatchNorm before exporting.")] = True,
     exporter: Exporter = "auto",
-    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset version (default: the exporter's).")] = None,
-    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Make axis 0 of every input and output "
-                                                                       "dynamic; checked at several batch sizes.")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option(
+        "--dynamic-batch", help="Make axis 0 of every input and output dynamic; checked at several batch sizes.")] = False,
     input_name: Annotated[Optional[list[str]], typer.Option("--input-name", help="Input names, one per input.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output names.")] = None,
     samples: Samples = 4,
@@ -450,7 +451,7 @@ def verify(
     key: Key = None,
     trust_pickle: TrustPickle = False,
     dtype: Dtype = None,
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file instead of a fresh export.")] = None,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file, not a fresh export.")] = None,
     skip_onnx: Annotated[bool, typer.Option("--skip-onnx", help="Do not check ONNX at all.")] = False,
     exporter: Exporter = "auto",
     samples: Samples = 4,
@@ -467,7 +468,7 @@ def verify(
     atol: Annotated[Optional[float], typer.Option("--atol", help="Fold check absolute tolerance.")] = None,
     onnx_rtol: Annotated[float, typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance.")] = 1e-4,
     onnx_atol: Annotated[float, typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance.")] = 1e-5,
-    junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write a JUnit XML report here.")] = None,
+    junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write JUnit XML here.")] = None,
     json_output: Json = False,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails."""
@@ -516,15 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code instead of raising (tests call this)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
+    exit_types, abort_types, usage_types = _click_exception_types()
     try:
-        app(args=argv, prog_name="bntool", standalone_mode=False)
-        return 0
-    except click.exceptions.Exit as e:
+        # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
+        code = app(args=argv, prog_name="bntool", standalone_mode=False)
+        if code == 130:
+            print("interrupted: nothing written", file=sys.stderr)
+        return code if isinstance(code, int) else 0
+    except exit_types as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except abort_types:
         print("interrupted: nothing written", file=sys.stderr)
         return 130
-    except click.ClickException as e:
+    except usage_types as e:
         e.show()
         return e.exit_code
     except BntoolError as e:
@@ -541,6 +546,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)",
               file=sys.stderr)
         return 3
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """Exit, Abort and ClickException: from click, or from the copy of click newer Typer versions vendor."""
+    exits, aborts, usage = {typer.Exit}, {typer.Abort}, set()
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        exits.update(getattr(module, n) for n in ("Exit",) if hasattr(module, n))
+        aborts.update(getattr(module, n) for n in ("Abort",) if hasattr(module, n))
+        usage.add(module.ClickException)
+    return tuple(exits), tuple(aborts), tuple(usage)
 
 
 def _one_line(e: BaseException) -> str:

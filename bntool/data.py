@@ -132,7 +132,8 @@ def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{path}: cannot read tensor data ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot read tensor data ({reason})") from e
     if array.dtype.kind not in "fiub":
         raise InputError(f"{path}: array of dtype {array.dtype} is not numeric")
     return _check_tensor(path, torch.from_numpy(np.ascontiguousarray(array)))

@@ -174,7 +174,8 @@ def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Modu
     modules = dict(model.named_modules())
     for name in layout.get("bias_added", []):
         layer = _module(modules, name)
-        out_channels = layer.weight.shape[1] * layer.groups if isinstance(layer, _ConvTransposeNd) else layer.weight.shape[0]
+        transposed = isinstance(layer, _ConvTransposeNd)
+        out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
         layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
     for name in layout.get("identity", []) + layout.get("affine", []):
         bn = _module(modules, name)
@@ -462,7 +463,10 @@ def _replace_bn(model, name, bn, scale, shift) -> None:
         new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
         _replace_module(model, name, new)
     else:
-        make_custom_bn_folded(bn, None if scale is None else scale.to(dtype), None if shift is None else shift.to(dtype))
+        if scale is None:
+            make_custom_bn_folded(bn, None, None)
+        else:
+            make_custom_bn_folded(bn, scale.to(dtype), shift.to(dtype))
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

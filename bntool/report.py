@@ -90,12 +90,14 @@ def render_fold(report, console: Console) -> None:
     else:
         console.print("No BatchNorm layers: nothing to fold.")
     counts = ", ".join(f"{report.count(a)} {a}" for a in ("folded", "folded-forward", "affine", "refused"))
-    console.print(f"{counts}. batch_norm ops per forward: {report.batch_norm_ops_before} → {report.batch_norm_ops_after}; "
+    console.print(f"{counts}. batch_norm ops per forward: "
+                  f"{report.batch_norm_ops_before} → {report.batch_norm_ops_after}; "
                   f"parameters: {report.params_before:,} → {report.params_after:,}; "
                   f"fold took {report.fold_seconds:.2f} s.")
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs_error)}, "
-                  f"max relative error {fmt(report.max_rel_error)} (atol {report.atol:g}, rtol {report.rtol:g}) {verdict}")
+                  f"max relative error {fmt(report.max_rel_error)} "
+                  f"(atol {report.atol:g}, rtol {report.rtol:g}) {verdict}")
 
 
 def render_recalibrate(report, console: Console) -> None:

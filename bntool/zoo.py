@@ -159,8 +159,8 @@ class TokenMLP(nn.Module):
     def forward(self, x):  # x: (B, L, 8)
         x = self.norm(self.proj(x).transpose(1, 2)).transpose(1, 2)
         y = self.mlp(x)
-        b, l, c = y.shape
-        y = self.norm2(y.reshape(b * l, c)).reshape(b, l, c)
+        b, n, c = y.shape
+        y = self.norm2(y.reshape(b * n, c)).reshape(b, n, c)
         return self.head(F.gelu(x + y).mean(1))
 
 

@@ -1,0 +1,196 @@
+"""export-onnx and verify: onnxruntime agrees with PyTorch, and every failure is reported cleanly."""
+
+from __future__ import annotations
+
+import json
+from xml.etree import ElementTree as ET
+
+import onnx
+import pytest
+import torch
+from conftest import assert_clean_error, files_in
+
+from bntool import zoo
+from bntool.errors import CheckFailed
+from bntool.onnx_export import compare_arrays, export_onnx
+from bntool.verification import verify
+
+ARCH = ["--arch", "bntool.zoo:resnet"]
+SHAPE = ["--input-shape", "2,3,32,32"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "tokens", "decoder", "preact", "conv3d", "mlp"])
+def test_export_folded_models_legacy(tmp_path, name):
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(zoo.build(name), zoo.example_input(name), path, exporter="legacy", dynamic_batch=True,
+                         samples=1)
+    assert report.passed and report.batch_norm_nodes == 0
+    assert report.max_rel_error < 1e-3 and report.max_abs_error < 1e-5
+    assert {c.input.split(" #")[0] for c in report.comparisons} >= {"random b=1", "example"}
+    onnx.checker.check_model(str(path))
+    assert files_in(tmp_path) == {f"{name}.onnx"}  # no temp files left
+
+
+def test_verification_catches_a_wrong_legacy_trace(tmp_path):
+    """Conv2dSame computes its padding from the input shape in Python: the legacy tracer freezes it, and the
+    graph breaks at other batch sizes. The check must catch that instead of shipping the file as good."""
+    with pytest.raises(CheckFailed) as info:
+        export_onnx(zoo.build("subclass"), zoo.example_input("subclass"), tmp_path / "m.onnx", exporter="legacy",
+                    dynamic_batch=True, samples=1)
+    report = info.value.report
+    assert any(not c.passed for c in report.comparisons) and report.max_abs_error > 1e-3
+
+
+@pytest.mark.parametrize("name,left_by_exporter", [("preact", 3), ("tokens", 2), ("mlp", 3)])
+def test_exporter_alone_leaves_batchnorm_that_bntool_folds(tmp_path, name, left_by_exporter):
+    """torch.onnx fuses conv→BN pairs itself, but not pre-activation, token or Linear→BN1d layers."""
+    plain = export_onnx(zoo.build(name), zoo.example_input(name), tmp_path / "plain.onnx", fold=False,
+                        exporter="legacy", samples=1)
+    folded = export_onnx(zoo.build(name), zoo.example_input(name), tmp_path / "folded.onnx", exporter="legacy",
+                         samples=1)
+    assert plain.passed and plain.batch_norm_nodes == left_by_exporter
+    assert folded.passed and folded.batch_norm_nodes == 0
+
+
+def test_dynamo_exporter_with_external_data_layout(tmp_path):
+    report = export_onnx(zoo.build("subclass"), zoo.example_input("subclass"), tmp_path / "m.onnx",
+                         exporter="dynamo", samples=1, dynamic_batch=True)
+    assert report.exporter == "dynamo" and report.passed and report.batch_norm_nodes == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_multiple_inputs_and_tuple_outputs(tmp_path):
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = zoo.conv_bn(3, 4)
+            self.b = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6))
+
+        def forward(self, image, features):
+            return {"map": self.a(image), "vec": self.b(features)}
+
+    model = zoo.randomize_bn(TwoInTwoOut()).eval()
+    inputs = (torch.randn(2, 3, 8, 8), torch.randn(2, 5))
+    report = export_onnx(model, inputs, tmp_path / "m.onnx", exporter="legacy", input_names=["image", "features"],
+                         samples=1)
+    assert report.passed and report.input_names == ["image", "features"] and len(report.output_names) == 2
+
+
+def test_compare_arrays_reports_worst_element():
+    import numpy as np
+
+    ref = np.zeros((2, 3), dtype=np.float32)
+    out = ref.copy()
+    out[1, 2] = 1e-3
+    c = compare_arrays("x", "y", ref, out, rtol=1e-4, atol=1e-5)
+    assert not c.passed and c.worst_index == [1, 2] and c.max_abs_error == pytest.approx(1e-3)
+    assert c.share_over_tolerance == pytest.approx(1 / 6)
+
+
+def test_verify_api_all_checks(tmp_path):
+    report = verify(zoo.build("mobilenet"), zoo.example_input("mobilenet"), exporter="legacy", samples=1)
+    assert report.passed and [c.name for c in report.checks] == ["bn-health", "fold-equivalence", "onnx-equivalence"]
+
+
+def test_verify_fails_on_unhealthy_stats():
+    model = zoo.build("resnet")
+    model.layer1.bn1.reset_running_stats()  # never updated: 0/1
+    report = verify(model, zoo.example_input("resnet"), onnx=False)
+    health = report.checks[0]
+    assert not report.passed and not health.passed and "layer1.bn1" in health.summary
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_export_and_verify_with_junit(tmp_path, cli, resnet_sd):
+    path = tmp_path / "m.onnx"
+    result = cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", path, "--exporter", "legacy", "--dynamic-batch",
+                 "--samples", "1", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["passed"] and report["batch_norm_nodes"] == 0 and report["op_counts"]["Conv"] == 6
+    junit = tmp_path / "verify.xml"
+    result = cli("verify", resnet_sd, *ARCH, *SHAPE, "--onnx", path, "--junit-xml", junit, "--samples", "1")
+    assert result.code == 0, result.err
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"
+
+
+def test_cli_verify_mismatch_exits_1(tmp_path, cli, resnet_sd):
+    other = tmp_path / "other.pt"
+    torch.save(zoo.build("resnet", seed=5).state_dict(), other)
+    path = tmp_path / "other.onnx"
+    assert cli("export-onnx", other, *ARCH, *SHAPE, "-o", path, "--exporter", "legacy", "--samples", "0").code == 0
+    junit = tmp_path / "verify.xml"
+    result = cli("verify", resnet_sd, *ARCH, *SHAPE, "--onnx", path, "--json", "--junit-xml", junit)
+    assert result.code == 1
+    report = json.loads(result.out)
+    assert not report["passed"] and [c["passed"] for c in report["checks"]] == [True, True, False]
+    assert ET.parse(junit).getroot().get("failures") == "1"
+    assert "verification failed: onnx-equivalence" in result.err
+
+
+def test_cli_export_mismatch_keeps_or_removes_file(tmp_path, cli, resnet_sd):
+    path = tmp_path / "m.onnx"
+    result = cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", path, "--exporter", "legacy", "--rtol", "0",
+                 "--atol", "0", "--samples", "1")
+    assert result.code == 1 and "FAILED verification" in result.err and path.exists()
+    path.unlink()
+    result = cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", path, "--exporter", "legacy", "--rtol", "0",
+                 "--atol", "0", "--samples", "1", "--strict")
+    assert result.code == 1 and not path.exists()
+
+
+def test_cli_bad_onnx_inputs(tmp_path, cli, resnet_sd):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 10)
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, *SHAPE, "--onnx", corrupt), contains="corrupt")
+    good = tmp_path / "good.onnx"
+    assert cli("export-onnx", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "-o", good, "--exporter",
+               "legacy", "--samples", "0").code == 0
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, "--input-shape", "1,3,16,16", "--onnx", good),
+                       contains="has shape")
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--input-shape", "1,3",
+                           "--onnx", good), contains="does not accept")
+
+
+def test_cli_export_bad_inputs(tmp_path, cli, resnet_sd):
+    out = tmp_path / "m.onnx"
+    assert_clean_error(cli("export-onnx", resnet_sd, *ARCH, "--input-shape", "2,7,32,32", "-o", out),
+                       contains="does not accept --input-shape")
+    assert_clean_error(cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", out, "--exporter", "legacy",
+                           "--opset", "99"), contains="ONNX export failed")
+    assert_clean_error(cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", tmp_path / "no" / "m.onnx"),
+                       contains="does not exist")
+    assert_clean_error(cli("export-onnx", resnet_sd, *ARCH, *SHAPE, "-o", "/proc/m.onnx"))
+    assert files_in(tmp_path) == {"resnet.pt"}
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = zoo.conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # control flow on tensor values: torch.export cannot trace it
+            return y * 2
+        return y
+
+
+def test_untraceable_model_names_the_exporter(tmp_path):
+    from bntool.errors import InputError
+
+    with pytest.raises(InputError, match="dynamo exporter") as info:
+        export_onnx(zoo.randomize_bn(DataDependent()).eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx",
+                    exporter="dynamo", fold=False)
+    assert "try --exporter legacy" in str(info.value)
+    assert files_in(tmp_path) == set()
+
+
+def test_check_failed_carries_report(tmp_path):
+    with pytest.raises(CheckFailed) as info:
+        export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "m.onnx", exporter="legacy",
+                    rtol=0, atol=0, samples=0)
+    assert info.value.report.max_abs_error > 0

@@ -1,0 +1,296 @@
+"""Recalibration: exact pooled statistics, eval-mode semantics, batch-size independence, clean failures."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_error
+from torch import nn
+
+from bntool import zoo
+from bntool.errors import InputError
+from bntool.recalibration import ChannelStats, recalibrate
+
+
+def bn_stats(model):
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return torch.cat([b.running_mean for b in bns]), torch.cat([b.running_var for b in bns])
+
+
+def rel_diff(a, b):
+    (ma, va), (mb, vb) = a, b
+    return max(float(((ma - mb).abs() / vb.sqrt()).max()), float(((va - vb).abs() / vb).max()))
+
+
+def data_for(name, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *zoo.ZOO[name].input_shape[1:]), generator=g) * 1.5 + 0.3
+
+
+def test_chan_merge_matches_two_pass_float64():
+    x = torch.randn(1000, 3, dtype=torch.float64) * 5 + 1e4  # large mean: naive sum of squares would cancel
+    acc = ChannelStats(3, torch.device("cpu"))
+    for chunk in x.split(37):
+        acc.add(len(chunk), chunk.mean(0), ((chunk - chunk.mean(0)) ** 2).sum(0))
+    assert torch.allclose(acc.mean, x.mean(0), rtol=1e-12)
+    assert torch.allclose(acc.unbiased_var, x.var(0), rtol=1e-9)
+
+
+def test_cumulative_is_the_pooled_average_over_all_samples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    data = torch.randn(50, 3, 8, 8) * 2 + 1
+    recalibrate(model, list(data.split(7)), mode="cumulative")  # uneven batches: 7, 7, ..., 1
+    with torch.no_grad():
+        y = model[0](data).double()
+    expected_mean, expected_var = y.mean((0, 2, 3)), y.transpose(0, 1).reshape(4, -1).var(1)
+    assert torch.allclose(model[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model[1].running_var.double(), expected_var, rtol=1e-5)
+
+
+def test_cumulative_is_independent_of_batch_order():
+    model = zoo.build("resnet")
+    batches = list(data_for("resnet").split(16))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    recalibrate(a, batches, mode="cumulative")
+    recalibrate(b, batches[::-1], mode="cumulative")
+    assert rel_diff(bn_stats(a), bn_stats(b)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "tokens", "subclass", "mlp", "reused"])
+def test_exact_mode_is_batch_size_independent_and_exact(name):
+    data = data_for(name)
+    results = {}
+    for bs in (1, 64):
+        model = zoo.build(name)
+        report = recalibrate(model, list(data.split(bs)), mode="exact")
+        results[bs] = bn_stats(model)
+    assert rel_diff(results[1], results[64]) < 1e-5
+    # Exactness: in eval mode, every BN input is normalized over the data by the stored statistics.
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].double()))
+               for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        model(data)
+    for h in handles:
+        h.remove()
+    modules = dict(model.named_modules())
+    for n, xs in inputs.items():
+        flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1)
+        bn = modules[n]
+        assert torch.allclose(flat.mean(1), bn.running_mean.double(), atol=1e-5 * float(bn.running_var.max()) ** 0.5)
+        assert torch.allclose(flat.var(1), bn.running_var.double(), rtol=1e-4)
+    assert report.passes >= 2
+
+
+def test_train_mode_recalibration_degrades_at_batch_size_one_but_exact_does_not():
+    g = torch.Generator().manual_seed(0)
+    # Samples differ in brightness and contrast, as real images do: per-sample batch statistics are biased.
+    data = data_for("resnet") * (torch.rand(64, 1, 1, 1, generator=g) * 1.5 + 0.5) + torch.randn(64, 1, 1, 1,
+                                                                                               generator=g)
+    exact_big = zoo.build("resnet")
+    recalibrate(exact_big, list(data.split(64)), mode="exact")
+    cumulative_small = zoo.build("resnet")
+    recalibrate(cumulative_small, list(data.split(1)), mode="cumulative")
+    assert rel_diff(bn_stats(cumulative_small), bn_stats(exact_big)) > 0.1
+    exact_small = zoo.build("resnet")
+    recalibrate(exact_small, list(data.split(1)), mode="exact")
+    assert rel_diff(bn_stats(exact_small), bn_stats(exact_big)) < 1e-5
+
+
+def test_ema_mode_matches_training_updates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batches = list((torch.randn(40, 3, 6, 6) + 2).split(10))
+    expected_mean, expected_var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with torch.no_grad():
+        for b in batches:
+            y = model[0](b).double()
+            expected_mean = 0.7 * expected_mean + 0.3 * y.mean((0, 2, 3))
+            expected_var = 0.7 * expected_var + 0.3 * y.transpose(0, 1).reshape(4, -1).var(1)
+    recalibrate(model, batches, mode="ema", momentum=0.3, reset=True)
+    assert torch.allclose(model[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model[1].running_var.double(), expected_var, rtol=1e-5)
+    assert model[1].momentum == 0.1  # restored
+
+
+class DropoutBeforeBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x):
+        return self.bn(self.drop(self.fc(x)))
+
+
+def test_only_bn_layers_train_unlike_update_bn():
+    torch.manual_seed(0)
+    data = torch.randn(512, 8)
+    ours, theirs = DropoutBeforeBN(), DropoutBeforeBN()
+    theirs.load_state_dict(ours.state_dict())
+    recalibrate(ours, list(data.split(64)))
+    torch.optim.swa_utils.update_bn(list(data.split(64)), theirs)
+    with torch.no_grad():
+        clean = ours.fc(data)
+    assert torch.allclose(ours.bn.running_var, clean.var(0), rtol=1e-4)  # dropout stayed off
+    # update_bn ran dropout: the variance it stored is far from the inference-time variance.
+    assert float((theirs.bn.running_var / clean.var(0)).mean()) > 1.5
+    assert ours.training and ours.drop.training and ours.bn.training  # modes restored as they were given
+
+
+def test_amp_and_channels_last_run():
+    model = zoo.build("resnet")
+    report = recalibrate(model, list(data_for("resnet").split(16)), amp=True, channels_last=True)
+    assert report.samples == 64 and torch.isfinite(bn_stats(model)[1]).all()
+
+
+def test_errors_restore_the_model():
+    model = zoo.build("resnet")
+    before = copy.deepcopy(model.state_dict())
+
+    def batches():
+        yield data_for("resnet", 8)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(model, batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m.training for m in model.modules())
+
+
+def test_api_errors():
+    with pytest.raises(InputError, match="no BatchNorm"):
+        recalibrate(zoo.build("nobn"), [torch.randn(2, 3, 16, 16)])
+    with pytest.raises(InputError, match="re-iterable"):
+        recalibrate(zoo.build("resnet"), (x for x in [torch.randn(2, 3, 32, 32)]), mode="exact")
+    with pytest.raises(InputError, match="--mode"):
+        recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="fast")
+    with pytest.raises(InputError, match="one value per channel"):
+        recalibrate(zoo.build("mlp"), [torch.randn(1, 20)])
+
+
+# ---------------------------------------------------------------- CLI and data sources
+
+
+@pytest.fixture
+def images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        arr = (rng.random((40 + i, 48, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / ("sub" if i % 2 else "") / f"img{i}.{['png', 'jpg', 'webp'][i % 3]}")
+    return folder
+
+
+ARCH = ["--arch", "bntool.zoo:resnet"]
+
+
+def test_cli_image_folder(tmp_path, cli, resnet_sd, images):
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", images, "--image-size", "32", "-b", "4", "--workers",
+                 "0", "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert "skipped 1 unreadable images" in result.err
+    import json
+
+    report = json.loads(result.out)
+    assert report["samples"] == 10 and report["mode"] == "cumulative"
+    assert out.exists()
+    strict = cli("recalibrate", resnet_sd, *ARCH, "--data", images, "--image-size", "32", "-b", "4", "--workers",
+                 "0", "-o", tmp_path / "strict.pt", "--strict")
+    assert_clean_error(strict, contains="broken.jpg")
+    assert not (tmp_path / "strict.pt").exists()
+
+
+def test_cli_tensor_files_and_modes(tmp_path, cli, resnet_sd):
+    arr = np.random.default_rng(0).standard_normal((20, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", arr)
+    np.savez(tmp_path / "x.npz", images=arr, labels=np.arange(20))
+    torch.save((torch.from_numpy(arr), torch.arange(20)), tmp_path / "x.pt")
+    outputs = []
+    for i, (source, extra) in enumerate([("x.npy", []), ("x.npz", ["--npz-key", "images"]), ("x.pt", [])]):
+        out = tmp_path / f"out{i}.pt"
+        result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / source, *extra, "-o", out, "--quiet")
+        assert result.code == 0, result.err
+        outputs.append(torch.load(out))
+    assert all(torch.equal(outputs[0][k], o[k]) for o in outputs[1:] for k in outputs[0])
+    assert_clean_error(cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npz", "-o", tmp_path / "o.pt"),
+                       contains="--npz-key")
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "exact.pt",
+                 "--mode", "exact", "-b", "3")
+    assert result.code == 0 and "pass(es)" in result.out
+
+
+def write_loader_module(tmp_path, monkeypatch, body: str) -> str:
+    (tmp_path / "my_loader.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_loader", None)
+    return "my_loader:batches"
+
+
+def test_cli_user_loader_with_dict_batches(tmp_path, cli, resnet_sd, monkeypatch):
+    spec = write_loader_module(tmp_path, monkeypatch, (
+        "import torch\n"
+        "def batches(n=3):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return [{'pixels': torch.randn(4, 3, 32, 32, generator=g), 'label': 0} for _ in range(n)]\n"))
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "--loader-kwargs", '{"n": 2}', "--input-key",
+                 "pixels", "-o", out, "--json")
+    assert result.code == 0, result.err
+    assert '"samples": 8' in result.out
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "shape", "nan", "no_bn", "loader", "cuda", "overflow", "missing"])
+def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
+    out = tmp_path / "out.pt"
+    ckpt, arch, data = resnet_sd, ARCH, ["--data", tmp_path / "x.npy"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    needle = None
+    if case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        data, needle = ["--data", tmp_path / "empty"], "no images found"
+    elif case == "shape":
+        x, needle = x[:, :2], "does not fit the model"
+    elif case == "nan":
+        x[1, 0, 0, 0], needle = np.nan, "NaN"
+    elif case == "no_bn":
+        ckpt = tmp_path / "nobn.pt"
+        torch.save(zoo.build("nobn").state_dict(), ckpt)
+        arch, needle = ["--arch", "bntool.zoo:NoBN"], "no BatchNorm"
+    elif case == "loader":
+        data, needle = ["--loader", "no_such_module_abc:load"], "cannot import module"
+    elif case == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        data, needle = data + ["--device", "cuda"], "CUDA is not available"
+    elif case == "overflow":
+        x, needle = x * 1e25, "NaN/Inf"
+    elif case == "missing":
+        data, needle = ["--data", tmp_path / "nope.npy"], "no such file"
+    np.save(tmp_path / "x.npy", x)
+    result = cli("recalibrate", ckpt, *arch, *data, "-o", out)
+    assert_clean_error(result, contains=needle)
+    assert not out.exists()
+
+
+def test_cli_ctrl_c_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch):
+    spec = write_loader_module(tmp_path, monkeypatch, (
+        "import torch\n"
+        "def batches():\n"
+        "    yield torch.randn(4, 3, 32, 32)\n"
+        "    raise KeyboardInterrupt\n"))
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", out)
+    assert result.code == 130 and "nothing written" in result.err
+    assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())

@@ -403,7 +403,7 @@ def export_onnx(
     exporter: Exporter = "auto",
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
     dynamic_batch: Annotated[bool, typer.Option(
-        "--dynamic-batch", help="Make axis 0 of every input and output dynamic; checked at several batch sizes.")] = False,
+        "--dynamic-batch", help="Make axis 0 of inputs and outputs dynamic; checked at several batch sizes.")] = False,
     input_name: Annotated[Optional[list[str]], typer.Option("--input-name", help="Input names, one per input.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output names.")] = None,
     samples: Samples = 4,

@@ -74,7 +74,7 @@ def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class ChannelAffine(nn.Module):
-    """Per-channel (axis 1) x·scale + shift: what an eval-mode BatchNorm computes, as one op.
+    """Per-channel (axis 1) x·scale + shift: what an eval-mode BatchNorm computes, without a batch_norm op.
     With `center`, (x - center)·scale + shift: two ops, but no precision lost when the mean is far from 0."""
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, center: torch.Tensor | None = None):
@@ -91,7 +91,8 @@ class ChannelAffine(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.center is not None:
             x = x - channel_view(self.center, x.dim())
-        return torch.addcmul(channel_view(self.shift, x.dim()), x, channel_view(self.scale, x.dim()))
+        # mul then add: as fast as the eval batch_norm kernel on CPU, where a broadcast addcmul is ~2.5x slower.
+        return x * channel_view(self.scale, x.dim()) + channel_view(self.shift, x.dim())
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}" + (", centered" if self.center is not None else "")

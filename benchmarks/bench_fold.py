@@ -1,0 +1,112 @@
+"""Folding: coverage, accuracy and speed, bntool vs torch.fx fuse vs torch.jit.freeze, on popular architectures.
+
+    python benchmarks/bench_fold.py [--quick]
+
+Coverage: batch_norm ops left per forward. Accuracy: max error vs a float64 reference, folded float32 divided
+by unfolded float32 (≤ 1.5 is the target). Speed: eager CPU latency, unfolded / folded, next to the floor
+(every BN deleted: the same convs with nothing in between, numerically wrong but the fastest possible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from common import fmt_ratio, interleaved_times, setup_threads, show
+from torch import nn
+
+import archs
+from bntool.folding import fold
+from bntool.graph import trace
+from bntool.layers import bn_modules, is_frozen_bn
+
+
+def norm_ops(model, x) -> int:
+    flow, _ = trace(model, (x,))
+    frozen = sum(len(flow.calls_of(m)) for m in model.modules() if is_frozen_bn(m))
+    return flow.count("batch_norm") + frozen
+
+
+def fx_fuse(model, x):
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(copy.deepcopy(model))
+        return fused, norm_ops(fused, x)
+    except Exception as e:
+        return None, f"fails ({type(e).__name__})"
+
+
+def jit_freeze(model, x):
+    try:
+        frozen = torch.jit.freeze(torch.jit.trace(copy.deepcopy(model), (x,), check_trace=False).eval())
+        graph = str(frozen.graph)
+        return frozen, graph.count("aten::batch_norm")
+    except Exception as e:
+        return None, f"fails ({type(e).__name__})"
+
+
+def max_err(model, x, ref) -> float:
+    with torch.no_grad():
+        out = model(x)
+    return float((out.double() - ref).abs().max())
+
+
+def without_bn(model):
+    """The floor: every BN deleted (Identity). Same convs and activations; what folding can at best reach."""
+    floor = copy.deepcopy(model)
+    for name, _ in bn_modules(floor):
+        parent, _, child = name.rpartition(".")
+        setattr(floor.get_submodule(parent) if parent else floor, child, nn.Identity())
+    return floor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    parser.add_argument("--only", nargs="*", help="architecture names")
+    args = parser.parse_args()
+    threads = setup_threads()
+    reps = 5 if args.quick else 15
+    coverage, speed = [], []
+    for name in args.only or list(archs.architectures()):
+        model, x = archs.build(name)
+        bn_count = len(bn_modules(model))
+        before = norm_ops(model, x)
+        start = time.perf_counter()
+        folded, report = fold(model, x, samples=2)
+        total_fold = time.perf_counter() - start
+        after = report.batch_norm_ops_after
+        _, fx_left = fx_fuse(model, x)
+        _, jit_left = jit_freeze(model, x)
+        ref = copy.deepcopy(model).double()
+        with torch.no_grad():
+            ref_out = ref(x.double())
+        del ref
+        err_plain, err_folded = max_err(model, x, ref_out), max_err(folded, x, ref_out)
+        c = report.to_dict()["counts"]
+        coverage.append([name, bn_count, before, after, fx_left, jit_left,
+                         f"{c['folded']}/{c['folded-forward']}/{c['affine']}/{c['refused']}",
+                         f"{err_folded / err_plain:.2f}" if err_plain else "exact",
+                         f"{report.fold_seconds:.2f} s", f"{total_fold:.2f} s"])
+        floor = without_bn(model)
+        with torch.inference_mode():
+            t = interleaved_times({"unfolded": lambda: model(x), "folded": lambda: folded(x),
+                                   "floor": lambda: floor(x)}, reps=reps)
+        speed.append([name, f"{t['unfolded'] * 1e3:.1f}", f"{t['folded'] * 1e3:.1f}", f"{t['floor'] * 1e3:.1f}",
+                      fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"])])
+        print(f"{name}: done", flush=True)
+    source = "torchvision" if archs.have_torchvision() else "built-in replicas"
+    show(f"Fold coverage and accuracy ({source}, torch {torch.__version__})",
+         ["model", "BN layers", "batch_norm ops before", "after bntool", "after fx.fuse", "after jit.freeze",
+          "folded/forward/affine/refused", "error ratio folded/unfolded vs fp64", "fold time", "fold+check time"],
+         coverage, "fold_coverage")
+    show(f"Eager CPU latency at batch 1 ({threads} threads, median of {reps})",
+         ["model", "unfolded ms", "folded ms", "floor (BN deleted) ms", "speed-up", "folded / floor"],
+         speed, "fold_speed")
+
+
+if __name__ == "__main__":
+    main()

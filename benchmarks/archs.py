@@ -250,8 +250,15 @@ class OutputOnly(nn.Module):
         return out["out"] if isinstance(out, dict) else out
 
 
-def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+def build(name: str, seed: int = 0, calibrate: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    """Random weights; BN statistics measured on random inputs (as after training, the statistics match the
+    data: random statistics make outputs that are mostly cancellation noise), then γ/β randomized."""
+    from bntool.recalibration import recalibrate
+
     factory, shape = architectures()[name]
     torch.manual_seed(seed)
     model = OutputOnly(randomize_bn(factory(), seed)).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    if calibrate:
+        recalibrate(model, [torch.randn((4, *shape[1:]), generator=g)], mode="cumulative")
     return model, torch.randn(shape, generator=torch.Generator().manual_seed(seed))

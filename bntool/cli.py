@@ -304,25 +304,52 @@ def recalibrate(
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics."""
+    """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
+
+    Under torchrun, each process takes its share of the batches, statistics are merged exactly across
+    processes, and rank 0 alone writes the output.
+    """
+    from .distributed import process_group, rank_device
+
+    with process_group(device) as rank:
+        _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode,
+                     momentum, reset, batch_size, num_batches, num_samples, rank_device(device, rank), amp,
+                     channels_last, workers, image_size, resize, center_crop, mean, std, input_key, npz_key,
+                     strict, seed, force, in_place, json_output, quiet, rank)
+
+
+def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode, momentum,
+                 reset, batch_size, num_batches, num_samples, device, amp, channels_last, workers, image_size, resize,
+                 center_crop, mean, std, input_key, npz_key, strict, seed, force, in_place, json_output, quiet,
+                 rank) -> None:
     import torch
 
     from .checkpoint import check_output_path, save_checkpoint
+    from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
     from .recalibration import recalibrate as recalibrate_model
 
     check_output_path(output, ckpt, force=force, in_place=in_place)
     torch.manual_seed(seed)
-    source = _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, workers, image_size, resize,
-                        center_crop, mean, std, strict, seed)
+    options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
+                           mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
+    source = open_source(data, loader=loader, loader_kwargs=loader_kwargs, batch_size=batch_size,
+                         num_workers=workers, image=options, npz_key=npz_key, input_key=input_key, strict=strict,
+                         seed=seed, rank=rank.rank, world_size=rank.world_size)
     loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
     _require_eager(loaded, "recalibrate")
     total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
+    quiet = quiet or not rank.is_main
     with _progress(quiet or json_output, total) as progress:
         report = recalibrate_model(loaded.model, source, mode=mode, momentum=momentum, reset=reset,
                                    num_batches=num_batches, num_samples=num_samples, device=device, amp=amp,
                                    channels_last=channels_last, progress=progress)
     if source.skipped:
-        print(f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})", file=sys.stderr)
+        print(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
+              f"(first: {source.skipped[0]})" if rank.world_size > 1 else
+              f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})",
+              file=sys.stderr)
+    if not rank.is_main:
+        return
     model = loaded.model.to("cpu")
     if channels_last:
         model = model.to(memory_format=torch.contiguous_format)

@@ -79,8 +79,14 @@ def open_source(
     input_key: str | None = None,
     strict: bool = False,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataSource:
-    """Open --data (a folder of images or a tensor file) or --loader."""
+    """Open --data (a folder of images or a tensor file) or --loader.
+
+    With world_size > 1 this process gets every world_size-th batch, starting at `rank`: the batches are the
+    ones a single process would see, so merged statistics equal a single-process run (a user's --loader is
+    used as given: shard it yourself, e.g. with DistributedSampler)."""
     if batch_size <= 0:
         raise InputError(f"--batch-size {batch_size}: must be positive")
     if loader is not None:
@@ -90,25 +96,36 @@ def open_source(
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    shard = (rank, world_size)
     if path.is_dir():
-        return _image_folder(path, batch_size, num_workers, image or ImageOptions(), strict, seed)
+        return _image_folder(path, batch_size, num_workers, image or ImageOptions(), strict, seed, shard)
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz", ".pt", ".pth"):
         tensor = _read_tensor_file(path, npz_key)
-        return DataSource(_TensorBatches(tensor, batch_size), f"{path} {tuple(tensor.shape)}", len(tensor))
+        batches = _TensorBatches(tensor, batch_size, shard)
+        return DataSource(batches, f"{path} {tuple(tensor.shape)}", batches.num_samples)
     raise InputError(f"{path}: unsupported data file; use a folder of images, .npy, .npz or .pt")
 
 
+def shard_batches(n_items: int, batch_size: int, shard: tuple[int, int]) -> list[range]:
+    """The index ranges of this rank's batches: batch i goes to rank i mod world_size."""
+    rank, world = shard
+    starts = range(0, n_items, batch_size)
+    return [range(s, min(s + batch_size, n_items)) for i, s in enumerate(starts) if i % world == rank]
+
+
 class _TensorBatches:
-    def __init__(self, tensor: torch.Tensor, batch_size: int):
-        self.tensor, self.batch_size = tensor, batch_size
+    def __init__(self, tensor: torch.Tensor, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        self.tensor = tensor
+        self.ranges = shard_batches(len(tensor), batch_size, shard)
+        self.num_samples = sum(len(r) for r in self.ranges)
 
     def __iter__(self):
-        for i in range(0, len(self.tensor), self.batch_size):
-            yield self.tensor[i:i + self.batch_size]
+        for r in self.ranges:
+            yield self.tensor[r.start:r.stop]
 
     def __len__(self):
-        return -(-len(self.tensor) // self.batch_size)
+        return len(self.ranges)
 
 
 def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
@@ -245,13 +262,15 @@ class _StrictBatches:
         return len(self.loader)
 
 
-def _image_folder(folder: Path, batch_size, num_workers, options: ImageOptions, strict, seed) -> DataSource:
+def _image_folder(folder: Path, batch_size, num_workers, options: ImageOptions, strict, seed, shard) -> DataSource:
     files = find_images(folder)
     if not files:
         raise InputError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
     dataset = ImageFolderDataset(files, options)
+    batch_indices = [list(r) for r in shard_batches(len(files), batch_size, shard)]
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate_skipping,
-        persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+        dataset, batch_sampler=batch_indices, num_workers=num_workers, collate_fn=_collate_skipping,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed))
     batches = _StrictBatches(loader) if strict else loader
-    return DataSource(batches, f"{folder} ({len(files)} images)", len(files))
+    return DataSource(batches, f"{folder} ({len(files)} images)", sum(len(b) for b in batch_indices))

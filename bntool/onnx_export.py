@@ -343,14 +343,14 @@ def _batch_sizes(session, inputs) -> list[int]:
 def compare_with_onnxruntime(model, path, inputs, report: ExportReport, *, samples=4, seed=0, data=None,
                              provider="cpu") -> None:
     """Run the same inputs through PyTorch and onnxruntime and compare every output."""
-    from .folding import random_like
+    from .folding import RANDOM_STREAM, random_like
 
     session = ort_session(path, provider)
     report.provider = session.get_providers()[0]
     check_signature(session, inputs, path)
     names = [i.name for i in session.get_inputs()]
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + RANDOM_STREAM)
     for b in _batch_sizes(session, inputs):
         for i in range(samples):
             shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype) for x in inputs)

@@ -152,6 +152,7 @@ def recalibrate(
     model_training = [mod.training for mod in model.modules()]
     report = RecalibrationReport(mode=mode)
     started = time.perf_counter()
+    local_forwards = _local_sync_bn(usable)
     try:
         model.eval()
         if channels_last:
@@ -172,12 +173,14 @@ def recalibrate(
             _restore(m, saved[n])
         raise
     finally:
+        for m in local_forwards:
+            del m.forward
         for mod, training in zip(model.modules(), model_training):
             mod.training = training
         for n, m in usable:
             m.momentum = saved[n].momentum
     report.seconds = time.perf_counter() - started
-    report.samples, report.batches = batches.samples_per_pass, batches.batches_per_pass
+    report.samples, report.batches = _global_counts(batches.samples_per_pass, batches.batches_per_pass)
     report.world_size = _world_size()
     report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0)) for n, m in layers]
     return report
@@ -309,7 +312,7 @@ class _LevelDone(Exception):
 def _exact_passes(model, layers, batches, progress, report) -> None:
     """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
     are final by then, so each pass measures its level exactly and the forward stops after it."""
-    levels = _levels(model, layers, batches)
+    levels = _agree(lambda: _levels(model, layers, batches))
     depth = max(levels.values(), default=0)
     for level in range(1, depth + 1):
         members = [(n, m) for n, m in layers if levels.get(n) == level]
@@ -325,7 +328,9 @@ def _exact_passes(model, layers, batches, progress, report) -> None:
 def _levels(model, layers, batches) -> dict[str, int]:
     from .graph import dependency_levels, trace
 
-    first = next(iter(batches))
+    first = next(iter(batches), None)
+    if first is None:
+        raise InputError("the calibration data yielded no batches")
     flow, _ = trace(model, (first[:2],))
     by_id = dependency_levels(flow, [m for _, m in layers])
     return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}
@@ -353,6 +358,34 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
 
 
 def _run_pass(model, batches, progress, pass_number) -> None:
+    """One pass over the data; across processes, every rank learns whether another one failed."""
+    _agree(lambda: _run_local_pass(model, batches, progress, pass_number))
+
+
+def _agree(run):
+    """Run on every rank; if any rank raised, raise on all of them (the failing rank's error, or a
+    one-line message naming it), so no rank waits forever in a collective and none writes output."""
+    if _world_size() == 1:
+        return run()
+    import torch.distributed as dist
+
+    error, result = None, None
+    try:
+        result = run()
+    except BaseException as e:  # KeyboardInterrupt too: the other ranks must hear of it
+        error = e
+    messages = [None] * _world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, m) for rank, m in enumerate(messages) if m]
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise InputError(f"rank {rank} failed ({' '.join(message.split())}); nothing written")
+    return result
+
+
+def _run_local_pass(model, batches, progress, pass_number) -> None:
     done = 0
     for i, x in enumerate(batches):
         try:
@@ -365,6 +398,22 @@ def _run_pass(model, batches, progress, pass_number) -> None:
 
 
 # ---------------------------------------------------------------- state
+
+
+def _local_sync_bn(layers) -> list[nn.Module]:
+    """SyncBatchNorm in train mode would normalize over all ranks' batches (and refuses CPU tensors); run it
+    as a plain BatchNorm so each batch is normalized as in a single-process run, then restore it."""
+    import types
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    patched = []
+    for _, m in layers:
+        if isinstance(m, nn.SyncBatchNorm) and "forward" not in m.__dict__:
+            m.forward = types.MethodType(_BatchNorm.forward, m)
+            patched.append(m)
+    return patched
+
 
 
 def bn_eps(module) -> float:
@@ -430,6 +479,16 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_counts(samples: int, batches: int) -> tuple[int, int]:
+    if _world_size() == 1:
+        return samples, batches
+    import torch.distributed as dist
+
+    counts = torch.tensor([samples, batches], dtype=torch.float64)
+    dist.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
 
 
 def _all_reduce(stats: dict[str, ChannelStats], batches: _Batches) -> None:

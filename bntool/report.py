@@ -95,6 +95,11 @@ def render_fold(report, console: Console) -> None:
                   f"parameters: {report.params_before:,} → {report.params_after:,}; "
                   f"fold took {report.fold_seconds:.2f} s.")
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
+    for c in report.comparisons:
+        if c.float64_error_original is not None:
+            console.print(f"{c.input}: over tolerance against the float32 original, so both were compared with "
+                          f"it in float64: folded error {fmt(c.float64_error_folded)}, original's own "
+                          f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
     console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs_error)}, "
                   f"max relative error {fmt(report.max_rel_error)} "
                   f"(atol {report.atol:g}, rtol {report.rtol:g}) {verdict}")

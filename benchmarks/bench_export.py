@@ -1,0 +1,89 @@
+"""ONNX: export + verify time, bntool vs the same steps by hand (torch.onnx + onnxruntime) and polygraphy if
+installed; equivalence of folded and unfolded exports; onnxruntime latency folded vs unfolded.
+
+    python benchmarks/bench_export.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import interleaved_times, setup_threads, show
+
+import archs
+from bntool.onnx_export import export_onnx, ort_session
+
+
+def by_hand(model, x, path: Path) -> float:
+    """What a user writes without bntool: export, load in onnxruntime, compare one output."""
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["output"], dynamo=True,
+                      external_data=False, verbose=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+    return time.perf_counter() - start
+
+
+def polygraphy_time(path: Path, shape) -> str:
+    exe = shutil.which("polygraphy")
+    if exe is None:
+        return "not installed"
+    start = time.perf_counter()
+    out = subprocess.run([exe, "run", str(path), "--onnxrt", "--input-shapes", f"input:{list(shape)}"],
+                         capture_output=True, text=True)
+    return f"{time.perf_counter() - start:.1f} s" if out.returncode == 0 else "fails"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "efficientnet_b0"])
+    args = parser.parse_args()
+    setup_threads()
+    reps = 5 if args.quick else 20
+    timing, latency = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in args.models:
+            model, x = archs.build(name)
+            rows = {}
+            for fold in (True, False):
+                for exporter in ("dynamo", "legacy"):
+                    path = tmp / f"{name}-{fold}-{exporter}.onnx"
+                    start = time.perf_counter()
+                    report = export_onnx(model, x, path, fold=fold, exporter=exporter, samples=2, dynamic_batch=True)
+                    rows[(fold, exporter)] = (time.perf_counter() - start, report)
+            hand = by_hand(model, x, tmp / f"{name}-hand.onnx")
+            poly = polygraphy_time(tmp / f"{name}-True-dynamo.onnx", x.shape)
+            for (fold, exporter), (seconds, report) in rows.items():
+                timing.append([name, "folded" if fold else "unfolded", exporter, f"{seconds:.1f} s",
+                               len(report.comparisons), f"{report.max_rel_error:.1e}", f"{report.max_abs_error:.1e}",
+                               report.batch_norm_nodes, sum(report.op_counts.values())])
+            timing.append([name, "by hand: torch.onnx + ORT, 1 input", "dynamo", f"{hand:.1f} s", 1, "", "", "", ""])
+            timing.append([name, "polygraphy run --onnxrt", "", poly, 1, "", "", "", ""])
+            sessions = {k: ort_session(tmp / f"{name}-{k}-dynamo.onnx") for k in (True, False)}
+            feed = {"input": x.numpy()}
+            t = interleaved_times({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, reps=reps)
+            latency.append([name, f"{t[False] * 1e3:.1f}", f"{t[True] * 1e3:.1f}", f"{t[False] / t[True]:.2f}×"])
+            print(f"{name}: done", flush=True)
+    show("export-onnx + verify (CPU, batch 1 example; checks at batch 1, 1, 4 and 2 random inputs each)",
+         ["model", "what", "exporter", "time", "inputs compared", "max rel err (elementwise)", "max abs err",
+          "BatchNormalization nodes", "nodes"], timing, "export_timing")
+    show(f"onnxruntime CPU latency at batch 1 (median of {reps})",
+         ["model", "unfolded export ms", "folded export ms", "speed-up"], latency, "export_latency")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,examples]"
 
 demo: install
 	$(PYTHON) -m bntool demo bntool-demo

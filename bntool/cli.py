@@ -301,6 +301,8 @@ def recalibrate(
     seed: Seed = 0,
     force: Force = False,
     in_place: InPlace = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the per-layer statistics shift "
+                                                                "(PNG/SVG/PDF; needs matplotlib).")] = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -315,13 +317,13 @@ def recalibrate(
         _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode,
                      momentum, reset, batch_size, num_batches, num_samples, rank_device(device, rank), amp,
                      channels_last, workers, image_size, resize, center_crop, mean, std, input_key, npz_key,
-                     strict, seed, force, in_place, json_output, quiet, rank)
+                     strict, seed, force, in_place, json_output, quiet, rank, plot)
 
 
 def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode, momentum,
                  reset, batch_size, num_batches, num_samples, device, amp, channels_last, workers, image_size, resize,
                  center_crop, mean, std, input_key, npz_key, strict, seed, force, in_place, json_output, quiet,
-                 rank) -> None:
+                 rank, plot) -> None:
     import torch
 
     from .checkpoint import check_output_path, save_checkpoint
@@ -329,6 +331,8 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
     from .recalibration import recalibrate as recalibrate_model
 
     check_output_path(output, ckpt, force=force, in_place=in_place)
+    if plot is not None:
+        check_output_path(plot, force=True)
     torch.manual_seed(seed)
     options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
                            mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
@@ -354,6 +358,10 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
     if channels_last:
         model = model.to(memory_format=torch.contiguous_format)
     save_checkpoint(loaded, model, output, force=force, in_place=in_place)
+    if plot is not None:
+        from .plot import plot_recalibration
+
+        plot_recalibration(report, plot)
     if json_output:
         _print_json(report)
     elif not quiet:
@@ -443,7 +451,8 @@ def export_onnx(
     batch_size: BatchSize = 8,
     num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
     rtol: Annotated[float, typer.Option("--rtol", help="Elementwise relative tolerance.")] = 1e-4,
-    atol: Annotated[float, typer.Option("--atol", help="Elementwise absolute tolerance.")] = 1e-5,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Elementwise absolute tolerance (default: 1e-4 "
+                                                                 "of each output's largest magnitude).")] = None,
     provider: Annotated[str, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = "cpu",
     strict: Annotated[bool, typer.Option("--strict", help="Remove the ONNX file if verification fails.")] = False,
     force: Force = False,
@@ -494,7 +503,9 @@ def verify(
                                                                  "(default by dtype).")] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Fold check absolute tolerance.")] = None,
     onnx_rtol: Annotated[float, typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance.")] = 1e-4,
-    onnx_atol: Annotated[float, typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance.")] = 1e-5,
+    onnx_atol: Annotated[Optional[float], typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance "
+                                                                           "(default: 1e-4 of the output's largest "
+                                                                           "magnitude).")] = None,
     junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write JUnit XML here.")] = None,
     json_output: Json = False,
 ) -> None:

@@ -201,7 +201,7 @@ class _Batches:
 
     def __iter__(self):
         seen = batches = 0
-        for raw in self.data:
+        for raw in _reading(self.data):
             if self.num_batches is not None and batches >= self.num_batches:
                 break
             x = raw if isinstance(raw, torch.Tensor) else self.first_input(raw, self.input_key)
@@ -220,6 +220,22 @@ class _Batches:
         if batches == 0:
             raise InputError("the calibration data yielded no batches")
         self.samples_per_pass, self.batches_per_pass = seen, batches
+
+
+def _reading(data):
+    """Iterate the user's data; its failures (a bad file, a broken loader) are input errors, not ours."""
+    iterator = iter(data)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise InputError(f"reading the calibration data failed: {type(e).__name__}: {message[:300]}") from e
+        yield item
 
 
 def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:

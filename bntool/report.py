@@ -143,7 +143,10 @@ def render_export(report, console: Console) -> None:
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"{verdict} (atol {report.atol:g}, rtol {report.rtol:g}); verified in {report.verify_seconds:.1f} s.")
+    from .onnx_export import describe_tolerance
+
+    console.print(f"{verdict} (max error {fmt(report.max_scaled_error)} of the output's magnitude; "
+                  f"{describe_tolerance(report.rtol, report.atol)}); verified in {report.verify_seconds:.1f} s.")
 
 
 def render_verify(report, console: Console) -> None:

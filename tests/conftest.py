@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
 
 from bntool import zoo
 from bntool.cli import main
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CI runs the same examples every time (a red build must be reproducible); locally hypothesis explores.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @dataclass

@@ -16,14 +16,14 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 def torchrun(*args, env_extra=None, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "bntool", *[str(a) for a in args]]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
 def single(*args):
     return subprocess.run([PYTHON, "-m", "bntool", *[str(a) for a in args]], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=120)
 
 
 @pytest.fixture
@@ -65,7 +65,8 @@ def test_failure_on_one_rank_stops_all_and_writes_nothing(tmp_path, resnet_sd):
     assert result.returncode != 0
     assert "disk read failed on shard 1" in result.stderr
     assert "rank 1 failed" in result.stderr  # rank 0 says which rank broke
-    assert "Traceback" not in result.stderr.split("torch.distributed")[0]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 2 and "internal error" not in result.stderr  # one line per rank; torchrun adds its own
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.pt")]
 
 
@@ -85,9 +86,9 @@ def test_api_with_an_initialized_group_merges_exactly(tmp_path):
         "    torch.save(model.state_dict(), sys.argv[1])\n"
         "    print('samples', report.samples, 'world', report.world_size)\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script), str(tmp_path / "two.pt")], capture_output=True, text=True, env=env,
-                         timeout=300)
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "samples 24 world 2" in out.stdout
     from bntool import zoo

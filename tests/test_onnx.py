@@ -87,6 +87,21 @@ def test_compare_arrays_reports_worst_element():
     assert c.share_over_tolerance == pytest.approx(1 / 6)
 
 
+def test_default_tolerance_scales_with_the_output():
+    """Reordered float32 sums differ by ~1e-6 of the output's magnitude, also at elements near zero: that
+    passes by default, while an error of 1e-3 of the magnitude fails."""
+    import numpy as np
+
+    ref = np.array([5.0, -4.0, 0.01, 2.0], dtype=np.float32)
+    noisy = ref + np.array([1e-5, -2e-5, 2.5e-5, 0], dtype=np.float32)
+    c = compare_arrays("x", "y", ref, noisy, rtol=1e-4, atol=None)
+    assert c.passed and c.atol == pytest.approx(5e-4) and c.max_scaled_error == pytest.approx(5e-6, rel=0.1)
+    wrong = ref.copy()
+    wrong[2] += 5e-3
+    assert not compare_arrays("x", "y", ref, wrong, rtol=1e-4, atol=None).passed
+    assert not compare_arrays("x", "y", ref, noisy, rtol=1e-4, atol=1e-5).passed  # an explicit atol is absolute
+
+
 def test_verify_api_all_checks(tmp_path):
     report = verify(zoo.build("mobilenet"), zoo.example_input("mobilenet"), exporter="legacy", samples=1)
     assert report.passed and [c.name for c in report.checks] == ["bn-health", "fold-equivalence", "onnx-equivalence"]

@@ -13,9 +13,35 @@ from bntool.zoo import randomize_bn
 def have_torchvision() -> bool:
     try:
         import torchvision  # noqa: F401
+    except RuntimeError as e:
+        # PyPI's torchvision wheels carry C++ ops built against CUDA torch. On a CPU torch they do not load,
+        # and importing torchvision fails on declaring nms. The model definitions need none of those ops:
+        # declare the two schemas its import touches, then import the pure-Python models.
+        if "torchvision::nms" not in str(e):
+            return False
+        _declare_torchvision_op_schemas()
+        try:
+            import torchvision  # noqa: F401, F811
+        except Exception:
+            return False
     except Exception:
         return False
     return True
+
+
+_SCHEMAS = None
+
+
+def _declare_torchvision_op_schemas() -> None:
+    global _SCHEMAS
+    import sys
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    if _SCHEMAS is None:
+        _SCHEMAS = torch.library.Library("torchvision", "DEF")  # kept alive: dropping it removes the schemas
+        for op in ("nms", "qnms"):
+            _SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
 # ---------------------------------------------------------------- replicas

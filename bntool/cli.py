@@ -560,12 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
         code = app(args=argv, prog_name="bntool", standalone_mode=False)
         if code == 130:
-            print("interrupted: nothing written", file=sys.stderr)
+            _say("interrupted: nothing written")
         return code if isinstance(code, int) else 0
     except exit_types as e:
         return e.exit_code
     except abort_types:
-        print("interrupted: nothing written", file=sys.stderr)
+        _say("interrupted: nothing written")
         return 130
     except usage_types as e:
         e.show()
@@ -573,17 +573,23 @@ def main(argv: list[str] | None = None) -> int:
     except BntoolError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        _say(f"error: {_one_line(e)}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: nothing written", file=sys.stderr)
+        _say("interrupted: nothing written")
         return 130
     except Exception as e:
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)",
-              file=sys.stderr)
+        _say(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)")
         return 3
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every rank shares the stream, and print() writes the
+    newline separately, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

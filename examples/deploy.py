@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import bntool
+from bntool.layers import bn_modules
 from bntool.onnx_export import ort_session
 from bntool.zoo import InvertedResidual, conv_bn, randomize_bn
 
@@ -34,6 +35,15 @@ class EdgeNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+
+def trained_like(model: nn.Module) -> None:
+    """Non-trivial γ/β as after training (|γ| ≥ 0.5: no channel switched off), and statistics that fit the data."""
+    randomize_bn(model)
+    with torch.no_grad():
+        for _, bn in bn_modules(model):
+            bn.weight.copy_(bn.weight.sign() * bn.weight.abs().clamp(min=0.5))
+    bntool.recalibrate(model, [torch.randn(16, 3, 96, 96) for _ in range(2)])
 
 
 def median_ms(fn, reps):
@@ -54,9 +64,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = EdgeNet().eval()
-    bntool.recalibrate(model, [torch.randn(16, 3, 96, 96) for _ in range(2)])  # statistics that fit the data
-    randomize_bn(model)  # ... and non-trivial ones, as after training
-    bntool.recalibrate(model, [torch.randn(16, 3, 96, 96) for _ in range(2)])
+    trained_like(model)
     x = torch.randn(1, 3, 96, 96)
 
     folded, report = bntool.fold(model, x, samples=4)
@@ -83,6 +91,9 @@ def main() -> None:
     print(f"\n{'latency, batch 1':>18} | {'unfolded':>9} | {'folded':>8} | speed-up")
     for name, a, b in rows:
         print(f"{name:>18} | {a:7.2f}ms | {b:6.2f}ms | {a / b:.2f}x")
+    print("\nThe exporter and onnxruntime's graph optimizer already fuse a BatchNormalization that directly follows a"
+          "\nConv, so onnxruntime gains little; folding first removes the BNs they cannot fuse (after an add, before"
+          "\nan activation) and helps runtimes without that optimization, and PyTorch eager.")
 
 
 if __name__ == "__main__":

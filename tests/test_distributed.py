@@ -84,7 +84,9 @@ def test_api_with_an_initialized_group_merges_exactly(tmp_path):
         "report = recalibrate(model, list(data.split(4))[r::w], mode='exact')\n"
         "if r == 0:\n"
         "    torch.save(model.state_dict(), sys.argv[1])\n"
-        "    print('samples', report.samples, 'world', report.world_size)\n")
+        "    print('samples', report.samples, 'world', report.world_size)\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n")  # as a well-behaved script ends; exiting with gloo up can abort
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(script), str(tmp_path / "two.pt")], capture_output=True, text=True, env=env,

@@ -20,3 +20,4 @@ lint:
 
 bench:
 	$(PYTHON) benchmarks/run_all.py
+	$(PYTHON) benchmarks/update_readme.py

@@ -13,11 +13,11 @@ import argparse
 import copy
 import time
 
+import archs
 import torch
 from common import fmt_ratio, interleaved_times, setup_threads, show
 from torch import nn
 
-import archs
 from bntool.folding import fold
 from bntool.graph import trace
 from bntool.layers import bn_modules, is_frozen_bn
@@ -63,12 +63,32 @@ def without_bn(model):
     return floor
 
 
+def zoo_coverage() -> None:
+    """The hard cases, one per zoo model: where each tool leaves batch_norm ops (or cannot run at all)."""
+    from bntool import zoo
+
+    rows = []
+    for name, entry in zoo.ZOO.items():
+        model, x = zoo.build(name), zoo.example_input(name)
+        _, report = fold(model, x, samples=1)
+        _, fx_left = fx_fuse(model, x)
+        _, jit_left = jit_freeze(model, x)
+        rows.append([name, entry.description, norm_ops(model, x), report.batch_norm_ops_after, fx_left, jit_left])
+    show("Fold coverage on the hard cases (bntool.zoo): batch_norm ops left per forward",
+         ["zoo model", "what it has", "before", "after bntool", "after fx.fuse", "after jit.freeze"], rows,
+         "fold_zoo")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     parser.add_argument("--only", nargs="*", help="architecture names")
+    parser.add_argument("--zoo-only", action="store_true", help="only the coverage table of the zoo's hard cases")
     args = parser.parse_args()
     threads = setup_threads()
+    zoo_coverage()
+    if args.zoo_only:
+        return
     reps = 5 if args.quick else 15
     coverage, speed = [], []
     for name in args.only or list(archs.architectures()):
@@ -93,8 +113,8 @@ def main() -> None:
                          f"{report.fold_seconds:.2f} s", f"{total_fold:.2f} s"])
         floor = without_bn(model)
         with torch.inference_mode():
-            t = interleaved_times({"unfolded": lambda: model(x), "folded": lambda: folded(x),
-                                   "floor": lambda: floor(x)}, reps=reps)
+            variants = {"unfolded": model, "folded": folded, "floor": floor}
+            t = interleaved_times({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, reps=reps)
         speed.append([name, f"{t['unfolded'] * 1e3:.1f}", f"{t['folded'] * 1e3:.1f}", f"{t['floor'] * 1e3:.1f}",
                       fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"])])
         print(f"{name}: done", flush=True)

@@ -17,12 +17,15 @@ import subprocess
 import sys
 import time
 
+import archs
 import torch
 from common import setup_threads, show
 
-import archs
-
 VARIANTS = ("floor", "update_bn", "bntool cumulative", "bntool exact")
+# Train-mode BatchNorm (what update_bn and cumulative mode run) is several times faster on CPU in channels_last
+# than in NCHW, so both layouts are measured, each against the floor in the same layout. `exact` runs eval-mode
+# forwards like the floor; it is measured once, in NCHW.
+FORMATS = ("contiguous", "channels_last")
 
 
 def batches_for(shape, n_batches, batch, device, seed=0):
@@ -30,14 +33,15 @@ def batches_for(shape, n_batches, batch, device, seed=0):
     return [torch.randn((batch, *shape[1:]), generator=g).to(device) for _ in range(n_batches)]
 
 
-def run_variant(name, variant, n_batches, batch, device, dtype) -> dict:
+def run_variant(name, variant, n_batches, batch, device, dtype, memory_format) -> dict:
     """One measurement in this (fresh) process: seconds and peak RSS / CUDA memory."""
     from bntool.recalibration import recalibrate
 
     setup_threads()
     model, x = archs.build(name, calibrate=False)
-    model = model.to(device=device, dtype=dtype)
-    data = [b.to(dtype) for b in batches_for(x.shape, n_batches, batch, device)]
+    fmt = getattr(torch, f"{memory_format}_format")
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    data = [b.to(dtype).contiguous(memory_format=fmt) for b in batches_for(x.shape, n_batches, batch, device)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
         model(data[0])  # warm-up (kernel selection), same for every variant
@@ -54,7 +58,7 @@ def run_variant(name, variant, n_batches, batch, device, dtype) -> dict:
     elif variant == "update_bn":
         torch.optim.swa_utils.update_bn(data, model)
     else:
-        report = recalibrate(model, data, mode=variant.split()[1])
+        report = recalibrate(model, data, mode=variant.split()[1], channels_last=memory_format == "channels_last")
         passes = report.passes
     sync()
     seconds = time.perf_counter() - start
@@ -63,20 +67,30 @@ def run_variant(name, variant, n_batches, batch, device, dtype) -> dict:
     return {"seconds": seconds, "peak_bytes": peak, "base_rss": base_rss * 1024, "passes": passes}
 
 
-def measure(name, n_batches, batch, device, dtype, reps) -> dict[str, dict]:
+def measure(name, n_batches, batch, device, dtype, reps) -> dict[tuple[str, str], dict]:
     results = {}
-    for variant in VARIANTS:
-        runs = []
-        for _ in range(reps):
-            out = subprocess.run([sys.executable, __file__, "--child", name, variant, str(n_batches), str(batch),
-                                  device, str(dtype).replace("torch.", "")], capture_output=True, text=True)
-            if out.returncode:
-                raise RuntimeError(out.stderr[-2000:])
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        best = min(runs, key=lambda r: r["seconds"])
-        best["peak_bytes"] = min(r["peak_bytes"] for r in runs)
-        results[variant] = best
+    for memory_format in FORMATS:
+        for variant in VARIANTS:
+            if variant == "bntool exact" and memory_format != "contiguous":
+                continue
+            results[(memory_format, variant)] = best_of(name, variant, n_batches, batch, device, dtype,
+                                                        memory_format, 1 if variant == "bntool exact" else reps)
     return results
+
+
+def best_of(name, variant, n_batches, batch, device, dtype, memory_format, reps) -> dict:
+    """Fastest of `reps` runs, each in a fresh process (so peak memory is the variant's own)."""
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, __file__, "--child", name, variant, str(n_batches), str(batch),
+                              device, str(dtype).replace("torch.", ""), memory_format], capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = min(runs, key=lambda r: r["seconds"])
+    best["peak_bytes"] = min(r["peak_bytes"] for r in runs)
+    return best
 
 
 # ---------------------------------------------------------------- quality
@@ -126,8 +140,8 @@ def quality_table(quick: bool) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        name, variant, n, b, device, dtype = sys.argv[2:8]
-        print(json.dumps(run_variant(name, variant, int(n), int(b), device, getattr(torch, dtype))))
+        name, variant, n, b, device, dtype, memory_format = sys.argv[2:9]
+        print(json.dumps(run_variant(name, variant, int(n), int(b), device, getattr(torch, dtype), memory_format)))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -145,10 +159,9 @@ def main() -> None:
     rows = []
     for name in args.models:
         r = measure(name, n_batches, batch, args.device, dtype, reps)
-        floor = r["floor"]
-        for variant in VARIANTS:
-            v = r[variant]
-            rows.append([name, variant, f"{v['seconds']:.2f}", f"{v['seconds'] / floor['seconds']:.2f}×",
+        for (memory_format, variant), v in r.items():
+            floor = r[(memory_format, "floor")]
+            rows.append([name, memory_format, variant, f"{v['seconds']:.2f}", f"{v['seconds'] / floor['seconds']:.2f}×",
                          f"{n_batches * batch * v['passes'] / v['seconds']:.0f}" if variant != "floor" else
                          f"{n_batches * batch / v['seconds']:.0f}", v["passes"],
                          f"{v['peak_bytes'] / 2**20:.0f}", f"{v['peak_bytes'] / floor['peak_bytes']:.2f}×"])
@@ -156,10 +169,11 @@ def main() -> None:
     where = f"{args.device}, {args.dtype}, batch {batch} x {n_batches}, {threads} threads" if args.device == "cpu" \
         else f"{args.device}, {args.dtype}, batch {batch} x {n_batches}"
     show(f"Recalibration cost ({where}, best of {reps})",
-         ["model", "method", "seconds", "time / floor", "samples/s (all passes)", "passes", "peak MiB",
+         ["model", "layout", "method", "seconds", "time / floor", "samples/s (all passes)", "passes", "peak MiB",
           "peak / floor"], rows, f"recalibrate_speed_{args.device}",
          notes="Peak is the process's max RSS on CPU (model, data and interpreter included), "
-               "torch.cuda.max_memory_allocated on CUDA.")
+               "torch.cuda.max_memory_allocated on CUDA. The floor of each layout is an eval forward in that layout; "
+               "`exact` is measured once (in NCHW).")
     if not args.skip_quality:
         quality_table(args.quick)
 

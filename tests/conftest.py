@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import settings
 
-
 from bntool import zoo
 from bntool.cli import main
 

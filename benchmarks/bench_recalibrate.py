@@ -39,7 +39,7 @@ def run_variant(name, variant, n_batches, batch, device, dtype, memory_format) -
 
     setup_threads()
     model, x = archs.build(name, calibrate=False)
-    fmt = getattr(torch, f"{memory_format}_format")
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[memory_format]
     model = model.to(device=device, dtype=dtype, memory_format=fmt)
     data = [b.to(dtype).contiguous(memory_format=fmt) for b in batches_for(x.shape, n_batches, batch, device)]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -327,6 +328,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -334,6 +336,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     _fsync_dir(parent)
     return path
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain open() would give (mkstemp makes files private), or that of the file replaced."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -56,8 +56,9 @@ def main() -> None:
             except (ValueError, bntool.BntoolError):  # BatchNorm1d cannot train on one sample
                 row.append("fails")
         print(f"{bs:>24} | {row[0]:>9} | {row[1]:>10} | {row[2]:>7}")
-    print("\n'exact' gives the same statistics at every batch size; train-mode methods (update_bn, cumulative)"
-          "\nnormalize each layer with per-batch statistics and degrade as the batch shrinks.")
+    print("\n'exact' gives the same statistics at every batch size. Train-mode methods (update_bn, cumulative)"
+          "\nnormalize each layer with per-batch statistics: they cannot run a batch of one sample (the last batch"
+          "\nat batch sizes 1 and 2), and their statistics drift from the population's as batches shrink.")
     if args.plot and best is not None:
         from bntool.plot import plot_recalibration
 

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,6 +216,21 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, failing)
     assert files_in(tmp_path) == set()
+
+
+def test_atomic_write_gives_a_normal_file_mode(tmp_path):
+    """Temp files are private (0600); the written output gets what open() would give, or the replaced file's."""
+    umask = os.umask(0o022)
+    try:
+        fresh = atomic_write(tmp_path / "fresh.pt", lambda tmp: Path(tmp).write_bytes(b"x"))
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+        kept = tmp_path / "kept.pt"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write(kept, lambda tmp: Path(tmp).write_bytes(b"new"))
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(umask)
 
 
 def test_atomic_write_ctrl_c_leaves_nothing_and_keeps_old_file(tmp_path):

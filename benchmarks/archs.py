@@ -3,6 +3,8 @@ otherwise faithful replicas of the same building blocks, built here in code."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,8 +36,6 @@ _SCHEMAS = None
 
 def _declare_torchvision_op_schemas() -> None:
     global _SCHEMAS
-    import sys
-
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
     if _SCHEMAS is None:

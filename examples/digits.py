@@ -47,12 +47,18 @@ def train_digits_cnn(epochs: int = 15, seed: int = 0):
     model = DigitsNet()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x_train)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-            opt.step()
+        train_epoch(model, opt, x_train, y_train, batch_size=64)
     return model.eval(), (x_train, y_train), test
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                batch_size: int) -> None:
+    """One epoch of cross-entropy training over shuffled mini-batches."""
+    model.train()
+    for idx in torch.randperm(len(x)).split(batch_size):
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
 
 
 def make_shift(x: torch.Tensor, seed: int = 0, brightness: float = 0.8, contrast: float = 0.5,

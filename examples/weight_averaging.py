@@ -19,11 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import DigitsNet, accuracy, load_digits_tensors  # noqa: E402
+from digits import DigitsNet, accuracy, load_digits_tensors, train_epoch  # noqa: E402
 
 
 def train_swa(epochs: int, swa_epochs: int, seed: int = 0):
@@ -34,11 +33,7 @@ def train_swa(epochs: int, swa_epochs: int, seed: int = 0):
     swa_model = AveragedModel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     for epoch in range(epochs):
-        model.train()
-        for idx in torch.randperm(len(x)).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+        train_epoch(model, opt, x, y, batch_size=32)
         if epoch >= epochs - swa_epochs:
             swa_model.update_parameters(model)
     return model.eval(), swa_model.module.eval(), (x, y), test

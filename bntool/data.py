@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .checkpoint import import_object, parse_kwargs
-from .errors import InputError
+from .errors import InputError, passes_through
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +57,7 @@ class DataSource:
     input_key: str | None = None
     skipped: list[str] = field(default_factory=list)  # unreadable files seen so far
 
+    @passes_through
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
             if isinstance(batch, _SkippingBatch):
@@ -252,6 +253,7 @@ class _StrictBatches:
     def __init__(self, loader):
         self.loader = loader
 
+    @passes_through
     def __iter__(self):
         for batch in self.loader:
             if batch.skipped:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .checkpoint import iter_tensors
-from .errors import CheckFailed, InputError
+from .errors import CheckFailed, InputError, user_code
 from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
     ChannelAffine,
@@ -147,8 +147,10 @@ def fold(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     started = time.perf_counter()
-    folded, by_request = _eval_copy(model)
-    flow, _ = trace(folded, inputs)
+    with user_code("copying the model (copy.deepcopy)"):
+        folded, by_request = _eval_copy(model)
+    with user_code("the model's forward on the example inputs"):
+        flow, _ = trace(folded, inputs)
     report = FoldReport(batch_norm_ops_before=_norm_op_count(flow, folded),
                         params_before=sum(p.numel() for p in folded.parameters()))
     names = {id(m): n for n, m in folded.named_modules()}

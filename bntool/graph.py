@@ -18,6 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .checkpoint import iter_tensors
+from .errors import passes_through
 
 # Ops that only move data: each output element is one input element, so a per-channel affine commutes
 # with them once the channel mapping is checked (see channel_map).
@@ -89,6 +90,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.flow, self.stack = flow, stack
 
+    @passes_through
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import iter_tensors
-from .errors import CheckFailed, InputError, UnsupportedError
+from .errors import CheckFailed, InputError, UnsupportedError, user_code
 
 EXPORTERS = ("auto", "dynamo", "legacy")
 TWO_GB = 2 * 1024**3
@@ -142,7 +142,7 @@ def export_onnx(
 
         to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
         report.fold_counts = fold_report.to_dict()["counts"]
-    with torch.no_grad():
+    with torch.no_grad(), user_code("the model's forward on the example inputs"):
         reference_out = model(*inputs)
     names_out = list(output_names or _default_output_names(reference_out))
     report.exporter = _export(to_export, inputs, path, exporter, opset, dynamic_batch, names_in, names_out, report)
@@ -379,8 +379,9 @@ def compare_with_onnxruntime(model, path, inputs, report: ExportReport, *, sampl
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch,)))
     for label, xs in cases:
-        with torch.no_grad():
-            expected = [t.detach().cpu().numpy() for t in iter_tensors(model(*xs))]
+        with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
+            output = model(*xs)
+        expected = [t.detach().cpu().numpy() for t in iter_tensors(output)]
         try:
             got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
         except Exception as e:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, UserCodeError, user_code
 from .layers import bn_modules, is_frozen_bn
 
 MODES = ("cumulative", "ema", "exact")
@@ -224,33 +224,26 @@ class _Batches:
 
 def _reading(data):
     """Iterate the user's data; its failures (a bad file, a broken loader) are input errors, not ours."""
-    iterator = iter(data)
+    with user_code("reading the calibration data"):
+        iterator = iter(data)
     while True:
         try:
-            item = next(iterator)
+            with user_code("reading the calibration data"):
+                item = next(iterator)
         except StopIteration:
             return
-        except (InputError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            raise InputError(f"reading the calibration data failed: {type(e).__name__}: {message[:300]}") from e
         yield item
 
 
 def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
     try:
-        model(x)
-    except InputError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        if batch_index > 0 and "Expected more than 1 value per channel" not in str(e):
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Expected more than 1 value per channel" in message:
+        with user_code(f"the model's forward on calibration batch {batch_index + 1} of shape {tuple(x.shape)}"):
+            model(x)
+    except UserCodeError as e:
+        if "Expected more than 1 value per channel" in str(e.__cause__):
             raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
-                             "recalibration; use a larger --batch-size or --mode exact") from e
-        raise InputError(f"calibration input of shape {tuple(x.shape)} does not fit the model: {message[:300]}") from e
+                             "recalibration; use a larger --batch-size or --mode exact") from e.__cause__
+        raise
 
 
 def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str, ChannelStats]:

@@ -390,7 +390,7 @@ def test_cli_fold_mismatch_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch)
 def test_cli_bad_input_shape(tmp_path, cli, resnet_sd):
     out = tmp_path / "out.pt"
     assert_clean_error(cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "2,5,32,32",
-                           "-o", out), contains="does not accept --input-shape")
+                           "-o", out), contains="forward on the example inputs failed")
     assert_clean_error(cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "2,a", "-o", out),
                        contains="comma-separated")
     assert not out.exists()

@@ -87,12 +87,20 @@ def raised_by_bntool(e: BaseException) -> bool:
         tb = tb.tb_next
     boundary = _USER_CODE_BODY
     below = frames[frames.index(boundary) + 2:] if boundary in frames else frames[1:]
-    for code in reversed(below):
+    for depth in range(len(below) - 1, -1, -1):
+        code = below[depth]
         owner = _owner(code.co_filename)
         if owner == "library" or code in _PASS_THROUGH:
             continue
+        if owner == "bntool" and depth + 1 < len(below) and _calls_a_module(below[depth + 1]):
+            continue  # bntool code calling a module (the user's model) passes the call through
         return owner == "bntool"
     return False
+
+
+def _calls_a_module(code: CodeType) -> bool:
+    return code.co_name in ("_wrapped_call_impl", "_call_impl") and code.co_filename.endswith(
+        os.path.join("torch", "nn", "modules", "module.py"))
 
 
 def _owner(filename: str) -> str:

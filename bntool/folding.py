@@ -146,6 +146,7 @@ def fold(
     same shapes; with `check`, a difference over tolerance raises CheckFailed (its `.report` says how much).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_samples(samples)
     started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
         folded, by_request = _eval_copy(model)
@@ -156,6 +157,7 @@ def fold(
     names = {id(m): n for n, m in folded.named_modules()}
     tied = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
     plans = [_decide(name, bn, flow, names, tied, by_request, skip) for name, bn in bn_modules(folded)]
+    check_skip_patterns(skip, [p.decision.name for p in plans])
     _apply(folded, plans, report)
     report.fold_seconds = time.perf_counter() - started
     report.decisions = [p.decision for p in plans]
@@ -177,6 +179,22 @@ def fold(
         err.report = report
         raise err
     return folded, report
+
+
+def check_samples(samples: int) -> None:
+    """`samples` random inputs besides the example: a count, 0 or more."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise InputError(f"samples {samples!r}: must be a whole number ≥ 0 (random inputs besides the example)")
+
+
+def check_skip_patterns(skip: Sequence[str], names: Sequence[str]) -> None:
+    """Every skip pattern must name at least one BN: a typo would otherwise fold the layer it meant to keep."""
+    if isinstance(skip, str):
+        raise InputError(f"skip {skip!r}: give a list of patterns, not one string")
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        shown = ", ".join(names[:6]) + (f", … {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(f"skip {unmatched[0]!r}: matches no BatchNorm layer (they are: {shown or 'none'})")
 
 
 def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Module:

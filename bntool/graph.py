@@ -109,6 +109,7 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+@passes_through
 def trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[Dataflow, Any]:
     """Run model(*inputs) once under no_grad, recording its dataflow. Returns (dataflow, output)."""
     flow = Dataflow()

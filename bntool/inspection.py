@@ -87,11 +87,10 @@ def health_flags(module: nn.Module) -> list[str]:
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
             flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
-    tracked = getattr(module, "num_batches_tracked", None)
+    # Only statistics still at their initial values mean "never updated": num_batches_tracked is 0 in healthy
+    # checkpoints saved before the buffer existed, converted from other frameworks, or with buffers filtered.
     if bool((mean == 0).all()) and bool((var == 1).all()):
         flags.append("never updated: running stats are exactly 0/1")
-    elif tracked is not None and int(tracked) == 0:
-        flags.append("never updated: num_batches_tracked is 0")
     return flags
 
 

@@ -128,6 +128,10 @@ def export_onnx(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if exporter not in EXPORTERS:
         raise InputError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+    from .folding import check_samples
+
+    check_opset(opset)
+    check_samples(samples)
     path = check_output_path(path, force=force)
     model = model.eval()
     names_in = list(input_names or (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
@@ -169,6 +173,21 @@ def export_onnx(
         err.report = report
         raise err
     return report
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's exporters write (the dynamo exporter converts down to the older ones)."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise InputError(f"opset {opset!r}: this torch ({torch.__version__}) exports ONNX opsets {low} to {high}")
 
 
 def _default_output_names(out: Any) -> list[str]:
@@ -226,6 +245,12 @@ def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, n
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*names_in, *names_out]}
     with _quiet_exporter():
         torch.onnx.export(model, tuple(inputs), str(target), **kwargs)
+    if opset is not None:  # the dynamo exporter writes its own opset when converting to the one asked for fails
+        import onnx
+
+        written = _opset(onnx.load(str(target), load_external_data=False))
+        if written != opset:
+            raise UnsupportedError(f"it wrote opset {written}, not the requested {opset}")
 
 
 @contextlib.contextmanager

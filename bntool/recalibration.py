@@ -340,7 +340,8 @@ def _levels(model, layers, batches) -> dict[str, int]:
     first = next(iter(batches), None)
     if first is None:
         raise InputError("the calibration data yielded no batches")
-    flow, _ = trace(model, (first[:2],))
+    with user_code(f"the model's forward on calibration batch 1 of shape {tuple(first.shape)}"):
+        flow, _ = trace(model, (first[:2],))
     by_id = dependency_levels(flow, [m for _, m in layers])
     return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}
 

@@ -61,7 +61,10 @@ def verify(
     data: Iterable[torch.Tensor] | None = None,
 ) -> VerifyReport:
     """Run every check; an ONNX file is exported to a temp directory when `onnx_path` is not given."""
+    from .folding import check_samples
+
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_samples(samples)
     report = VerifyReport()
     report.checks.append(_timed(lambda: check_health(model)))
     report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))

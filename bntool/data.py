@@ -90,6 +90,8 @@ def open_source(
     used as given: shard it yourself, e.g. with DistributedSampler)."""
     if batch_size <= 0:
         raise InputError(f"--batch-size {batch_size}: must be positive")
+    if num_workers < 0:
+        raise InputError(f"--workers {num_workers}: must be 0 (load in this process) or more")
     if loader is not None:
         return _user_loader(loader, loader_kwargs, input_key)
     if source is None:

@@ -513,7 +513,12 @@ def _device(device, model) -> torch.device:
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from e
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device!r}: recalibration runs on cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
     if dev.type == "mps" and not torch.backends.mps.is_available():

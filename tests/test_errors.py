@@ -195,3 +195,14 @@ def test_statistics_at_their_initial_values_are_never_updated():
     check = check_health(model)
     assert not check.passed and "layer1.bn1" in check.figures["failed"]
     assert "never updated" in check.figures["failed"]["layer1.bn1"][0]
+
+
+@pytest.mark.parametrize("flags,needle", [(["--device", "banana"], "--device 'banana'"),
+                                          (["--device", "meta"], "--device 'meta'"),
+                                          (["--workers", "-1"], "--workers -1")])
+def test_bad_recalibration_flags(tmp_path, cli, resnet_sd, flags, needle):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 32, 32), dtype=np.float32))
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", *flags, "-o", out)
+    assert_clean_error(result, contains=needle)
+    assert not out.exists()

@@ -183,7 +183,8 @@ def fold(
     The output is the same kind of file as the input. A folded state_dict loads with
     bntool.load_model(path, arch=...) (its structure differs from --arch).
     """
-    from .checkpoint import check_output_path, save_checkpoint
+    from .checkpoint import save_checkpoint
+    from .files import check_output_path
     from .folding import fold as fold_model
 
     check_output_path(output, ckpt, force=force, in_place=in_place)
@@ -195,10 +196,10 @@ def fold(
             lambda: fold_model(loaded.model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, skip=skip or ()),
             input_shape)
     except CheckFailed as e:
-        if hasattr(e, "report"):
+        if e.report is not None:
             _show(e.report, json_output, "render_fold")
-        raise CheckFailed(f"{e}; nothing written") from e
-    save_checkpoint(loaded, folded, output, fold_layout=report.layout, force=force, in_place=in_place)
+        raise CheckFailed(f"{e.message}; nothing written", report=e.report) from e
+    save_checkpoint(loaded, folded, output, force=force, in_place=in_place)
     _show(report, json_output, "render_fold")
     if not json_output:
         _console().print(f"Wrote {output}")
@@ -221,9 +222,10 @@ def _fit_errors(run, input_shape):
     except BntoolError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from .utils import first_line
+
         shapes = " ".join(input_shape or [])
-        raise InputError(f"the model does not accept --input-shape {shapes}: {message[:300]}") from e
+        raise InputError(f"the model does not accept --input-shape {shapes}: {first_line(e)}") from e
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -326,8 +328,9 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
                  rank, plot) -> None:
     import torch
 
-    from .checkpoint import check_output_path, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
+    from .files import check_output_path
     from .recalibration import recalibrate as recalibrate_model
 
     check_output_path(output, ckpt, force=force, in_place=in_place)
@@ -450,7 +453,8 @@ def export_onnx(
     npz_key: NpzKey = None,
     batch_size: BatchSize = 8,
     num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
-    rtol: Annotated[float, typer.Option("--rtol", help="Elementwise relative tolerance.")] = 1e-4,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Elementwise relative tolerance (default "
+                                                                 "1e-4).")] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Elementwise absolute tolerance (default: 1e-4 "
                                                                  "of each output's largest magnitude).")] = None,
     provider: Annotated[str, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = "cpu",
@@ -472,7 +476,7 @@ def export_onnx(
             input_names=input_name, output_names=output_name, samples=samples, seed=seed, data=batches, rtol=rtol,
             atol=atol, provider=provider, strict=strict, force=force), input_shape)
     except CheckFailed as e:
-        if hasattr(e, "report"):
+        if e.report is not None:
             _show(e.report, json_output, "render_export")
         raise
     _show(report, json_output, "render_export")
@@ -502,7 +506,8 @@ def verify(
     rtol: Annotated[Optional[float], typer.Option("--rtol", help="Fold check relative tolerance "
                                                                  "(default by dtype).")] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help="Fold check absolute tolerance.")] = None,
-    onnx_rtol: Annotated[float, typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance.")] = 1e-4,
+    onnx_rtol: Annotated[Optional[float], typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance "
+                                                                           "(default 1e-4).")] = None,
     onnx_atol: Annotated[Optional[float], typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance "
                                                                            "(default: 1e-4 of the output's largest "
                                                                            "magnitude).")] = None,
@@ -510,7 +515,7 @@ def verify(
     json_output: Json = False,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails."""
-    from .checkpoint import atomic_write, check_output_path
+    from .files import atomic_write, check_output_path
     from .verification import to_junit_xml
     from .verification import verify as verify_model
 
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     except BntoolError as e:
         if debug:
             traceback.print_exc()
-        _say(f"error: {_one_line(e)}")
+        _say(f"error: {_one_line(e.render(flag_name))}")
         return e.exit_code
     except KeyboardInterrupt:
         _say("interrupted: nothing written")
@@ -606,8 +611,18 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# Library parameters whose flag is not simply --parameter-name.
+FLAG_NAMES = {"example_inputs": "--input-shape", "input_names": "--input-name", "output_names": "--output-name",
+              "onnx_path": "--onnx", "path": "-o", "out": "-o"}
+
+
+def flag_name(parameter: str) -> str:
+    """The command-line flag of a library parameter named in an error message."""
+    return FLAG_NAMES.get(parameter, "--" + parameter.replace("_", "-"))
 
 
 def entry() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-from .checkpoint import atomic_write
 from .errors import InputError
+from .files import atomic_write
 
 
 def plot_recalibration(report, path: str | os.PathLike, title: str | None = None) -> None:

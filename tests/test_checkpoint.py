@@ -14,8 +14,9 @@ from conftest import PYTHON, assert_clean_error, files_in
 from safetensors.torch import save_file
 
 from bntool import zoo
-from bntool.checkpoint import atomic_write, check_output_path, load_checkpoint, save_checkpoint, strip_prefixes
+from bntool.checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
 from bntool.errors import InputError
+from bntool.files import atomic_write, check_output_path
 
 ARCH = ["--arch", "bntool.zoo:resnet"]
 
@@ -252,7 +253,7 @@ def test_killed_process_leaves_no_output(tmp_path, resnet_sd):
     out = tmp_path / "out.pt"
     script = (
         "import os, signal, torch\n"
-        "from bntool.checkpoint import atomic_write\n"
+        "from bntool.files import atomic_write\n"
         "def w(tmp):\n"
         "    open(tmp, 'wb').write(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, UnsupportedError
+from .choices import CheckpointFormat, CheckpointKind
+from .errors import InputError, UnsupportedError, param
 from .files import atomic_write, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
 from .utils import first_line, import_object, parse_kwargs, short_list
@@ -33,12 +34,12 @@ class Checkpoint:
     """A loaded model and what is needed to save a result the same way it came in."""
 
     model: nn.Module
-    kind: str  # "state_dict" | "wrapped" | "module" | "torchscript"
+    kind: CheckpointKind
     path: Path
     container: dict | None = None  # the whole training checkpoint, for kind "wrapped"
     key: str | None = None  # where the state_dict sits in the container
     stripped_prefix: str = ""
-    fmt: str = "torch"  # "torch" | "safetensors"
+    fmt: CheckpointFormat = CheckpointFormat.TORCH
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -53,32 +54,52 @@ def load_checkpoint(
     key: str | None = None,
     trust_pickle: bool = False,
 ) -> Checkpoint:
-    """Load a model from a state_dict (+ arch), a training checkpoint, a pickled module or TorchScript."""
+    """Load a model from a state_dict (+ arch), a training checkpoint, a pickled module or TorchScript.
+
+    Args:
+        path: the file (.pt/.pth/.bin/.safetensors, or a TorchScript archive).
+        arch: 'module.path:callable' building the architecture, needed for state_dicts.
+        arch_kwargs: keyword arguments for `arch`, a mapping or a JSON object.
+        key: where the state_dict sits inside a training checkpoint (default: the usual keys).
+        trust_pickle: allow unpickling arbitrary objects (runs code from the file).
+
+    Returns:
+        A Checkpoint: the model (a folded state_dict is rebuilt with its FoldLayout) and how it was stored.
+
+    Raises:
+        InputError: the file is missing, corrupt, of an unknown kind, pickled without `trust_pickle`, or
+            does not fit `arch`.
+    """
     path = Path(path)
     check_readable_file(path)
     if path.suffix in SAFETENSORS_SUFFIXES:
-        return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind="state_dict", fmt="safetensors")
+        return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind=CheckpointKind.STATE_DICT,
+                                fmt=CheckpointFormat.SAFETENSORS)
     if _is_torchscript(path):
-        return Checkpoint(model=_read_torchscript(path), kind="torchscript", path=path)
+        return Checkpoint(model=_read_torchscript(path), kind=CheckpointKind.TORCHSCRIPT, path=path)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        return Checkpoint(model=obj, kind="module", path=path)
+        return Checkpoint(model=obj, kind=CheckpointKind.MODULE, path=path)
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state_dict, checkpoint dict or module")
     if _is_state_dict(obj):
-        return _from_state_dict(path, obj, arch, arch_kwargs, kind="state_dict")
+        return _from_state_dict(path, obj, arch, arch_kwargs, kind=CheckpointKind.STATE_DICT)
     found_key, inner = _find_wrapped(path, obj, key)
     if isinstance(inner, nn.Module):
         if not trust_pickle:  # unreachable with weights_only, kept for clarity
-            raise InputError(f"{path}: key {found_key!r} holds a pickled module; pass --trust-pickle")
-        return Checkpoint(model=inner, kind="module", path=path, notes=[f"module taken from key {found_key!r}"])
-    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind="wrapped")
+            raise InputError(f"{path}: key {found_key!r} holds a pickled module; pass {param('trust_pickle')}",
+                             param="trust_pickle")
+        return Checkpoint(model=inner, kind=CheckpointKind.MODULE, path=path,
+                          notes=[f"module taken from key {found_key!r}"])
+    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind=CheckpointKind.WRAPPED)
     ckpt.container, ckpt.key = dict(obj), found_key
     return ckpt
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, **kwargs: Any) -> nn.Module:
-    """The model alone, in eval mode. Also loads folded state_dicts written by `bntool fold`."""
+    """The model alone, in eval mode (see load_checkpoint for the arguments and errors).
+
+    Also loads folded state_dicts written by `bntool fold` or save_checkpoint."""
     return load_checkpoint(path, arch=arch, **kwargs).model.eval()
 
 
@@ -137,8 +158,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise InputError(
                 f"{path}: contains pickled Python objects (a whole module?); loading it runs code from the file. "
-                "Pass --trust-pickle only if you trust its source, or save a state_dict instead"
-            ) from e
+                f"Pass {param('trust_pickle')} only if you trust its source, or save a state_dict instead",
+                param="trust_pickle") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise InputError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from e
     try:
@@ -167,7 +188,7 @@ def _find_wrapped(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any]:
             return candidate, inner
     raise InputError(
         f"{path}: no state_dict found under the usual keys; top-level keys: {short_list(obj.keys())}. "
-        "Name it with --key"
+        f"Name it with {param('key')}", param="key"
     )
 
 
@@ -185,9 +206,10 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
     return sd, removed
 
 
-def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt="torch") -> Checkpoint:
+def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFormat.TORCH) -> Checkpoint:
     if arch is None:
-        raise InputError(f"{path}: is a state_dict; name the architecture with --arch module.path:callable")
+        raise InputError(f"{path}: is a state_dict; name the architecture with {param('arch')} module.path:callable",
+                         param="arch")
     sd, removed = strip_prefixes(state_dict)
     model = build_arch(arch, arch_kwargs)
     layout = sd.pop(LAYOUT_KEY, None)
@@ -200,15 +222,15 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt="torch") -> 
 def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) -> nn.Module:
     factory = import_object(arch)
     if not callable(factory):
-        raise InputError(f"--arch {arch!r}: is a {type(factory).__name__}, not callable")
+        raise InputError(f"{param('arch')} {arch!r}: is a {type(factory).__name__}, not callable")
     kwargs = parse_kwargs(arch_kwargs)
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise InputError(f"--arch {arch!r}: calling it with {kwargs} failed "
+        raise InputError(f"{param('arch')} {arch!r}: calling it with {kwargs} failed "
                          f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{param('arch')} {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -230,7 +252,7 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], pa
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches ({short_list(shapes)})")
     if problems:
-        raise InputError(f"{path}: does not fit --arch {arch}: " + "; ".join(problems))
+        raise InputError(f"{path}: does not fit {param('arch')} {arch}: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
 
 
@@ -248,7 +270,22 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
                     force: bool = False, in_place: bool = False) -> Path:
-    """Save `model` as the same kind of file `ckpt` was loaded from (wrapper keys kept)."""
+    """Save `model` as the same kind of file `ckpt` was loaded from (wrapper keys kept), atomically.
+
+    Args:
+        ckpt: the Checkpoint the model came from (its kind, format and training-checkpoint container).
+        model: the model to save; a folded model's FoldLayout is saved with it.
+        out: the output file.
+        force: replace an existing file.
+        in_place: allow `out` to be the file `ckpt` was loaded from.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        InputError: `out` must not or cannot be written (checked before writing).
+        UnsupportedError: a TorchScript archive cannot be written from an eager module.
+    """
     out = check_output_path(out, ckpt.path, force=force, in_place=in_place)
     return write_checkpoint(ckpt, model, out, lambda write: atomic_write(out, write))
 
@@ -256,18 +293,18 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
 def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
                      write_file: Callable[[Callable[[str], None]], Path]) -> Path:
     """Write `model` the way `ckpt` came in, through `write_file(writer)` (atomic_write or Outputs.write)."""
-    if ckpt.kind == "module":
+    if ckpt.kind == CheckpointKind.MODULE:
         return write_file(lambda tmp: torch.save(model, tmp))
-    if ckpt.kind == "torchscript":
+    if ckpt.kind == CheckpointKind.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedError(f"{out}: cannot write a TorchScript archive from an eager module here")
         return write_file(lambda tmp: torch.jit.save(model, tmp))
     sd = state_dict_of(model)
-    if ckpt.kind == "wrapped":
+    if ckpt.kind == CheckpointKind.WRAPPED:
         container = dict(ckpt.container or {})
         container[ckpt.key or "state_dict"] = sd
         return write_file(lambda tmp: torch.save(container, tmp))
-    if ckpt.fmt == "safetensors" or out.suffix in SAFETENSORS_SUFFIXES:
+    if ckpt.fmt == CheckpointFormat.SAFETENSORS or out.suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import save_file
 
         flat = {k: v.contiguous().clone() for k, v in sd.items()}

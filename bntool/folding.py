@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .choices import FoldAction
 from .compare import (
     ComparedReport,
     Comparison,
@@ -51,11 +52,11 @@ STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # (a model input). Past this, an affine that subtracts μ first is used instead.
 MAX_FORWARD_FOLD_MEAN = 4.0
 
-# What a BN became.
-FOLDED = "folded"  # into the layer that feeds it
-FOLDED_FORWARD = "folded-forward"  # into the layer it feeds
-AFFINE = "affine"  # exact per-channel scale and shift, no batch_norm op
-REFUSED = "refused"  # left as it was
+# What a BN became (see FoldAction).
+FOLDED = FoldAction.FOLDED
+FOLDED_FORWARD = FoldAction.FOLDED_FORWARD
+AFFINE = FoldAction.AFFINE
+REFUSED = FoldAction.REFUSED
 
 
 @dataclass
@@ -63,7 +64,7 @@ class BNDecision:
     name: str
     type: str
     channels: int
-    action: str
+    action: FoldAction
     target: str | None = None  # the conv/linear it was folded into
     reason: str = ""
 
@@ -129,10 +130,34 @@ def fold(
     skip: Sequence[str] = (),
     check: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
-    """Return a folded copy of `model` (in eval mode) and a report; `model` itself is not modified.
+    """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
-    Folded outputs are compared with the original on `example_inputs` and `samples` random inputs of the
-    same shapes; with `check`, a difference over tolerance raises CheckFailed (its `.report` says how much).
+    Each BN is folded into the layer that feeds it, else into the one it feeds, else replaced by an exact
+    per-channel affine (ChannelAffine), else left as it is; the report says which and why. Folding is computed
+    in float64 and cast once to each layer's dtype.
+
+    Args:
+        model: the model; BNs in training mode inside an eval-mode model are left as they are.
+        example_inputs: one tensor or a sequence of the model's positional inputs; one forward on them
+            traces who feeds each BN.
+        samples: random inputs of the example's shapes checked besides the example.
+        seed: seed of the random inputs.
+        rtol, atol: the check's tolerance, elementwise |Δ| ≤ atol + rtol·|original| (bntool.compare.Tolerance);
+            by default rtol 0 and atol a share of each output's largest magnitude by dtype (1e-4 for float32);
+            an atol given here is absolute.
+        skip: BN names or glob patterns to leave as they are.
+        check: raise CheckFailed when the folded outputs differ beyond tolerance.
+
+    Returns:
+        (folded, report): the folded copy in eval mode, carrying its FoldLayout (saved with it by
+        save_checkpoint / state_dict_of), and a FoldReport.
+
+    Raises:
+        CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
+        InputError: a tolerance is negative or not finite.
+
+    Side effects: none on `model` (its training flags are restored after the check); the copy doubles
+    its memory, and the float64 reference of the check doubles it again where it is needed.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     started = time.perf_counter()
@@ -271,7 +296,7 @@ def _check_producer(op: OpCall, x, chain, bn, flow, tied):
     if tied[id(layer.weight)] > 1:
         return None, None, "the conv/linear weight is shared with another module"
     channels = bn_num_features(bn)
-    out_axis = layer_channel_axis(layer, x_ndim := op.outputs[0].dim(), output=True)
+    out_axis, x_ndim = layer_channel_axis(layer), op.outputs[0].dim()
     if not chain:
         if op.outputs[0].shape[out_axis] != channels:
             return None, None, "channel counts differ"
@@ -333,7 +358,8 @@ def _describe(readers, expected) -> str:
     return ", ".join(names) or "nothing"
 
 
-def layer_channel_axis(layer: nn.Module, ndim: int, output: bool) -> int:
+def layer_channel_axis(layer: nn.Module) -> int:
+    """The channel axis of a conv (1) or linear (-1) layer's output."""
     return -1 if isinstance(layer, nn.Linear) else 1
 
 

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import Exporter, Provider
 from .compare import ComparedReport, Comparison, Tolerance, compare_arrays, random_like, random_stream, to_numpy
 from .errors import CheckFailed, InputError, UnsupportedError, param
 from .files import check_output_path
 from .utils import iter_tensors
 
-EXPORTERS = ("auto", "dynamo", "legacy")
+EXPORTERS = Exporter.values()
 TWO_GB = 2 * 1024**3
 # Without atol, the absolute tolerance is this share of each output's largest magnitude: onnxruntime and
 # PyTorch sum in different orders, and through a deep float32 network that differs by ~1e-6 of the scale.
@@ -98,19 +99,44 @@ def export_onnx(
 ) -> ExportReport:
     """Fold (optionally), export atomically to `path`, check the graph, then compare onnxruntime with PyTorch.
 
-    An element passes when |Δ| ≤ atol + rtol·|reference| (see bntool.compare.Tolerance); without `atol`, it
-    is 1e-4 of each output's largest magnitude, and `rtol` defaults to 1e-4. On a mismatch the file is kept
-    (removed with `strict`); with `check`, CheckFailed is raised with the report as `.report`.
+    Args:
+        model: the model (put in eval mode); with `fold`, a folded copy is exported and `model` is unchanged.
+        example_inputs: one tensor or a sequence of the model's inputs; they fix the exported shapes.
+        path: the .onnx file (a `.onnx.data` file beside it for models over 2 GB).
+        fold: fold BatchNorm first (bntool.fold).
+        exporter: an Exporter: "auto" (dynamo, falling back to legacy), "dynamo" or "legacy".
+        opset: the ONNX opset (default: the exporter's).
+        dynamic_batch: make axis 0 dynamic; the check then runs at several batch sizes.
+        input_names, output_names: graph input/output names.
+        samples, seed: random inputs checked per batch size besides the example.
+        data: real input batches checked too.
+        rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
+            atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
+        provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
+        strict: remove the file when the check fails.
+        force: replace an existing file at `path`.
+        check: raise CheckFailed when the check fails (else return the failed report).
+
+    Returns:
+        An ExportReport (graph ops, files, comparisons).
+
+    Raises:
+        InputError: a bad argument, an output that must not be written, or an export that failed.
+        UnsupportedError: the dynamo exporter on a torch without it.
+        CheckFailed: with `check`, onnxruntime's outputs differ beyond tolerance (`.report` is the report).
+
+    Side effects: writes `path` atomically (kept on a failed check unless `strict`); puts `model` in eval mode.
     """
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if exporter not in EXPORTERS:
-        raise InputError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+        raise InputError(f"{param('exporter')} {exporter!r}: choose one of {', '.join(EXPORTERS)}", param="exporter")
     path = check_output_path(path, force=force)
     model = model.eval()
     names_in = list(input_names or (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     if len(names_in) != len(inputs):
-        raise InputError(f"--input-name given {len(names_in)} times for {len(inputs)} inputs")
+        raise InputError(f"{param('input_names')} given {len(names_in)} times for {len(inputs)} inputs",
+                         param="input_names")
     report = ExportReport(path=str(path), exporter=exporter, opset=opset, folded=fold, input_names=names_in,
                           dynamic_batch=dynamic_batch, tolerance=tolerance)
     started = time.perf_counter()
@@ -164,7 +190,8 @@ def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in,
     has_dynamo = "dynamo" in pyinspect.signature(torch.onnx.export).parameters
     order = {"auto": ["dynamo", "legacy"] if has_dynamo else ["legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
     if exporter == "dynamo" and not has_dynamo:
-        raise UnsupportedError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__})")
+        raise UnsupportedError(f"{param('exporter')} dynamo needs torch >= 2.5 (this is {torch.__version__})",
+                               param="exporter")
     parent = path.parent if str(path.parent) else Path(".")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     failures = []
@@ -185,9 +212,9 @@ def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in,
             return kind
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    hint = "; try --exporter legacy" if exporter == "dynamo" else ""
+    hint = f"; try {param('exporter')} legacy" if exporter == "dynamo" else ""
     if exporter == "legacy" and has_dynamo:
-        hint = "; try --exporter dynamo"
+        hint = f"; try {param('exporter')} dynamo"
     raise InputError("ONNX export failed: " + " | ".join(failures) + hint)
 
 
@@ -308,9 +335,13 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu"):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if provider == "cuda":
+    if provider not in Provider.values():
+        raise InputError(f"{param('provider')} {provider!r}: choose one of {', '.join(Provider.values())}",
+                         param="provider")
+    if provider == Provider.CUDA:
         if "CUDAExecutionProvider" not in available:
-            raise InputError(f"--provider cuda: onnxruntime has no CUDA provider here (available: {available})")
+            raise InputError(f"{param('provider')} cuda: onnxruntime has no CUDA provider here "
+                             f"(available: {available})", param="provider")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
@@ -327,12 +358,12 @@ def check_signature(session, inputs: Sequence[torch.Tensor], path) -> None:
     ort_inputs = session.get_inputs()
     if len(ort_inputs) != len(inputs):
         raise InputError(f"{path}: has {len(ort_inputs)} inputs {[i.name for i in ort_inputs]}, "
-                         f"but {len(inputs)} were given (--input-shape)")
+                         f"but {len(inputs)} were given ({param('example_inputs')})", param="example_inputs")
     for spec, x in zip(ort_inputs, inputs):
         shape = spec.shape
         if len(shape) != x.dim() or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
-            raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but --input-shape gives "
-                             f"{list(x.shape)}")
+            raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but {param('example_inputs')} gives "
+                             f"{list(x.shape)}", param="example_inputs")
 
 
 def _batch_sizes(session, inputs) -> list[int]:

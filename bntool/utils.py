@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Iterator, Mapping
+from enum import Enum
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, param
 
 MAX_MESSAGE = 300
 
@@ -38,7 +39,7 @@ def iter_tensors(obj: Any) -> Iterator[Any]:
             yield from iter_tensors(getattr(obj, name))
 
 
-def import_object(spec: str, what: str = "--arch") -> Any:
+def import_object(spec: str, what: str = param("arch")) -> Any:
     """Resolve 'package.module:attr.path' to an object; InputError naming `what` if it cannot be."""
     if ":" not in spec:
         raise InputError(f"{what} {spec!r}: expected 'module.path:callable', e.g. 'torchvision.models:resnet18'")
@@ -57,7 +58,7 @@ def import_object(spec: str, what: str = "--arch") -> Any:
     return obj
 
 
-def parse_kwargs(kwargs: str | Mapping[str, Any] | None, what: str = "--arch-kwargs") -> dict[str, Any]:
+def parse_kwargs(kwargs: str | Mapping[str, Any] | None, what: str = param("arch_kwargs")) -> dict[str, Any]:
     """A JSON object (or a mapping, or None) as a dict of keyword arguments; InputError naming `what` if not."""
     if kwargs is None:
         return {}
@@ -77,3 +78,14 @@ def short_list(items, n: int = 3) -> str:
     items = [str(i) for i in items]
     shown = ", ".join(items[:n])
     return shown + (f", … {len(items) - n} more" if len(items) > n else "")
+
+
+class StrEnum(str, Enum):
+    """A str Enum whose members print and format as their value (enum.StrEnum is Python ≥ 3.11 only)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)

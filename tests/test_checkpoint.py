@@ -85,8 +85,9 @@ def test_pickle_is_not_executed_without_trust(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": Evil()}, path)
-    with pytest.raises(InputError, match="--trust-pickle"):
+    with pytest.raises(InputError, match="trust_pickle") as info:  # the library names its parameter
         load_checkpoint(path, arch="bntool.zoo:resnet")
+    assert info.value.param == "trust_pickle"
     assert not marker.exists()
 
 

@@ -64,7 +64,10 @@ def test_shared_modules_stand_below_the_jobs():
     assert graph["utils"] <= {"errors"}
     assert graph["files"] <= {"errors"}
     assert graph["layout"] <= {"errors", "layers"}
-    assert graph["checkpoint"] <= {"errors", "utils", "files", "layout", "layers"}
+    assert graph["choices"] <= {"utils"}
+    assert graph["compare"] <= {"errors", "utils"}
+    assert graph["checkpoint"] <= {"errors", "utils", "files", "layout", "layers", "choices"}
+    assert graph["options"] <= {"errors", "checkpoint", "data", "folding"}  # the CLI's groups: lazily, downward
 
 
 def test_every_module_states_its_job():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, assert_clean_error, files_in
+from helpers import PYTHON, assert_clean_error, files_in
 from safetensors.torch import save_file
 
 from bntool import zoo

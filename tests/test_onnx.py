@@ -8,7 +8,7 @@ from xml.etree import ElementTree as ET
 import onnx
 import pytest
 import torch
-from conftest import assert_clean_error, files_in
+from helpers import assert_clean_error, files_in
 
 from bntool import zoo
 from bntool.errors import CheckFailed

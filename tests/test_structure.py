@@ -70,6 +70,22 @@ def test_shared_modules_stand_below_the_jobs():
     assert graph["options"] <= {"errors", "checkpoint", "data", "folding"}  # the CLI's groups: lazily, downward
 
 
+# The README's module map, top to bottom: a module may import only modules after it.
+MODULE_ORDER = [
+    "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_export", "inspection",
+    "recalibration", "distributed", "folding", "checkpoint", "data", "compare", "graph", "layout", "layers",
+    "files", "choices", "utils", "errors", "_version", "__init__",
+]
+
+
+def test_imports_follow_the_module_map():
+    graph = import_graph()
+    assert set(graph) == set(MODULE_ORDER), set(graph) ^ set(MODULE_ORDER)
+    rank = {name: i for i, name in enumerate(MODULE_ORDER)}
+    upward = [(m, d) for m, deps in graph.items() if m != "__init__" for d in deps if rank[d] <= rank[m]]
+    assert not upward, f"imports against the module map: {upward}"
+
+
 def test_every_module_states_its_job():
     for path in PACKAGE.glob("*.py"):
         doc = ast.get_docstring(ast.parse(path.read_text()))

@@ -1,20 +1,60 @@
-"""Errors a user can cause. The CLI turns each into one line on stderr and an exit code."""
+"""Errors a user can cause, and the parameter each one names. The CLI turns each into one line and an exit code.
+
+Library messages name parameters through `param("name")`; `str(error)` shows the Python parameter name and
+`error.render(flag_names)` lets the CLI show its flag instead (`--input-shape` for `example_inputs`, …).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
+import re
 import sysconfig
 from collections.abc import Callable, Iterator
 from types import CodeType
 from typing import Any
 
+_MARK = "\x1d"
+_PARAM = re.compile(f"{_MARK}([A-Za-z_][A-Za-z0-9_]*){_MARK}")
+
+
+def param(name: str) -> str:
+    """A reference to the parameter `name` inside an error message, rendered by `BntoolError.render`."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+MAX_MESSAGE = 300
+
+
+def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), cut to `limit`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
 
 class BntoolError(Exception):
-    """Bad usage or bad input: the message names the file, layer or key at fault and what to do."""
+    """Bad usage or bad input: the message names the file, layer, key or parameter at fault and what to do.
+
+    Args:
+        message: the message; parameters referred to with `param(name)`.
+        param: the parameter at fault, if one is (e.g. "example_inputs"); the CLI names its flag.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def render(self, name_of: Callable[[str], str] | None = None) -> str:
+        """The message with each parameter reference written as `name_of(parameter)` (default: its name)."""
+        name_of = name_of or (lambda name: name)
+        return _PARAM.sub(lambda m: name_of(m.group(1)), self.message)
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class InputError(BntoolError):
@@ -26,9 +66,18 @@ class UnsupportedError(BntoolError):
 
 
 class CheckFailed(BntoolError):
-    """A check ran and failed (e.g. outputs differ beyond tolerance)."""
+    """A check ran and failed (e.g. outputs differ beyond tolerance).
+
+    Args:
+        message: what failed, with figures.
+        report: the report of the check (FoldReport, ExportReport, …), for rendering and JSON.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, report: Any = None, param: str | None = None):
+        super().__init__(message, param=param)
+        self.report = report
 
 
 class UserCodeError(InputError):
@@ -59,7 +108,8 @@ def passes_through(function: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def user_code(what: str, *, error: type[InputError] = UserCodeError, hint: str = "") -> Iterator[None]:
+def user_code(what: str, *, error: type[UserCodeError] = UserCodeError, hint: str = "",
+              param: str | None = None) -> Iterator[None]:
     """The boundary between bntool and what the user gave it. An exception raised inside the block by the
     user's code, or by torch/the standard library on the user's model or data, becomes `error` naming `what`
     ("the model's forward", "the --loader", …). One raised by bntool's own code inside the block (a hook, a
@@ -72,8 +122,8 @@ def user_code(what: str, *, error: type[InputError] = UserCodeError, hint: str =
     except Exception as e:
         if raised_by_bntool(e):
             raise
-        message = f"{what} failed: {type(e).__name__}: {first_line_of(e)}"
-        raise error(message + (f"; {hint}" if hint else ""), what=what) from e
+        message = f"{what} failed: {type(e).__name__}: {first_line(e)}"
+        raise error(message + (f"; {hint}" if hint else ""), what=what, param=param) from e
 
 
 def raised_by_bntool(e: BaseException) -> bool:
@@ -125,9 +175,3 @@ def _library_dirs() -> tuple[str, ...]:
 
 _LIBRARY_DIRS = _library_dirs()
 _USER_CODE_BODY = user_code.__wrapped__.__code__
-
-
-def first_line_of(e: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an exception's message (torch appends C++ traces), or its type name."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, assert_clean_error
+from helpers import PYTHON, ROOT, assert_clean_error
 from safetensors.torch import save_file
 
 from bntool import zoo

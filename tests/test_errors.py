@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 
 import bntool
 from bntool import zoo

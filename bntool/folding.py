@@ -174,6 +174,7 @@ def fold(
     tied = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
     plans = [_decide(name, bn, flow, names, tied, by_request, skip) for name, bn in bn_modules(folded)]
     check_skip_patterns(skip, [p.decision.name for p in plans])
+    _keep_what_would_overflow(plans)
     _apply(folded, plans, report)
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.fold_seconds = time.perf_counter() - started
@@ -381,6 +382,41 @@ def layer_channel_axis(layer: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- surgery
+
+
+def _keep_what_would_overflow(plans: list[_Plan]) -> None:
+    """Half-precision layers: a fold computed in float64 can exceed float16's range when cast (large γ/σ times
+    large weights). Such a BN becomes an exact affine instead; if even its scale overflows, it stays a BN."""
+    for plan in plans:
+        d = plan.decision
+        if d.action in (FOLDED, FOLDED_FORWARD) and _fold_overflows(plan):
+            d.reason = (f"folding into {d.target} overflows {str(plan.layer.weight.dtype).replace('torch.', '')}"
+                        + (f"; {d.reason}" if d.reason else ""))
+            d.action, d.target, plan.layer, plan.mapping = AFFINE, None, None, None
+        if d.action == AFFINE and _has_stats(plan.bn):
+            scale, shift = affine_of(plan.bn)
+            dtype = plan.bn.running_mean.dtype
+            if not (torch.isfinite(scale.to(dtype)).all() and torch.isfinite(shift.to(dtype)).all()):
+                d.action = REFUSED
+                d.reason = f"its scale γ/√(σ²+ε) overflows {str(dtype).replace('torch.', '')}; kept as a BatchNorm"
+
+
+def _fold_overflows(plan: _Plan) -> bool:
+    """Fold into a copy of the target layer and check that every cast weight and bias is still finite."""
+    layer = copy.deepcopy(plan.layer)
+    finite_before = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
+    scale, shift = affine_of(plan.bn)
+    if plan.decision.action == FOLDED:
+        inverse = [0] * len(plan.mapping)
+        for bn_channel, layer_channel in enumerate(plan.mapping):
+            inverse[layer_channel] = bn_channel
+        idx = torch.tensor(inverse)
+        fold_into_producer(layer, scale[idx], shift[idx])
+    else:
+        idx = torch.tensor(plan.mapping)
+        fold_into_consumer(layer, scale[idx], shift[idx])
+    finite_after = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
+    return finite_before and not finite_after
 
 
 def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:

@@ -206,3 +206,68 @@ def test_bad_recalibration_flags(tmp_path, cli, resnet_sd, flags, needle):
     result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", *flags, "-o", out)
     assert_clean_error(result, contains=needle)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- half-precision folds
+
+
+def test_half_precision_fold_that_would_overflow_keeps_an_affine():
+    """γ/σ = 1000 times conv weights of 100 is 1e5, past float16's 65504: folding would write inf weights
+    (the old check passed it: NaN dropped out of max()). The BN becomes an exact affine instead."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+        model[0].bias.zero_()
+        model[1].running_var.fill_(1e-6 - 1e-5 + 1e-6)  # var + eps = 1e-6: scale 1/1e-3 = 1000
+        model[4].running_var.fill_(0.5)
+    model = model.half()
+    x = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e-3).half()
+    with torch.no_grad():
+        reference = model(x)
+    assert torch.isfinite(reference).all()  # the model itself is fine in float16
+    folded, report = bntool.fold(model, x, samples=2)
+    decisions = {d.name: d for d in report.decisions}
+    assert decisions["1"].action == "affine" and "overflows float16" in decisions["1"].reason
+    assert decisions["4"].action == "folded"  # the other BN folds as usual
+    assert all(torch.isfinite(p).all() for p in folded.parameters())
+    with torch.no_grad():
+        out = folded(x)
+    assert torch.isfinite(out).all() and report.passed
+    assert float((out.double() - reference.double()).abs().max()) <= 5e-2 * float(reference.abs().max())
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_usage_errors_are_one_line(cli):
+    for args in (["fold", "--no-such-option"], ["fold", "x.pt", "--samples", "many", "-o", "y.pt"], ["recalibrate"]):
+        result = cli(*args)
+        assert_clean_error(result, contains="--help")
+
+
+def test_huge_example_input_is_an_input_error(tmp_path, cli, resnet_sd):
+    out = tmp_path / "out.pt"
+    result = cli("fold", resnet_sd, *ARCH, "--input-shape", "1,3,100000,100000", "-o", out)
+    assert_clean_error(result, contains="--input-shape 1,3,100000,100000: cannot allocate")
+    assert not out.exists()
+
+
+def test_library_warnings_only_with_debug(tmp_path, monkeypatch, cli, resnet_sd):
+    _module_in(tmp_path, monkeypatch, "noisy_arch", (
+        "import warnings\n"
+        "from bntool import zoo\n"
+        "def build():\n"
+        "    warnings.warn('TypedStorage is deprecated', UserWarning)\n"
+        "    return zoo.resnet()\n"))
+    result = cli("inspect", resnet_sd, "--arch", "noisy_arch:build")
+    assert result.code == 0 and "TypedStorage" not in result.err, result.err
+    result = cli("--debug", "inspect", resnet_sd, "--arch", "noisy_arch:build")
+    assert result.code == 0 and "TypedStorage" in result.err
+
+
+def test_demo_into_a_file(tmp_path, cli):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    assert_clean_error(cli("demo", target), contains="not a directory")
+    assert target.read_text() == "mine"

@@ -218,7 +218,10 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
     model = build_arch(arch, arch_kwargs)
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
-        FoldLayout.from_tensor(layout).apply(model)
+        try:
+            FoldLayout.from_tensor(layout).apply(model)
+        except InputError as e:  # the record is part of the file: name it
+            raise CorruptFileError(f"{path}: {e.message}", param=e.param) from e
     load_state_dict_checked(model, sd, path, arch)
     return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch)
 

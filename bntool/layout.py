@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .errors import InputError
 from .layers import ChannelAffine, bn_num_features, has_standard_forward, is_bn, make_custom_bn_folded
@@ -55,8 +55,15 @@ class FoldLayout:
         if not isinstance(data, dict) or not all(
                 isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()):
             raise InputError(f"corrupt fold layout record: {str(data)[:100]!r}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"fold layout record has entries {unknown} this bntool does not know (written by a "
+                             "newer version, or corrupt)")
         known = {k: list(data.get(k, [])) for k in cls.__dataclass_fields__}
-        return cls(**known)
+        layout = cls(**known)
+        if not set(layout.centered) <= set(layout.affine):
+            raise InputError("corrupt fold layout record: a 'centered' layer that is not 'affine'")
+        return layout
 
     def to_tensor(self) -> torch.Tensor:
         """The layout as a uint8 tensor of JSON, to store in a state_dict under LAYOUT_KEY."""
@@ -86,6 +93,9 @@ class FoldLayout:
         modules = dict(model.named_modules())
         for name in self.bias_added:
             layer = _module(modules, name)
+            if not isinstance(layer, (_ConvNd, nn.Linear)):
+                raise InputError(f"fold layout adds a bias to {name!r}, which is a {type(layer).__name__}, not a "
+                                 "conv or linear layer in this architecture")
             transposed = isinstance(layer, _ConvTransposeNd)
             out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
             layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))

@@ -146,3 +146,53 @@ def _env():
     import os
 
     return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _uint8(text: bytes) -> torch.Tensor:
+    return torch.tensor(list(text), dtype=torch.uint8)
+
+
+LAYOUTS = {
+    "not json": _uint8(b"{not json"),
+    "empty": _uint8(b""),
+    "a list": _uint8(b"[1, 2]"),
+    "null": _uint8(b"null"),
+    "floats": torch.ones(3),
+    "out of byte range": torch.tensor([-1, 300], dtype=torch.int64),
+    "bad utf-8": _uint8(b"\xff\xfe"),
+    "names not a list": _uint8(b'{"identity": 5}'),
+    "names not strings": _uint8(b'{"identity": [5]}'),
+    "nested lists": _uint8(b'{"identity": [["bn1"]]}'),
+    "unknown layer": _uint8(b'{"identity": ["nope"]}'),
+    "not a BatchNorm": _uint8(b'{"identity": ["fc1"]}'),
+    "bias on a BatchNorm": _uint8(b'{"bias_added": ["bn1"]}'),
+    "bias on the root": _uint8(b'{"bias_added": [""]}'),
+    "unknown entry": _uint8(b'{"whatever": ["bn1"]}'),
+    "centered but not affine": _uint8(b'{"centered": ["bn1"]}'),
+    "structure without weights": _uint8(b'{"affine": ["bn1"]}'),  # says affine, the weights are a BN's
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_corrupt_fold_layout_record(tmp_path, case):
+    from bntool.checkpoint import load_checkpoint
+    from bntool.errors import InputError
+    from bntool.layout import LAYOUT_KEY
+
+    sd = zoo.build("mlp").state_dict()
+    sd[LAYOUT_KEY] = LAYOUTS[case]
+    path = tmp_path / "folded.pt"
+    torch.save(sd, path)
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path, arch=ARCH)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_fold_layout_record_through_the_cli(tmp_path, cli):
+    from bntool.layout import LAYOUT_KEY
+
+    sd = zoo.build("mlp").state_dict()
+    sd[LAYOUT_KEY] = LAYOUTS["bias on the root"]
+    path = tmp_path / "folded.pt"
+    torch.save(sd, path)
+    assert_clean_error(cli("inspect", path, "--arch", ARCH), contains=str(path))

@@ -37,6 +37,8 @@ _EXPORTS = {
     "InputError": "errors",
     "CheckFailed": "errors",
     "UnsupportedError": "errors",
+    "UserCodeError": "errors",
+    "CorruptFileError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

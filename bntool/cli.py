@@ -235,7 +235,9 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"))
     outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
     if settings.plot is not None:
-        outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot")
+        from .plot import check_can_plot
+
+        outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
     outputs.check()
     torch.manual_seed(settings.seed)
     source = data.open(images.image_options(), workers=images.workers, strict=images.strict, seed=settings.seed,

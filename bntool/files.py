@@ -268,7 +268,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(str(tmp))
         with _sigint_held():
             finish_temp(tmp, path)
-            _committed.append(path)
+            if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing
+                _committed.append(path)
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -319,6 +320,7 @@ class PlannedOutput:
     force: bool = False
     in_place: bool = False
     what: str = ""  # the flag or role, for messages ("--plot", "-o")
+    precheck: Callable[[Path], None] | None = None  # what the writer needs (matplotlib for a plot), checked early
     temp: Path | None = None  # written, not yet committed
     temp_dir: Path | None = None  # removed after the commit (ONNX: the file and its external data)
 
@@ -351,10 +353,12 @@ class Outputs:
             self.inputs.append(Path(path))
             self.input_names.append(what)
 
-    def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False,
-            in_place: bool = False, what: str = "") -> Path:
-        """Plan an output; return its Path."""
-        planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what)
+    def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False, in_place: bool = False,
+            what: str = "", precheck: Callable[[Path], None] | None = None) -> Path:
+        """Plan an output; return its Path. `precheck(path)` raises if the writer cannot produce it (a missing
+        optional dependency, an unknown format); `check` calls it before any work."""
+        planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what,
+                                precheck=precheck)
         self.planned.append(planned)
         return planned.path
 
@@ -398,10 +402,8 @@ class Outputs:
             if exists and not replaces_input and not p.force:
                 raise InputError(f"{label}: already exists; pass {param('force')} to overwrite it", param="force")
             _probe_writable(p.path)
-            if p.kind == OutputKind.PLOT:
-                from .plot import check_can_plot
-
-                check_can_plot(p.path)
+            if p.precheck is not None:
+                p.precheck(p.path)
 
     def _find(self, path: str | os.PathLike) -> PlannedOutput:
         for p in self.planned:

@@ -56,12 +56,11 @@ def _same_function(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> N
     assert float((ra - rb).abs().max()) <= 1e-4 * scale + 1e-6, float((ra - rb).abs().max())
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @example(kind="state_dict", steps=["fold", "fold"], in_place=True)  # fold of a folded file, in place
 @example(kind="state_dict", steps=["fold-skip", "recalibrate", "fold"], in_place=False)  # partly folded
-@example(kind="safetensors", steps=["fold-skip", "fold", "export-onnx"], in_place=True)
-@example(kind="wrapped", steps=["fold-skip", "recalibrate", "verify"], in_place=True)
+@example(kind="wrapped", steps=["fold-skip", "fold", "export-onnx"], in_place=True)
 @example(kind="module", steps=["fold-skip", "recalibrate", "inspect"], in_place=False)
 @given(kind=st.sampled_from(KINDS), steps=st.lists(st.sampled_from(STEPS), min_size=1, max_size=3),
        in_place=st.booleans())

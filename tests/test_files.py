@@ -235,6 +235,7 @@ def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
         torch.load(ckpt, weights_only=True)
         if point == "during-commit":
             assert str(plot) in lines[0] and plot.read_bytes().lstrip().startswith(b"<?xml")
+            assert TEMP_PREFIX not in lines[0]
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
 

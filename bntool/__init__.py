@@ -20,6 +20,8 @@ _EXPORTS = {
     "InspectReport": "inspection",
     "fold": "folding",
     "FoldReport": "folding",
+    "plan_fold": "folding",
+    "FoldPlan": "folding",
     "apply_fold_layout": "folding",
     "recalibrate": "recalibration",
     "RecalibrationReport": "recalibration",

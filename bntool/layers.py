@@ -55,11 +55,15 @@ def bn_num_features(module: nn.Module) -> int:
 
 def affine_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64 such that eval-mode BN(x) == x * scale + shift per channel."""
-    mean = module.running_mean.detach().double()
-    var = module.running_var.detach().double()
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    scale = torch.rsqrt(var + bn_eps(module))
+    return affine_from(module.running_mean, module.running_var, getattr(module, "weight", None),
+                       getattr(module, "bias", None), bn_eps(module))
+
+
+def affine_from(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64: F.batch_norm(x, mean, var, weight, bias, False, _, eps) == x·scale + shift."""
+    mean, var = mean.detach().double(), var.detach().double()
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.detach().double()
     shift = -mean * scale

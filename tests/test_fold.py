@@ -15,7 +15,16 @@ from torch import nn
 from bntool import zoo
 from bntool.checkpoint import load_checkpoint
 from bntool.errors import CheckFailed
-from bntool.folding import AFFINE, FOLDED, FOLDED_FORWARD, MAX_FORWARD_FOLD_MEAN, REFUSED, fold, mean_in_stds
+from bntool.folding import (
+    AFFINE,
+    FOLDED,
+    FOLDED_FORWARD,
+    MAX_FORWARD_FOLD_MEAN,
+    REFUSED,
+    fold,
+    mean_in_stds,
+    plan_fold,
+)
 from bntool.layers import ChannelAffine
 
 ULPS = 8 * torch.finfo(torch.float32).eps
@@ -394,3 +403,37 @@ def test_cli_bad_input_shape(tmp_path, cli, resnet_sd):
     assert_clean_error(cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "2,a", "-o", out),
                        contains="comma-separated")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- planning apart from surgery
+
+
+def test_plan_fold_decides_without_changing_the_model():
+    model = zoo.build("preact").train()
+    model.bn_fwd.eval()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    plan = plan_fold(model, zoo.example_input("preact"))
+    assert model.training and not model.bn_fwd.training and model.bn_pre.training  # modes put back
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    by_name = {s.decision.name: s for s in plan.steps}
+    assert by_name["bn_pre"].decision.action == FOLDED and by_name["bn_pre"].targets[0].layer == "conv0"
+    assert by_name["bn_pad"].decision.action == AFFINE and "zero-pads" in by_name["bn_pad"].decision.reason
+    assert plan.batch_norm_ops == 4 and plan.params == sum(p.numel() for p in model.parameters())
+    # fold applies exactly the plan it is given: here one that leaves bn_pre alone.
+    by_name["bn_pre"].decision.action, by_name["bn_pre"].targets = REFUSED, []
+    by_name["bn_pre"].decision.reason = "kept by hand"
+    folded, report = fold(model.eval(), zoo.example_input("preact"), plan=plan)
+    assert isinstance(folded.bn_pre, nn.BatchNorm2d) and report.batch_norm_ops_after == 1
+    assert report.ops_left == ["bn_pre: kept by hand"]
+
+
+def test_inspect_plans_without_folding(monkeypatch):
+    import bntool.folding as folding
+    from bntool.inspection import inspect
+
+    monkeypatch.setattr(folding, "apply_fold_plan", lambda *a: pytest.fail("inspect must not fold"))
+    report = inspect(zoo.build("reused"), zoo.example_input("reused"))
+    actions = {layer.name: (layer.fold_action, layer.fold_target) for layer in report.layers}
+    assert actions["bn_a"] == (AFFINE, None) and actions["stem.1"] == (FOLDED, "stem.0")

@@ -24,7 +24,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .checkpoint import iter_tensors
 from .errors import CheckFailed, InputError
-from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
+from .graph import LAYER_OPS, OPAQUE, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
     ChannelAffine,
     affine_from,
@@ -399,8 +399,12 @@ def _foreign_reads(bn: nn.Module, ctx: _Context) -> str:
     if not reads:
         return ""
     attr, reader = reads[0]
-    where = f"module {ctx.names[id(reader)]!r}" if reader is not None and id(reader) in ctx.names else "the model"
-    return f"its {attr} is read outside its own forward (by {where}), so it must stay a BatchNorm"
+    return f"its {attr} is read outside its own forward (in {_where(reader, ctx)}), so it must stay a BatchNorm"
+
+
+def _where(module: nn.Module | None, ctx: _Context) -> str:
+    name = ctx.names.get(id(module)) if module is not None else None
+    return f"{name!r}'s forward" if name else "the model's forward"
 
 
 def _normalized_input(bn, flow: Dataflow) -> tuple[torch.Tensor | None, OpCall | None]:
@@ -517,9 +521,8 @@ def _check_not_shared(layer: nn.Module, op: OpCall, ctx: _Context) -> None:
         others = [r for r in ctx.flow.readers(t) if r is not op] if t is not None else []
         if others:
             by = others[0]
-            where = ctx.names.get(id(by.module), "?") if isinstance(by, OpCall) and by.module is not None else "model"
-            name = by.name if isinstance(by, OpCall) else by
-            raise _NoFold(f"the conv/linear {attr} is also read by {name} in {where or 'the model'!r} (shared)")
+            what = f"{by.name} in {_where(by.module, ctx)}" if isinstance(by, OpCall) else "the model's output"
+            raise _NoFold(f"the conv/linear {attr} is also read by {what}: folding into it would change that too")
 
 
 def _replay_path(path: list, probe: torch.Tensor) -> torch.Tensor:
@@ -835,8 +838,11 @@ def _eval_copy(model: nn.Module) -> tuple[nn.Module, set[str]]:
 
 
 def _norm_op_count(flow: Dataflow, model: nn.Module) -> int:
+    """batch_norm ops per forward; a TorchScript submodule counts one per BN inside it per call (not traced)."""
     frozen = sum(len(flow.calls_of(m)) for m in model.modules() if is_frozen_bn(m))
-    return flow.count("batch_norm") + frozen
+    opaque = sum(sum(op.module is m for op in flow.ops if op.name == OPAQUE) * len(bn_modules(m))
+                 for m in flow.opaque)
+    return flow.count("batch_norm") + frozen + opaque
 
 
 def random_like(inputs: Sequence[Any], generator: torch.Generator) -> tuple[Any, ...]:

@@ -437,3 +437,81 @@ def test_inspect_plans_without_folding(monkeypatch):
     report = inspect(zoo.build("reused"), zoo.example_input("reused"))
     actions = {layer.name: (layer.fold_action, layer.fold_target) for layer in report.layers}
     assert actions["bn_a"] == (AFFINE, None) and actions["stem.1"] == (FOLDED, "stem.0")
+
+
+# ---------------------------------------------------------------- odd readers
+
+
+class BareWeightReuse(nn.Module):
+    """The conv's weight is also used by a bare F.conv2d: folding into the conv would change that call too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight, None, padding=1)
+
+
+class ReadsBNAttributes(nn.Module):
+    """The forward reads a BN's γ and another's num_features outside their own calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) * self.bn.weight.abs().view(1, -1, 1, 1)
+        z = self.bn2(self.conv2(y))[:, : self.bn2.num_features]
+        return self.bn3(self.conv3(z))
+
+
+class ScriptedPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+        self.conv, self.bn = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.enc(x)))
+
+
+def fold_checked(model: nn.Module, x: torch.Tensor):
+    """Fold; the folded output must match the float64 reference as closely as the unfolded model does."""
+    folded, report = fold(model, x, samples=1)
+    ref = reference64(model, x)
+    with torch.no_grad():
+        err_folded = (folded(x).double() - ref).abs().max()
+        err_plain = (model(x).double() - ref).abs().max()
+    assert report.passed and err_folded <= 1.5 * err_plain + ULPS * ref.abs().max()
+    return folded, report, {d.name: d for d in report.decisions}
+
+
+def test_weight_read_by_a_bare_call_is_not_folded_into():
+    _, _, d = fold_checked(zoo.randomize_bn(BareWeightReuse()).eval(), torch.randn(2, 3, 8, 8))
+    assert d["bn"].action == AFFINE and "weight is also read by conv2d" in d["bn"].reason
+
+
+def test_bn_attributes_read_outside_the_bn_are_kept():
+    folded, report, d = fold_checked(zoo.randomize_bn(ReadsBNAttributes()).eval(), torch.randn(2, 3, 8, 8))
+    assert d["bn"].action == REFUSED and "weight is read outside its own forward" in d["bn"].reason
+    assert d["bn2"].action == REFUSED and "num_features is read" in d["bn2"].reason
+    assert d["bn3"].action == FOLDED
+    assert isinstance(folded.bn, nn.BatchNorm2d) and report.batch_norm_ops_after == 2
+    assert [line.split(":")[0] for line in report.ops_left] == ["bn", "bn2"]
+
+
+def test_torchscript_submodule_is_opaque():
+    folded, report, d = fold_checked(zoo.randomize_bn(ScriptedPart()).eval(), torch.randn(2, 3, 8, 8))
+    assert report.opaque == ["enc"] and d["enc.1"].action == REFUSED and "TorchScript" in d["enc.1"].reason
+    assert d["bn"].action == FOLDED and isinstance(folded.bn, nn.Identity)
+    assert report.batch_norm_ops_before == 2 and report.batch_norm_ops_after == 1
+
+
+def test_torchscript_model_is_a_clean_input_error():
+    from bntool.errors import InputError
+
+    with pytest.raises(InputError, match="TorchScript"):
+        fold(torch.jit.script(zoo.build("resnet")), zoo.example_input("resnet"))

@@ -445,12 +445,12 @@ def _sources(t: torch.Tensor, reader: OpCall | None, owner: nn.Module | None, pa
     readers = flow.value_readers(t)
     sole = len(readers) == 1 and (readers[0] is reader if reader is not None else
                                   isinstance(readers[0], OpCall) and readers[0].module is owner)
+    what = "its input" if top else f"a {'term' if path[0][0] == 'add' else 'part'} of the {path[0][1].name} feeding it"
     if not sole:
-        what = "its input" if top else f"an input of the {path[0][1].name} feeding it"
         raise _NoFold(f"{what} is also read by {_describe(readers, reader)}")
     op = flow.producer(t)
     if op is None:
-        raise _NoFold("fed by a model input" if top else f"fed by a {path[0][1].name} of a model input")
+        raise _NoFold("fed by a model input" if top else f"{what} is a model input")
     if op.name in LAYER_OPS:
         return [(op, path)]
     if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is op.inputs[0]:
@@ -460,9 +460,7 @@ def _sources(t: torch.Tensor, reader: OpCall | None, owner: nn.Module | None, pa
     if op.name in CONCAT_OPS:
         parts = _cat_parts(op)
         return [s for j, part in enumerate(parts) for s in _sources(part, op, None, [("cat", op, j)] + path, flow)]
-    if top:
-        raise _NoFold(f"fed by {op.name}, not a conv/linear")
-    raise _NoFold(f"fed by a {path[0][1].name} with a term from {op.name}, not a conv/linear")
+    raise _NoFold(f"fed by {op.name}, not a conv/linear" if top else f"{what} comes from {op.name}, not a conv/linear")
 
 
 CONCAT_OPS = {"cat", "concat", "concatenate"}

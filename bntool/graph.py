@@ -84,8 +84,10 @@ class Dataflow:
         return readers
 
     def value_readers(self, t: torch.Tensor) -> list[OpCall | str]:
-        """Like `readers`, without ops that read t only for its shape (`y.reshape_as(t)`, `zeros_like(t)`)."""
-        return [r for r in self.readers(t) if not (isinstance(r, OpCall) and reads_shape_only(r, t))]
+        """Like `readers`, without ops that read t only for its shape (`y.reshape_as(t)`, `zeros_like(t)`) and
+        eval-mode no-ops that return t itself (dropout with training=False): its readers are t's readers."""
+        return [r for r in self.readers(t) if not (isinstance(r, OpCall) and (
+            reads_shape_only(r, t) or (is_eval_identity(r) and any(o is t for o in r.outputs))))]
 
     def calls_of(self, module: nn.Module) -> list[ModuleCall]:
         return self.module_calls.get(id(module), [])

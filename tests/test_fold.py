@@ -515,3 +515,123 @@ def test_torchscript_model_is_a_clean_input_error():
 
     with pytest.raises(InputError, match="TorchScript"):
         fold(torch.jit.script(zoo.build("resnet")), zoo.example_input("resnet"))
+
+
+# ---------------------------------------------------------------- across sums and concats
+
+
+@st.composite
+def merge_configs(draw):
+    kind = draw(st.sampled_from(["add", "cat", "cat-of-add"]))
+    n = draw(st.integers(2, 3))
+    groups = [draw(st.sampled_from([1, 2])) for _ in range(n)]
+    cout = draw(st.integers(1, 3)) * 2
+    outs = [cout] * n if kind == "add" else [g * draw(st.integers(1, 3)) for g in groups]
+    if kind == "cat-of-add":  # the first two terms are summed, then concatenated with the rest
+        outs[0] = outs[1] = 2 * draw(st.integers(1, 2))
+    return dict(kind=kind, groups=groups, outs=outs, cin=2 * draw(st.integers(1, 2)),
+                k=[draw(st.sampled_from([1, 3])) for _ in range(n)], bias=[draw(st.booleans()) for _ in range(n)],
+                dims=draw(st.sampled_from([1, 2])), affine=draw(st.booleans()), tiny_var=draw(st.booleans()),
+                dropout=draw(st.booleans()), seed=draw(st.integers(0, 10_000)))
+
+
+class Merge(nn.Module):
+    """BN of a sum or a channel concat of convs (each read only by the add/cat), as in MixNet and Inception."""
+
+    def __init__(self, c):
+        super().__init__()
+        conv = nn.Conv1d if c["dims"] == 1 else nn.Conv2d
+        self.c = c
+        self.convs = nn.ModuleList(conv(c["cin"], o, k, padding=k // 2, groups=g, bias=b)
+                                   for o, k, g, b in zip(c["outs"], c["k"], c["groups"], c["bias"]))
+        channels = {"add": c["outs"][0], "cat": sum(c["outs"]), "cat-of-add": sum(c["outs"][1:])}[c["kind"]]
+        self.bn = (nn.BatchNorm1d if c["dims"] == 1 else nn.BatchNorm2d)(channels, affine=c["affine"])
+
+    def forward(self, x):
+        ys = [conv(x) for conv in self.convs]
+        if self.c["dropout"]:
+            ys[0] = nn.functional.dropout(ys[0], 0.5, training=False)
+        if self.c["kind"] == "add":
+            y = ys[0]
+            for term in ys[1:]:
+                y = y + term
+        elif self.c["kind"] == "cat":
+            y = torch.cat(ys, 1)
+        else:
+            y = torch.cat([ys[0] + ys[1], *ys[2:]], dim=1)
+        return self.bn(y)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(merge_configs())
+def test_fold_across_sums_and_concats_is_exact(c):
+    torch.manual_seed(c["seed"])
+    model = Merge(c).eval()
+    random_stats(model.bn, torch.Generator().manual_seed(c["seed"]), c["tiny_var"])
+    x = torch.randn(2, c["cin"], *[6] * c["dims"], generator=torch.Generator().manual_seed(c["seed"] + 1))
+    folded, report = fold(model, x, samples=1)
+    d = report.decisions[0]
+    assert (d.action, sorted(d.target.split(", "))) == (FOLDED, [f"convs.{i}" for i in range(len(c["outs"]))])
+    assert report.batch_norm_ops_after == 0 and isinstance(folded.bn, nn.Identity)
+    # A sum's shift goes into one bias: a bias is added only where no term had one.
+    assert len(report.layout["bias_added"]) == (0 if c["kind"] == "add" and any(c["bias"]) else
+                                                sum(not b for b in c["bias"]) if c["kind"] == "cat" else
+                                                len(report.layout["bias_added"]))
+    assert_exact_in_float64(model, x)
+    ref = reference64(model, x)
+    with torch.no_grad():
+        out = folded(x).double()
+        err_folded, err_plain = (out - ref).abs().max(), (model(x).double() - ref).abs().max()
+    # Each folded conv rounds on its own; the sum adds one rounding of its result.
+    budget = sum(rounding_budget(conv, x) for conv in folded.convs) + 2 * ULPS * float(ref.abs().max())
+    assert err_folded <= 1.5 * err_plain + budget
+
+
+class MergeTraps(nn.Module):
+    """Sums and concats that must not fold: a residual identity term, a conv output also read elsewhere,
+    DenseNet-style conv outputs concatenated twice, a sum that broadcasts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e, self.f, self.g, self.h = (nn.Conv2d(4, 4, 1) for _ in range(8))
+        self.bn_res, self.bn_shared, self.bn_dense1, self.bn_dense2, self.bn_bcast = (
+            nn.BatchNorm2d(c) for c in (4, 4, 8, 12, 4))
+
+    def forward(self, x):
+        r = self.bn_res(self.a(x) + x)  # an identity term
+        s = self.b(r)
+        y = self.bn_shared(s + self.c(r)) + s  # s is read again by the second add
+        f, g = self.d(y), self.e(y)
+        z = self.bn_dense1(torch.cat([f, g], 1))  # f and g are concatenated again below
+        w = self.bn_dense2(torch.cat([f, g, self.f(y)], 1))
+        v = self.bn_bcast(self.g(y) + self.h(y).mean((2, 3), keepdim=True))
+        return z.sum(1, keepdim=True) + w.sum(1, keepdim=True) + v
+
+
+def test_merges_that_must_not_fold_become_affines():
+    _, _, d = fold_checked(zoo.randomize_bn(MergeTraps()).eval(), torch.randn(2, 4, 6, 6))
+    assert d["bn_res"].action == AFFINE and "a term of the add feeding it is also read by conv2d" in d["bn_res"].reason
+    assert d["bn_shared"].action == AFFINE and "also read by add" in d["bn_shared"].reason
+    assert d["bn_dense1"].action == AFFINE and "also read by cat" in d["bn_dense1"].reason
+    assert d["bn_dense2"].action == AFFINE and "also read by cat" in d["bn_dense2"].reason
+    assert d["bn_bcast"].action == AFFINE and "fed by add, not a conv" in d["bn_bcast"].reason
+
+
+class ShapeReaders(nn.Module):
+    """LeViT-style: `.reshape_as(y)` reads the Linear's output only for its shape; `.size()`, `.dim()` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, L, 6)
+        y = self.fc(x)
+        assert y.dim() == 3 and y.size(-1) == y.shape[-1] == 8
+        z = self.bn(y.flatten(0, 1)).reshape_as(y)
+        return self.fc2(torch.relu(z) * torch.ones_like(y))
+
+
+def test_reads_of_the_shape_do_not_share_an_output():
+    _, _, d = fold_checked(zoo.randomize_bn(ShapeReaders()).eval(), torch.randn(2, 5, 6))
+    assert (d["bn"].action, d["bn"].target) == (FOLDED, "fc")

@@ -635,3 +635,65 @@ class ShapeReaders(nn.Module):
 def test_reads_of_the_shape_do_not_share_an_output():
     _, _, d = fold_checked(zoo.randomize_bn(ShapeReaders()).eval(), torch.randn(2, 5, 6))
     assert (d["bn"].action, d["bn"].target) == (FOLDED, "fc")
+
+
+# ---------------------------------------------------------------- BatchNorm without a BatchNorm module
+
+
+class FunctionalNorm(nn.Module):
+    """A custom norm layer around F.batch_norm with its own buffers and parameters (ported code)."""
+
+    def __init__(self, c, eps=1e-3):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.randn(c))
+        self.register_buffer("var", torch.rand(c) + 0.5)
+        self.w, self.b = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.mean, self.var, self.w, self.b, training=False, eps=self.eps)
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 4, 3, padding=1), FunctionalNorm(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.register_buffer("m2", torch.randn(4))
+        self.register_buffer("v2", torch.rand(4) + 0.5)
+        self.norm3 = FunctionalNorm(4)
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(nn.functional.batch_norm(self.conv2(x), self.m2, self.v2, None, None, False))
+        x = self.norm3(x)  # fed by relu: cannot fold, stays
+        return nn.functional.batch_norm(x, None, None, training=True)  # batch statistics: stays
+
+
+def test_functional_batch_norm_on_module_tensors_folds():
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    x = torch.randn(4, 3, 6, 6)
+    folded, report, d = fold_checked(model, x)
+    assert {n: (v.type, v.action, v.target) for n, v in d.items()} == {
+        "norm1": ("F.batch_norm", FOLDED, "conv1"), "(model)": ("F.batch_norm", FOLDED, "conv2"),
+        "norm3": ("F.batch_norm", REFUSED, None)}
+    assert "fed by relu" in d["norm3"].reason
+    # The calls stay in the owners' forwards, now with identity statistics: every one is named, with why.
+    assert report.batch_norm_ops_after == report.batch_norm_ops_before == 4
+    assert len(report.ops_left) == 4 and "training=True" in report.ops_left[-1]
+    assert torch.equal(folded.norm1.mean, torch.zeros(4)) and torch.equal(folded.norm1.w, torch.ones(4))
+    ones = torch.ones(1, 4, 1, 1)
+    with torch.no_grad():  # exactly the identity, not merely close
+        assert torch.equal(folded.norm1(ones * 3.7), ones * 3.7)
+    assert report.layout["bias_added"] == ["conv2"]
+    assert not torch.equal(model.norm1.mean, torch.zeros(4))  # the original keeps its statistics
+
+
+def test_inspect_lists_functional_batch_norm():
+    from bntool.inspection import inspect
+
+    report = inspect(FunctionalNet().eval(), torch.randn(2, 3, 6, 6))
+    assert [(layer.name, layer.type, layer.fold_action) for layer in report.layers] == [
+        ("norm1", "F.batch_norm", FOLDED), ("(model)", "F.batch_norm", FOLDED), ("norm3", "F.batch_norm", REFUSED)]
+    assert len(report.batch_norm_calls_unplanned) == 1

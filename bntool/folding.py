@@ -27,6 +27,7 @@ from .errors import CheckFailed, InputError
 from .graph import LAYER_OPS, OPAQUE, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
     ChannelAffine,
+    FoldedNormAct,
     affine_from,
     affine_of,
     bn_eps,
@@ -37,6 +38,7 @@ from .layers import (
     is_bn,
     is_frozen_bn,
     make_custom_bn_folded,
+    norm_act_parts,
 )
 
 STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -62,6 +64,7 @@ class BNDecision:
     action: str
     target: str | None = None  # the conv/linear it was folded into (several, comma-separated, across add/cat)
     reason: str = ""
+    replaced_by: str = ""  # Identity, ChannelAffine, FoldedNormAct, intercepted forward (unknown BN subclasses)
 
 
 @dataclass
@@ -211,9 +214,11 @@ def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Modu
             raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
         affine = name in layout.get("affine", [])
         c, dtype = bn_num_features(bn), bn.running_mean.dtype
-        if has_standard_forward(bn):
+        if has_standard_forward(bn) or name in layout.get("norm_act", []):
             centered = name in layout.get("centered", [])
-            _replace_module(model, name, ChannelAffine.empty(c, dtype, centered) if affine else nn.Identity())
+            new = ChannelAffine.empty(c, dtype, centered) if affine else nn.Identity()
+            parts = norm_act_parts(bn) if name in layout.get("norm_act", []) else None
+            _replace_module(model, name, FoldedNormAct(new, *parts) if parts else new)
         else:
             ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
             make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
@@ -254,6 +259,7 @@ class FoldStep:
     targets: list[FoldTarget] = field(default_factory=list)
     functional: FunctionalBN | None = None
     centered: bool = False  # an affine that subtracts the mean first (statistics far from zero)
+    norm_act: bool = False  # a known BN+act class, replaced by a FoldedNormAct
 
 
 @dataclass
@@ -340,34 +346,63 @@ def _decide(name: str, bn: nn.Module, ctx: _Context) -> FoldStep:
     if len(calls) != 1:
         decision.action = AFFINE
         decision.reason = "not executed on the example input" if not calls else f"called {len(calls)} times"
-        step.centered = _centered(bn)
-        return step
+        return _replacement(step, bn, ctx)
     x, reader = _normalized_input(bn, ctx.flow)
     try:
         if x is None:
             raise _NoFold("its forward runs no single batch_norm op")
         step.targets = _producer_targets(x, reader, bn, channels, ctx)
         decision.action, decision.target = FOLDED, ", ".join(t.layer for t in step.targets)
-        return step
+        return _replacement(step, bn, ctx)
     except _NoFold as e:
         why_not = str(e)
     consumer, why_not_forward = _consumer_target(bn, ctx)
     if consumer is not None:
         step.targets = [consumer]
         decision.action, decision.target, decision.reason = FOLDED_FORWARD, consumer.layer, why_not
-        return step
+        return _replacement(step, bn, ctx)
     decision.action = AFFINE
     decision.reason = why_not if why_not_forward is None else f"{why_not}; {why_not_forward}"
-    step.centered = _centered(bn)
+    return _replacement(step, bn, ctx)
+
+
+def _replacement(step: FoldStep, bn: nn.Module, ctx: _Context) -> FoldStep:
+    """Say what the BN module becomes: Identity or ChannelAffine (a plain BN), FoldedNormAct (a known BN+act
+    class whose behaviour it reproduces), or the same module with its batch_norm call intercepted (others)."""
+    d = step.decision
+    if has_standard_forward(bn):
+        d.replaced_by = "ChannelAffine" if d.action == AFFINE else "Identity"
+    elif _acts_as_norm_act(bn, ctx):
+        step.norm_act, d.replaced_by = True, "FoldedNormAct"
+    else:
+        d.replaced_by = "intercepted forward"
+    step.centered = (d.action == AFFINE and (has_standard_forward(bn) or step.norm_act)
+                     and mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN)
     return step
+
+
+def _acts_as_norm_act(bn: nn.Module, ctx: _Context) -> bool:
+    """A known BN+act class, checked on its recorded input: the affine, drop and act in that order give
+    its output (a look-alike class with another forward falls back to interception)."""
+    parts = norm_act_parts(bn)
+    if parts is None:
+        return False
+    calls = ctx.flow.calls_of(bn)
+    if not calls or len(calls[0].inputs) != 1 or not calls[0].inputs[0].is_floating_point():
+        return not calls
+    x = calls[0].inputs[0]
+    scale, shift = affine_of(bn)
+    with torch.no_grad():
+        expected = bn(x.clone()).double()
+        got = FoldedNormAct(_affine_module(bn, scale, shift), *parts)(x.clone()).double()
+    if expected.shape != got.shape:
+        return False
+    rtol, atol = default_tolerances(x.dtype)
+    return bool((expected - got).abs().max() <= rtol * expected.abs().max() + atol) if expected.numel() else True
 
 
 def _has_stats(bn) -> bool:
     return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
-
-
-def _centered(bn) -> bool:
-    return has_standard_forward(bn) and mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN
 
 
 def _refusal(name: str, bn: nn.Module, ctx: _Context) -> str:
@@ -413,7 +448,7 @@ def _normalized_input(bn, flow: Dataflow) -> tuple[torch.Tensor | None, OpCall |
     if len(norm_ops) == 1:
         op = norm_ops[0]
         return (op.args[0] if op.args else op.kwargs["input"]), op
-    if is_frozen_bn(bn) and has_standard_forward(bn):
+    if is_frozen_bn(bn) and (has_standard_forward(bn) or norm_act_parts(bn) is not None):
         return flow.calls_of(bn)[0].inputs[0], None
     return None, None
 
@@ -694,7 +729,7 @@ def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> dict[str, list[str]]:
     modules = dict(model.named_modules())
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
-    identity, affine, centered, bias_added = [], [], [], []
+    identity, affine, centered, bias_added, norm_act = [], [], [], [], []
     for step in plan.steps:
         d = step.decision
         if d.action == REFUSED:
@@ -719,11 +754,14 @@ def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> dict[str, list[str]]:
             affine.append(d.name)
             if step.centered:
                 centered.append(d.name)
-            _replace_bn(model, d.name, bn, scale, shift)
+            _replace_bn(model, d.name, bn, scale, shift, step.norm_act)
         else:
             identity.append(d.name)
-            _replace_bn(model, d.name, bn, None, None)
-    return {"identity": identity, "affine": affine, "centered": centered, "bias_added": sorted(set(bias_added))}
+            _replace_bn(model, d.name, bn, None, None, step.norm_act)
+        if step.norm_act:
+            norm_act.append(d.name)
+    return {"identity": identity, "affine": affine, "centered": centered, "bias_added": sorted(set(bias_added)),
+            "norm_act": norm_act}
 
 
 def _make_batch_norm_identity(tensors: dict[str, torch.Tensor], f: FunctionalBN) -> None:
@@ -798,11 +836,11 @@ def _affine_module(bn, scale, shift) -> ChannelAffine:
     return ChannelAffine(scale.to(dtype), (shift + mean * scale).to(dtype), center=mean.to(dtype))
 
 
-def _replace_bn(model, name, bn, scale, shift) -> None:
+def _replace_bn(model, name, bn, scale, shift, norm_act: bool = False) -> None:
     dtype = bn.running_mean.dtype
-    if has_standard_forward(bn):
+    if has_standard_forward(bn) or norm_act:
         new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
-        _replace_module(model, name, new)
+        _replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
     else:
         if scale is None:
             make_custom_bn_folded(bn, None, None)

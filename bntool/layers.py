@@ -102,6 +102,34 @@ class ChannelAffine(nn.Module):
         return f"{self.scale.numel()}" + (", centered" if self.center is not None else "")
 
 
+# BN+activation classes whose forward is exactly: normalize, then self.drop (if any), then self.act (timm's
+# BatchNormAct2d family). Folded, they become a FoldedNormAct: plain modules, no per-call interception.
+NORM_ACT_CLASS_NAMES = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
+
+
+def norm_act_parts(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(drop, act) of a known BN+activation module, or None for any other class."""
+    if type(module).__name__ not in NORM_ACT_CLASS_NAMES or isinstance(module, torch.jit.ScriptModule):
+        return None
+    act, drop = getattr(module, "act", None), getattr(module, "drop", nn.Identity())
+    if not isinstance(act, nn.Module) or not isinstance(drop, nn.Module):
+        return None
+    return drop, act
+
+
+class FoldedNormAct(nn.Module):
+    """A folded BN+activation module (timm's BatchNormAct2d): the folded affine, or nothing where the
+    normalization went into a conv, then the module's own drop and act, as its forward ran them. A plain
+    module, so it scripts, traces, exports and compiles, and costs no more than its activation."""
+
+    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.norm, self.drop, self.act = norm, drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(x)))
+
+
 class _BatchNormAsAffine(TorchFunctionMode):
     """Inside a BN subclass's own forward, turn its batch_norm call into the folded affine (or identity)."""
 

@@ -25,7 +25,7 @@ from bntool.folding import (
     mean_in_stds,
     plan_fold,
 )
-from bntool.layers import ChannelAffine
+from bntool.layers import ChannelAffine, FoldedNormAct
 
 ULPS = 8 * torch.finfo(torch.float32).eps
 
@@ -238,8 +238,9 @@ def test_zoo_model_folds_exactly(name):
 
 def test_bn_subclass_keeps_its_activation():
     model = zoo.build("subclass")
-    folded, _ = fold(model, zoo.example_input("subclass"))
-    assert isinstance(folded.bn1, zoo.BatchNormAct2d) and isinstance(folded.bn1.act, nn.SiLU)
+    folded, report = fold(model, zoo.example_input("subclass"))
+    assert isinstance(folded.bn1, FoldedNormAct) and isinstance(folded.bn1.act, nn.SiLU)
+    assert {d.name: d.replaced_by for d in report.decisions}["bn1"] == "FoldedNormAct"
     x = torch.randn(2, 8, 5, 5)
     # With normalization folded away, the module is now exactly its activation.
     assert torch.equal(folded.bn1(x), torch.nn.functional.silu(x))
@@ -697,3 +698,119 @@ def test_inspect_lists_functional_batch_norm():
     assert [(layer.name, layer.type, layer.fold_action) for layer in report.layers] == [
         ("norm1", "F.batch_norm", FOLDED), ("(model)", "F.batch_norm", FOLDED), ("norm3", "F.batch_norm", REFUSED)]
     assert len(report.batch_norm_calls_unplanned) == 1
+
+
+# ---------------------------------------------------------------- BN+activation classes
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    """A faithful replica of timm.layers.BatchNormAct2d (timm 1.0): its own copy of BatchNorm2d.forward's
+    eval path through F.batch_norm, then drop, then act. Named like timm's class, as the fold recognizes it."""
+
+    def __init__(self, num_features, eps=1e-5, apply_act=True, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(num_features, eps=eps)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=True) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        assert x.ndim == 4, f"expected 4D input (got {x.ndim}D input)"
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, 0.0 if self.momentum is None else self.momentum, self.eps)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+TimmBatchNormAct2d.__name__ = TimmBatchNormAct2d.__qualname__ = "BatchNormAct2d"
+
+
+class LookAlike(TimmBatchNormAct2d):
+    """Named like timm's class, but activates before normalizing: must not be replaced structurally."""
+
+    def forward(self, x):
+        return super().forward(torch.relu(x))
+
+
+LookAlike.__name__ = "BatchNormAct2d"
+
+
+class GeluNorm(nn.BatchNorm2d):
+    """A BN subclass nobody knows: its batch_norm call is intercepted, its GELU kept."""
+
+    def forward(self, x):
+        return nn.functional.gelu(super().forward(x))
+
+
+class NormActNet(nn.Module):
+    """EfficientNet-like: conv → BN+SiLU (+ dropout layer), depthwise conv → BN+SiLU, 1×1 → BN without act
+    added to a residual, a BN+act fed by that add (an affine), a look-alike and an unknown subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), TimmBatchNormAct2d(
+            8, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.2))
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = TimmBatchNormAct2d(8, act_layer=nn.SiLU)
+        self.pw, self.bn3 = nn.Conv2d(8, 8, 1, bias=False), TimmBatchNormAct2d(8, apply_act=False)
+        self.bn4 = TimmBatchNormAct2d(8, act_layer=nn.Hardswish)
+        self.conv5, self.bn5 = nn.Conv2d(8, 8, 1), LookAlike(8)
+        self.conv6, self.bn6 = nn.Conv2d(8, 8, 1), GeluNorm(8)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = self.bn4(x + self.bn3(self.pw(self.bn2(self.dw(x)))))
+        return self.bn6(self.conv6(self.bn5(self.conv5(x))))
+
+
+def test_bn_act_classes_are_replaced_structurally():
+    model = zoo.randomize_bn(NormActNet()).eval()
+    folded, report, d = fold_checked(model, torch.randn(2, 3, 8, 8))
+    paths = {name: (v.action, v.replaced_by) for name, v in d.items()}
+    assert paths == {"bn1": (FOLDED, "FoldedNormAct"), "bn2": (FOLDED, "FoldedNormAct"),
+                     "bn3": (FOLDED, "FoldedNormAct"), "bn4": (AFFINE, "FoldedNormAct"),
+                     "bn5": (AFFINE, "intercepted forward"), "bn6": (FOLDED, "intercepted forward")}
+    assert isinstance(folded.bn1.drop, nn.Dropout) and isinstance(folded.bn4.norm, ChannelAffine)
+    assert report.layout["norm_act"] == ["bn1", "bn2", "bn3", "bn4"] and report.batch_norm_ops_after == 0
+
+
+def test_folded_bn_act_models_script_trace_export_and_compile():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), TimmBatchNormAct2d(8, act_layer=nn.SiLU),
+                          nn.Conv2d(8, 8, 1), TimmBatchNormAct2d(8, act_layer=nn.ReLU))
+    model = zoo.randomize_bn(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, _ = fold(model, x)
+    with torch.no_grad():
+        expected = folded(x)
+        assert torch.equal(torch.jit.script(folded)(x), expected)
+        assert torch.equal(torch.jit.trace(folded, (x,))(x), expected)
+        assert torch.allclose(torch.export.export(folded, (x,)).module()(x), expected, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(torch.compile(folded, backend="aot_eager")(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet", "preact", "tokens", "subclass", "mlp"])
+def test_folded_zoo_models_script_and_trace(name):
+    """Where the original scripts or traces, the folded model does too, with the same outputs."""
+    model, x = zoo.build(name), zoo.example_input(name)
+    folded, _ = fold(model, x)
+    with torch.no_grad():
+        expected = folded(x)
+        for convert in (torch.jit.script, lambda m: torch.jit.trace(m, (x,), check_trace=False)):
+            try:
+                convert(copy.deepcopy(model))
+            except Exception:
+                continue
+            assert torch.allclose(convert(folded)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_real_timm_bn_act_is_replaced_structurally():
+    try:
+        import timm.layers as timm_layers
+    except Exception as e:  # not installed, or torchvision's CUDA-built ops on a CPU torch
+        pytest.skip(f"timm does not import here: {e}")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), timm_layers.BatchNormAct2d(8, act_layer=nn.SiLU))
+    folded, report, d = fold_checked(zoo.randomize_bn(model).eval(), torch.randn(2, 3, 8, 8))
+    assert d["1"].replaced_by == "FoldedNormAct" and isinstance(folded[1], FoldedNormAct)
+    torch.jit.script(folded)

@@ -245,7 +245,9 @@ def parse_kwargs(arch_kwargs: str | Mapping[str, Any] | None, what: str = "--arc
 
 
 def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) -> nn.Module:
-    factory = import_object(arch)
+    from .arch import resolve_factory
+
+    factory = resolve_factory(arch).build
     if not callable(factory):
         raise InputError(f"--arch {arch!r}: is a {type(factory).__name__}, not callable")
     kwargs = parse_kwargs(arch_kwargs)

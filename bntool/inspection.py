@@ -12,6 +12,8 @@ from torch import nn
 from .layers import bn_eps, bn_modules, bn_type_name
 
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
+FEW_UPDATES = 100  # running statistics averaged over fewer batches than this are noisy (a warning, not a failure)
+FEW_UPDATES_FLAG = "few updates"
 
 
 @dataclass
@@ -92,6 +94,8 @@ def health_flags(module: nn.Module) -> list[str]:
         flags.append("never updated: running stats are exactly 0/1")
     elif tracked is not None and int(tracked) == 0:
         flags.append("never updated: num_batches_tracked is 0")
+    elif tracked is not None and int(tracked) < FEW_UPDATES:
+        flags.append(f"{FEW_UPDATES_FLAG}: num_batches_tracked {int(tracked)} < {FEW_UPDATES}; recalibrate")
     return flags
 
 

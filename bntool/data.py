@@ -470,10 +470,12 @@ def image_to_tensor(img, p: Preprocessing) -> torch.Tensor:
     img = img.convert(_PIL_MODES[p.channels])
     resample = getattr(Image.Resampling, p.interpolation.upper())
     h, w = p.size
-    if p.center_crop:
-        scale = p.resize / min(img.size)
-        img = img.resize((max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale))), resample)
-        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    if p.center_crop:  # the sizes and offsets torchvision's Resize(int) and CenterCrop compute (timm uses them)
+        short, long = sorted(img.size)
+        new_long = int(p.resize * long / short)
+        size = (p.resize, new_long) if img.size[0] <= img.size[1] else (new_long, p.resize)
+        img = img.resize((max(w, size[0]), max(h, size[1])), resample)
+        left, top = int(round((img.size[0] - w) / 2.0)), int(round((img.size[1] - h) / 2.0))
         img = img.crop((left, top, left + w, top + h))
     else:
         img = img.resize((w, h), resample)

@@ -137,3 +137,26 @@ def test_timm_attribute_still_works():
     timm = timm_or_skip()
     assert resolve_factory("timm:create_model").build is timm.create_model
 
+
+
+def test_timm_model_preprocessing_matches_timms_own_transform(tmp_path):
+    """The images bntool feeds a timm model are the ones timm's eval transform makes from the same file."""
+    timm_or_skip()
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from bntool.data import open_source
+
+    model = resolve_factory("timm:efficientnet_b0").build(num_classes=10)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / "wide.png")
+    source = open_source(folder, model=model, input_shape=(1, 3, 64, 64), batch_size=1)
+    p = source.preprocessing
+    assert (p.interpolation, p.resize, p.sources["mean"]) == ("bicubic", 73, "the model's pretrained_cfg")
+    (batch,) = list(source)
+    config = resolve_data_config({"input_size": (3, 64, 64)}, model=model)
+    expected = create_transform(**config)(Image.open(folder / "wide.png").convert("RGB"))
+    assert torch.allclose(batch[0], expected, atol=1e-5), float((batch[0] - expected).abs().max())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, param
 
 TIMM_PREFIX = "timm:"
 
@@ -36,7 +36,7 @@ class Factory:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_factory(spec: str, what: str = "--arch") -> Factory:
+def resolve_factory(spec: str, what: str = param("arch")) -> Factory:
     """Resolve an architecture string to a callable; InputError naming `what`, with close matches, if it cannot be.
 
     Side effect: the working directory is appended to `sys.path` when it is not there (as `python -m` has it,
@@ -56,9 +56,9 @@ def resolve_factory(spec: str, what: str = "--arch") -> Factory:
     return Factory(spec, obj, "import", notes)
 
 
-def import_user_object(spec: str, what: str = "--arch", notes: list[str] | None = None) -> Any:
+def import_user_object(spec: str, what: str = param("arch"), notes: list[str] | None = None) -> Any:
     """`utils.import_object`, plus close matches on a typo and torchvision's CPU-torch workaround."""
-    from .checkpoint import import_object
+    from .utils import import_object
 
     try:
         return import_object(spec, what=what)
@@ -70,7 +70,7 @@ def import_user_object(spec: str, what: str = "--arch", notes: list[str] | None 
             return import_object(spec, what=what)
         hint = _close_matches_hint(spec)
         if hint:
-            raise InputError(f"{e}; did you mean {hint}?") from e.__cause__
+            raise InputError(f"{e.message}; did you mean {hint}?", param=e.param) from e.__cause__
         raise
 
 

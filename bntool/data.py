@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import import_object, parse_kwargs
-from .errors import InputError
+from .errors import InputError, param
+from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +34,7 @@ def first_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
         for k in keys:
             if k in batch:
                 return first_input(batch[k])
-        raise InputError(f"batch is a dict with keys {sorted(batch)}; name the input with --input-key")
+        raise InputError(f"batch is a dict with keys {sorted(batch)}; name the input with {param('input_key')}")
     if isinstance(batch, (list, tuple)) and batch:
         return first_input(batch[0], input_key)
     raise InputError(f"cannot find an input tensor in a batch of type {type(batch).__name__}")
@@ -137,9 +137,10 @@ def resolve_preprocessing(
     mean = _resolve_stat("mean", o.mean, cfg, channels, IMAGENET_MEAN, sources)
     std = _resolve_stat("std", o.std, cfg, channels, IMAGENET_STD, sources)
     if len(mean) != len(std):
-        raise InputError(f"mean has {len(mean)} values but std has {len(std)}: give one per channel")
+        raise InputError(f"{param('mean')} has {len(mean)} values but {param('std')} has {len(std)}: "
+                         "give one per channel")
     if any(v <= 0 for v in std):
-        raise InputError(f"std {_numbers(std)}: every value must be positive")
+        raise InputError(f"{param('std')} {_numbers(std)}: every value must be positive")
     if len(mean) not in _PIL_MODES:
         raise InputError(f"images have 1, 3 or 4 channels; the model input has {len(mean)}")
     if o.center_crop is not None:
@@ -154,7 +155,8 @@ def resolve_preprocessing(
     if o.interpolation is not None:
         interpolation = o.interpolation.lower()
         if interpolation not in INTERPOLATIONS:
-            raise InputError(f"interpolation {o.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+            raise InputError(f"{param('interpolation')} {o.interpolation!r}: expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
         sources["interpolation"] = GIVEN
     elif cfg.get("interpolation") in INTERPOLATIONS:
         interpolation = cfg["interpolation"]
@@ -169,15 +171,15 @@ def _resolve_size(o: ImageOptions, input_shape, cfg, sources) -> tuple[int, int]
     from_shape = None
     if input_shape is not None:
         if len(input_shape) < 3:
-            raise InputError(f"images become (C, H, W) samples, but the model input has shape {tuple(input_shape)}")
+            raise InputError(f"images become (C, H, W) samples, but {param('input_shape')} is {_shape(input_shape)}")
         from_shape = (int(input_shape[-2]), int(input_shape[-1]))
     if o.image_size is not None:
         given = (o.image_size, o.image_size) if isinstance(o.image_size, int) else tuple(o.image_size)
         if len(given) != 2 or any(int(v) <= 0 for v in given):
-            raise InputError(f"image size {o.image_size!r}: expected a positive side or (height, width)")
+            raise InputError(f"{param('image_size')} {o.image_size!r}: expected a positive side or (height, width)")
         if from_shape is not None and tuple(given) != from_shape:
-            raise InputError(f"image size {_hw(given)} contradicts the input shape {tuple(input_shape)}: "
-                             "give one of them")
+            raise InputError(f"{param('image_size')} {_hw(given)} contradicts {param('input_shape')} "
+                             f"{_shape(input_shape)}: give one of them")
         sources["size"] = GIVEN
         return (int(given[0]), int(given[1]))
     if from_shape is not None:
@@ -201,7 +203,7 @@ def _resolve_stat(name, given, cfg, channels, imagenet, sources) -> tuple[float,
     else:
         values, sources[name] = tuple(imagenet), DEFAULT + " (ImageNet)"
     if channels is not None and len(values) != channels:
-        raise InputError(f"{name} {_numbers(values)} has {len(values)} values, but the input shape has "
+        raise InputError(f"{param(name)} {_numbers(values)} has {len(values)} values, but {param('input_shape')} has "
                          f"{channels} channels: give one value per channel")
     return values
 
@@ -209,11 +211,12 @@ def _resolve_stat(name, given, cfg, channels, imagenet, sources) -> tuple[float,
 def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int:
     if not center_crop:
         if o.resize is not None:
-            raise InputError("a resize before the crop needs the center crop; drop one of them")
+            raise InputError(f"{param('resize')} is the shorter side before the center crop: it needs "
+                             f"{param('center_crop')}")
         return max(size)
     if o.resize is not None:
         if o.resize < max(size):
-            raise InputError(f"resize {o.resize} is smaller than the crop {_hw(size)}")
+            raise InputError(f"{param('resize')} {o.resize} is smaller than the crop {_hw(size)}")
         sources["resize"] = GIVEN
         return int(o.resize)
     fraction, source = DEFAULT_CROP_FRACTION, DEFAULT + " (crop 224 of 256)"
@@ -221,6 +224,10 @@ def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int:
         fraction, source = float(cfg["crop_pct"]), f"{MODEL_CONFIG} (crop_pct {float(cfg['crop_pct']):g})"
     sources["resize"] = source
     return max(max(size), math.floor(max(size) / fraction))
+
+
+def _shape(shape) -> str:
+    return ",".join(str(int(d)) for d in shape)
 
 
 def _hw(size) -> str:
@@ -298,8 +305,8 @@ def check_fits(batch: torch.Tensor, example: torch.Tensor, what: str = "data") -
     """A data batch must have the example input's rank and per-sample shape (the batch size may differ);
     InputError naming both shapes if not, instead of a failed or meaningless comparison later."""
     if batch.dim() != example.dim() or tuple(batch.shape[1:]) != tuple(example.shape[1:]):
-        raise InputError(f"{what}: samples of shape {tuple(batch.shape[1:])} do not fit the model input of shape "
-                         f"{tuple(example.shape)} (each sample must be {tuple(example.shape[1:])})")
+        raise InputError(f"{what}: samples of shape {tuple(batch.shape[1:])} do not fit {param('input_shape')} "
+                         f"{_shape(example.shape)} (each sample must be {tuple(example.shape[1:])})")
 
 
 def open_source(
@@ -328,11 +335,12 @@ def open_source(
     ones a single process would see, so merged statistics equal a single-process run (a user's --loader is
     used as given: shard it yourself, e.g. with DistributedSampler)."""
     if batch_size <= 0:
-        raise InputError(f"--batch-size {batch_size}: must be positive")
+        raise InputError(f"{param('batch_size')} {batch_size}: must be positive")
     if loader is not None:
         return _user_loader(loader, loader_kwargs, input_key)
     if source is None:
-        raise InputError("no calibration data: pass --data PATH (images folder or .npy/.npz/.pt) or --loader")
+        raise InputError(f"no calibration data: pass {param('data')} PATH (images folder or .npy/.npz/.pt) or "
+                         f"{param('loader')}")
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
@@ -383,7 +391,7 @@ def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
             with np.load(path, allow_pickle=False) as archive:
                 keys = list(archive.keys())
                 if npz_key is None and len(keys) != 1:
-                    raise InputError(f"{path}: holds arrays {keys}; choose one with --npz-key")
+                    raise InputError(f"{path}: holds arrays {keys}; choose one with {param('npz_key')}")
                 key = npz_key or keys[0]
                 if key not in keys:
                     raise InputError(f"{path}: no array {key!r}; it holds {keys}")
@@ -394,8 +402,7 @@ def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
     except InputError:
         raise
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: cannot read tensor data ({reason})") from e
+        raise InputError(f"{path}: cannot read tensor data ({first_line(e)})") from e
     if array.dtype.kind not in "fiub":
         raise InputError(f"{path}: array of dtype {array.dtype} is not numeric")
     return _check_tensor(path, torch.from_numpy(np.ascontiguousarray(array)))
@@ -422,15 +429,16 @@ def _check_tensor(path: Path, t: torch.Tensor) -> torch.Tensor:
 
 
 def _user_loader(spec: str, loader_kwargs, input_key) -> DataSource:
-    obj = import_object(spec, what="--loader")
-    kwargs = parse_kwargs(loader_kwargs, what="--loader-kwargs")
+    obj = import_object(spec, what=param("loader"))
+    kwargs = parse_kwargs(loader_kwargs, what=param("loader_kwargs"))
     if callable(obj) and not isinstance(obj, torch.utils.data.DataLoader):
         try:
             obj = obj(**kwargs)
         except Exception as e:
-            raise InputError(f"--loader {spec!r}: calling it failed ({type(e).__name__}: {e})") from e
+            raise InputError(f"{param('loader')} {spec!r}: calling it failed "
+                             f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(obj, Iterable):
-        raise InputError(f"--loader {spec!r}: returned a {type(obj).__name__}, not an iterable of batches")
+        raise InputError(f"{param('loader')} {spec!r}: returned a {type(obj).__name__}, not an iterable of batches")
     n = len(obj.dataset) if hasattr(obj, "dataset") and hasattr(obj.dataset, "__len__") else None
     return DataSource(obj, f"--loader {spec}", n, input_key=input_key)
 
@@ -522,7 +530,8 @@ class _StrictBatches:
     def __iter__(self):
         for batch in self.loader:
             if batch.skipped:
-                raise InputError(f"{batch.skipped[0]}: cannot decode image (drop --strict to skip unreadable files)")
+                raise InputError(f"{batch.skipped[0]}: cannot decode image "
+                                 f"(drop {param('strict')} to skip unreadable files)")
             yield batch
 
     def __len__(self):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_clean_error
+from helpers import ROOT, assert_clean_error
 from torch import nn
 
 from bntool.arch import add_working_directory, resolve_factory
@@ -98,7 +98,7 @@ def test_typos_get_close_matches(user_project, spec, suggestion):
     with pytest.raises(InputError) as e:
         resolve_factory(spec)
     message = str(e.value)
-    assert message.startswith(f"--arch {spec!r}") and f"did you mean {suggestion}" in message, message
+    assert message.startswith(f"arch {spec!r}") and f"did you mean {suggestion}" in message, message
     sys.modules.pop("mymodels", None)
 
 

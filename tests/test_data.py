@@ -1,4 +1,5 @@
-"""One preprocessing for every command: where each value comes from, what images become, data that does not fit."""
+"""data.py: which batches a rank gets, where the input sits in a batch, and one preprocessing for every
+command: where each value comes from, what images become, data that does not fit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from bntool.data import (
@@ -15,11 +18,49 @@ from bntool.data import (
     ImageOptions,
     Preprocessing,
     check_fits,
+    first_input,
     image_to_tensor,
     open_source,
     resolve_preprocessing,
+    shard_batches,
 )
 from bntool.errors import InputError
+
+
+@given(n=st.integers(0, 200), batch=st.integers(1, 32), world=st.integers(1, 5))
+def test_shards_partition_the_single_process_batches(n, batch, world):
+    """Every rank's batches together are exactly the batches one process would see, each once, in order."""
+    single = [range(s, min(s + batch, n)) for s in range(0, n, batch)]
+    shards = [shard_batches(n, batch, (rank, world)) for rank in range(world)]
+    assert sorted((r for shard in shards for r in shard), key=lambda r: r.start) == single
+    for rank, shard in enumerate(shards):
+        assert shard == single[rank::world]
+
+
+def test_shard_sizes_differ_by_at_most_one_batch():
+    sizes = [len(shard_batches(100, 8, (rank, 3))) for rank in range(3)]  # 13 batches over 3 ranks
+    assert sizes == [5, 4, 4]
+
+
+def test_first_input_of_tensors_tuples_and_dicts():
+    x = torch.randn(2, 3)
+    assert first_input(x) is x
+    assert first_input((x, torch.tensor([1, 0]))) is x  # (input, label)
+    assert first_input([[x], "meta"]) is x
+    assert first_input({"pixel_values": x, "labels": torch.tensor([0, 1])}) is x
+    assert first_input({"image": x}) is x
+    assert first_input({"feat": x, "other": torch.zeros(1)}, input_key="feat") is x
+    assert first_input({"inputs": (x, 1)}) is x
+
+
+def test_first_input_errors_name_the_problem():
+    with pytest.raises(InputError, match="keys"):
+        first_input({"feat": torch.zeros(1)})
+    with pytest.raises(InputError, match="str"):
+        first_input("not a batch")
+    with pytest.raises(InputError):
+        first_input(())
+
 
 # The data config timm 1.0 attaches to efficientnet_b0 (its `pretrained_cfg`), as a plain model would carry it.
 EFFNET_CFG = {"architecture": "efficientnet_b0", "input_size": (3, 224, 224), "interpolation": "bicubic",
@@ -71,8 +112,8 @@ def test_squash_crop_mode_resizes_straight():
 
 
 @pytest.mark.parametrize("options, shape, needle", [
-    (ImageOptions(image_size=128), (1, 3, 64, 64), "contradicts the input shape"),
-    (ImageOptions(mean=(0.5, 0.5)), (1, 3, 64, 64), "mean 0.5,0.5 has 2 values, but the input shape has 3"),
+    (ImageOptions(image_size=128), (1, 3, 64, 64), "image_size 128×128 contradicts input_shape 1,3,64,64"),
+    (ImageOptions(mean=(0.5, 0.5)), (1, 3, 64, 64), "mean 0.5,0.5 has 2 values, but input_shape has 3"),
     (ImageOptions(std=(0.2, 0.0, 0.2)), None, "every value must be positive"),
     (ImageOptions(interpolation="cubic"), None, "expected one of nearest, bilinear, bicubic"),
     (ImageOptions(resize=100), (1, 3, 128, 128), "smaller than the crop"),
@@ -168,8 +209,8 @@ def test_tensor_file_that_does_not_fit_the_input_shape(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((8, 3, 224, 224), dtype=np.float32))
     with pytest.raises(InputError) as e:
         open_source(tmp_path / "x.npy", input_shape=(1, 3, 64, 64))
-    assert str(e.value) == (f"{tmp_path / 'x.npy'}: samples of shape (3, 224, 224) do not fit the model input of "
-                            "shape (1, 3, 64, 64) (each sample must be (3, 64, 64))")
+    assert str(e.value) == (f"{tmp_path / 'x.npy'}: samples of shape (3, 224, 224) do not fit input_shape "
+                            "1,3,64,64 (each sample must be (3, 64, 64))")
     ok = open_source(tmp_path / "x.npy", input_shape=(1, 3, 224, 224))
     assert ok.summary() == f"8 samples of shape (3, 224, 224) from {tmp_path / 'x.npy'}, used as they are"
 

@@ -7,7 +7,7 @@ import re
 import shlex
 
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 from bntool import zoo
 from bntool.demo import shifted_images

@@ -13,7 +13,7 @@ install:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)" "$(TORCHVISION)" -e ".[dev,examples,timm]"
 
 demo: install
-	$(PYTHON) -m bntool demo bntool-demo
+	$(PYTHON) -m bntool demo bntool-demo --force  # make demo regenerates its own folder
 
 test: install
 	$(PYTHON) -m pytest -p no:cacheprovider tests

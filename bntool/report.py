@@ -362,10 +362,11 @@ def _demo_value(value: Any) -> str:
 class RecalibrationProgress:
     """One Rich progress bar over all passes of a recalibration, fed by the library's progress callback
     `progress(samples done in this pass, pass number, passes)`: "pass k of n", samples/s, elapsed and the
-    remaining time of the whole run. `samples_per_pass` None: counts without a total."""
+    remaining time of the whole run. The number of passes is taken as a total once it exceeds the pass number
+    (or from `passes`); until then each pass gets its own bar. `samples_per_pass` None: counts, no total."""
 
-    def __init__(self, console: Console, samples_per_pass: int | None):
-        self.console, self.per_pass = console, samples_per_pass
+    def __init__(self, console: Console, samples_per_pass: int | None, passes: int | None = None):
+        self.console, self.per_pass, self.passes = console, samples_per_pass, passes
         self.bar: Any = None
         self.task: Any = None
 
@@ -387,10 +388,14 @@ class RecalibrationProgress:
         return self
 
     def __call__(self, done: int, pass_number: int, passes: int) -> None:
-        passes = max(passes, pass_number)
-        of = f" of {passes}" if passes > 1 else ""
-        total = self.per_pass * passes if self.per_pass is not None else None
-        completed = (pass_number - 1) * (self.per_pass or 0) + done
+        if passes > pass_number or (passes == pass_number and self.passes is not None):
+            self.passes = max(passes, self.passes or 0)  # a total: it exceeded the pass number once
+        if self.passes is not None:  # one bar over every pass
+            of = f" of {self.passes}" if self.passes > 1 else ""
+            total = self.per_pass * self.passes if self.per_pass is not None else None
+            completed = (pass_number - 1) * (self.per_pass or 0) + done
+        else:  # the number of passes is not known: a bar per pass
+            of, total, completed = "", self.per_pass, done
         task = self.bar.tasks[0]
         rate = f"{task.speed:,.0f}" if task.speed else "-"
         self.bar.update(self.task, total=total, completed=completed, description=f"pass {pass_number}{of}",

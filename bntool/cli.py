@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from ._version import __version__
 from .choices import Exporter, Provider, RecalibrationMode
@@ -28,6 +29,15 @@ from .options import (
     Tolerances,
     grouped,
 )
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as man pages write them: `bntool fold [OPTIONS] CKPT` (Typer writes a required
+    argument as `{CKPT}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
 
 app = typer.Typer(
     name="bntool",
@@ -160,7 +170,7 @@ def _fit_errors(run, example: ExampleInputs):
 # ---------------------------------------------------------------- commands
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def inspect(
     model: ModelSource,
@@ -181,7 +191,7 @@ def inspect(
     _show(report, display, "render_inspect", _context(model, loaded=loaded), wide=wide)
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def fold(
     model: ModelSource,
@@ -228,7 +238,7 @@ def fold(
         _console().print(f"Wrote {out.output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def recalibrate(
     model: ModelSource,
@@ -362,7 +372,7 @@ class _progress:
         return False
 
 
-@app.command("export-onnx")
+@app.command("export-onnx", cls=_Command)
 @grouped(batch_size=8)
 def export_onnx(
     model: ModelSource,
@@ -411,7 +421,7 @@ def export_onnx(
     _show(report, display, "render_export", context)
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped(batch_size=8)
 def verify(
     model: ModelSource,
@@ -500,7 +510,7 @@ def _write_summary(path: Path | None, step_summary: str | None, markdown: str) -
             _say(f"warning: cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): {e.strerror or e}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def demo(
     display: Display,

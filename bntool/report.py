@@ -106,6 +106,13 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
                       "`bntool recalibrate CKPT --data DIR -o OUT` re-estimates them from data.")
 
 
+@dataclasses.dataclass
+class _Decision:
+    name: str
+    fold_action: str
+    fold_reason: str
+
+
 def _reasons(layers) -> list[str]:
     """'affine (fed by cat, not a conv/linear): 58 layers, e.g. a, b, c': why layers are not folded, grouped."""
     groups: dict[tuple[str, str], list[str]] = {}
@@ -151,39 +158,55 @@ def _health_cell(flags: list[str], short: bool = False) -> str:
 
 
 def _inspect_compact(report, width: int) -> Table:
-    """Five columns sized to `width`: long names wrap after a dot, nothing is cut."""
+    """Layer, kind, C, health and fold → into, sized to `width`: long names wrap after a dot, nothing is cut."""
+    layers = report.layers
+    folds = report.fold_planned
+    return bn_table(f"{len(layers)} BatchNorm layers", [layer.name for layer in layers],
+                    [layer.type for layer in layers], [layer.channels for layer in layers], width,
+                    healths=[_health_cell(layer.flags, short=True) for layer in layers],
+                    actions=[layer.fold_action for layer in layers] if folds else None,
+                    targets=[layer.fold_target for layer in layers] if folds else None)
+
+
+def bn_table(title: str, names: list[str], types: list[str], channels: list[int], width: int,
+             healths: list[str] | None = None, actions: list | None = None, targets: list | None = None) -> Table:
+    """BN layers as rows: name, kind, C, [health], [action → target], fitted to `width` columns. Names wrap after
+    a dot; targets next to their BN are named relative to the shared parent (…conv1) when full names do not fit."""
     from rich import box
 
-    kinds = [_short_kind(layer.type) for layer in report.layers]
-    healths = [_health_cell(layer.flags, short=True) for layer in report.layers]
-    folds = report.fold_planned
-    actions = [layer.fold_action or "-" for layer in report.layers]
-    targets = [layer.fold_target or "" for layer in report.layers]
-    health_width = max(len("health"), min(13, max(len(Text.from_markup(h).plain) for h in healths)))
-    fixed = max(map(len, kinds)) + max(len(str(layer.channels)) for layer in report.layers) + health_width
-    columns = 5 if folds else 4
-    room = max(24, width - fixed - 3 * columns - (max(map(len, actions)) + 3 if folds else 0))
-    longest_name = max(len(layer.name) for layer in report.layers)
-    longest_target = max(map(len, targets)) if folds else 0
-    if longest_name + longest_target > room:  # name targets next to their BN relative to the shared parent
-        targets = [_relative_target(layer.name, t) for layer, t in zip(report.layers, targets)]
-        longest_target = max(map(len, targets))
+    kinds = [_short_kind(t) for t in types]
+    actions_text = [str(a) if a is not None else "-" for a in actions] if actions is not None else None
+    targets_text = [t or "" for t in targets] if targets is not None else None
+    health_width = 0
+    if healths is not None:
+        health_width = max(len("health"), min(13, max(len(Text.from_markup(h).plain) for h in healths)))
+    columns = 3 + (healths is not None) + (actions is not None)
+    fixed = max(map(len, kinds)) + max(len(str(c)) for c in channels) + health_width
+    room = max(24, width - fixed - 3 * columns - (max(map(len, actions_text)) + 3 if actions_text else 0))
+    longest_name = max(map(len, names))
+    longest_target = max(map(len, targets_text)) if targets_text else 0
+    if targets_text and longest_name + longest_target > room:
+        targets_text = [_relative_target(n, t) for n, t in zip(names, targets_text)]
+        longest_target = max(map(len, targets_text))
     if longest_name + longest_target <= room:
         name_width, target_width = longest_name, longest_target
     else:  # share the room; the shorter of the two keeps its full width when it can
         name_width = max(min(longest_name, room - room // 2), room - longest_target)
         target_width = max(room - name_width, 8)
-    table = Table(title=f"{len(report.layers)} BatchNorm layers", box=box.SIMPLE_HEAD, pad_edge=False,
-                  title_justify="left")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
     table.add_column("layer", width=name_width, overflow="fold")
     table.add_column("kind", no_wrap=True)
     table.add_column("C", justify="right", no_wrap=True)
-    table.add_column("health", width=health_width)
-    if folds:
+    if healths is not None:
+        table.add_column("health", width=health_width)
+    if actions_text is not None:
         table.add_column("fold → into", overflow="fold")
-    for layer, kind, health, action, target in zip(report.layers, kinds, healths, actions, targets):
-        row = [wrap_dotted(layer.name, name_width), kind, str(layer.channels), health]
-        if folds:
+    for i, name in enumerate(names):
+        row = [wrap_dotted(name, name_width), kinds[i], str(channels[i])]
+        if healths is not None:
+            row.append(healths[i])
+        if actions_text is not None:
+            action, target = actions_text[i], targets_text[i]
             style = ACTION_STYLE.get(action, "")
             cell = f"[{style}]{action}[/]" if style else action
             if target:
@@ -237,14 +260,12 @@ def _fold_cell(action: str | None, target: str | None, reason: str) -> str:
 
 def render_fold(report, console: Console) -> None:
     if report.decisions:
-        table = Table(title="BatchNorm folding")
-        for col in ("BN layer", "type", "C", "result", "into", "why"):
-            table.add_column(col, overflow="fold")
-        for d in report.decisions:
-            style = ACTION_STYLE.get(d.action, "")
-            why = d.reason if d.action in ("affine", "refused") else ""
-            table.add_row(d.name, d.type, str(d.channels), f"[{style}]{d.action}[/]", d.target or "-", why)
-        console.print(table)
+        ds = report.decisions
+        console.print(bn_table("BatchNorm folding", [d.name for d in ds], [d.type for d in ds],
+                               [d.channels for d in ds], console.width, actions=[d.action for d in ds],
+                               targets=[d.target for d in ds]))
+        for line in _reasons([_Decision(d.name, d.action, d.reason) for d in ds]):
+            console.print(line)
     else:
         console.print("No BatchNorm layers: nothing to fold.")
     counts = ", ".join(f"{report.count(a)} {a}" for a in ("folded", "folded-forward", "affine", "refused"))
@@ -264,14 +285,24 @@ def render_fold(report, console: Console) -> None:
 
 
 def render_recalibrate(report, console: Console) -> None:
-    table = Table(title=f"Recalibrated BatchNorm statistics ({report.mode})")
-    for col in ("BN layer", "C", "values/channel", "max mean shift (old σ)", "var ratio new/old"):
-        table.add_column(col, overflow="fold")
+    from rich import box
+
+    table = Table(title=f"Recalibrated BatchNorm statistics ({report.mode})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title_justify="left", caption="mean shift: max over channels of |new − old mean| / old σ; "
+                  "var new/old: the range over channels", caption_justify="left")
+    names = [layer.name for layer in report.layers]
+    name_width = max(12, min(max(map(len, names), default=8), console.width - 52))
+    table.add_column("BN layer", width=name_width, overflow="fold")
+    table.add_column("C", justify="right", no_wrap=True)
+    table.add_column("values/ch", justify="right", no_wrap=True)
+    table.add_column("mean shift", justify="right")
+    table.add_column("var new/old", no_wrap=True)
     for layer in report.layers:
+        name = wrap_dotted(layer.name, name_width)
         if layer.skipped:
-            table.add_row(layer.name, str(layer.channels), "-", f"[yellow]skipped: {layer.skipped}[/]", "-")
+            table.add_row(name, str(layer.channels), "-", f"[yellow]skipped: {layer.skipped}[/]", "-")
             continue
-        table.add_row(layer.name, str(layer.channels), f"{layer.samples:,}", fmt(layer.mean_shift),
+        table.add_row(name, str(layer.channels), f"{layer.samples:,}", f"{fmt(layer.mean_shift)} σ",
                       f"{fmt(layer.var_ratio_min)} … {fmt(layer.var_ratio_max)}")
     console.print(table)
     console.print(f"{report.samples:,} samples in {report.batches} batches × {report.passes} pass(es), "

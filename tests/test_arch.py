@@ -71,6 +71,7 @@ def test_console_script_imports_a_module_from_the_working_directory(user_project
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [layer["name"] for layer in report["layers"]] == ["1"]
+    assert any("working directory" in note for note in report["notes"]), report.get("notes")
     assert report["total_params"] == 8 * 3 * 3 * 3 + 2 * 8 + 8 * 4 + 4
 
 

@@ -145,6 +145,11 @@ def test_progress_is_one_bar_over_all_passes():
         assert (task.description, task.completed, task.total) == ("pass 2 of 3", 60, 150)
         progress(50, 3, 3)
         assert progress.bar.tasks[0].completed == progress.bar.tasks[0].total == 150
+    with RecalibrationProgress(console, samples_per_pass=50) as unknown:  # passes reported as "so far"
+        unknown(10, 1, 1)
+        unknown(20, 2, 2)
+        task = unknown.bar.tasks[0]
+        assert (task.description, task.completed, task.total) == ("pass 2", 20, 50)
     with RecalibrationProgress(console, samples_per_pass=None) as single:
         single(7, 1, 1)
         assert (single.bar.tasks[0].description, single.bar.tasks[0].total) == ("pass 1", None)

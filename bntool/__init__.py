@@ -20,6 +20,8 @@ _EXPORTS = {
     "InspectReport": "inspection",
     "fold": "folding",
     "FoldReport": "folding",
+    "plan_fold": "folding",
+    "FoldPlan": "folding",
     "FoldLayout": "layout",
     "recalibrate": "recalibration",
     "RecalibrationReport": "recalibration",

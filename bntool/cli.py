@@ -114,13 +114,15 @@ def _tell(display: Display, loaded=None, source=None) -> None:
         for warning in warnings:
             _say(f"warning: {warning}")
         return
+    from rich.markup import escape
+
     console = _console()
     for note in notes:
-        console.print(f"note: {note}", soft_wrap=True)
+        console.print(f"note: {note}", markup=False)
     if source is not None:
-        console.print(f"data: {source.summary()}", soft_wrap=True)
+        console.print(f"data: {source.summary()}", markup=False)
     for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 DEVICES = "cpu, cuda, cuda:N (e.g. cuda:1) or mps"
@@ -406,7 +408,7 @@ def export_onnx(
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
     inputs = example.build(loaded.model)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
-                                   workers=images.workers)
+                                   workers=images.workers, fixed_batch=not dynamic_batch)
     _tell(display, loaded, source)
     context = _context(model, source, loaded)
     try:
@@ -487,7 +489,7 @@ def _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, 
     _require_eager(loaded, "verify")
     inputs = example.build(loaded.model)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
-                                   workers=images.workers)
+                                   workers=images.workers, fixed_batch=onnx is not None)  # a given file may be fixed
     _tell(display, loaded, source)
     report = _fit_errors(lambda: verify_model(
         loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,

@@ -129,9 +129,11 @@ class DataOptions:
                            input_shape=input_shape, npz_key=self.npz_key, input_key=self.input_key, strict=strict,
                            seed=seed, rank=rank, world_size=world_size)
 
-    def batches(self, num_batches: int, example, *, model=None, image=None, workers: int = 0):
+    def batches(self, num_batches: int, example, *, model=None, image=None, workers: int = 0,
+                fixed_batch: bool = False):
         """At most `num_batches` batches in the example input's dtype, each checked to fit it, for a numerical
-        check; and the DataSource they came from. (None, None) without data."""
+        check; and the DataSource they came from. (None, None) without data. `fixed_batch`: for a graph whose
+        batch size is fixed, batches are cut to the example's batch size (a smaller remainder is left out)."""
         if not self.given:
             return None, None
         from .data import check_fits
@@ -139,11 +141,12 @@ class DataOptions:
         source = self.open(image, model=model, input_shape=tuple(example.shape), workers=workers)
         batches = []
         for x in source:
+            check_fits(x, example, self.data if self.data is not None else f"--loader {self.loader}")
+            pieces = [p for p in x.split(len(example)) if len(p) == len(example)] if fixed_batch else [x]
+            batches.extend(p.to(example.dtype) for p in pieces)
             if len(batches) >= num_batches:
                 break
-            check_fits(x, example, self.data if self.data is not None else f"--loader {self.loader}")
-            batches.append(x.to(example.dtype))
-        return batches, source
+        return batches[:num_batches], source
 
 
 @dataclass

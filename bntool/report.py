@@ -324,13 +324,22 @@ def render_export(report, console: Console) -> None:
                   f"{report.file_bytes / 1e6:.2f} MB, {report.export_seconds:.1f} s.")
     ops = ", ".join(f"{k} {v}" for k, v in sorted(report.op_counts.items(), key=lambda kv: -kv[1]))
     console.print(f"Ops: {ops}")
-    table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch")
-    for col in ("input", "output", "max abs", "max rel", "mean abs", "over tol.", "worst at", "result"):
-        table.add_column(col)
+    from rich import box
+
+    table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title_justify="left")
+    full = console.width >= 110  # mean abs and the worst element's index need the room (both are in --json)
+    longest_input = max((len(c.input) for c in report.comparisons), default=5)
+    longest_output = max((len(c.output) for c in report.comparisons), default=6)
+    table.add_column("input", min_width=min(14, longest_input), overflow="fold")  # text wraps; figures never do
+    table.add_column("output", min_width=min(10, longest_output), overflow="fold")
+    for col in ("max abs", "max rel", *(("mean abs",) if full else ()), "over tol.", *(("worst at",) if full else ()),
+                "result"):
+        table.add_column(col, no_wrap=True, justify="right" if col != "result" else "left")
     for c in report.comparisons:
-        table.add_row(c.input, c.output, fmt(c.max_abs), fmt(c.max_rel_elementwise), fmt(c.mean_abs),
-                      f"{c.mismatched_fraction:.2%}", str(c.worst_index),
-                      "[green]ok[/]" if c.passed else "[red]FAIL[/]")
+        figures = [fmt(c.max_abs), fmt(c.max_rel_elementwise), *([fmt(c.mean_abs)] if full else []),
+                   f"{c.mismatched_fraction:.2%}", *([str(c.worst_index)] if full else [])]
+        table.add_row(c.input, c.output, *figures, "[green]ok[/]" if c.passed else "[red]FAIL[/]")
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -182,3 +182,19 @@ def test_inspect_fits_80_columns_and_wide_shows_everything(cli, resnet_sd, monke
     assert wide.code == 0 and "running_mean" in wide.out and "tracked: num_batches_tracked" in wide.out
     data = json.loads(cli("inspect", resnet_sd, *ARCH, "--json").out)
     assert data["checkpoint"] == str(resnet_sd) and data["versions"]["bntool"]
+
+
+def test_export_with_a_fixed_batch_checks_real_data_at_that_batch(cli, resnet_sd, pngs, tmp_path, monkeypatch):
+    """Without --dynamic-batch the graph takes batch 1 only: data batches of 4 are cut to the example's batch
+    size instead of failing in onnxruntime (which read as 'max abs inf')."""
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "m.onnx"
+    args = ["export-onnx", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--data", pngs, "-b", "4",
+            "--num-batches", "3", "--exporter", "legacy", "--samples", "1", "-o", out]
+    result = cli(*args)
+    assert result.code == 0, result.err + result.out
+    assert "…" not in result.out and max(len(line) for line in result.out.splitlines()) <= 80
+    report = json.loads(cli(*args, "--force", "--json").out)
+    data_rows = [c for c in report["comparisons"] if c["input"].startswith("data batch")]
+    assert len(data_rows) == 3 and all(c["passed"] for c in data_rows)
+    assert report["data"]["preprocessing"]["size"] == [32, 32]

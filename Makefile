@@ -2,12 +2,15 @@
 PYTHON ?= python3
 # torch first, pinned: its CPU wheel. An open range would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# The torchvision release made for that torch, pinned for the same reason (timm, a test extra, needs it). PyPI's
+# wheel is built for CUDA torch; bntool imports its model definitions on a CPU torch all the same (bntool/arch.py).
+TORCHVISION ?= torchvision==0.28.0
 
 .PHONY: install demo test lint bench
 
 install:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,examples]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)" "$(TORCHVISION)" -e ".[dev,examples,timm]"
 
 demo: install
 	$(PYTHON) -m bntool demo bntool-demo --force  # replaces the files of an earlier `make demo`

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from .choices import CheckpointFormat, CheckpointKind
 from .errors import CorruptFileError, InputError, UnsupportedError, param, user_code
 from .files import atomic_write, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
-from .utils import first_line, import_object, parse_kwargs, short_list
+from .utils import first_line, parse_kwargs, short_list
 
 # Keys under which training scripts (Lightning, timm, DeiT, SWA/EMA scripts, ...) keep the weights.
 WRAPPER_KEYS = (
@@ -215,7 +216,8 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
         raise InputError(f"{path}: is a state_dict; name the architecture with {param('arch')} module.path:callable",
                          param="arch")
     sd, removed = strip_prefixes(state_dict)
-    model = build_arch(arch, arch_kwargs)
+    notes: list[str] = []
+    model = build_arch(arch, arch_kwargs, notes)
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
         try:
@@ -223,11 +225,19 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
         except InputError as e:  # the record is part of the file: name it
             raise CorruptFileError(f"{path}: {e.message}", param=e.param) from e
     load_state_dict_checked(model, sd, path, arch)
-    return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch)
+    return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch, notes=notes)
 
 
-def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) -> nn.Module:
-    factory = import_object(arch)
+def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
+               notes: list[str] | None = None) -> nn.Module:
+    """The model `arch` builds (bntool.arch.resolve_factory) with `arch_kwargs`; what is worth telling the user
+    about where it came from is appended to `notes`."""
+    from .arch import resolve_factory
+
+    resolved = resolve_factory(arch)
+    if notes is not None:
+        notes.extend(resolved.notes)
+    factory = resolved.build
     if not callable(factory):
         raise InputError(f"{param('arch')} {arch!r}: is a {type(factory).__name__}, not callable")
     kwargs = parse_kwargs(arch_kwargs)
@@ -274,15 +284,18 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
-                    force: bool = False, in_place: bool = False) -> Path:
-    """Save `model` as the same kind of file `ckpt` was loaded from (wrapper keys kept), atomically.
+                    force: bool = False, in_place: bool = False, keep_training_state: bool = True) -> Path:
+    """Save `model` the way `ckpt` came in (kind, wrapper keys), in the format `out`'s suffix names, atomically.
 
     Args:
         ckpt: the Checkpoint the model came from (its kind, format and training-checkpoint container).
         model: the model to save; a folded model's FoldLayout is saved with it.
-        out: the output file.
+        out: the output file: `.safetensors` writes safetensors, `.pt`/`.pth` a torch file, any other suffix the
+            input's format.
         force: replace an existing file.
         in_place: allow `out` to be the file `ckpt` was loaded from.
+        keep_training_state: False drops optimizer, scheduler and grad-scaler state from a training checkpoint
+            (`training_state_keys`): after a fold they refer to parameters that no longer exist.
 
     Returns:
         `out` as a Path.
@@ -292,11 +305,33 @@ def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
         UnsupportedError: a TorchScript archive cannot be written from an eager module.
     """
     out = check_output_path(out, ckpt.path, force=force, in_place=in_place)
-    return write_checkpoint(ckpt, model, out, lambda write: atomic_write(out, write))
+    return write_checkpoint(ckpt, model, out, lambda write: atomic_write(out, write),
+                            keep_training_state=keep_training_state)
+
+
+TORCH_SUFFIXES = (".pt", ".pth")
+# Training-checkpoint entries that describe the parameters' optimization (Lightning, torch examples, timm, ...).
+_TRAINING_STATE = re.compile(r"optim|sched|scaler|^amp$", re.IGNORECASE)
+
+
+def output_format(ckpt: Checkpoint, out: str | os.PathLike) -> CheckpointFormat:
+    """The format `out` is written in: its suffix's (.safetensors, .pt, .pth), else the input's."""
+    suffix = Path(out).suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return CheckpointFormat.SAFETENSORS
+    if suffix in TORCH_SUFFIXES:
+        return CheckpointFormat.TORCH
+    return ckpt.fmt
+
+
+def training_state_keys(ckpt: Checkpoint) -> list[str]:
+    """Top-level keys of a training checkpoint holding optimizer, scheduler or grad-scaler state."""
+    container = ckpt.container or {}
+    return [k for k in container if isinstance(k, str) and k != ckpt.key and _TRAINING_STATE.search(k)]
 
 
 def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
-                     write_file: Callable[[Callable[[str], None]], Path]) -> Path:
+                     write_file: Callable[[Callable[[str], None]], Path], keep_training_state: bool = True) -> Path:
     """Write `model` the way `ckpt` came in, through `write_file(writer)` (atomic_write or Outputs.write)."""
     if ckpt.kind == CheckpointKind.MODULE:
         return write_file(lambda tmp: torch.save(model, tmp))
@@ -305,11 +340,12 @@ def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
             raise UnsupportedError(f"{out}: cannot write a TorchScript archive from an eager module here")
         return write_file(lambda tmp: torch.jit.save(model, tmp))
     sd = state_dict_of(model)
-    if ckpt.kind == CheckpointKind.WRAPPED:
-        container = dict(ckpt.container or {})
+    if ckpt.kind == CheckpointKind.WRAPPED and output_format(ckpt, out) == CheckpointFormat.TORCH:
+        dropped = set() if keep_training_state else set(training_state_keys(ckpt))
+        container = {k: v for k, v in (ckpt.container or {}).items() if k not in dropped}
         container[ckpt.key or "state_dict"] = sd
         return write_file(lambda tmp: torch.save(container, tmp))
-    if ckpt.fmt == CheckpointFormat.SAFETENSORS or out.suffix in SAFETENSORS_SUFFIXES:
+    if output_format(ckpt, out) == CheckpointFormat.SAFETENSORS:  # tensors only: a training checkpoint's weights
         from safetensors.torch import save_file
 
         flat = {k: v.contiguous().clone() for k, v in sd.items()}

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from ._version import __version__
 from .choices import Exporter, Provider, RecalibrationMode
-from .errors import BntoolError, CheckFailed
+from .errors import BntoolError, CheckFailed, InputError
 from .options import (
     DataOptions,
     Display,
@@ -29,6 +30,15 @@ from .options import (
     Tolerances,
     grouped,
 )
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as man pages write them: `bntool fold [OPTIONS] CKPT` (Typer writes a required
+    argument as `{CKPT}`)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
 
 app = typer.Typer(
     name="bntool",
@@ -44,7 +54,6 @@ app = typer.Typer(
 
 # ---------------------------------------------------------------- shared options
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors only.")]
 ExporterOption = Annotated[Exporter, typer.Option("--exporter", help="auto (dynamo, falling back to legacy), dynamo "
                                                                      "or legacy (TorchScript-based).")]
 Samples = Annotated[int, typer.Option("--samples", help="Random inputs checked per batch size besides the example.")]
@@ -70,15 +79,63 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    # Logs and pipes get wide tables instead of Rich's 80-column default.
-    width = None if stream.isatty() else 160
+    # Logs and pipes get wide tables instead of Rich's 80-column default, unless COLUMNS says otherwise.
+    columns = os.environ.get("COLUMNS", "")
+    width = None if stream.isatty() else (int(columns) if columns.isdigit() and int(columns) > 0 else 160)
     return Console(stderr=stderr, highlight=False, width=width)
 
 
-def _print_json(report) -> None:
+def _print_json(report, context: dict | None = None) -> None:
     from .report import dumps
 
-    print(dumps(report))
+    print(dumps(report, context))
+
+
+def _context(model: ModelSource | None = None, source=None, loaded=None) -> dict:
+    """What a JSON report ran on: the checkpoint, the arch, the versions, the data."""
+    from .report import versions
+
+    context: dict = {}
+    if model is not None:
+        context.update(checkpoint=str(model.ckpt), arch=model.arch)
+    if loaded is not None and loaded.notes:
+        context["notes"] = list(loaded.notes)
+    context["versions"] = versions()
+    if source is not None:
+        context["data"] = source.to_dict()
+    return context
+
+
+def _tell(display: Display, loaded=None, source=None) -> None:
+    """Notes, the `data:` line and data warnings with the human output on stdout; with --json or -q only the
+    warnings, on stderr (the JSON has them all under "notes" and "data")."""
+    notes = getattr(loaded, "notes", None) or []
+    warnings = getattr(source, "warnings", None) or []
+    if display.json_output or display.quiet:
+        for warning in warnings:
+            _say(f"warning: {warning}")
+        return
+    from rich.markup import escape
+
+    console = _console()
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+    if source is not None:
+        console.print(f"data: {source.summary()}", markup=False)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+DEVICES = "cpu, cuda, cuda:N (e.g. cuda:1) or mps"
+
+
+def check_device(device: str) -> str:
+    """--device as torch understands it; InputError listing the accepted values otherwise."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device.strip()):
+        raise InputError(f"--device {device!r}: expected {DEVICES}", param="device")
+    return device.strip()
 
 
 def _require_eager(ckpt, operation: str) -> None:
@@ -89,14 +146,15 @@ def _require_eager(ckpt, operation: str) -> None:
                                "pass the state_dict with --arch instead")
 
 
-def _show(report, json_output: bool, renderer: str) -> None:
-    """Print a report as JSON, or with the Rich renderer of that name in bntool.report."""
-    if json_output:
-        _print_json(report)
-    else:
+def _show(report, display: Display, renderer: str, context: dict | None = None, **options) -> None:
+    """Print a report as JSON (after `context`), or with the Rich renderer of that name in bntool.report
+    (nothing with -q)."""
+    if display.json_output:
+        _print_json(report, context)
+    elif not display.quiet:
         from . import report as render
 
-        getattr(render, renderer)(report, _console())
+        getattr(render, renderer)(report, _console(), **options)
 
 
 def _outputs(*inputs: tuple[Path | None, str]):
@@ -112,21 +170,28 @@ def _outputs(*inputs: tuple[Path | None, str]):
 # ---------------------------------------------------------------- commands
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
-def inspect(model: ModelSource, example: ExampleInputs, display: Display) -> None:
+def inspect(
+    model: ModelSource,
+    example: ExampleInputs,
+    display: Display,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column (statistics, γ/β, eps, momentum, tracked "
+                                                      "batches), not the view that fits the terminal.")] = False,
+) -> None:
     """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do."""
     from .inspection import inspect as inspect_model
 
     loaded = model.load()
+    _tell(display, loaded)
     inputs = None
     if example.input_shape and loaded.kind != "torchscript":
         inputs = example.build(loaded.model)
     report = inspect_model(loaded.model, inputs)
-    _show(report, display.json_output, "render_inspect")
+    _show(report, display, "render_inspect", _context(model, loaded=loaded), wide=wide)
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def fold(
     model: ModelSource,
@@ -137,13 +202,16 @@ def fold(
     samples: Annotated[int, typer.Option("--samples", help="Random inputs checked besides the example.")] = 4,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="BN layer names or glob patterns to leave as "
                                                                       "they are; repeatable.")] = None,
+    keep_extra: Annotated[bool, typer.Option(
+        "--keep-extra", help="Keep a training checkpoint's optimizer/scheduler state (dropped by default: it "
+                             "refers to parameters the fold removes, so resuming from it fails).")] = False,
 ) -> None:
     """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
 
     The output is the same kind of file as the input. A folded state_dict loads with
     bntool.load_model(path, arch=...) (its structure differs from --arch).
     """
-    from .checkpoint import write_checkpoint
+    from .checkpoint import training_state_keys, write_checkpoint
     from .files import OutputKind
     from .folding import fold as fold_model
 
@@ -152,23 +220,29 @@ def fold(
     outputs.check()
     loaded = model.load()
     _require_eager(loaded, "fold")
+    _tell(display, loaded)
     inputs = example.build(loaded.model)
     try:
         folded, report = fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
                                     atol=tolerances.atol, skip=skip or ())
     except CheckFailed as e:
         if e.report is not None:
-            _show(e.report, display.json_output, "render_fold")
+            _show(e.report, display, "render_fold", _context(model, loaded=loaded))
         raise CheckFailed(f"{e.message}; nothing written", report=e.report) from e
     with outputs:
-        write_checkpoint(loaded, folded, out.output, lambda writer: outputs.write(out.output, writer))
+        write_checkpoint(loaded, folded, out.output, lambda writer: outputs.write(out.output, writer),
+                         keep_training_state=keep_extra)
         outputs.commit()
-    _show(report, display.json_output, "render_fold")
-    if not display.json_output:
+    _show(report, display, "render_fold", _context(model, loaded=loaded))
+    dropped = [] if keep_extra else training_state_keys(loaded)
+    if dropped and not display.quiet:
+        _say(f"note: dropped {', '.join(dropped)} from the training checkpoint: they refer to parameters the fold "
+             "removed (--keep-extra keeps them)")
+    if not display.json_output and not display.quiet:
         _console().print(f"Wrote {out.output}")
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped()
 def recalibrate(
     model: ModelSource,
@@ -190,7 +264,11 @@ def recalibrate(
     seed: Annotated[int, typer.Option("--seed", help="Seed for data order and random choices.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the per-layer statistics shift "
                                                                 "(PNG/SVG/PDF; needs matplotlib).")] = None,
-    quiet: Quiet = False,
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", help="The model's input shape, e.g. 1,3,64,64: the image size (and channels) for an "
+                              "image folder; tensor data must fit it.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping "
+                                                          "it.")] = False,
 ) -> None:
     """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
 
@@ -198,10 +276,13 @@ def recalibrate(
     processes, and rank 0 alone writes the output.
     """
     from .distributed import process_group, rank_device
+    from .options import parse_shape
 
+    device = check_device(device)
     settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
                                      num_samples=num_samples, device=device, amp=amp, channels_last=channels_last,
-                                     seed=seed, plot=plot, quiet=quiet)
+                                     seed=seed, plot=plot, quiet=display.quiet, strict=strict,
+                                     input_shape=parse_shape(input_shape) if input_shape else None)
     with process_group(device) as rank:
         settings.device = rank_device(device, rank)
         _recalibrate(model, out, data, images, display, settings, rank)
@@ -222,6 +303,8 @@ class RecalibrationSettings:
     seed: int
     plot: Path | None
     quiet: bool
+    strict: bool = False
+    input_shape: tuple[int, ...] | None = None
 
 
 def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
@@ -240,23 +323,27 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
     outputs.check()
     torch.manual_seed(settings.seed)
-    source = data.open(images.image_options(), workers=images.workers, strict=images.strict, seed=settings.seed,
-                       rank=rank.rank, world_size=rank.world_size)
     loaded = model.load()
     _require_eager(loaded, "recalibrate")
+    source = data.open(images.image_options(), model=loaded.model, input_shape=settings.input_shape,
+                       workers=images.workers, strict=settings.strict, seed=settings.seed, rank=rank.rank,
+                       world_size=rank.world_size)
+    quiet = settings.quiet or not rank.is_main
+    if rank.is_main:
+        _tell(display, loaded, source)
     num_samples = settings.num_samples
     total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
-    quiet = settings.quiet or not rank.is_main
-    with _progress(quiet or display.json_output, total) as progress:
+    progress = _progress(quiet or display.json_output, total,
+                         passes=1 if settings.mode != RecalibrationMode.EXACT else None)
+    with progress as callback:
         report = recalibrate_model(loaded.model, source, mode=settings.mode, momentum=settings.momentum,
                                    reset=settings.reset, num_batches=settings.num_batches, num_samples=num_samples,
                                    device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
-                                   progress=progress)
+                                   progress=callback)
     if source.skipped:
-        print(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
-              f"(first: {source.skipped[0]})" if rank.world_size > 1 else
-              f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})",
-              file=sys.stderr)
+        _say(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
+             f"(first: {source.skipped[0]})" if rank.world_size > 1 else
+             f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})")
     if not rank.is_main:
         return
     recalibrated = loaded.model.to("cpu")
@@ -269,42 +356,25 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
             outputs.write(settings.plot, lambda tmp: plot_recalibration(report, tmp))
         outputs.commit()
-    if display.json_output:
-        _print_json(report)
-    elif not quiet:
-        from .report import render_recalibrate
-
-        render_recalibrate(report, _console())
+    _show(report, display, "render_recalibrate", _context(model, source, loaded))
+    if not display.json_output and not quiet:
         _console().print(f"Wrote {out.output}")
 
 
 class _progress:
-    """A Rich progress bar with samples/s, fed by the library's progress callback."""
+    """The recalibration progress bar on stderr (bntool.report.RecalibrationProgress), or nothing."""
 
-    def __init__(self, disabled: bool, total: int | None):
-        self.disabled, self.total = disabled, total
-        self.bar = self.task = None
-        self.current_pass = 0
+    def __init__(self, disabled: bool, total: int | None, passes: int | None = None):
+        self.disabled, self.total, self.passes = disabled, total, passes
+        self.bar = None
 
     def __enter__(self):
         if self.disabled:
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from .report import RecalibrationProgress
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
-                            console=_console(stderr=True), transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task("pass 1", total=self.total, rate="-")
-        return self.update
-
-    def update(self, done: int, pass_number: int, _passes: int) -> None:
-        if pass_number != self.current_pass:
-            self.current_pass = pass_number
-            self.bar.reset(self.task, total=self.total, description=f"pass {pass_number}")
-        task = self.bar.tasks[0]
-        rate = f"{task.speed:,.0f}" if task.speed else "-"
-        self.bar.update(self.task, completed=done, rate=rate)
+        self.bar = RecalibrationProgress(_console(stderr=True), self.total, self.passes).__enter__()
+        return self.bar
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -312,13 +382,14 @@ class _progress:
         return False
 
 
-@app.command("export-onnx")
+@app.command("export-onnx", cls=_Command)
 @grouped(batch_size=8)
 def export_onnx(
     model: ModelSource,
     out: FileOutput,
     example: ExampleInputs,
     data: DataOptions,
+    images: ImagePreprocessing,
     tolerances: Tolerances,
     display: Display,
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BatchNorm before exporting.")] = True,
@@ -351,7 +422,10 @@ def export_onnx(
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
     inputs = example.build(loaded.model)
-    batches = data.batches(num_batches, inputs[0].dtype)
+    batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
+                                   workers=images.workers, fixed_batch=not dynamic_batch)
+    _tell(display, loaded, source)
+    context = _context(model, source, loaded)
     try:
         report = export_model(
             loaded.model, inputs, out.output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
@@ -360,17 +434,18 @@ def export_onnx(
             protect=protect)
     except CheckFailed as e:
         if e.report is not None:
-            _show(e.report, display.json_output, "render_export")
+            _show(e.report, display, "render_export", context)
         raise
-    _show(report, display.json_output, "render_export")
+    _show(report, display, "render_export", context)
 
 
-@app.command()
+@app.command(cls=_Command)
 @grouped(batch_size=8)
 def verify(
     model: ModelSource,
     example: ExampleInputs,
     data: DataOptions,
+    images: ImagePreprocessing,
     tolerances: Tolerances,
     display: Display,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file, not a fresh export.")] = None,
@@ -383,8 +458,13 @@ def verify(
     onnx_atol: Annotated[Optional[float], typer.Option("--onnx-atol", help="ONNX check's --atol (default: 1e-4 "
                                                                            "of the output's largest "
                                                                            "magnitude).")] = None,
-    junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write JUnit XML here.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml file.")] = False,
+    junit_xml: Annotated[Optional[Path], typer.Option(
+        "--junit-xml", help="Also write JUnit XML here, also when verify cannot run (an errored test case).")] = None,
+    summary_md: Annotated[Optional[Path], typer.Option(
+        "--summary-md", help="Also write a Markdown table of the checks here (default: appended to "
+                             "$GITHUB_STEP_SUMMARY when set).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml or --summary-md "
+                                                        "file.")] = False,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails.
 
@@ -392,33 +472,66 @@ def verify(
     passes when |Δ| ≤ atol + rtol·|reference|.
     """
     from .files import OutputKind
-    from .verification import to_junit_xml
-    from .verification import verify as verify_model
+    from .verification import junit_error_xml, markdown_error, to_junit_xml, to_markdown
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"))
     if junit_xml is not None:
         outputs.add(junit_xml, OutputKind.REPORT, force=force, what="--junit-xml")
+    if summary_md is not None:
+        outputs.add(summary_md, OutputKind.REPORT, force=force, what="--summary-md")
     outputs.check()
-    loaded = model.load()
-    _require_eager(loaded, "verify")
-    inputs = example.build(loaded.model)
-    batches = data.batches(num_batches, inputs[0].dtype)
-    report = verify_model(
-        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
-        seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
-        data=batches)
-    if junit_xml is not None:
-        xml = to_junit_xml(report)
-        with outputs:
-            outputs.write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
-            outputs.commit()
-    _show(report, display.json_output, "render_verify")
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if summary_md is None else None
+    try:
+        report, context = _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, exporter,
+                                  samples, num_batches, onnx_rtol, onnx_atol)
+    except Exception as e:  # the CI dashboard must say why verify could not run
+        message = _one_line(e.render(flag_name) if isinstance(e, BntoolError) else
+                            f"internal error: {type(e).__name__}: {e}")
+        _write_ci_reports(outputs, junit_xml, junit_error_xml(message), summary_md, step_summary,
+                          markdown_error(message))
+        raise
+    _write_ci_reports(outputs, junit_xml, to_junit_xml(report), summary_md, step_summary, to_markdown(report))
+    _show(report, display, "render_verify", context)
     if not report.passed:
         failed = ", ".join(c.name for c in report.checks if not c.passed)
         raise CheckFailed(f"verification failed: {failed}")
 
 
-@app.command()
+def _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, exporter, samples, num_batches,
+            onnx_rtol, onnx_atol):
+    from .verification import verify as verify_model
+
+    loaded = model.load()
+    _require_eager(loaded, "verify")
+    inputs = example.build(loaded.model)
+    batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
+                                   workers=images.workers, fixed_batch=onnx is not None)  # a given file may be fixed
+    _tell(display, loaded, source)
+    report = verify_model(
+        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
+        seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
+        data=batches)
+    return report, _context(model, source, loaded)
+
+
+def _write_ci_reports(outputs, junit_xml: Path | None, xml: str, summary_md: Path | None,
+                      step_summary: str | None, markdown: str) -> None:
+    """Commit the planned JUnit and Markdown reports; $GITHUB_STEP_SUMMARY is appended to, as GitHub expects."""
+    with outputs:
+        if junit_xml is not None:
+            outputs.write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
+        if summary_md is not None:
+            outputs.write(summary_md, lambda tmp: Path(tmp).write_text(markdown))
+        outputs.commit()
+    if step_summary:
+        try:
+            with open(step_summary, "a") as f:
+                f.write(markdown + "\n")
+        except OSError as e:
+            _say(f"warning: cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): {e.strerror or e}")
+
+
+@app.command(cls=_Command)
 @grouped()
 def demo(
     display: Display,
@@ -431,7 +544,7 @@ def demo(
     from .demo import run_demo
 
     report = run_demo(directory, force=force, exporter=exporter)
-    _show(report, display.json_output, "render_demo")
+    _show(report, display, "render_demo", _context())
     if not report.passed:
         raise CheckFailed("the demo's checks failed; nothing written")
 

@@ -6,7 +6,9 @@ Sources: a folder of images (decoded with Pillow, batched by a torch DataLoader 
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, passes_through
+from .errors import InputError, param, passes_through
 from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -32,7 +34,7 @@ def first_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
         for k in keys:
             if k in batch:
                 return first_input(batch[k])
-        raise InputError(f"batch is a dict with keys {sorted(batch)}; name the input with --input-key")
+        raise InputError(f"batch is a dict with keys {sorted(batch)}; name the input with {param('input_key')}")
     if isinstance(batch, (list, tuple)) and batch:
         return first_input(batch[0], input_key)
     raise InputError(f"cannot find an input tensor in a batch of type {type(batch).__name__}")
@@ -40,11 +42,216 @@ def first_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
 
 @dataclass
 class ImageOptions:
-    image_size: int = 224
-    resize: int | None = None  # shorter side before the crop; default image_size·256/224
-    center_crop: bool = True
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
+    """The preprocessing a user asked for; None means "not given": `resolve_preprocessing` fills it in."""
+
+    image_size: int | tuple[int, int] | None = None  # side (or (height, width)) after the crop
+    resize: int | None = None  # shorter side before the center crop
+    center_crop: bool | None = None  # False: resize straight to the size (aspect not kept)
+    interpolation: str | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+DEFAULT_CROP_FRACTION = 224 / 256  # torchvision's and timm's ImageNet evaluation: resize 256, crop 224
+UPSCALE_WARNING = 2.0  # warn when images are enlarged more than this
+GIVEN, INPUT_SHAPE, MODEL_CONFIG, DEFAULT = "given", "the input shape", "the model's pretrained_cfg", "default"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input, resolved once and shared by every command; `sources` says where
+    each value came from ("given", "the input shape", "the model's pretrained_cfg" or "default")."""
+
+    size: tuple[int, int]  # (height, width) of the model input
+    resize: int  # shorter image side before the center crop (unused without the crop)
+    center_crop: bool
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def upscale(self, width: int, height: int) -> float:
+        """How much an image of this size is enlarged on its way to the model input."""
+        if self.center_crop:
+            return self.resize / min(width, height)
+        return max(self.size[0] / height, self.size[1] / width)
+
+    def describe(self) -> str:
+        """'resize 73 → center crop 64×64 (bicubic), mean 0.485,0.456,0.406, std 0.229,0.224,0.225'."""
+        h, w = self.size
+        steps = (f"resize {self.resize} → center crop {h}×{w}" if self.center_crop else f"resize to {h}×{w}")
+        return f"{steps} ({self.interpolation}), mean {_numbers(self.mean)}, std {_numbers(self.std)}"
+
+    def describe_sources(self) -> str:
+        """'size from the input shape; resize (crop_pct 0.875), interpolation, mean, std from the model's
+        pretrained_cfg': each source once, its settings in a fixed order, details in parentheses."""
+        groups: dict[str, dict[str, list[str]]] = {}
+        for name in sorted(self.sources, key=lambda n: _SETTING_ORDER.index(n) if n in _SETTING_ORDER else 99):
+            base, _, detail = self.sources[name].partition(" (")
+            groups.setdefault(base, {}).setdefault(detail.rstrip(")"), []).append(name)
+        parts = []
+        for base, by_detail in groups.items():
+            names = ", ".join(", ".join(names) + (f" ({detail})" if detail else "")
+                              for detail, names in by_detail.items())
+            parts.append(f"{names} {_source_phrase(base)}")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "resize": self.resize if self.center_crop else None,
+                "center_crop": self.center_crop, "interpolation": self.interpolation, "mean": list(self.mean),
+                "std": list(self.std), "sources": dict(self.sources)}
+
+
+_SETTING_ORDER = ("size", "crop", "resize", "interpolation", "mean", "std")
+
+
+def _source_phrase(source: str) -> str:
+    return "given" if source == GIVEN else ("by default" if source.startswith(DEFAULT) else f"from {source}")
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.4g}" for v in values)
+
+
+def resolve_preprocessing(
+    options: ImageOptions | None = None,
+    *,
+    model: Any = None,
+    input_shape: Sequence[int] | None = None,
+) -> Preprocessing:
+    """One preprocessing for every command: each value from the first of `options` (what the user gave),
+    `input_shape` (the model input's (N, C, H, W): its size and channels), the model's own data config (timm's
+    `pretrained_cfg`, through `timm.data.resolve_data_config` when timm is loaded) and the ImageNet defaults.
+
+    Raises InputError when the given values contradict each other or the input shape."""
+    o = options or ImageOptions()
+    cfg = model_data_config(model)
+    sources: dict[str, str] = {}
+    size = _resolve_size(o, input_shape, cfg, sources)
+    channels = int(input_shape[-3]) if input_shape is not None and len(input_shape) >= 3 else None
+    mean = _resolve_stat("mean", o.mean, cfg, channels, IMAGENET_MEAN, sources)
+    std = _resolve_stat("std", o.std, cfg, channels, IMAGENET_STD, sources)
+    if len(mean) != len(std):
+        raise InputError(f"{param('mean')} has {len(mean)} values but {param('std')} has {len(std)}: "
+                         "give one per channel")
+    if any(v <= 0 for v in std):
+        raise InputError(f"{param('std')} {_numbers(std)}: every value must be positive")
+    if len(mean) not in _PIL_MODES:
+        raise InputError(f"images have 1, 3 or 4 channels; the model input has {len(mean)}")
+    if o.center_crop is not None:
+        center_crop = o.center_crop
+        sources["crop"] = GIVEN
+    elif cfg.get("crop_mode") == "squash":
+        center_crop = False
+        sources["crop"] = MODEL_CONFIG
+    else:
+        center_crop = True
+    resize = _resolve_resize(o, size, center_crop, cfg, sources)
+    if o.interpolation is not None:
+        interpolation = o.interpolation.lower()
+        if interpolation not in INTERPOLATIONS:
+            raise InputError(f"{param('interpolation')} {o.interpolation!r}: expected one of "
+                             f"{', '.join(INTERPOLATIONS)}")
+        sources["interpolation"] = GIVEN
+    elif cfg.get("interpolation") in INTERPOLATIONS:
+        interpolation = cfg["interpolation"]
+        sources["interpolation"] = MODEL_CONFIG
+    else:
+        interpolation = "bilinear"
+        sources["interpolation"] = DEFAULT
+    return Preprocessing(size, resize, center_crop, interpolation, mean, std, sources)
+
+
+def _resolve_size(o: ImageOptions, input_shape, cfg, sources) -> tuple[int, int]:
+    from_shape = None
+    if input_shape is not None:
+        if len(input_shape) < 3:
+            raise InputError(f"images become (C, H, W) samples, but {param('input_shape')} is {_shape(input_shape)}")
+        from_shape = (int(input_shape[-2]), int(input_shape[-1]))
+    if o.image_size is not None:
+        given = (o.image_size, o.image_size) if isinstance(o.image_size, int) else tuple(o.image_size)
+        if len(given) != 2 or any(int(v) <= 0 for v in given):
+            raise InputError(f"{param('image_size')} {o.image_size!r}: expected a positive side or (height, width)")
+        if from_shape is not None and tuple(given) != from_shape:
+            raise InputError(f"{param('image_size')} {_hw(given)} contradicts {param('input_shape')} "
+                             f"{_shape(input_shape)}: give one of them")
+        sources["size"] = GIVEN
+        return (int(given[0]), int(given[1]))
+    if from_shape is not None:
+        sources["size"] = INPUT_SHAPE
+        return from_shape
+    if cfg.get("input_size"):
+        sources["size"] = MODEL_CONFIG
+        _, h, w = cfg["input_size"]
+        return (int(h), int(w))
+    sources["size"] = DEFAULT + " (ImageNet)"
+    return (224, 224)
+
+
+def _resolve_stat(name, given, cfg, channels, imagenet, sources) -> tuple[float, ...]:
+    if given is not None:
+        values, sources[name] = tuple(float(v) for v in given), GIVEN
+    elif cfg.get(name) is not None:
+        values, sources[name] = tuple(float(v) for v in cfg[name]), MODEL_CONFIG
+    elif channels == 1:  # a grayscale model: the ImageNet value averaged over the colour channels
+        values, sources[name] = (sum(imagenet) / 3,), DEFAULT + " (ImageNet, channel average)"
+    else:
+        values, sources[name] = tuple(imagenet), DEFAULT + " (ImageNet)"
+    if channels is not None and len(values) != channels:
+        raise InputError(f"{param(name)} {_numbers(values)} has {len(values)} values, but {param('input_shape')} has "
+                         f"{channels} channels: give one value per channel")
+    return values
+
+
+def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int:
+    if not center_crop:
+        if o.resize is not None:
+            raise InputError(f"{param('resize')} is the shorter side before the center crop: it needs "
+                             f"{param('center_crop')}")
+        return max(size)
+    if o.resize is not None:
+        if o.resize < max(size):
+            raise InputError(f"{param('resize')} {o.resize} is smaller than the crop {_hw(size)}")
+        sources["resize"] = GIVEN
+        return int(o.resize)
+    fraction, source = DEFAULT_CROP_FRACTION, DEFAULT + " (crop 224 of 256)"
+    if cfg.get("crop_pct"):
+        fraction, source = float(cfg["crop_pct"]), f"{MODEL_CONFIG} (crop_pct {float(cfg['crop_pct']):g})"
+    sources["resize"] = source
+    return max(max(size), math.floor(max(size) / fraction))
+
+
+def _shape(shape) -> str:
+    return ",".join(str(int(d)) for d in shape)
+
+
+def _hw(size) -> str:
+    return f"{size[0]}×{size[1]}"
+
+
+def model_data_config(model: Any) -> dict[str, Any]:
+    """The preprocessing a model declares: timm's `pretrained_cfg` (or the older `default_cfg`), through
+    `timm.data.resolve_data_config` when timm is already loaded; {} for models that declare none."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(cfg, Mapping) or not cfg:
+        return {}
+    if "timm" in sys.modules:
+        try:
+            from timm.data import resolve_data_config
+
+            return dict(resolve_data_config({}, model=model))
+        except Exception:  # an old or partial timm: read the config directly
+            pass
+    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+
+
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 @dataclass
@@ -56,6 +263,11 @@ class DataSource:
     num_samples: int | None = None
     input_key: str | None = None
     skipped: list[str] = field(default_factory=list)  # unreadable files seen so far
+    kind: str = "loader"  # "images" | "tensor" | "loader"
+    preprocessing: Preprocessing | None = None  # image folders only
+    image_sizes: tuple[tuple[int, int], tuple[int, int]] | None = None  # smallest and largest (width, height) seen
+    sample_shape: tuple[int, ...] | None = None  # tensor files: the shape of one sample
+    warnings: list[str] = field(default_factory=list)
 
     @passes_through
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -67,6 +279,36 @@ class DataSource:
                 batch = batch.tensor
             yield first_input(batch, self.input_key)
 
+    def summary(self) -> str:
+        """One line: what the data is and how it becomes model inputs, with where each setting came from."""
+        count = f"{self.num_samples:,} " if self.num_samples is not None else ""
+        if self.kind == "images" and self.preprocessing is not None:
+            p = self.preprocessing
+            sizes = ""
+            if self.image_sizes:
+                (w0, h0), (w1, h1) = self.image_sizes
+                sizes = f" ({w0}×{h0})" if (w0, h0) == (w1, h1) else f" ({w0}×{h0} … {w1}×{h1})"
+            return f"{count}images in {self.description}{sizes}: {p.describe()}; {p.describe_sources()}"
+        if self.kind == "tensor":
+            return f"{count}samples of shape {self.sample_shape} from {self.description}, used as they are"
+        return f"{count}batches from {self.description}, used as they are" if not count else (
+            f"{count}samples from {self.description}, used as they are")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.description, "num_samples": self.num_samples,
+                "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None,
+                "image_sizes": [list(s) for s in self.image_sizes] if self.image_sizes else None,
+                "sample_shape": list(self.sample_shape) if self.sample_shape else None,
+                "skipped": len(self.skipped), "warnings": list(self.warnings), "summary": self.summary()}
+
+
+def check_fits(batch: torch.Tensor, example: torch.Tensor, what: str = "data") -> None:
+    """A data batch must have the example input's rank and per-sample shape (the batch size may differ);
+    InputError naming both shapes if not, instead of a failed or meaningless comparison later."""
+    if batch.dim() != example.dim() or tuple(batch.shape[1:]) != tuple(example.shape[1:]):
+        raise InputError(f"{what}: samples of shape {tuple(batch.shape[1:])} do not fit {param('input_shape')} "
+                         f"{_shape(example.shape)} (each sample must be {tuple(example.shape[1:])})")
+
 
 def open_source(
     source: str | os.PathLike | None = None,
@@ -75,7 +317,9 @@ def open_source(
     loader_kwargs: str | Mapping[str, Any] | None = None,
     batch_size: int = 32,
     num_workers: int = 0,
-    image: ImageOptions | None = None,
+    image: ImageOptions | Preprocessing | None = None,
+    model: Any = None,
+    input_shape: Sequence[int] | None = None,
     npz_key: str | None = None,
     input_key: str | None = None,
     strict: bool = False,
@@ -85,28 +329,37 @@ def open_source(
 ) -> DataSource:
     """Open --data (a folder of images or a tensor file) or --loader.
 
+    Images are preprocessed as `resolve_preprocessing(image, model=model, input_shape=input_shape)` says (a
+    `Preprocessing` is used as it is). With `input_shape`, tensor files must hold samples of that shape.
+
     With world_size > 1 this process gets every world_size-th batch, starting at `rank`: the batches are the
     ones a single process would see, so merged statistics equal a single-process run (a user's --loader is
     used as given: shard it yourself, e.g. with DistributedSampler)."""
     if batch_size <= 0:
-        raise InputError(f"--batch-size {batch_size}: must be positive")
+        raise InputError(f"{param('batch_size')} {batch_size}: must be positive")
     if num_workers < 0:
-        raise InputError(f"--workers {num_workers}: must be 0 (load in this process) or more")
+        raise InputError(f"{param('workers')} {num_workers}: must be 0 (load in this process) or more")
     if loader is not None:
         return _user_loader(loader, loader_kwargs, input_key)
     if source is None:
-        raise InputError("no calibration data: pass --data PATH (images folder or .npy/.npz/.pt) or --loader")
+        raise InputError(f"no calibration data: pass {param('data')} PATH (images folder or .npy/.npz/.pt) or "
+                         f"{param('loader')}")
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     shard = (rank, world_size)
     if path.is_dir():
-        return _image_folder(path, batch_size, num_workers, image or ImageOptions(), strict, seed, shard)
+        if not isinstance(image, Preprocessing):
+            image = resolve_preprocessing(image, model=model, input_shape=input_shape)
+        return _image_folder(path, batch_size, num_workers, image, strict, seed, shard)
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz", ".pt", ".pth"):
         tensor = _read_tensor_file(path, npz_key)
+        if input_shape is not None:
+            check_fits(tensor, torch.empty(tuple(input_shape), device="meta"), str(path))
         batches = _TensorBatches(tensor, batch_size, shard)
-        return DataSource(batches, f"{path} {tuple(tensor.shape)}", batches.num_samples)
+        return DataSource(batches, str(path), batches.num_samples, kind="tensor",
+                          sample_shape=tuple(tensor.shape[1:]))
     raise InputError(f"{path}: unsupported data file; use a folder of images, .npy, .npz or .pt")
 
 
@@ -141,7 +394,7 @@ def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
             with np.load(path, allow_pickle=False) as archive:
                 keys = list(archive.keys())
                 if npz_key is None and len(keys) != 1:
-                    raise InputError(f"{path}: holds arrays {keys}; choose one with --npz-key")
+                    raise InputError(f"{path}: holds arrays {keys}; choose one with {param('npz_key')}")
                 key = npz_key or keys[0]
                 if key not in keys:
                     raise InputError(f"{path}: no array {key!r}; it holds {keys}")
@@ -179,15 +432,16 @@ def _check_tensor(path: Path, t: torch.Tensor) -> torch.Tensor:
 
 
 def _user_loader(spec: str, loader_kwargs, input_key) -> DataSource:
-    obj = import_object(spec, what="--loader")
-    kwargs = parse_kwargs(loader_kwargs, what="--loader-kwargs")
+    obj = import_object(spec, what=param("loader"))
+    kwargs = parse_kwargs(loader_kwargs, what=param("loader_kwargs"))
     if callable(obj) and not isinstance(obj, torch.utils.data.DataLoader):
         try:
             obj = obj(**kwargs)
         except Exception as e:
-            raise InputError(f"--loader {spec!r}: calling it failed ({type(e).__name__}: {e})") from e
+            raise InputError(f"{param('loader')} {spec!r}: calling it failed "
+                             f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(obj, Iterable):
-        raise InputError(f"--loader {spec!r}: returned a {type(obj).__name__}, not an iterable of batches")
+        raise InputError(f"{param('loader')} {spec!r}: returned a {type(obj).__name__}, not an iterable of batches")
     n = len(obj.dataset) if hasattr(obj, "dataset") and hasattr(obj.dataset, "__len__") else None
     return DataSource(obj, f"--loader {spec}", n, input_key=input_key)
 
@@ -200,10 +454,10 @@ def find_images(folder: Path) -> list[Path]:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Unlabeled images, resized on the shorter side, center-cropped, normalized. None for unreadable files."""
+    """Unlabeled images, preprocessed as `preprocessing` says. The path (a str) for unreadable files."""
 
-    def __init__(self, files: Sequence[Path], options: ImageOptions):
-        self.files, self.options = list(files), options
+    def __init__(self, files: Sequence[Path], preprocessing: Preprocessing):
+        self.files, self.preprocessing = list(files), preprocessing
 
     def __len__(self) -> int:
         return len(self.files)
@@ -213,27 +467,49 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.files[i]) as img:
-                return image_to_tensor(img.convert("RGB"), self.options)
+                return image_to_tensor(img, self.preprocessing)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return str(self.files[i])
 
 
-def image_to_tensor(img, o: ImageOptions) -> torch.Tensor:
+def image_to_tensor(img, p: Preprocessing) -> torch.Tensor:
+    """Resize (shorter side, keeping the aspect) and center-crop, or resize straight to the size; scale to
+    [0, 1]; normalize. Float32, (C, H, W)."""
     import numpy as np
     from PIL import Image
 
-    size = o.image_size
-    shorter = o.resize or round(size * 256 / 224) if o.center_crop else size
-    w, h = img.size
-    scale = shorter / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(o.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(o.std, dtype=torch.float32).view(-1, 1, 1)
+    img = img.convert(_PIL_MODES[p.channels])
+    resample = getattr(Image.Resampling, p.interpolation.upper())
+    h, w = p.size
+    if p.center_crop:  # the sizes and offsets torchvision's Resize(int) and CenterCrop compute (timm uses them)
+        short, long = sorted(img.size)
+        new_long = int(p.resize * long / short)
+        size = (p.resize, new_long) if img.size[0] <= img.size[1] else (new_long, p.resize)
+        img = img.resize((max(w, size[0]), max(h, size[1])), resample)
+        left, top = int(round((img.size[0] - w) / 2.0)), int(round((img.size[1] - h) / 2.0))
+        img = img.crop((left, top, left + w, top + h))
+    else:
+        img = img.resize((w, h), resample)
+    array = np.asarray(img, dtype=np.float32)
+    t = torch.from_numpy(array.reshape(h, w, -1).copy()).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1)
     return (t - mean) / std
+
+
+def image_sizes(files: Sequence[Path], limit: int = 64) -> list[tuple[int, int]]:
+    """(width, height) of up to `limit` files spread over the list; headers only, nothing decoded."""
+    from PIL import Image
+
+    step = max(1, len(files) // limit)
+    sizes = []
+    for path in files[::step][:limit]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except Exception:  # unreadable files are reported (or refused with strict) when the data is read
+            continue
+    return sizes
 
 
 @dataclass
@@ -258,22 +534,37 @@ class _StrictBatches:
     def __iter__(self):
         for batch in self.loader:
             if batch.skipped:
-                raise InputError(f"{batch.skipped[0]}: cannot decode image (drop --strict to skip unreadable files)")
+                raise InputError(f"{batch.skipped[0]}: cannot decode image "
+                                 f"(drop {param('strict')} to skip unreadable files)")
             yield batch
 
     def __len__(self):
         return len(self.loader)
 
 
-def _image_folder(folder: Path, batch_size, num_workers, options: ImageOptions, strict, seed, shard) -> DataSource:
+def _image_folder(folder: Path, batch_size, num_workers, preprocessing: Preprocessing, strict, seed,
+                  shard) -> DataSource:
     files = find_images(folder)
     if not files:
         raise InputError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
-    dataset = ImageFolderDataset(files, options)
+    dataset = ImageFolderDataset(files, preprocessing)
     batch_indices = [list(r) for r in shard_batches(len(files), batch_size, shard)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_indices, num_workers=num_workers, collate_fn=_collate_skipping,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed))
     batches = _StrictBatches(loader) if strict else loader
-    return DataSource(batches, f"{folder} ({len(files)} images)", sum(len(b) for b in batch_indices))
+    sizes = image_sizes(files)
+    source = DataSource(batches, str(folder), sum(len(b) for b in batch_indices), kind="images",
+                        preprocessing=preprocessing)
+    if sizes:
+        source.image_sizes = (min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1]))
+        worst = max(sizes, key=lambda s: preprocessing.upscale(*s))
+        factor = preprocessing.upscale(*worst)
+        if factor > UPSCALE_WARNING:
+            h, w = preprocessing.size
+            source.warnings.append(
+                f"images of {worst[0]}×{worst[1]} are upscaled {factor:.1f}× to reach the {h}×{w} input; if the "
+                f"model was trained at their size, pass the input shape (--input-shape 1,{preprocessing.channels},"
+                f"{worst[1]},{worst[0]}) or --image-size, and --no-center-crop")
+    return source

@@ -13,6 +13,8 @@ from torch import nn
 from .layers import bn_eps, bn_modules, bn_type_name
 
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
+FEW_UPDATES = 100  # running statistics averaged over fewer batches than this are noisy (a warning, not a failure)
+FEW_UPDATES_FLAG = "few updates"
 
 
 @dataclass
@@ -89,10 +91,13 @@ def health_flags(module: nn.Module) -> list[str]:
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
             flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
+    tracked = getattr(module, "num_batches_tracked", None)
     # Only statistics still at their initial values mean "never updated": num_batches_tracked is 0 in healthy
     # checkpoints saved before the buffer existed, converted from other frameworks, or with buffers filtered.
     if bool((mean == 0).all()) and bool((var == 1).all()):
         flags.append("never updated: running stats are exactly 0/1")
+    elif tracked is not None and 0 < int(tracked) < FEW_UPDATES:
+        flags.append(f"{FEW_UPDATES_FLAG}: num_batches_tracked {int(tracked)} < {FEW_UPDATES}; recalibrate")
     return flags
 
 

@@ -25,10 +25,13 @@ from .errors import InputError, user_code
 class ModelSource:
     """Where the model comes from."""
 
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: state_dict (.pt/.pth/.bin/.safetensors), training "
-                                              "checkpoint dict, pickled module, or TorchScript archive.")]
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Model factory for state_dicts, 'module.path:callable' "
-                                                                "(e.g. torchvision.models:resnet18).")] = None
+    ckpt: Annotated[Path, typer.Argument(
+        metavar="CKPT", help="Checkpoint: state_dict (.pt/.pth/.bin/.safetensors), training checkpoint dict, "
+                             "pickled module, or TorchScript archive.")]
+    arch: Annotated[Optional[str], typer.Option(
+        "--arch", help="Model factory for state_dicts: 'module.path:callable' (e.g. torchvision.models:resnet18; "
+                       "./mymodels.py is found as mymodels:build) or timm:NAME (timm's registry, e.g. "
+                       "timm:efficientnet_b0).")] = None
     arch_kwargs: Annotated[Optional[str], typer.Option(
         "--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")] = None
     key: Annotated[Optional[str], typer.Option("--key", help="Key of the state_dict inside a training "
@@ -120,56 +123,71 @@ class DataOptions:
     def given(self) -> bool:
         return self.data is not None or self.loader is not None
 
-    def open(self, image=None, *, workers: int = 0, strict: bool = False, seed: int = 0, rank: int = 0,
-             world_size: int = 1):
-        """The DataSource (bntool.data.open_source); `image` is an ImageOptions (default: ImageNet's)."""
-        from .data import ImageOptions, open_source
+    def open(self, image=None, *, model=None, input_shape=None, workers: int = 0, strict: bool = False,
+             seed: int = 0, rank: int = 0, world_size: int = 1):
+        """The DataSource (bntool.data.open_source); images are preprocessed as `image` (an ImageOptions),
+        `input_shape` and the model's own data config say, in that order (bntool.data.resolve_preprocessing)."""
+        from .data import open_source
 
         return open_source(self.data, loader=self.loader, loader_kwargs=self.loader_kwargs,
-                           batch_size=self.batch_size, num_workers=workers, image=image or ImageOptions(),
-                           npz_key=self.npz_key, input_key=self.input_key, strict=strict, seed=seed, rank=rank,
-                           world_size=world_size)
+                           batch_size=self.batch_size, num_workers=workers, image=image, model=model,
+                           input_shape=input_shape, npz_key=self.npz_key, input_key=self.input_key, strict=strict,
+                           seed=seed, rank=rank, world_size=world_size)
 
-    def batches(self, num_batches: int, dtype) -> list | None:
-        """At most `num_batches` batches in `dtype`, for a numerical check (None without data)."""
+    def batches(self, num_batches: int, example, *, model=None, image=None, workers: int = 0,
+                fixed_batch: bool = False):
+        """At most `num_batches` batches in the example input's dtype, each checked to fit it, for a numerical
+        check; and the DataSource they came from. (None, None) without data. `fixed_batch`: for a graph whose
+        batch size is fixed, batches are cut to the example's batch size (a smaller remainder is left out)."""
         if not self.given:
-            return None
+            return None, None
+        from .data import check_fits
+
+        source = self.open(image, model=model, input_shape=tuple(example.shape), workers=workers)
         batches = []
-        source = iter(self.open())
+        stream = iter(source)
         while len(batches) < num_batches:
             try:
                 with user_code("reading the check data"):
-                    x = next(source)
+                    x = next(stream)
             except StopIteration:
                 break
-            batches.append(x.to(dtype))
-        return batches
+            check_fits(x, example, self.data if self.data is not None else f"--loader {self.loader}")
+            pieces = [p for p in x.split(len(example)) if len(p) == len(example)] if fixed_batch else [x]
+            batches.extend(p.to(example.dtype) for p in pieces)
+        return batches[:num_batches], source
 
 
 @dataclass
 class ImagePreprocessing:
-    """How images of a --data folder become model inputs."""
+    """How images of a --data folder become model inputs. A value not given comes from --input-shape (size,
+    channels), then from the model's own data config (timm's pretrained_cfg), then from the ImageNet defaults."""
 
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes for image folders.")] = 2
-    image_size: Annotated[int, typer.Option("--image-size", help="Image side after the crop.")] = 224
-    resize: Annotated[Optional[int], typer.Option("--resize", help="Shorter side before the crop "
-                                                                   "(default image-size*256/224).")] = None
-    center_crop: Annotated[bool, typer.Option("--center-crop/--no-center-crop", help="Resize then center-crop, or "
-                                                                                    "resize straight to the "
-                                                                                    "size.")] = True
-    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract (default ImageNet "
-                                                               "0.485,0.456,0.406).")] = None
-    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default ImageNet "
-                                                             "0.229,0.224,0.225).")] = None
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping "
-                                                          "it.")] = False
+    image_size: Annotated[Optional[int], typer.Option(
+        "--image-size", help="Image side after the crop (default: from --input-shape, the model's config, "
+                             "or 224).")] = None
+    resize: Annotated[Optional[int], typer.Option(
+        "--resize", help="Shorter side before the crop (default: image size / the model's crop_pct, or "
+                         "image size·256/224).")] = None
+    center_crop: Annotated[Optional[bool], typer.Option(
+        "--center-crop/--no-center-crop", help="Resize the shorter side then center-crop (default), or resize "
+                                               "straight to the size.", show_default=False)] = None
+    interpolation: Annotated[Optional[str], typer.Option(
+        "--interpolation", help="bilinear, bicubic, nearest, lanczos, box or hamming (default: the model's "
+                                "config, or bilinear).")] = None
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract (default: the model's "
+                                                               "config, or ImageNet 0.485,0.456,0.406).")] = None
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default: the model's config, or "
+                                                             "ImageNet 0.229,0.224,0.225).")] = None
 
     def image_options(self):
-        from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+        """The ImageOptions given (None where not given: bntool.data.resolve_preprocessing fills them in)."""
+        from .data import ImageOptions
 
         return ImageOptions(image_size=self.image_size, resize=self.resize, center_crop=self.center_crop,
-                            mean=parse_floats(self.mean, "--mean") or IMAGENET_MEAN,
-                            std=parse_floats(self.std, "--std") or IMAGENET_STD)
+                            interpolation=self.interpolation, mean=parse_floats(self.mean, "--mean"),
+                            std=parse_floats(self.std, "--std"))
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -209,6 +227,8 @@ class Display:
     """How the result is shown."""
 
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No tables, progress or notes; warnings and errors "
+                                                              "only.")] = False
 
 
 GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, FileOutput, Display)

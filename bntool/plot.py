@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 from .errors import InputError, param
 from .files import atomic_write
@@ -31,6 +32,18 @@ def check_can_plot(path: str | os.PathLike) -> None:
 def plot_recalibration(report, path: str | os.PathLike, title: str | None = None) -> None:
     """Two panels along the depth of the network: mean shift in old standard deviations, and the range of
     new/old variance ratios (log scale). Written atomically as PNG/SVG/PDF by the file's suffix."""
+    fig = recalibration_figure(report, title)  # InputError first if matplotlib is missing
+    import matplotlib.pyplot as plt
+
+    suffix = os.path.splitext(str(path))[1].lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def recalibration_figure(report, title: str | None = None):
+    """The figure `plot_recalibration` writes; the title wraps to the figure's width instead of being clipped."""
     try:
         import matplotlib
 
@@ -52,13 +65,11 @@ def plot_recalibration(report, path: str | os.PathLike, title: str | None = None
     bottom.set_ylabel("new var / old var")
     bottom.set_xticks(x)
     bottom.set_xticklabels([layer.name for layer in layers], rotation=90, fontsize=7)
-    top.set_title(title or f"BatchNorm statistics before → after recalibration ({report.mode}, "
-                           f"{report.samples:,} samples)")
+    title = title or (f"BatchNorm statistics before → after recalibration ({report.mode}, "
+                      f"{report.samples:,} samples)")
+    # About 10 characters of a 12-point title per inch of figure.
+    top.set_title(textwrap.fill(title, width=int(fig.get_figwidth() * 10)))
     if any(not math.isfinite(v) for v in lo + hi):
         bottom.text(0.01, 0.9, "non-finite ratios omitted", transform=bottom.transAxes)
     fig.tight_layout()
-    suffix = os.path.splitext(str(path))[1].lstrip(".") or "png"
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix, dpi=120))
-    finally:
-        plt.close(fig)
+    return fig

@@ -9,24 +9,55 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from .inspection import FEW_UPDATES_FLAG
 
 ACTION_STYLE = {"folded": "green", "folded-forward": "green", "affine": "yellow", "refused": "red"}
 
 
-def _clean(data: Any) -> Any:
-    """NaN/Inf are not JSON: write them as strings."""
+def _clean(data: Any, where: str, found: dict[str, str]) -> Any:
+    """JSON has no NaN/Inf: write null, and note in `found` which value it stands for."""
     if isinstance(data, float) and not math.isfinite(data):
-        return str(data)
+        found[where or "."] = str(data)
+        return None
     if isinstance(data, dict):
-        return {k: _clean(v) for k, v in data.items()}
+        return {k: _clean(v, f"{where}.{k}" if where else str(k), found) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [_clean(v) for v in data]
+        return [_clean(v, f"{where}[{i}]", found) for i, v in enumerate(data)]
     return data
 
 
-def dumps(report: Any) -> str:
+def to_json_data(report: Any, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as JSON-ready data, after `context` (what ran on what: checkpoint, arch, versions, data).
+    Non-finite figures become null, listed under "non_finite" with the value they stand for."""
     data = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
-    return json.dumps(_clean(data), indent=2, default=str)
+    if context:
+        data = {**context, **data}
+    found: dict[str, str] = {}
+    data = _clean(data, "", found)
+    if found:
+        data["non_finite"] = found
+    return data
+
+
+def dumps(report: Any, context: dict[str, Any] | None = None) -> str:
+    return json.dumps(to_json_data(report, context), indent=2, default=str, allow_nan=False)
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of bntool and what its results depend on (None: not installed)."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    found: dict[str, str | None] = {"bntool": __version__}
+    for name in ("torch", "onnx", "onnxruntime"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -41,28 +72,178 @@ def _range(summary) -> str:
     return "-" if summary is None else f"{fmt(summary.min)} … {fmt(summary.max)}"
 
 
-def render_inspect(report, console: Console) -> None:
+INSPECT_LEGEND = (
+    "C: channels. tracked: num_batches_tracked, the batches the running statistics have averaged (off: "
+    "track_running_stats=False). mom.: momentum (None: cumulative average). γ, β: the affine weight and bias, "
+    "signed, min … max over channels. fold: what `bntool fold` does with the layer → the conv/linear it goes "
+    "into (affine: kept as a per-channel scale and shift; refused: left as it is)."
+)
+COMPACT_LEGEND = ("C: channels. fold: what `bntool fold` does → the layer it folds into (…name: in the BN "
+                  "layer's own parent module). --wide shows statistics, γ/β, eps, momentum and tracked batches.")
+
+
+def render_inspect(report, console: Console, wide: bool = False) -> None:
+    """The BN layers in a table that fits the console: layer, kind, C, health and fold (compact), or every
+    column (`wide`). Long names are shortened in the middle, never cut at the end; a legend follows."""
     if not report.layers:
         console.print("No BatchNorm layers in this model: nothing to recalibrate or fold.")
         return
+    table = _inspect_wide(report) if wide else _inspect_compact(report, console.width)
+    console.print(table)
+    console.print(INSPECT_LEGEND if wide else COMPACT_LEGEND, style="dim")
+    bad = [layer for layer in report.layers if _problems(layer.flags)]
+    console.print(f"{len(report.layers)} BN layers, {len(bad)} with health problems; "
+                  f"{report.total_params:,} parameters.")
+    few = [layer for layer in report.layers if any(f.startswith(FEW_UPDATES_FLAG) for f in layer.flags)]
+    if not wide:
+        for line in _reasons(report.layers):
+            console.print(line)
+    if few:
+        counts = sorted(layer.num_batches_tracked for layer in few)
+        console.print(f"[yellow]warning:[/] {len(few)} BN layers have averaged only {counts[0]}"
+                      + (f" … {counts[-1]}" if counts[-1] != counts[0] else "")
+                      + " batches (num_batches_tracked): their statistics are noisy. "
+                      "`bntool recalibrate CKPT --data DIR -o OUT` re-estimates them from data.")
+
+
+@dataclasses.dataclass
+class _Decision:
+    name: str
+    fold_action: str
+    fold_reason: str
+
+
+def _reasons(layers) -> list[str]:
+    """'affine (fed by cat, not a conv/linear): 58 layers, e.g. a, b, c': why layers are not folded, grouped."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for layer in layers:
+        if layer.fold_action in ("affine", "refused"):
+            groups.setdefault((layer.fold_action, layer.fold_reason or "no reason given"), []).append(layer.name)
+    lines = []
+    for (action, reason), names in groups.items():
+        style = ACTION_STYLE[action]
+        which = names[0] if len(names) == 1 else f"{len(names)} layers, e.g. {', '.join(names[:2])}"
+        lines.append(f"[{style}]{action}[/] ({reason}): {which}")
+    return lines
+
+
+def _problems(flags: list[str]) -> list[str]:
+    return [f for f in flags if not f.startswith(FEW_UPDATES_FLAG)]
+
+
+def _inspect_wide(report) -> Table:
     table = Table(title=f"{len(report.layers)} BatchNorm layers", show_lines=False)
-    for col in ("layer", "type", "C", "eps", "mom.", "affine", "tracked", "running_mean", "running_var", "|γ| range",
-                "health"):
+    for col in ("layer", "type", "C", "eps", "mom.", "affine", "tracked", "running_mean", "running_var",
+                "γ (weight)", "β (bias)", "health"):
         table.add_column(col, overflow="fold")
     if report.fold_planned:
-        table.add_column("fold")
+        table.add_column("fold", overflow="fold")
     for layer in report.layers:
-        gamma = "-" if layer.weight is None else f"{fmt(layer.weight.min)} … {fmt(layer.weight.max)}"
-        health = "[red]" + "; ".join(layer.flags) + "[/]" if layer.flags else "[green]ok[/]"
         row = [layer.name, layer.type, str(layer.channels), fmt(layer.eps), fmt(layer.momentum),
                "yes" if layer.affine else "no", str(layer.num_batches_tracked if layer.track_running_stats else "off"),
-               _range(layer.running_mean), _range(layer.running_var), gamma, health]
+               _range(layer.running_mean), _range(layer.running_var), _range(layer.weight), _range(layer.bias),
+               _health_cell(layer.flags)]
         if report.fold_planned:
             row.append(_fold_cell(layer.fold_action, layer.fold_target, layer.fold_reason))
         table.add_row(*row)
-    console.print(table)
-    bad = len(report.unhealthy)
-    console.print(f"{len(report.layers)} BN layers, {bad} with health flags; {report.total_params:,} parameters.")
+    return table
+
+
+def _health_cell(flags: list[str], short: bool = False) -> str:
+    if not flags:
+        return "[green]ok[/]"
+    shown = [f.split(":")[0] if short else f for f in flags]
+    style = "yellow" if not _problems(flags) else "red"
+    return f"[{style}]" + "; ".join(shown) + "[/]"
+
+
+def _inspect_compact(report, width: int) -> Table:
+    """Layer, kind, C, health and fold → into, sized to `width`: long names wrap after a dot, nothing is cut."""
+    layers = report.layers
+    folds = report.fold_planned
+    return bn_table(f"{len(layers)} BatchNorm layers", [layer.name for layer in layers],
+                    [layer.type for layer in layers], [layer.channels for layer in layers], width,
+                    healths=[_health_cell(layer.flags, short=True) for layer in layers],
+                    actions=[layer.fold_action for layer in layers] if folds else None,
+                    targets=[layer.fold_target for layer in layers] if folds else None)
+
+
+def bn_table(title: str, names: list[str], types: list[str], channels: list[int], width: int,
+             healths: list[str] | None = None, actions: list | None = None, targets: list | None = None) -> Table:
+    """BN layers as rows: name, kind, C, [health], [action → target], fitted to `width` columns. Names wrap after
+    a dot; targets next to their BN are named relative to the shared parent (…conv1) when full names do not fit."""
+    from rich import box
+
+    kinds = [_short_kind(t) for t in types]
+    actions_text = [str(a) if a is not None else "-" for a in actions] if actions is not None else None
+    targets_text = [t or "" for t in targets] if targets is not None else None
+    health_width = 0
+    if healths is not None:
+        health_width = max(len("health"), min(13, max(len(Text.from_markup(h).plain) for h in healths)))
+    columns = 3 + (healths is not None) + (actions is not None)
+    fixed = max(map(len, kinds)) + max(len(str(c)) for c in channels) + health_width
+    room = max(24, width - fixed - 3 * columns - (max(map(len, actions_text)) + 3 if actions_text else 0))
+    longest_name = max(map(len, names))
+    longest_target = max(map(len, targets_text)) if targets_text else 0
+    if targets_text and longest_name + longest_target > room:
+        targets_text = [_relative_target(n, t) for n, t in zip(names, targets_text)]
+        longest_target = max(map(len, targets_text))
+    if longest_name + longest_target <= room:
+        name_width, target_width = longest_name, longest_target
+    else:  # share the room; the shorter of the two keeps its full width when it can
+        name_width = max(min(longest_name, room - room // 2), room - longest_target)
+        target_width = max(room - name_width, 8)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    table.add_column("layer", width=name_width, overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("C", justify="right", no_wrap=True)
+    if healths is not None:
+        table.add_column("health", width=health_width)
+    if actions_text is not None:
+        table.add_column("fold → into", overflow="fold")
+    for i, name in enumerate(names):
+        row = [wrap_dotted(name, name_width), kinds[i], str(channels[i])]
+        if healths is not None:
+            row.append(healths[i])
+        if actions_text is not None:
+            action, target = actions_text[i], targets_text[i]
+            style = ACTION_STYLE.get(action, "")
+            cell = f"[{style}]{action}[/]" if style else action
+            if target:
+                pad = " " * (len(action) + 3)
+                cell += " → " + wrap_dotted(target, target_width).replace("\n", "\n" + pad)
+            row.append(cell)
+        table.add_row(*row)
+    return table
+
+
+def _relative_target(name: str, target: str) -> str:
+    """'layer1.0.conv1' for BN 'layer1.0.bn1' → '…conv1': the part after the parent module they share."""
+    parent = name.rpartition(".")[0]
+    if parent and target.startswith(parent + "."):
+        return "…" + target[len(parent) + 1:]
+    return target
+
+
+def wrap_dotted(name: str, width: int) -> str:
+    """`name` in lines of at most `width` characters, broken after a dot where possible (never cut)."""
+    lines, line = [], ""
+    for part in name.replace(".", ".\0").split("\0"):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        while len(part) > width:
+            room = width - len(line)
+            lines.append(line + part[:room])
+            line, part = "", part[room:]
+        line += part
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def _short_kind(type_name: str) -> str:
+    """BatchNorm2d → BN2d, FrozenBatchNorm2d → FrozenBN2d, SyncBatchNorm → SyncBN."""
+    return type_name.replace("BatchNorm", "BN")
 
 
 def _fold_cell(action: str | None, target: str | None, reason: str) -> str:
@@ -79,14 +260,12 @@ def _fold_cell(action: str | None, target: str | None, reason: str) -> str:
 
 def render_fold(report, console: Console) -> None:
     if report.decisions:
-        table = Table(title="BatchNorm folding")
-        for col in ("BN layer", "type", "C", "result", "into", "why"):
-            table.add_column(col, overflow="fold")
-        for d in report.decisions:
-            style = ACTION_STYLE.get(d.action, "")
-            why = d.reason if d.action in ("affine", "refused") else ""
-            table.add_row(d.name, d.type, str(d.channels), f"[{style}]{d.action}[/]", d.target or "-", why)
-        console.print(table)
+        ds = report.decisions
+        console.print(bn_table("BatchNorm folding", [d.name for d in ds], [d.type for d in ds],
+                               [d.channels for d in ds], console.width, actions=[d.action for d in ds],
+                               targets=[d.target for d in ds]))
+        for line in _reasons([_Decision(d.name, d.action, d.reason) for d in ds]):
+            console.print(line)
     else:
         console.print("No BatchNorm layers: nothing to fold.")
     counts = ", ".join(f"{report.count(a)} {a}" for a in ("folded", "folded-forward", "affine", "refused"))
@@ -108,14 +287,24 @@ def render_fold(report, console: Console) -> None:
 
 
 def render_recalibrate(report, console: Console) -> None:
-    table = Table(title=f"Recalibrated BatchNorm statistics ({report.mode})")
-    for col in ("BN layer", "C", "values/channel", "max mean shift (old σ)", "var ratio new/old"):
-        table.add_column(col, overflow="fold")
+    from rich import box
+
+    table = Table(title=f"Recalibrated BatchNorm statistics ({report.mode})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title_justify="left", caption="mean shift: max over channels of |new − old mean| / old σ; "
+                  "var new/old: the range over channels", caption_justify="left")
+    names = [layer.name for layer in report.layers]
+    name_width = max(12, min(max(map(len, names), default=8), console.width - 52))
+    table.add_column("BN layer", width=name_width, overflow="fold")
+    table.add_column("C", justify="right", no_wrap=True)
+    table.add_column("values/ch", justify="right", no_wrap=True)
+    table.add_column("mean shift", justify="right")
+    table.add_column("var new/old", no_wrap=True)
     for layer in report.layers:
+        name = wrap_dotted(layer.name, name_width)
         if layer.skipped:
-            table.add_row(layer.name, str(layer.channels), "-", f"[yellow]skipped: {layer.skipped}[/]", "-")
+            table.add_row(name, str(layer.channels), "-", f"[yellow]skipped: {layer.skipped}[/]", "-")
             continue
-        table.add_row(layer.name, str(layer.channels), f"{layer.samples:,}", fmt(layer.mean_shift),
+        table.add_row(name, str(layer.channels), f"{layer.samples:,}", f"{fmt(layer.mean_shift)} σ",
                       f"{fmt(layer.var_ratio_min)} … {fmt(layer.var_ratio_max)}")
     console.print(table)
     console.print(f"{report.samples:,} samples in {report.batches} batches × {report.passes} pass(es), "
@@ -135,13 +324,22 @@ def render_export(report, console: Console) -> None:
                   f"{report.file_bytes / 1e6:.2f} MB, {report.export_seconds:.1f} s.")
     ops = ", ".join(f"{k} {v}" for k, v in sorted(report.op_counts.items(), key=lambda kv: -kv[1]))
     console.print(f"Ops: {ops}")
-    table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch")
-    for col in ("input", "output", "max abs", "max rel", "mean abs", "over tol.", "worst at", "result"):
-        table.add_column(col)
+    from rich import box
+
+    table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title_justify="left")
+    full = console.width >= 110  # mean abs and the worst element's index need the room (both are in --json)
+    longest_input = max((len(c.input) for c in report.comparisons), default=5)
+    longest_output = max((len(c.output) for c in report.comparisons), default=6)
+    table.add_column("input", min_width=min(14, longest_input), overflow="fold")  # text wraps; figures never do
+    table.add_column("output", min_width=min(10, longest_output), overflow="fold")
+    for col in ("max abs", "max rel", *(("mean abs",) if full else ()), "over tol.", *(("worst at",) if full else ()),
+                "result"):
+        table.add_column(col, no_wrap=True, justify="right" if col != "result" else "left")
     for c in report.comparisons:
-        table.add_row(c.input, c.output, fmt(c.max_abs), fmt(c.max_rel_elementwise), fmt(c.mean_abs),
-                      f"{c.mismatched_fraction:.2%}", str(c.worst_index),
-                      "[green]ok[/]" if c.passed else "[red]FAIL[/]")
+        figures = [fmt(c.max_abs), fmt(c.max_rel_elementwise), *([fmt(c.mean_abs)] if full else []),
+                   f"{c.mismatched_fraction:.2%}", *([str(c.worst_index)] if full else [])]
+        table.add_row(c.input, c.output, *figures, "[green]ok[/]" if c.passed else "[red]FAIL[/]")
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -161,13 +359,91 @@ def render_verify(report, console: Console) -> None:
 
 
 def render_demo(report, console: Console) -> None:
-    table = Table(title=f"bntool demo (files in {report.directory})")
-    table.add_column("step")
-    table.add_column("result", overflow="fold")
+    table = Table(title=f"bntool demo (files in {report.directory})", title_justify="left")
+    table.add_column("step", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("figures")
     for step in report.steps:
-        details = ", ".join(f"{k}={fmt(v) if isinstance(v, float) else v}" for k, v in step.items() if k != "step")
-        table.add_row(step["step"], details)
+        passed = step.get("passed")
+        result = "-" if passed is None else ("[green]PASS[/]" if passed else "[red]FAIL[/]")
+        table.add_row(step["step"], result, demo_details(step))
     console.print(table)
     console.print("[green]Demo passed.[/]" if report.passed else "[red]Demo failed.[/]")
-    console.print(f"Try: bntool inspect {report.files['recalibrated.pt']} --arch bntool.zoo:resnet "
-                  "--input-shape 1,3,32,32")
+    model = report.files.get("recalibrated.pt")
+    if model:
+        console.print(f"Try: bntool inspect {model} --arch bntool.zoo:resnet --input-shape 1,3,32,32")
+
+
+def demo_details(step: dict[str, Any]) -> str:
+    """A demo step's figures as text: 'bn layers 6; fold plan: folded 6, affine 0; batch norm ops 6 → 0'."""
+    parts = []
+    for key, value in step.items():
+        if key in ("step", "passed"):
+            continue
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {_demo_value(v)}" for k, v in value.items())
+            parts.append(f"{label}: {inner}")
+        elif isinstance(value, (list, tuple)) and len(value) == 2:
+            parts.append(f"{label} {_demo_value(value[0])} → {_demo_value(value[1])}")
+        else:
+            parts.append(f"{label} {_demo_value(value)}")
+    return "; ".join(parts)
+
+
+def _demo_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "PASS" if value else "FAIL"
+    if isinstance(value, float):
+        return fmt(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+class RecalibrationProgress:
+    """One Rich progress bar over all passes of a recalibration, fed by the library's progress callback
+    `progress(samples done in this pass, pass number, passes)`: "pass k of n", samples/s, elapsed and the
+    remaining time of the whole run. The number of passes is taken as a total once it exceeds the pass number
+    (or from `passes`); until then each pass gets its own bar. `samples_per_pass` None: counts, no total."""
+
+    def __init__(self, console: Console, samples_per_pass: int | None, passes: int | None = None):
+        self.console, self.per_pass, self.passes = console, samples_per_pass, passes
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> RecalibrationProgress:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=self.console, transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("pass 1", total=self.per_pass, rate="-")
+        return self
+
+    def __call__(self, done: int, pass_number: int, passes: int) -> None:
+        if passes > pass_number or (passes == pass_number and self.passes is not None):
+            self.passes = max(passes, self.passes or 0)  # a total: it exceeded the pass number once
+        if self.passes is not None:  # one bar over every pass
+            of = f" of {self.passes}" if self.passes > 1 else ""
+            total = self.per_pass * self.passes if self.per_pass is not None else None
+            completed = (pass_number - 1) * (self.per_pass or 0) + done
+        else:  # the number of passes is not known: a bar per pass
+            of, total, completed = "", self.per_pass, done
+        task = self.bar.tasks[0]
+        rate = f"{task.speed:,.0f}" if task.speed else "-"
+        self.bar.update(self.task, total=total, completed=completed, description=f"pass {pass_number}{of}",
+                        rate=rate)
+
+    def __exit__(self, *exc: Any) -> bool:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False

@@ -165,7 +165,8 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
 
 
 def to_junit_xml(report: VerifyReport) -> str:
-    """One testsuite, one testcase per check: what CI systems (GitHub, GitLab, Jenkins) display."""
+    """One testsuite, one testcase per check: what CI systems (GitHub, GitLab, Jenkins) display.
+    A failure's body is the check's figures as readable 'name: value' lines."""
     suite = ET.Element("testsuite", name="bntool.verify", tests=str(len(report.checks)),
                        failures=str(sum(not c.passed for c in report.checks)), errors="0",
                        time=f"{sum(c.seconds for c in report.checks):.3f}")
@@ -173,8 +174,63 @@ def to_junit_xml(report: VerifyReport) -> str:
         case = ET.SubElement(suite, "testcase", classname="bntool.verify", name=check.name, time=f"{check.seconds:.3f}")
         if not check.passed:
             failure = ET.SubElement(case, "failure", message=check.summary)
-            failure.text = repr(check.figures)
+            failure.text = check.summary + "\n\n" + figures_text(check.figures)
         else:
             out = ET.SubElement(case, "system-out")
             out.text = check.summary
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True)
+    return _xml(suite)
+
+
+def junit_error_xml(message: str, name: str = "verify") -> str:
+    """JUnit XML for a verify that could not run (bad input, missing file): one errored testcase with the
+    message, so a CI dashboard shows why instead of a missing report."""
+    suite = ET.Element("testsuite", name="bntool.verify", tests="1", failures="0", errors="1", time="0.000")
+    case = ET.SubElement(suite, "testcase", classname="bntool.verify", name=name, time="0.000")
+    error = ET.SubElement(case, "error", message=message)
+    error.text = message
+    return _xml(suite)
+
+
+def _xml(suite: ET.Element) -> str:
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+
+
+def figures_text(figures: dict[str, Any], indent: str = "") -> str:
+    """Nested figures as 'name: value' lines, nested mappings indented under their name."""
+    lines = []
+    for key, value in figures.items():
+        if isinstance(value, dict) and value:
+            lines.append(f"{indent}{key}:")
+            lines.append(figures_text(value, indent + "  "))
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{indent}{key}: {', '.join(_plain(v) for v in value) if value else '-'}")
+        else:
+            lines.append(f"{indent}{key}: {_plain(value)}")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "-" if not value else ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    return "-" if value is None else str(value)
+
+
+def to_markdown(report: VerifyReport, title: str = "bntool verify") -> str:
+    """A Markdown table of the checks, for a CI job summary ($GITHUB_STEP_SUMMARY)."""
+    verdict = "all checks passed" if report.passed else f"{sum(not c.passed for c in report.checks)} failed"
+    lines = [f"### {title}: {verdict}", "", "| check | result | details | time |", "|---|---|---|---|"]
+    for c in report.checks:
+        result = "✅ pass" if c.passed else "❌ **FAIL**"
+        lines.append(f"| {c.name} | {result} | {_md_cell(c.summary)} | {c.seconds:.1f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_error(message: str, title: str = "bntool verify") -> str:
+    """The Markdown summary for a verify that could not run."""
+    return f"### {title}: could not run\n\n❌ {_md_cell(message)}\n"
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_clean_error
+from helpers import PYTHON, assert_clean_error
 
 import bntool
 from bntool import zoo
@@ -253,17 +254,23 @@ def test_huge_example_input_is_an_input_error(tmp_path, cli, resnet_sd):
     assert not out.exists()
 
 
-def test_library_warnings_only_with_debug(tmp_path, monkeypatch, cli, resnet_sd):
-    _module_in(tmp_path, monkeypatch, "noisy_arch", (
+def test_library_warnings_only_with_debug(tmp_path, resnet_sd):
+    # A subprocess: in-process, pytest's own warning capture would swallow what --debug shows.
+    (tmp_path / "noisy_arch.py").write_text(
         "import warnings\n"
         "from bntool import zoo\n"
         "def build():\n"
         "    warnings.warn('TypedStorage is deprecated', UserWarning)\n"
-        "    return zoo.resnet()\n"))
-    result = cli("inspect", resnet_sd, "--arch", "noisy_arch:build")
-    assert result.code == 0 and "TypedStorage" not in result.err, result.err
-    result = cli("--debug", "inspect", resnet_sd, "--arch", "noisy_arch:build")
-    assert result.code == 0 and "TypedStorage" in result.err
+        "    return zoo.resnet()\n")
+
+    def run(*args):
+        return subprocess.run([PYTHON, "-m", "bntool", *args, "inspect", str(resnet_sd), "--arch", "noisy_arch:build"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    result = run()
+    assert result.returncode == 0 and "TypedStorage" not in result.stderr, result.stderr
+    result = run("--debug")
+    assert result.returncode == 0 and "TypedStorage" in result.stderr, result.stderr
 
 
 def test_demo_into_a_file(tmp_path, cli):

@@ -1,0 +1,208 @@
+"""What people read: tables that fit 80 columns without cutting names, honest columns with a legend, warnings
+that point somewhere, progress over every pass, CI summaries (JUnit, Markdown) and JSON without NaN strings."""
+
+from __future__ import annotations
+
+import json
+import math
+from xml.etree import ElementTree as ET
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+from bntool import zoo
+from bntool.demo import DemoReport
+from bntool.inspection import inspect
+from bntool.recalibration import LayerShift, RecalibrationReport
+from bntool.report import RecalibrationProgress, dumps, render_demo, render_inspect, versions, wrap_dotted
+from bntool.verification import Check, VerifyReport, check_health, junit_error_xml, to_junit_xml, to_markdown
+
+
+def rendered(render, *args, width: int = 80, **kwargs) -> str:
+    console = Console(width=width, highlight=False, force_terminal=False, color_system=None)
+    with console.capture() as capture:
+        render(*args, console, **kwargs)
+    return capture.get()
+
+
+class Deep(nn.Module):
+    """torchvision/timm-like depth: BN names of 40+ characters whose convs sit next to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.ModuleDict({
+            f"denseblock{i}": nn.ModuleDict({
+                f"denselayer{j}": nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+                for j in range(1, 3)})
+            for i in range(1, 3)})
+        self.stem_norm_with_a_rather_long_name = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        for block in self.features.values():
+            for layer in block.values():
+                x = layer(x)
+        return self.stem_norm_with_a_rather_long_name(x)
+
+
+def column_cells(text: str, column: str, next_column: str | None) -> list[str]:
+    """The full content of one column per table row, re-joined from its wrapped lines (a row starts where the
+    "kind" column has text); `next_column` None: the last column."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if " layer " in line and " kind " in line)
+    start = lines[header].index(column)
+    end = lines[header].index(next_column) if next_column else None
+    kind = lines[header].index(" kind ") + 1
+    cells: list[str] = []
+    for line in lines[header + 2:]:
+        if not line.strip():
+            break
+        piece = line[start:end].strip()
+        if line[kind:kind + 4].strip():
+            cells.append(piece)
+        else:
+            cells[-1] += piece
+    return cells
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 160])
+def test_compact_inspect_fits_the_width_and_keeps_every_name(width):
+    model = zoo.randomize_bn(Deep()).eval()
+    report = inspect(model, (torch.randn(1, 4, 8, 8),))
+    text = rendered(render_inspect, report, width=width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert column_cells(text, "layer", "kind") == names
+    assert " health " in text
+    folds = column_cells(text, "fold → into", None)
+    convs = [name[:-1] + "0" for name in names[:-1]]  # each folds into the conv just before it
+    if width >= 160:
+        assert folds == [f"folded → {c}" for c in convs] + ["affine"]
+    else:  # named relative to the parent module both share, and the legend says so
+        assert folds == ["folded → …0"] * len(convs) + ["affine"]
+        assert "…name: in the BN layer's own parent module" in " ".join(text.split())
+
+
+def test_wrap_dotted_never_loses_a_character():
+    for name in ["a.b.c", "features.denseblock4.denselayer16.norm2", "x" * 50, "blocks.1.0.conv_pw"]:
+        for width in (5, 8, 13, 30):
+            lines = wrap_dotted(name, width).split("\n")
+            assert "".join(lines) == name and all(len(line) <= width for line in lines)
+
+
+def test_wide_inspect_shows_signed_gamma_and_a_legend():
+    model = zoo.randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([-0.5, 0.25, 1.0, 2.0]))
+    text = rendered(render_inspect, inspect(model), width=200, wide=True)
+    assert "γ (weight)" in text and "|γ|" not in text
+    assert "-0.5 … 2" in text  # signed: min and max of γ itself
+    assert "tracked: num_batches_tracked" in text and "mom.: momentum" in text
+
+
+def test_few_updates_warn_and_point_to_recalibrate_without_failing_verify():
+    model = zoo.randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                           nn.BatchNorm2d(4))).eval()
+    model[1].num_batches_tracked.fill_(37)
+    model[3].num_batches_tracked.fill_(12)
+    report = inspect(model)
+    assert [f for layer in report.layers for f in layer.flags] == [
+        f"few updates: num_batches_tracked {n} < 100; recalibrate" for n in (37, 12)]
+    text = rendered(render_inspect, report, width=80)
+    assert "2 BN layers have averaged only 12 … 37 batches" in " ".join(text.split())
+    assert "bntool recalibrate" in text and "0 with health problems" in text
+    health = check_health(model)
+    assert health.passed and "2 with warnings" in health.summary
+
+
+def test_demo_summary_has_columns_not_dicts():
+    report = DemoReport(directory="bntool-demo", files={"recalibrated.pt": "bntool-demo/recalibrated.pt"})
+    report.steps = [
+        {"step": "inspect", "bn_layers": 6, "fold_plan": {"folded": 5, "affine": 1}},
+        {"step": "fold", "batch_norm_ops": [6, 0], "max_rel_error": 1.5e-7, "passed": True},
+        {"step": "verify", "passed": False, "checks": {"bn-health": True, "onnx-equivalence": False}},
+    ]
+    text = rendered(render_demo, report, width=100)
+    assert not any(c in text for c in "{}=")
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith(("│ inspect", "│ fold",
+                                                                                           "│ verify"))
+            for line in [line.strip("│ ")]}
+    assert "bn layers 6; fold plan: folded 5, affine 1" in rows["inspect"]
+    assert "PASS" in rows["fold"] and "batch norm ops 6 → 0; max rel error 1.5e-07" in rows["fold"]
+    assert "FAIL" in rows["verify"] and "bn-health PASS, onnx-equivalence FAIL" in rows["verify"]
+
+
+def test_progress_is_one_bar_over_all_passes():
+    console = Console(width=120, force_terminal=False)
+    with RecalibrationProgress(console, samples_per_pass=50) as progress:
+        progress(20, 1, 3)
+        task = progress.bar.tasks[0]
+        assert (task.description, task.completed, task.total) == ("pass 1 of 3", 20, 150)
+        progress(50, 1, 3)
+        progress(10, 2, 3)
+        task = progress.bar.tasks[0]
+        assert (task.description, task.completed, task.total) == ("pass 2 of 3", 60, 150)
+        progress(50, 3, 3)
+        assert progress.bar.tasks[0].completed == progress.bar.tasks[0].total == 150
+    with RecalibrationProgress(console, samples_per_pass=50) as unknown:  # passes reported as "so far"
+        unknown(10, 1, 1)
+        unknown(20, 2, 2)
+        task = unknown.bar.tasks[0]
+        assert (task.description, task.completed, task.total) == ("pass 2", 20, 50)
+    with RecalibrationProgress(console, samples_per_pass=None) as single:
+        single(7, 1, 1)
+        assert (single.bar.tasks[0].description, single.bar.tasks[0].total) == ("pass 1", None)
+
+
+def test_plot_title_stays_inside_the_figure():
+    pytest.importorskip("matplotlib")
+    from bntool.plot import recalibration_figure
+
+    layers = [LayerShift(f"l{i}", 8, 100, 0.5, 0.9, 1.1) for i in range(3)]
+    report = RecalibrationReport(mode="exact", samples=12_345, batches=10, passes=3, layers=layers)
+    fig = recalibration_figure(report)
+    fig.canvas.draw()
+    title = fig.axes[0].title.get_window_extent()
+    bounds = fig.bbox
+    assert title.x0 >= bounds.x0 and title.x1 <= bounds.x1 and title.y1 <= bounds.y1
+    assert "12,345 samples" in fig.axes[0].get_title().replace("\n", " ")
+
+
+def test_json_has_null_and_a_reason_instead_of_inf():
+    report = VerifyReport([Check("onnx-equivalence", False, "onnxruntime failed",
+                                 {"max_abs_error": math.inf, "ratios": [1.0, math.nan]})])
+    text = dumps(report, {"checkpoint": "m.pt", "arch": "timm:resnet18", "versions": versions()})
+    assert "Infinity" not in text and "NaN" not in text  # bare JSON tokens most parsers reject
+    data = json.loads(text)
+    reasons = data.pop("non_finite")
+    assert reasons == {"checks[0].figures.max_abs_error": "inf", "checks[0].figures.ratios[1]": "nan"}
+    assert data["checks"][0]["figures"] == {"max_abs_error": None, "ratios": [1.0, None]}
+    assert data["checkpoint"] == "m.pt" and data["arch"] == "timm:resnet18"
+    from importlib.metadata import version
+
+    assert data["versions"]["torch"] == version("torch") and data["versions"]["onnxruntime"] == version("onnxruntime")
+
+
+def test_junit_failure_is_readable_and_errors_are_test_cases():
+    report = VerifyReport([Check("bn-health", True, "6 BN layers healthy"),
+                           Check("fold-equivalence", False, "max abs 0.3 over tolerance",
+                                 {"max_abs_error": 0.3, "counts": {"folded": 5, "affine": 1}})])
+    suite = ET.fromstring(to_junit_xml(report))
+    failure = suite.find("testcase[@name='fold-equivalence']/failure")
+    assert failure.get("message") == "max abs 0.3 over tolerance"
+    assert failure.text.splitlines()[2:] == ["max_abs_error: 0.3", "counts:", "  folded: 5", "  affine: 1"]
+    assert "{" not in failure.text
+    errored = ET.fromstring(junit_error_xml("m.pt: no such file"))
+    assert (errored.get("tests"), errored.get("errors"), errored.get("failures")) == ("1", "1", "0")
+    assert errored.find("testcase/error").get("message") == "m.pt: no such file"
+
+
+def test_markdown_summary_is_a_table_of_the_checks():
+    report = VerifyReport([Check("bn-health", True, "6 BN layers healthy", seconds=0.04),
+                           Check("onnx-equivalence", False, "a | b over tolerance", seconds=1.26)])
+    lines = to_markdown(report).splitlines()
+    assert lines[0] == "### bntool verify: 1 failed"
+    assert lines[2:4] == ["| check | result | details | time |", "|---|---|---|---|"]
+    assert lines[4] == "| bn-health | ✅ pass | 6 BN layers healthy | 0.0 s |"
+    assert lines[5] == "| onnx-equivalence | ❌ **FAIL** | a \\| b over tolerance | 1.3 s |"

@@ -1,0 +1,200 @@
+"""The command line as a new user meets it: one data pipeline on every command that reads data, the same flags
+everywhere, output files that are what their names say, CI artifacts also when verify cannot run."""
+
+from __future__ import annotations
+
+import json
+from xml.etree import ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_clean_error
+
+from bntool import zoo
+
+ARCH = ["--arch", "bntool.zoo:resnet"]
+DATA_FLAGS = ["--data", "--loader", "--input-shape", "--image-size", "--resize", "--center-crop", "--interpolation",
+              "--mean", "--std", "--batch-size"]
+
+
+def help_of(cli, command: str) -> str:
+    result = cli(command, "--help")
+    assert result.code == 0, result.err
+    return " ".join(result.out.split())
+
+
+@pytest.mark.parametrize("command", ["recalibrate", "export-onnx", "verify"])
+def test_the_same_data_options_on_every_command_that_reads_data(cli, command):
+    text = help_of(cli, command)
+    missing = [flag for flag in DATA_FLAGS if flag not in text]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("inspect", ["-q", "--json", "--seed", "--wide"]),
+    ("fold", ["-q", "--json", "--seed", "--force", "--keep-extra"]),
+    ("recalibrate", ["-q", "--json", "--seed", "--force", "--device"]),
+    ("export-onnx", ["-q", "--json", "--seed", "--force"]),
+    ("verify", ["-q", "--json", "--seed", "--junit-xml", "--summary-md"]),
+    ("demo", ["-q", "--json", "--force"]),
+])
+def test_common_flags_on_every_command(cli, command, flags):
+    text = help_of(cli, command)
+    assert not [f for f in flags if f" {f} " not in f" {text} " and f" {f}," not in text], text
+    if command != "demo":
+        assert f"Usage: bntool {command} [OPTIONS] CKPT" in text and "{ckpt}" not in text.lower()
+
+
+def test_device_names_the_accepted_values(cli, resnet_sd, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 32, 32), dtype=np.float32))
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.pt", "--device",
+                 "gpu")
+    assert_clean_error(result, contains="--device 'gpu': expected cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_demo_does_not_overwrite_without_force(cli, tmp_path):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "model.pt").write_bytes(b"mine")
+    assert_clean_error(cli("demo", tmp_path / "demo"), contains="--force")
+    assert (tmp_path / "demo" / "model.pt").read_bytes() == b"mine"
+
+
+@pytest.fixture
+def pngs(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_verify_reads_images_at_the_input_shape(cli, resnet_sd, pngs):
+    """The issue's failure: 224 hard-coded for --data in verify gave 'max abs inf' on a correct model."""
+    result = cli("verify", resnet_sd, *ARCH, "--input-shape", "2,3,32,32", "--data", pngs, "--exporter", "legacy",
+                 "--samples", "1", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["passed"] and "non_finite" not in report
+    assert report["checkpoint"] == str(resnet_sd) and report["arch"] == "bntool.zoo:resnet"
+    assert set(report["versions"]) == {"bntool", "torch", "onnx", "onnxruntime"}
+    data = report["data"]
+    assert data["num_samples"] == 6 and data["preprocessing"]["size"] == [32, 32]
+    assert data["preprocessing"]["sources"]["size"] == "the input shape"
+    onnx = next(c for c in report["checks"] if c["name"] == "onnx-equivalence")
+    assert onnx["figures"]["comparisons"] > 0
+
+
+def test_export_refuses_data_that_does_not_fit_the_input_shape(cli, resnet_sd, tmp_path):
+    np.save(tmp_path / "big.npy", np.zeros((4, 3, 64, 64), dtype=np.float32))
+    out = tmp_path / "m.onnx"
+    result = cli("export-onnx", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--data", tmp_path / "big.npy",
+                 "-o", out)
+    assert_clean_error(result, contains="samples of shape (3, 64, 64) do not fit --input-shape 1,3,32,32")
+    assert not out.exists()
+
+
+def test_recalibrate_prints_the_data_line(cli, resnet_sd, pngs, tmp_path):
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", pngs, "--input-shape", "1,3,32,32", "--workers", "0",
+                 "-o", tmp_path / "r.pt")
+    assert result.code == 0, result.err
+    text = " ".join(result.out.split())
+    assert "data: 6 images in" in text and "(32×32): resize 36 → center crop 32×32 (bilinear)" in text
+    assert "size from the input shape" in text and "warning" not in text
+    small = cli("recalibrate", resnet_sd, *ARCH, "--data", pngs, "--workers", "0", "-o", tmp_path / "s.pt", "-q")
+    assert small.code == 0 and small.out == ""
+    assert "upscaled 8.0×" in small.err  # 32×32 images resized to 256 for a 224 crop: a warning even with -q
+
+
+def test_verify_writes_ci_artifacts_when_it_cannot_run(cli, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    junit = tmp_path / "junit.xml"
+    result = cli("verify", tmp_path / "missing.pt", "--input-shape", "1,3,32,32", "--junit-xml", junit)
+    assert_clean_error(result, contains="no such file")
+    suite = ET.fromstring(junit.read_text())
+    assert suite.get("errors") == "1"
+    error = suite.find("testcase/error")
+    assert "missing.pt" in error.get("message") and "no such file" in error.get("message")
+    text = summary.read_text()
+    assert text.startswith("earlier step\n### bntool verify: could not run") and "missing.pt" in text
+
+
+def test_verify_summary_markdown_file(cli, resnet_sd, tmp_path):
+    out = tmp_path / "checks.md"
+    result = cli("verify", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--skip-onnx", "--summary-md", out, "-q")
+    assert result.code == 0, result.err
+    assert result.out == ""
+    lines = out.read_text().splitlines()
+    assert lines[0] == "### bntool verify: all checks passed"
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| bn-health", "| fold-equivalence"]
+
+
+def test_fold_drops_optimizer_state_of_a_training_checkpoint(cli, tmp_path):
+    model = zoo.build("resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": {"last_epoch": 3}, "epoch": 3}, path)
+    result = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "folded.pt")
+    assert result.code == 0, result.err
+    assert "note: dropped optimizer, lr_scheduler" in " ".join(result.out.split()) + " ".join(result.err.split())
+    folded = torch.load(tmp_path / "folded.pt", weights_only=True)
+    assert set(folded) == {"state_dict", "epoch"} and folded["epoch"] == 3
+    kept = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "kept.pt", "--keep-extra", "-q")
+    assert kept.code == 0, kept.err
+    assert set(torch.load(tmp_path / "kept.pt", weights_only=True)) == {"state_dict", "optimizer", "lr_scheduler",
+                                                                        "epoch"}
+
+
+def test_output_format_follows_the_suffix(cli, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = zoo.build("resnet")
+    st = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, st)
+    assert cli("recalibrate", st, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.pt").code == 2  # no data
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    assert cli("recalibrate", st, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.pt", "-q").code == 0
+    as_torch = torch.load(tmp_path / "o.pt", weights_only=True)  # a torch file, not safetensors bytes
+    assert as_torch.keys() == model.state_dict().keys()
+    pt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), pt)
+    assert cli("recalibrate", pt, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "o.safetensors", "-q").code == 0
+    as_safetensors = load_file(str(tmp_path / "o.safetensors"))
+    assert torch.equal(as_safetensors["stem.1.running_mean"], as_torch["stem.1.running_mean"])
+
+
+def test_inspect_fits_80_columns_and_wide_shows_everything(cli, resnet_sd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    compact = cli("inspect", resnet_sd, *ARCH, "--input-shape", "1,3,32,32")
+    assert compact.code == 0 and max(len(line) for line in compact.out.splitlines()) <= 80
+    assert "layer2.down.1" in compact.out and "running_mean" not in compact.out
+    monkeypatch.setenv("COLUMNS", "250")
+    wide = cli("inspect", resnet_sd, *ARCH, "--wide")
+    assert wide.code == 0 and "running_mean" in wide.out and "tracked: num_batches_tracked" in wide.out
+    data = json.loads(cli("inspect", resnet_sd, *ARCH, "--json").out)
+    assert data["checkpoint"] == str(resnet_sd) and data["versions"]["bntool"]
+
+
+def test_export_with_a_fixed_batch_checks_real_data_at_that_batch(cli, resnet_sd, pngs, tmp_path, monkeypatch):
+    """Without --dynamic-batch the graph takes batch 1 only: data batches of 4 are cut to the example's batch
+    size instead of failing in onnxruntime (which read as 'max abs inf')."""
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "m.onnx"
+    args = ["export-onnx", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--data", pngs, "-b", "4",
+            "--num-batches", "3", "--exporter", "legacy", "--samples", "1", "-o", out]
+    result = cli(*args)
+    assert result.code == 0, result.err + result.out
+    assert "…" not in result.out and max(len(line) for line in result.out.splitlines()) <= 80
+    report = json.loads(cli(*args, "--force", "--json").out)
+    data_rows = [c for c in report["comparisons"] if c["input"].startswith("data batch")]
+    assert len(data_rows) == 3 and all(c["passed"] for c in data_rows)
+    assert report["data"]["preprocessing"]["size"] == [32, 32]

@@ -498,7 +498,7 @@ def _eval_copy(model: nn.Module) -> tuple[nn.Module, set[str]]:
     copied = copy.deepcopy(model).eval()
     for name, m in copied.named_modules():
         if name in by_request:
-            m.train()
+            m.training = True  # the BN only, not a subclass's own dropout/drop-path children
     return copied, by_request
 
 

@@ -267,7 +267,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
 
     handles = []
     for n, m in layers:
-        m.train()
+        m.training = True  # the BN itself only: children of a BN subclass (dropout, drop-path) stay in eval
         m.momentum = 1.0
         handles.append(m.register_forward_hook(collect(n)))
     try:
@@ -276,7 +276,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
         for h in handles:
             h.remove()
         for _, m in layers:
-            m.eval()
+            m.training = False
     _all_reduce(stats, batches)
     return stats
 
@@ -357,12 +357,12 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
         if reset:
             m.reset_running_stats()
         m.momentum = momentum
-        m.train()
+        m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
     try:
         _run_pass(model, batches, progress, 1)
     finally:
         for _, m in layers:
-            m.eval()
+            m.training = False
     if _world_size() > 1:  # each rank saw its own shard: average the EMAs
         import torch.distributed as dist
 

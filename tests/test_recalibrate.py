@@ -294,3 +294,88 @@ def test_cli_ctrl_c_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch):
     result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", out)
     assert result.code == 130 and "nothing written" in result.err
     assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- BN subclasses with children of their own
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A replica of timm.layers.BatchNormAct2d (norm_act.py): the BN subclass carries its own drop layer and
+    activation as child modules and applies them after the normalization."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 apply_act=True, act_layer=nn.ReLU, inplace=True, drop_layer=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=inplace) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
+        x = torch.nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm.layers.DropPath: zero whole samples in training, identity in eval."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class BatchNormDropPath(nn.BatchNorm2d):
+    """A BN subclass with a drop-path child applied to its output."""
+
+    def __init__(self, num_features, drop_path=None):
+        super().__init__(num_features)
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.drop_path(super().forward(x))
+
+
+def two_layer_net(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)).eval()
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "ema", "exact"])
+@pytest.mark.parametrize("kind", ["dropout", "drop_path"])
+def test_bn_subclass_children_stay_in_eval_mode(mode, kind):
+    import functools
+
+    if kind == "dropout":
+        with_drop = two_layer_net(BatchNormAct2d(8, drop_layer=functools.partial(nn.Dropout, 0.5)))
+        without = two_layer_net(BatchNormAct2d(8))
+    else:
+        with_drop = two_layer_net(BatchNormDropPath(8, DropPath(0.5)))
+        without = two_layer_net(BatchNormDropPath(8))
+    assert all(torch.equal(a, b) for a, b in zip(with_drop.state_dict().values(), without.state_dict().values()))
+    data = list((torch.randn(64, 3, 10, 10, generator=torch.Generator().manual_seed(1)) + 0.5).split(16))
+    torch.manual_seed(2)
+    recalibrate(with_drop, data, mode=mode)
+    recalibrate(without, data, mode=mode)
+    # Independent reference for the statistic the drop layer would corrupt: the second BN's input is the eval-mode
+    # network's activation, whatever the mode (cumulative and exact pool it; ema averages it per batch).
+    for a, b in zip(bn_stats(with_drop), bn_stats(without)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+    if mode == "exact":
+        with torch.no_grad():
+            second = without[2](without[1](without[0](torch.cat(data))))
+        assert torch.allclose(without[3].running_var, second.var((0, 2, 3)), rtol=1e-4)
+    assert not any(m.training for m in with_drop.modules())  # modes restored

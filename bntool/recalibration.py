@@ -167,7 +167,7 @@ def recalibrate(
                 stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
                 _write_all(usable, stats, batches.batches_per_pass)
                 report.passes = 1
-        _check_finite(usable)
+        _check_finite(usable, amp)
     except BaseException:
         for n, m in usable:
             _restore(m, saved[n])
@@ -182,7 +182,8 @@ def recalibrate(
     report.seconds = time.perf_counter() - started
     report.samples, report.batches = _global_counts(batches.samples_per_pass, batches.batches_per_pass)
     report.world_size = _world_size()
-    report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0)) for n, m in layers]
+    report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0), counted=mode != "ema")
+                     for n, m in layers]
     return report
 
 
@@ -257,6 +258,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     """BN layers normalize with batch statistics (train mode, momentum 1 so the buffers hold the batch's
     mean and unbiased variance after each call); those are pooled in float64."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers}
 
     def collect(name):
         def hook(module, args, output):
@@ -267,6 +269,10 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
 
     handles = []
     for n, m in layers:
+        # momentum 1 overwrites the buffers with each batch's statistics, but as 0·old + 1·batch: NaN/Inf in
+        # the old statistics would survive it. Start from finite values; layers no batch reached get theirs back.
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
         m.training = True  # the BN itself only: children of a BN subclass (dropout, drop-path) stay in eval
         m.momentum = 1.0
         handles.append(m.register_forward_hook(collect(n)))
@@ -275,8 +281,11 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     finally:
         for h in handles:
             h.remove()
-        for _, m in layers:
+        for n, m in layers:
             m.training = False
+            if stats[n].count == 0:
+                m.running_mean.copy_(before[n][0])
+                m.running_var.copy_(before[n][1])
     _all_reduce(stats, batches)
     return stats
 
@@ -468,18 +477,21 @@ def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> Non
 
 
 def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None) -> None:
+    """Write the pooled statistics; a layer no batch reached (a data-dependent branch) keeps its own."""
     for n, m in layers:
-        _write(m, stats[n].mean, stats[n].unbiased_var, batches)
+        if stats[n].count > 0:
+            _write(m, stats[n].mean, stats[n].unbiased_var, batches)
 
 
-def _check_finite(layers) -> None:
+def _check_finite(layers, amp: bool) -> None:
     for n, m in layers:
         if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
-            raise InputError(f"recalibrated statistics of {n} contain NaN/Inf (overflow with --amp?); nothing written")
+            cause = "overflow in reduced precision: try without amp" if amp else "the activations overflow"
+            raise InputError(f"recalibrated statistics of {n} contain NaN/Inf ({cause}); nothing written")
 
 
-def _shift(name, m, old, values) -> LayerShift:
-    skip = _skip_reason(m)
+def _shift(name, m, old, values, counted=True) -> LayerShift:
+    skip = _skip_reason(m) or ("no calibration batch reached it: statistics kept" if counted and values == 0 else "")
     c = int(m.running_mean.numel()) if getattr(m, "running_mean", None) is not None else 0
     if skip or old is None:
         return LayerShift(name, c, 0, 0.0, 1.0, 1.0, skipped=skip)

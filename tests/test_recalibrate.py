@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
@@ -201,8 +202,12 @@ def test_cli_image_folder(tmp_path, cli, resnet_sd, images):
                  "0", "-o", out, "--json")
     assert result.code == 0, result.err
     assert "skipped 1 unreadable images" in result.err
-    import json
-
+    (images / "sub" / "broken2.png").write_bytes(b"\x89PNG truncated")
+    exact = cli("recalibrate", resnet_sd, *ARCH, "--data", images, "--image-size", "32", "-b", "4", "--workers",
+                "0", "-o", tmp_path / "exact.pt", "--mode", "exact", "--json")
+    assert exact.code == 0, exact.err
+    assert json.loads(exact.out)["passes"] > 2 and "skipped 2 unreadable images" in exact.err  # not 2 × passes
+    (images / "sub" / "broken2.png").unlink()
     report = json.loads(result.out)
     assert report["samples"] == 10 and report["mode"] == "cumulative"
     assert out.exists()
@@ -379,3 +384,42 @@ def test_bn_subclass_children_stay_in_eval_mode(mode, kind):
             second = without[2](without[1](without[0](torch.cat(data))))
         assert torch.allclose(without[3].running_var, second.var((0, 2, 3)), rtol=1e-4)
     assert not any(m.training for m in with_drop.modules())  # modes restored
+
+
+# ---------------------------------------------------------------- broken statistics, unreached layers
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "ema", "exact"])
+def test_nan_and_inf_statistics_are_repaired_in_every_mode(mode):
+    data = list(data_for("resnet").split(16))
+    clean, broken = zoo.build("resnet"), zoo.build("resnet")
+    bns = [m for m in broken.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[0].running_var[0] = float("nan")
+    bns[1].running_mean[:] = float("inf")
+    bns[-1].running_var[:] = float("nan")
+    recalibrate(clean, data, mode=mode)
+    report = recalibrate(broken, data, mode=mode)
+    assert torch.isfinite(bn_stats(broken)[1]).all() and not any(layer.skipped for layer in report.layers)
+    assert rel_diff(bn_stats(broken), bn_stats(clean)) < 1e-6
+
+
+class Gated(nn.Module):
+    """A BN on a branch that only runs for inputs with a positive mean: not reached by negative data."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn, self.side = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.side(y) if float(x.mean()) > 0 else y
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_a_bn_no_batch_reaches_keeps_its_statistics(mode):
+    model = Gated().eval()
+    model.side.running_mean.fill_(0.25)
+    report = recalibrate(model, [torch.randn(8, 3, 6, 6) - 3], mode=mode)
+    assert torch.all(model.side.running_mean == 0.25) and torch.all(model.side.running_var == 1)
+    assert "no calibration batch reached it" in report.layers[1].skipped and not report.layers[0].skipped

@@ -354,10 +354,7 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
               file=sys.stderr)
     if not rank.is_main:
         return
-    model = loaded.model.to("cpu")
-    if channels_last:
-        model = model.to(memory_format=torch.contiguous_format)
-    save_checkpoint(loaded, model, output, force=force, in_place=in_place)
+    save_checkpoint(loaded, loaded.model, output, force=force, in_place=in_place)
     if plot is not None:
         from .plot import plot_recalibration
 

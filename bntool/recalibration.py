@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layers import bn_modules, is_frozen_bn
+from .layers import bn_eps, bn_modules, is_frozen_bn
 
 MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
@@ -125,9 +125,34 @@ def recalibrate(
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of every BN layer of `model` in place; return what changed.
 
-    `data` yields batches (tensors, (input, label) tuples or dicts). `exact` mode iterates over it several
-    times, so it must be re-iterable (a list or DataLoader). On any error or Ctrl-C the model's statistics and
-    modes are restored as they were.
+    Args:
+        model: any nn.Module. Only its BN layers gather statistics; every other module runs in eval mode
+            (dropout and drop-path off, also those inside a BN subclass).
+        data: batches: tensors, (input, label) tuples or dicts. `exact` mode iterates over it several times,
+            so it must be re-iterable (a list or DataLoader) and yield the same batches each time.
+        mode: "cumulative" (train-mode normalization, exact pooled mean and unbiased variance over all samples),
+            "ema" (as training does, with `momentum`) or "exact" (eval-mode statistics, batch-size independent).
+        momentum, reset: `ema` mode only: the EMA factor, and whether to start from mean 0 / variance 1.
+        num_batches, num_samples: use at most this many batches / samples (per pass, per process).
+        device: run on this device (default: where the model's parameters are).
+        amp: autocast (bfloat16 on CPU, float16 on CUDA).
+        channels_last: run 4-D activations in channels_last memory format.
+        input_key: the model input's key in dict batches.
+        progress: called as progress(samples done in this pass, pass number, passes so far).
+
+    Returns:
+        A RecalibrationReport: per-layer shift of the statistics, samples, batches, passes, seconds.
+
+    Raises:
+        InputError: bad arguments, a model without usable BN layers, data the model rejects or that contains
+            NaN/Inf, statistics that overflow. Under torch.distributed, a failure on one rank raises on all.
+
+    Side effects: only the BN buffers (running_mean, running_var, num_batches_tracked) change. Module modes,
+    momentum, and the device and memory format of every parameter and buffer are put back as they were given
+    (the same tensor objects, so optimizers holding them keep working); while a `device` or `channels_last` run
+    is in progress the original tensors are kept alongside the moved ones. On any error or Ctrl-C the statistics
+    are restored too. Under torch.distributed, each rank passes over its own data and the statistics are merged
+    exactly across ranks, so every rank ends with the same model.
     """
     from .data import first_input
 
@@ -152,9 +177,12 @@ def recalibrate(
     model_training = [mod.training for mod in model.modules()]
     report = RecalibrationReport(mode=mode)
     started = time.perf_counter()
+    placement = _Placement(model)
     local_forwards = _local_sync_bn(usable)
     try:
         model.eval()
+        if device is not None:
+            model.to(dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(dev, amp):
@@ -173,6 +201,7 @@ def recalibrate(
             _restore(m, saved[n])
         raise
     finally:
+        placement.restore()
         for m in local_forwards:
             del m.forward
         for mod, training in zip(model.modules(), model_training):
@@ -441,10 +470,6 @@ def _local_sync_bn(layers) -> list[nn.Module]:
 
 
 
-def bn_eps(module) -> float:
-    return float(getattr(module, "eps", 1e-5))
-
-
 def _skip_reason(m: nn.Module) -> str:
     if is_frozen_bn(m):
         return "frozen BatchNorm: statistics are fixed by design"
@@ -536,8 +561,26 @@ def _device(device, model) -> torch.device:
         raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("--device mps: MPS is not available on this machine")
-    model.to(dev)
     return dev
+
+
+class _Placement:
+    """The model's parameters and buffers as given, to put back after the run moved them (device, layout)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [(p, p.data) for m in model.modules() for p in m._parameters.values() if p is not None]
+        self.buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, data in self.params:
+                if p.data.data_ptr() != data.data_ptr() or p.data.stride() != data.stride():
+                    p.data = data
+            for m, n, b in self.buffers:
+                now = m._buffers.get(n)
+                if now is not None and now is not b:
+                    b.copy_(now)  # the statistics were written to the moved copy
+                    m._buffers[n] = b
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -423,3 +423,18 @@ def test_a_bn_no_batch_reaches_keeps_its_statistics(mode):
     report = recalibrate(model, [torch.randn(8, 3, 6, 6) - 3], mode=mode)
     assert torch.all(model.side.running_mean == 0.25) and torch.all(model.side.running_var == 1)
     assert "no calibration batch reached it" in report.layers[1].skipped and not report.layers[0].skipped
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_device_and_memory_format_are_put_back(mode):
+    model = zoo.build("resnet")
+    expected = copy.deepcopy(model)
+    recalibrate(expected, list(data_for("resnet").split(16)), mode=mode)
+    params = {n: (p, p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    recalibrate(model, list(data_for("resnet").split(16)), mode=mode, channels_last=True, device="cpu")
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and p.data_ptr() == params[n][1] and p.stride() == params[n][2], n
+    for n, b in model.named_buffers():
+        assert b is buffers[n] and b.is_contiguous(), n
+    assert rel_diff(bn_stats(model), bn_stats(expected)) < 1e-5  # the new statistics are in the original buffers

@@ -305,6 +305,9 @@ def recalibrate(
                                                                 "(PNG/SVG/PDF; needs matplotlib).")] = None,
     json_output: Json = False,
     quiet: Quiet = False,
+    cache_budget: Annotated[Optional[str], typer.Option(
+        "--cache-budget", help="--mode exact: memory for cached activations, e.g. 4G, 512M, 0 for none "
+                               "(default: half the free memory of the device).")] = None,
 ) -> None:
     """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
 
@@ -317,22 +320,24 @@ def recalibrate(
         _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode,
                      momentum, reset, batch_size, num_batches, num_samples, rank_device(device, rank), amp,
                      channels_last, workers, image_size, resize, center_crop, mean, std, input_key, npz_key,
-                     strict, seed, force, in_place, json_output, quiet, rank, plot)
+                     strict, seed, force, in_place, json_output, quiet, rank, plot, cache_budget)
 
 
 def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode, momentum,
                  reset, batch_size, num_batches, num_samples, device, amp, channels_last, workers, image_size, resize,
                  center_crop, mean, std, input_key, npz_key, strict, seed, force, in_place, json_output, quiet,
-                 rank, plot) -> None:
+                 rank, plot, cache_budget=None) -> None:
     import torch
 
     from .checkpoint import check_output_path, save_checkpoint
     from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
     from .recalibration import recalibrate as recalibrate_model
+    from .segments import parse_bytes
 
     check_output_path(output, ckpt, force=force, in_place=in_place)
     if plot is not None:
         check_output_path(plot, force=True)
+    budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
     torch.manual_seed(seed)
     options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
                            mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
@@ -346,7 +351,7 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
     with _progress(quiet or json_output, total) as progress:
         report = recalibrate_model(loaded.model, source, mode=mode, momentum=momentum, reset=reset,
                                    num_batches=num_batches, num_samples=num_samples, device=device, amp=amp,
-                                   channels_last=channels_last, progress=progress)
+                                   channels_last=channels_last, cache_budget=budget, progress=progress)
     if source.skipped:
         print(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
               f"(first: {source.skipped[0]})" if rank.world_size > 1 else

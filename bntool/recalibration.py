@@ -7,7 +7,8 @@ Modes:
   ema         what training does: running = (1 - momentum)·running + momentum·batch.
   exact       eval-mode statistics: every BN input is normalized exactly over the data given the final
               statistics of the BNs before it, independent of the batch size. Takes one pass per BN level
-              (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN.
+              (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN and
+              starts from the last cached final activation before it (segments.py), within a memory budget.
 Statistics are merged in float64 with Chan's parallel formula; across processes with torch.distributed.
 """
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from .errors import InputError
 from .layers import bn_eps, bn_modules, is_frozen_bn
+from .segments import SegmentCache, default_cache_budget
 
 MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
@@ -49,6 +51,12 @@ class RecalibrationReport:
     passes: int = 0
     seconds: float = 0.0
     world_size: int = 1
+    # exact mode's activation cache (segments.py)
+    segment_replays: int = 0  # forwards started from a cached activation
+    cache_peak_bytes: int = 0
+    cache_budget_bytes: int = 0
+    cache_over_budget: int = 0  # activations left uncached (recomputed) because the budget was full
+    cache_note: str = ""
 
     @property
     def samples_per_second(self) -> float:
@@ -121,6 +129,7 @@ def recalibrate(
     amp: bool = False,
     channels_last: bool = False,
     input_key: str | None = None,
+    cache_budget: int | None = None,
     progress: ProgressFn | None = None,
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of every BN layer of `model` in place; return what changed.
@@ -138,6 +147,8 @@ def recalibrate(
         amp: autocast (bfloat16 on CPU, float16 on CUDA).
         channels_last: run 4-D activations in channels_last memory format.
         input_key: the model input's key in dict batches.
+        cache_budget: `exact` mode: bytes of activations the segment cache may hold (default: half the free
+            memory of the device the model runs on; 0: no cache, one whole forward per BN level).
         progress: called as progress(samples done in this pass, pass number, passes so far).
 
     Returns:
@@ -167,6 +178,8 @@ def recalibrate(
     if not usable:
         raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
     dev = _device(device, model)
+    if cache_budget is not None and cache_budget < 0:
+        raise InputError(f"cache_budget {cache_budget}: must be >= 0 bytes")
     if mode == "exact" and iter(data) is data:
         raise InputError("exact mode passes over the data several times: give a re-iterable (list, DataLoader)")
 
@@ -190,7 +203,7 @@ def recalibrate(
                 _ema_pass(model, usable, batches, momentum, reset, progress)
                 report.passes = 1
             elif mode == "exact":
-                _exact_passes(model, usable, batches, progress, report)
+                _exact_passes(model, usable, batches, progress, report, cache_budget, dev)
             else:
                 stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
                 _write_all(usable, stats, batches.batches_per_pass)
@@ -239,7 +252,7 @@ class _Batches:
                 if seen >= self.num_samples:
                     break
                 x = x[: self.num_samples - seen]
-            if x.is_floating_point() and not torch.isfinite(x).all():
+            if x.is_floating_point() and not _all_finite(x):
                 raise InputError(f"calibration batch {batches + 1} contains NaN or Inf values")
             x = x.to(self.device, non_blocking=True)
             if self.channels_last and x.dim() == 4:
@@ -250,6 +263,12 @@ class _Batches:
         if batches == 0:
             raise InputError("the calibration data yielded no batches")
         self.samples_per_pass, self.batches_per_pass = seen, batches
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """One reduction: a NaN or Inf anywhere makes the sum non-finite; only then look element by element
+    (a finite sum can also overflow)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _reading(data):
@@ -319,7 +338,8 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     return stats
 
 
-def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False) -> dict[str, ChannelStats]:
+def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False, cache=None
+                  ) -> dict[str, ChannelStats]:
     """Eval-mode forward (current statistics normalize); the input statistics of `layers` are pooled.
     With stop_after, each forward ends once all of `layers` have run."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
@@ -351,7 +371,7 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
         handles.append(model.register_forward_pre_hook(restart))
         handles += [m.register_forward_hook(finish(n)) for n, m in layers]
     try:
-        _run_pass(model, batches, progress, pass_number)
+        _run_pass(model, batches, progress, pass_number, cache)
     finally:
         for h in handles:
             h.remove()
@@ -363,23 +383,41 @@ class _LevelDone(Exception):
     """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
 
 
-def _exact_passes(model, layers, batches, progress, report) -> None:
+def _exact_passes(model, layers, batches, progress, report, cache_budget, device) -> None:
     """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
-    are final by then, so each pass measures its level exactly and the forward stops after it."""
-    levels = _agree(lambda: _levels(model, layers, batches))
+    are final by then, so each pass measures its level exactly and the forward stops after it. The segment
+    cache (segments.py) lets each pass start from the last final activation before its level."""
+    levels, flow = _agree(lambda: _levels(model, layers, batches))
     depth = max(levels.values(), default=0)
-    for level in range(1, depth + 1):
-        members = [(n, m) for n, m in layers if levels.get(n) == level]
-        stats = _observe_pass(model, members, batches, progress, level, stop_after=True)
-        _write_all(members, stats, batches.batches_per_pass)
-        report.passes += 1
     unreached = [(n, m) for n, m in layers if n not in levels]
-    if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
-        _write_all(unreached, _observe_pass(model, unreached, batches, progress, depth + 1), batches.batches_per_pass)
-        report.passes += 1
+    budget = default_cache_budget(device) if cache_budget is None else int(cache_budget)
+    cache = SegmentCache(model, flow, {id(m): levels[n] for n, m in layers if n in levels},
+                         [id(m) for _, m in unreached], budget)
+    del flow
+    cache.install()
+    try:
+        for level in range(1, depth + 1):
+            members = [(n, m) for n, m in layers if levels.get(n) == level]
+            cache.begin_pass(level, record=level < depth or bool(unreached))
+            stats = _observe_pass(model, members, batches, progress, level, stop_after=True, cache=cache)
+            _write_all(members, stats, batches.batches_per_pass)
+            report.passes += 1
+        if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
+            cache.begin_pass(depth + 1, record=False)
+            stats = _observe_pass(model, unreached, batches, progress, depth + 1, cache=cache)
+            _write_all(unreached, stats, batches.batches_per_pass)
+            report.passes += 1
+    finally:
+        cache.remove()
+    report.segment_replays = cache.stats.replays
+    report.cache_peak_bytes = cache.stats.peak_bytes
+    report.cache_budget_bytes = cache.stats.budget_bytes
+    report.cache_over_budget = cache.stats.over_budget
+    report.cache_note = cache.stats.note
 
 
-def _levels(model, layers, batches) -> dict[str, int]:
+def _levels(model, layers, batches):
+    """BN name → dependency level, and the traced dataflow, from one forward of the first batch's first samples."""
     from .graph import dependency_levels, trace
 
     first = next(iter(batches), None)
@@ -387,7 +425,7 @@ def _levels(model, layers, batches) -> dict[str, int]:
         raise InputError("the calibration data yielded no batches")
     flow, _ = trace(model, (first[:2],))
     by_id = dependency_levels(flow, [m for _, m in layers])
-    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}
+    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}, flow
 
 
 def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
@@ -411,9 +449,9 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
                 t.copy_(t64 / _world_size())
 
 
-def _run_pass(model, batches, progress, pass_number) -> None:
+def _run_pass(model, batches, progress, pass_number, cache=None) -> None:
     """One pass over the data; across processes, every rank learns whether another one failed."""
-    _agree(lambda: _run_local_pass(model, batches, progress, pass_number))
+    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, cache))
 
 
 def _agree(run):
@@ -439,9 +477,11 @@ def _agree(run):
     return result
 
 
-def _run_local_pass(model, batches, progress, pass_number) -> None:
+def _run_local_pass(model, batches, progress, pass_number, cache=None) -> None:
     done = 0
     for i, x in enumerate(batches):
+        if cache is not None:
+            cache.begin_batch(i, x)
         try:
             _forward(model, x, i)
         except _LevelDone:
@@ -449,6 +489,8 @@ def _run_local_pass(model, batches, progress, pass_number) -> None:
         done += len(x)
         if progress is not None:
             progress(done, pass_number, pass_number)
+    if cache is not None:
+        cache.end_pass()
 
 
 # ---------------------------------------------------------------- state

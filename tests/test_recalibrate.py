@@ -232,8 +232,9 @@ def test_cli_tensor_files_and_modes(tmp_path, cli, resnet_sd):
     assert_clean_error(cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npz", "-o", tmp_path / "o.pt"),
                        contains="--npz-key")
     result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "exact.pt",
-                 "--mode", "exact", "-b", "3")
+                 "--mode", "exact", "-b", "3", "--cache-budget", "1M")
     assert result.code == 0 and "pass(es)" in result.out
+    assert "segment replays" in result.out and "of 1 MiB" in result.out, result.out
 
 
 def write_loader_module(tmp_path, monkeypatch, body: str) -> str:
@@ -256,7 +257,8 @@ def test_cli_user_loader_with_dict_batches(tmp_path, cli, resnet_sd, monkeypatch
     assert '"samples": 8' in result.out
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "shape", "nan", "no_bn", "loader", "cuda", "overflow", "missing"])
+@pytest.mark.parametrize("case", ["empty_folder", "shape", "nan", "no_bn", "loader", "cuda", "overflow", "missing",
+                                  "budget"])
 def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
     out = tmp_path / "out.pt"
     ckpt, arch, data = resnet_sd, ARCH, ["--data", tmp_path / "x.npy"]
@@ -283,6 +285,8 @@ def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
         x, needle = x * 1e25, "NaN/Inf"
     elif case == "missing":
         data, needle = ["--data", tmp_path / "nope.npy"], "no such file"
+    elif case == "budget":
+        data, needle = data + ["--mode", "exact", "--cache-budget", "lots"], "--cache-budget 'lots'"
     np.save(tmp_path / "x.npy", x)
     result = cli("recalibrate", ckpt, *arch, *data, "-o", out)
     assert_clean_error(result, contains=needle)
@@ -438,3 +442,84 @@ def test_device_and_memory_format_are_put_back(mode):
     for n, b in model.named_buffers():
         assert b is buffers[n] and b.is_contiguous(), n
     assert rel_diff(bn_stats(model), bn_stats(expected)) < 1e-5  # the new statistics are in the original buffers
+
+
+# ---------------------------------------------------------------- exact mode's segment cache
+
+
+def exact_stats(model, batches, **kwargs):
+    report = recalibrate(model, batches, mode="exact", **kwargs)
+    return bn_stats(model), report
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "reused", "conv1d", "decoder", "subclass"])
+def test_segment_cache_gives_the_statistics_of_whole_forwards(name):
+    data = list(data_for(name, 32).split(8))
+    plain, plain_report = exact_stats(zoo.build(name), data, cache_budget=0)
+    cached, report = exact_stats(zoo.build(name), data)
+    assert plain_report.segment_replays == 0 and report.passes == plain_report.passes
+    assert rel_diff(cached, plain) < 1e-6
+    if name in ("resnet", "mobilenet"):
+        assert report.segment_replays > report.passes and report.cache_peak_bytes > 0
+
+
+def test_segment_cache_over_budget_falls_back_to_recomputing():
+    data = list(data_for("mobilenet", 32).split(8))
+    plain, _ = exact_stats(zoo.build("mobilenet"), data, cache_budget=0)
+    _, free = exact_stats(zoo.build("mobilenet"), data)
+    tight, report = exact_stats(zoo.build("mobilenet"), data, cache_budget=free.cache_peak_bytes // 3)
+    assert report.cache_over_budget > 0 and 0 < report.cache_peak_bytes <= free.cache_peak_bytes // 3
+    assert 0 < report.segment_replays < free.segment_replays
+    assert rel_diff(tight, plain) < 1e-6
+
+
+class Reshuffling:
+    """A re-iterable whose batches come in another order each time, as from a shuffling DataLoader."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch))
+        return iter([self.batches[i] for i in order])
+
+
+def test_segment_cache_switches_off_when_the_batches_change_between_passes():
+    data = list(data_for("resnet", 32).split(8))
+    plain, _ = exact_stats(zoo.build("resnet"), data, cache_budget=0)
+    shuffled, report = exact_stats(zoo.build("resnet"), Reshuffling(data))
+    assert "differs between passes" in report.cache_note
+    assert rel_diff(shuffled, plain) < 1e-6  # exact statistics do not depend on the order of the batches
+
+
+class MutatesAfterUse(nn.Module):
+    """Changes a chain's (cached) output in place after one BN has read it: a later pass must not reuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.bn_a, self.bn_b, self.bn_c = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv, self.conv2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.features(x)
+        a = self.bn_a(y)
+        y.mul_(3)  # in place, on what the cache handed out (the passes for bn_b and bn_c both start from y)
+        return self.bn_c(self.conv2(self.bn_b(self.conv(y + a))))
+
+
+def test_segment_cache_never_reuses_a_tensor_changed_in_place():
+    data = list((torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1).split(8))
+    torch.manual_seed(0)
+    model = MutatesAfterUse().eval()
+    plain, cached = copy.deepcopy(model), copy.deepcopy(model)
+    recalibrate(plain, data, mode="exact", cache_budget=0)
+    report = recalibrate(cached, data, mode="exact")
+    assert report.segment_replays > 0
+    assert rel_diff(bn_stats(cached), bn_stats(plain)) < 1e-6
+    with torch.no_grad():  # independent reference for the last BN: its input's statistics under final statistics
+        x = torch.cat(data)
+        y = plain.features(x)
+        z = plain.conv2(plain.bn_b(plain.conv(y * 3 + plain.bn_a(y))))
+    assert torch.allclose(cached.bn_c.running_var, z.var((0, 2, 3)), rtol=1e-4)

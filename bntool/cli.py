@@ -305,6 +305,9 @@ def recalibrate(
                                                                 "(PNG/SVG/PDF; needs matplotlib).")] = None,
     json_output: Json = False,
     quiet: Quiet = False,
+    prior: Annotated[Optional[float], typer.Option(
+        "--prior", help="cumulative/exact: blend with the checkpoint's statistics as N source samples "
+                        "(Schneider et al. 2020); helps with few calibration images.")] = None,
     cache_budget: Annotated[Optional[str], typer.Option(
         "--cache-budget", help="--mode exact: memory for cached activations, e.g. 4G, 512M, 0 for none "
                                "(default: half the free memory of the device).")] = None,
@@ -320,13 +323,13 @@ def recalibrate(
         _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode,
                      momentum, reset, batch_size, num_batches, num_samples, rank_device(device, rank), amp,
                      channels_last, workers, image_size, resize, center_crop, mean, std, input_key, npz_key,
-                     strict, seed, force, in_place, json_output, quiet, rank, plot, cache_budget)
+                     strict, seed, force, in_place, json_output, quiet, rank, plot, cache_budget, prior)
 
 
 def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode, momentum,
                  reset, batch_size, num_batches, num_samples, device, amp, channels_last, workers, image_size, resize,
                  center_crop, mean, std, input_key, npz_key, strict, seed, force, in_place, json_output, quiet,
-                 rank, plot, cache_budget=None) -> None:
+                 rank, plot, cache_budget=None, prior=None) -> None:
     import torch
 
     from .checkpoint import check_output_path, save_checkpoint
@@ -351,7 +354,8 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
     with _progress(quiet or json_output, total) as progress:
         report = recalibrate_model(loaded.model, source, mode=mode, momentum=momentum, reset=reset,
                                    num_batches=num_batches, num_samples=num_samples, device=device, amp=amp,
-                                   channels_last=channels_last, cache_budget=budget, progress=progress)
+                                   channels_last=channels_last, prior=prior, cache_budget=budget,
+                                   progress=progress)
     if source.skipped:
         print(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
               f"(first: {source.skipped[0]})" if rank.world_size > 1 else

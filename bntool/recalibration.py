@@ -15,6 +15,7 @@ Statistics are merged in float64 with Chan's parallel formula; across processes 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ class RecalibrationReport:
     passes: int = 0
     seconds: float = 0.0
     world_size: int = 1
+    prior: float | None = None  # pseudo-count of source samples blended in (Schneider et al. 2020)
     # exact mode's activation cache (segments.py)
     segment_replays: int = 0  # forwards started from a cached activation
     cache_peak_bytes: int = 0
@@ -129,6 +131,7 @@ def recalibrate(
     amp: bool = False,
     channels_last: bool = False,
     input_key: str | None = None,
+    prior: float | None = None,
     cache_budget: int | None = None,
     progress: ProgressFn | None = None,
 ) -> RecalibrationReport:
@@ -147,6 +150,9 @@ def recalibrate(
         amp: autocast (bfloat16 on CPU, float16 on CUDA).
         channels_last: run 4-D activations in channels_last memory format.
         input_key: the model input's key in dict batches.
+        prior: `cumulative`/`exact`: blend with the model's current (source) statistics as N pseudo-samples
+            (Schneider et al. 2020): μ = (N·μs + n·μt)/(N + n), σ² = (N·σs² + n·σt²)/(N + n), n the
+            calibration samples. Helps when adapting from few images; None or 0: target statistics only.
         cache_budget: `exact` mode: bytes of activations the segment cache may hold (default: half the free
             memory of the device the model runs on; 0: no cache, one whole forward per BN level).
         progress: called as progress(samples done in this pass, pass number, passes so far).
@@ -178,6 +184,10 @@ def recalibrate(
     if not usable:
         raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
     dev = _device(device, model)
+    if prior is not None and not (prior >= 0 and math.isfinite(prior)):
+        raise InputError(f"prior {prior}: the pseudo-count of source samples must be a finite number >= 0")
+    if prior and mode == "ema":
+        raise InputError("prior: blending with the source statistics applies to cumulative and exact modes")
     if cache_budget is not None and cache_budget < 0:
         raise InputError(f"cache_budget {cache_budget}: must be >= 0 bytes")
     if mode == "exact" and iter(data) is data:
@@ -185,10 +195,16 @@ def recalibrate(
 
     batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last)
     saved = {n: _save(m) for n, m in usable}
+    blend = _Prior(prior, saved, batches) if prior else None
+    if blend is not None:
+        for n, s in saved.items():
+            if not (torch.isfinite(s.mean).all() and torch.isfinite(s.var).all()):
+                raise InputError(f"prior: the statistics of {n} contain NaN/Inf, there is no source to blend with; "
+                                 "recalibrate without a prior")
     old = {n: (s.mean.double().clone(), s.var.double().clone(), bn_eps(m)) for (n, m), s in
            zip(usable, saved.values())}
     model_training = [mod.training for mod in model.modules()]
-    report = RecalibrationReport(mode=mode)
+    report = RecalibrationReport(mode=mode, prior=prior or None)
     started = time.perf_counter()
     placement = _Placement(model)
     local_forwards = _local_sync_bn(usable)
@@ -203,10 +219,10 @@ def recalibrate(
                 _ema_pass(model, usable, batches, momentum, reset, progress)
                 report.passes = 1
             elif mode == "exact":
-                _exact_passes(model, usable, batches, progress, report, cache_budget, dev)
+                _exact_passes(model, usable, batches, progress, report, cache_budget, dev, blend)
             else:
                 stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
-                _write_all(usable, stats, batches.batches_per_pass)
+                _write_all(usable, stats, batches.batches_per_pass, blend)
                 report.passes = 1
         _check_finite(usable, amp)
     except BaseException:
@@ -383,7 +399,7 @@ class _LevelDone(Exception):
     """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
 
 
-def _exact_passes(model, layers, batches, progress, report, cache_budget, device) -> None:
+def _exact_passes(model, layers, batches, progress, report, cache_budget, device, prior=None) -> None:
     """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
     are final by then, so each pass measures its level exactly and the forward stops after it. The segment
     cache (segments.py) lets each pass start from the last final activation before its level."""
@@ -400,12 +416,12 @@ def _exact_passes(model, layers, batches, progress, report, cache_budget, device
             members = [(n, m) for n, m in layers if levels.get(n) == level]
             cache.begin_pass(level, record=level < depth or bool(unreached))
             stats = _observe_pass(model, members, batches, progress, level, stop_after=True, cache=cache)
-            _write_all(members, stats, batches.batches_per_pass)
+            _write_all(members, stats, batches.batches_per_pass, prior)  # before the next level is measured
             report.passes += 1
         if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
             cache.begin_pass(depth + 1, record=False)
             stats = _observe_pass(model, unreached, batches, progress, depth + 1, cache=cache)
-            _write_all(unreached, stats, batches.batches_per_pass)
+            _write_all(unreached, stats, batches.batches_per_pass, prior)
             report.passes += 1
     finally:
         cache.remove()
@@ -543,11 +559,32 @@ def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> Non
             m.num_batches_tracked.fill_(batches)
 
 
-def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None) -> None:
-    """Write the pooled statistics; a layer no batch reached (a data-dependent branch) keeps its own."""
+def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None, prior: _Prior | None = None) -> None:
+    """Write the pooled statistics (blended with the source's under a prior); a layer no batch reached (a
+    data-dependent branch) keeps its own."""
     for n, m in layers:
         if stats[n].count > 0:
-            _write(m, stats[n].mean, stats[n].unbiased_var, batches)
+            mean, var = stats[n].mean, stats[n].unbiased_var
+            if prior is not None:
+                mean, var = prior.blend(n, mean, var)
+            _write(m, mean, var, batches)
+
+
+class _Prior:
+    """Schneider et al. 2020 (arXiv 2006.16971): the source statistics count as N samples next to the n target
+    samples seen: μ = (N·μs + n·μt)/(N + n), σ² = (N·σs² + n·σt²)/(N + n)."""
+
+    def __init__(self, pseudo_count: float, source: dict[str, _Saved], batches: _Batches):
+        self.count, self.source, self.batches = float(pseudo_count), source, batches
+        self._samples: float | None = None
+
+    def blend(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._samples is None:  # samples per pass over all ranks (the same for every level)
+            self._samples = float(_global_counts(self.batches.samples_per_pass, self.batches.batches_per_pass)[0])
+        big_n, n = self.count, self._samples
+        source = self.source[name]
+        mean_s, var_s = source.mean.to(mean.device, torch.float64), source.var.to(var.device, torch.float64)
+        return (big_n * mean_s + n * mean) / (big_n + n), (big_n * var_s + n * var) / (big_n + n)
 
 
 def _check_finite(layers, amp: bool) -> None:

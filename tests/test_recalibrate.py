@@ -235,6 +235,13 @@ def test_cli_tensor_files_and_modes(tmp_path, cli, resnet_sd):
                  "--mode", "exact", "-b", "3", "--cache-budget", "1M")
     assert result.code == 0 and "pass(es)" in result.out
     assert "segment replays" in result.out and "of 1 MiB" in result.out, result.out
+    # A prior of 1e12 source samples against 20 target samples keeps the checkpoint's statistics.
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "prior.pt",
+                 "--prior", "1e12", "--quiet")
+    assert result.code == 0, result.err
+    before, after = torch.load(resnet_sd), torch.load(tmp_path / "prior.pt")
+    assert all(torch.allclose(before[k], after[k], rtol=1e-6, atol=1e-7) for k in before if "running" in k)
+    assert not torch.allclose(outputs[0]["stem.1.running_var"], before["stem.1.running_var"], rtol=1e-3)
 
 
 def write_loader_module(tmp_path, monkeypatch, body: str) -> str:
@@ -523,3 +530,53 @@ def test_segment_cache_never_reuses_a_tensor_changed_in_place():
         y = plain.features(x)
         z = plain.conv2(plain.bn_b(plain.conv(y * 3 + plain.bn_a(y))))
     assert torch.allclose(cached.bn_c.running_var, z.var((0, 2, 3)), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the source statistics as a prior
+
+
+def blended(source_mean, source_var, target, big_n, n):
+    """The formula of Schneider et al. 2020 on a float64 target activation (channels on axis 1)."""
+    flat = target.double().transpose(0, 1).reshape(target.shape[1], -1)
+    return ((big_n * source_mean.double() + n * flat.mean(1)) / (big_n + n),
+            (big_n * source_var.double() + n * flat.var(1)) / (big_n + n))
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_prior_blends_source_and_target_statistics(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model.eval()
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    source = copy.deepcopy(model)
+    data = torch.randn(12, 3, 8, 8) * 2 + 1
+    report = recalibrate(model, list(data.split(5)), mode=mode, prior=16)
+    assert report.prior == 16
+    with torch.no_grad():
+        h = source[0](data)
+        mean1, var1 = blended(source[1].running_mean, source[1].running_var, h, 16, 12)
+        assert torch.allclose(model[1].running_mean.double(), mean1, atol=1e-6)
+        assert torch.allclose(model[1].running_var.double(), var1, rtol=1e-5)
+        if mode == "exact":  # the second level is measured under the blended first level, as inference will see it
+            source[1].running_mean.copy_(mean1)
+            source[1].running_var.copy_(var1)
+            mean2, var2 = blended(source[4].running_mean, source[4].running_var, source[:4](data), 16, 12)
+            assert torch.allclose(model[4].running_mean.double(), mean2, atol=1e-6)
+            assert torch.allclose(model[4].running_var.double(), var2, rtol=1e-5)
+
+
+def test_prior_zero_is_off_and_bad_priors_are_input_errors():
+    data = list(data_for("resnet", 16).split(8))
+    a, b = zoo.build("resnet"), zoo.build("resnet")
+    recalibrate(a, data, prior=0)
+    recalibrate(b, data)
+    assert rel_diff(bn_stats(a), bn_stats(b)) == 0
+    for bad, mode in [(-1, "cumulative"), (float("nan"), "exact"), (4, "ema")]:
+        with pytest.raises(InputError, match="prior"):
+            recalibrate(zoo.build("resnet"), data, mode=mode, prior=bad)
+    broken = zoo.build("resnet")
+    next(m for m in broken.modules() if isinstance(m, nn.BatchNorm2d)).running_var[0] = float("nan")
+    with pytest.raises(InputError, match="no source to blend with"):
+        recalibrate(broken, data, prior=8)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 import os
 import pickle
-import stat
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, UnsupportedError
+from .choices import CheckpointFormat, CheckpointKind
+from .errors import InputError, UnsupportedError, param
+from .files import atomic_write, check_output_path
+from .layout import LAYOUT_KEY, FoldLayout, layout_of
+from .utils import first_line, import_object, parse_kwargs, short_list
 
 # Keys under which training scripts (Lightning, timm, DeiT, SWA/EMA scripts, ...) keep the weights.
 WRAPPER_KEYS = (
@@ -27,8 +26,6 @@ WRAPPER_KEYS = (
 )
 # Added by DDP and by torch.compile; removed on load so the weights fit the bare architecture.
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
-# A uint8 tensor of JSON in a folded state_dict: how to rebuild the folded structure from --arch.
-FOLD_LAYOUT_KEY = "bntool.fold_layout"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 
@@ -37,12 +34,12 @@ class Checkpoint:
     """A loaded model and what is needed to save a result the same way it came in."""
 
     model: nn.Module
-    kind: str  # "state_dict" | "wrapped" | "module" | "torchscript"
+    kind: CheckpointKind
     path: Path
     container: dict | None = None  # the whole training checkpoint, for kind "wrapped"
     key: str | None = None  # where the state_dict sits in the container
     stripped_prefix: str = ""
-    fmt: str = "torch"  # "torch" | "safetensors"
+    fmt: CheckpointFormat = CheckpointFormat.TORCH
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -57,32 +54,52 @@ def load_checkpoint(
     key: str | None = None,
     trust_pickle: bool = False,
 ) -> Checkpoint:
-    """Load a model from a state_dict (+ arch), a training checkpoint, a pickled module or TorchScript."""
+    """Load a model from a state_dict (+ arch), a training checkpoint, a pickled module or TorchScript.
+
+    Args:
+        path: the file (.pt/.pth/.bin/.safetensors, or a TorchScript archive).
+        arch: 'module.path:callable' building the architecture, needed for state_dicts.
+        arch_kwargs: keyword arguments for `arch`, a mapping or a JSON object.
+        key: where the state_dict sits inside a training checkpoint (default: the usual keys).
+        trust_pickle: allow unpickling arbitrary objects (runs code from the file).
+
+    Returns:
+        A Checkpoint: the model (a folded state_dict is rebuilt with its FoldLayout) and how it was stored.
+
+    Raises:
+        InputError: the file is missing, corrupt, of an unknown kind, pickled without `trust_pickle`, or
+            does not fit `arch`.
+    """
     path = Path(path)
     check_readable_file(path)
     if path.suffix in SAFETENSORS_SUFFIXES:
-        return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind="state_dict", fmt="safetensors")
+        return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind=CheckpointKind.STATE_DICT,
+                                fmt=CheckpointFormat.SAFETENSORS)
     if _is_torchscript(path):
-        return Checkpoint(model=_read_torchscript(path), kind="torchscript", path=path)
+        return Checkpoint(model=_read_torchscript(path), kind=CheckpointKind.TORCHSCRIPT, path=path)
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        return Checkpoint(model=obj, kind="module", path=path)
+        return Checkpoint(model=obj, kind=CheckpointKind.MODULE, path=path)
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state_dict, checkpoint dict or module")
     if _is_state_dict(obj):
-        return _from_state_dict(path, obj, arch, arch_kwargs, kind="state_dict")
+        return _from_state_dict(path, obj, arch, arch_kwargs, kind=CheckpointKind.STATE_DICT)
     found_key, inner = _find_wrapped(path, obj, key)
     if isinstance(inner, nn.Module):
         if not trust_pickle:  # unreachable with weights_only, kept for clarity
-            raise InputError(f"{path}: key {found_key!r} holds a pickled module; pass --trust-pickle")
-        return Checkpoint(model=inner, kind="module", path=path, notes=[f"module taken from key {found_key!r}"])
-    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind="wrapped")
+            raise InputError(f"{path}: key {found_key!r} holds a pickled module; pass {param('trust_pickle')}",
+                             param="trust_pickle")
+        return Checkpoint(model=inner, kind=CheckpointKind.MODULE, path=path,
+                          notes=[f"module taken from key {found_key!r}"])
+    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind=CheckpointKind.WRAPPED)
     ckpt.container, ckpt.key = dict(obj), found_key
     return ckpt
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, **kwargs: Any) -> nn.Module:
-    """The model alone, in eval mode. Also loads folded state_dicts written by `bntool fold`."""
+    """The model alone, in eval mode (see load_checkpoint for the arguments and errors).
+
+    Also loads folded state_dicts written by `bntool fold` or save_checkpoint."""
     return load_checkpoint(path, arch=arch, **kwargs).model.eval()
 
 
@@ -104,7 +121,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a valid safetensors file ({_first_line(e)})") from e
+        raise InputError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -122,7 +139,7 @@ def _read_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError subclasses with C++ traces
-        raise InputError(f"{path}: corrupt TorchScript archive ({_first_line(e)})") from e
+        raise InputError(f"{path}: corrupt TorchScript archive ({first_line(e)})") from e
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -137,20 +154,20 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise InputError(f"{path}: corrupt checkpoint ({_first_line(e)})") from e
+            raise InputError(f"{path}: corrupt checkpoint ({first_line(e)})") from e
         if not trust_pickle:
             raise InputError(
                 f"{path}: contains pickled Python objects (a whole module?); loading it runs code from the file. "
-                "Pass --trust-pickle only if you trust its source, or save a state_dict instead"
-            ) from e
+                f"Pass {param('trust_pickle')} only if you trust its source, or save a state_dict instead",
+                param="trust_pickle") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from e
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as e:
-        raise InputError(f"{path}: the pickled module needs code that is not importable here ({_first_line(e)})") from e
+        raise InputError(f"{path}: the pickled module needs code that is not importable here ({first_line(e)})") from e
     except Exception as e:
-        raise InputError(f"{path}: cannot unpickle ({_first_line(e)})") from e
+        raise InputError(f"{path}: cannot unpickle ({first_line(e)})") from e
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -160,7 +177,7 @@ def _is_state_dict(obj: Mapping) -> bool:
 def _find_wrapped(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any]:
     if key is not None:
         if key not in obj:
-            raise InputError(f"{path}: no key {key!r}; top-level keys: {_list(obj.keys())}")
+            raise InputError(f"{path}: no key {key!r}; top-level keys: {short_list(obj.keys())}")
         inner = obj[key]
         if isinstance(inner, nn.Module) or (isinstance(inner, Mapping) and _is_state_dict(inner)):
             return key, inner
@@ -170,8 +187,8 @@ def _find_wrapped(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any]:
         if isinstance(inner, Mapping) and _is_state_dict(inner):
             return candidate, inner
     raise InputError(
-        f"{path}: no state_dict found under the usual keys; top-level keys: {_list(obj.keys())}. "
-        "Name it with --key"
+        f"{path}: no state_dict found under the usual keys; top-level keys: {short_list(obj.keys())}. "
+        f"Name it with {param('key')}", param="key"
     )
 
 
@@ -189,73 +206,31 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
     return sd, removed
 
 
-def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt="torch") -> Checkpoint:
+def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFormat.TORCH) -> Checkpoint:
     if arch is None:
-        raise InputError(f"{path}: is a state_dict; name the architecture with --arch module.path:callable")
+        raise InputError(f"{path}: is a state_dict; name the architecture with {param('arch')} module.path:callable",
+                         param="arch")
     sd, removed = strip_prefixes(state_dict)
     model = build_arch(arch, arch_kwargs)
-    layout = sd.pop(FOLD_LAYOUT_KEY, None)
+    layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
-        from .folding import apply_fold_layout
-
-        apply_fold_layout(model, decode_layout(layout))
+        FoldLayout.from_tensor(layout).apply(model)
     load_state_dict_checked(model, sd, path, arch)
     return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch)
-
-
-def encode_layout(layout: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(layout, sort_keys=True).encode()), dtype=torch.uint8)
-
-
-def decode_layout(tensor: torch.Tensor) -> dict:
-    return json.loads(bytes(tensor.tolist()).decode())
-
-
-def import_object(spec: str, what: str = "--arch") -> Any:
-    """Resolve 'package.module:attr.path' to an object, with one-line errors."""
-    if ":" not in spec:
-        raise InputError(f"{what} {spec!r}: expected 'module.path:callable', e.g. 'torchvision.models:resnet18'")
-    module_name, _, attr_path = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise InputError(f"{what} {spec!r}: cannot import module {module_name!r} ({_first_line(e)})") from e
-    except Exception as e:
-        raise InputError(f"{what} {spec!r}: importing {module_name!r} failed "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"{what} {spec!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} has no {part!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def parse_kwargs(arch_kwargs: str | Mapping[str, Any] | None, what: str = "--arch-kwargs") -> dict[str, Any]:
-    if arch_kwargs is None:
-        return {}
-    if isinstance(arch_kwargs, Mapping):
-        return dict(arch_kwargs)
-    try:
-        value = json.loads(arch_kwargs)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what}: invalid JSON ({e.msg} at column {e.colno}): {arch_kwargs!r}") from e
-    if not isinstance(value, dict):
-        raise InputError(f"{what}: expected a JSON object like '{{\"num_classes\": 10}}', got {arch_kwargs!r}")
-    return value
 
 
 def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) -> nn.Module:
     factory = import_object(arch)
     if not callable(factory):
-        raise InputError(f"--arch {arch!r}: is a {type(factory).__name__}, not callable")
+        raise InputError(f"{param('arch')} {arch!r}: is a {type(factory).__name__}, not callable")
     kwargs = parse_kwargs(arch_kwargs)
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise InputError(f"--arch {arch!r}: calling it with {kwargs} failed "
-                         f"({type(e).__name__}: {_first_line(e)})") from e
+        raise InputError(f"{param('arch')} {arch!r}: calling it with {kwargs} failed "
+                         f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{param('arch')} {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -271,137 +246,67 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], pa
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_list(missing)})")
+        problems.append(f"{len(missing)} missing keys ({short_list(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_list(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({short_list(unexpected)})")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({_list(shapes)})")
+        problems.append(f"{len(shapes)} shape mismatches ({short_list(shapes)})")
     if problems:
-        raise InputError(f"{path}: does not fit --arch {arch}: " + "; ".join(problems))
+        raise InputError(f"{path}: does not fit {param('arch')} {arch}: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
 
 
 # ---------------------------------------------------------------- saving
 
 
-def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None = None,
-                      force: bool = False, in_place: bool = False) -> Path:
-    """Fail before any work if the output cannot or must not be written."""
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise InputError(f"{out}: output directory {parent} does not exist")
-    if not parent.is_dir():
-        raise InputError(f"{out}: {parent} is not a directory")
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; give a file name")
-    if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
-        if not in_place:
-            raise InputError(f"{out}: is the input file; pass --in-place to overwrite it")
-    elif out.exists() and not force:
-        raise InputError(f"{out}: already exists; pass --force to overwrite it")
-    _probe_writable(out, parent)
-    return out
-
-
-def _probe_writable(out: Path, parent: Path) -> None:
-    """Create and remove a temp file: the only reliable test (root, read-only mounts, /proc, quotas)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
-    except OSError as e:
-        raise InputError(f"{out}: cannot write to {parent} ({e.strerror or e})") from e
-    os.close(fd)
-    os.unlink(probe)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write through a temp file in the same directory, fsync, then rename: readers see all or nothing,
-    and a failure or Ctrl-C leaves no partial file."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise InputError(f"{path}: cannot write ({e.strerror})") from e
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(parent)
-    return path
-
-
-def _new_file_mode(path: Path) -> int:
-    """The mode a plain open() would give (mkstemp makes files private), or that of the file replaced."""
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() plus, for a folded model, its fold layout record: what `load_model` needs back."""
+    sd = model.state_dict()  # keeps _metadata (module versions) for load_state_dict
+    layout = layout_of(model)
+    if layout:
+        sd[LAYOUT_KEY] = layout.to_tensor()
+    return sd
 
 
 def save_checkpoint(ckpt: Checkpoint, model: nn.Module, out: str | os.PathLike,
-                    fold_layout: dict | None = None, force: bool = False, in_place: bool = False) -> Path:
-    """Save `model` as the same kind of file `ckpt` was loaded from (wrapper keys kept)."""
+                    force: bool = False, in_place: bool = False) -> Path:
+    """Save `model` as the same kind of file `ckpt` was loaded from (wrapper keys kept), atomically.
+
+    Args:
+        ckpt: the Checkpoint the model came from (its kind, format and training-checkpoint container).
+        model: the model to save; a folded model's FoldLayout is saved with it.
+        out: the output file.
+        force: replace an existing file.
+        in_place: allow `out` to be the file `ckpt` was loaded from.
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        InputError: `out` must not or cannot be written (checked before writing).
+        UnsupportedError: a TorchScript archive cannot be written from an eager module.
+    """
     out = check_output_path(out, ckpt.path, force=force, in_place=in_place)
-    if ckpt.kind == "module":
-        return atomic_write(out, lambda tmp: torch.save(model, tmp))
-    if ckpt.kind == "torchscript":
+    return write_checkpoint(ckpt, model, out, lambda write: atomic_write(out, write))
+
+
+def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
+                     write_file: Callable[[Callable[[str], None]], Path]) -> Path:
+    """Write `model` the way `ckpt` came in, through `write_file(writer)` (atomic_write or Outputs.write)."""
+    if ckpt.kind == CheckpointKind.MODULE:
+        return write_file(lambda tmp: torch.save(model, tmp))
+    if ckpt.kind == CheckpointKind.TORCHSCRIPT:
         if not isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedError(f"{out}: cannot write a TorchScript archive from an eager module here")
-        return atomic_write(out, lambda tmp: torch.jit.save(model, tmp))
-    sd = model.state_dict()  # keeps _metadata (module versions) for load_state_dict
-    if fold_layout:
-        sd[FOLD_LAYOUT_KEY] = encode_layout(fold_layout)
-    if ckpt.kind == "wrapped":
+        return write_file(lambda tmp: torch.jit.save(model, tmp))
+    sd = state_dict_of(model)
+    if ckpt.kind == CheckpointKind.WRAPPED:
         container = dict(ckpt.container or {})
         container[ckpt.key or "state_dict"] = sd
-        return atomic_write(out, lambda tmp: torch.save(container, tmp))
-    if ckpt.fmt == "safetensors" or out.suffix in SAFETENSORS_SUFFIXES:
+        return write_file(lambda tmp: torch.save(container, tmp))
+    if ckpt.fmt == CheckpointFormat.SAFETENSORS or out.suffix in SAFETENSORS_SUFFIXES:
         from safetensors.torch import save_file
 
         flat = {k: v.contiguous().clone() for k, v in sd.items()}
-        return atomic_write(out, lambda tmp: save_file(flat, tmp))
-    return atomic_write(out, lambda tmp: torch.save(sd, tmp))
-
-
-def _list(items, n: int = 3) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(items[:n])
-    return shown + (f", … {len(items) - n} more" if len(items) > n else "")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
-
-
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a nested structure of tuples, lists and dicts (model outputs)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from iter_tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from iter_tensors(v)
-    elif hasattr(obj, "__dataclass_fields__"):
-        for name in obj.__dataclass_fields__:
-            yield from iter_tensors(getattr(obj, name))
+        return write_file(lambda tmp: save_file(flat, tmp))
+    return write_file(lambda tmp: torch.save(sd, tmp))

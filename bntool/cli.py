@@ -9,13 +9,25 @@ import importlib
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._version import __version__
+from .choices import Exporter, Provider, RecalibrationMode
 from .errors import BntoolError, CheckFailed, InputError
+from .options import (
+    DataOptions,
+    Display,
+    ExampleInputs,
+    FileOutput,
+    ImagePreprocessing,
+    ModelSource,
+    Tolerances,
+    grouped,
+)
 
 app = typer.Typer(
     name="bntool",
@@ -31,24 +43,11 @@ app = typer.Typer(
 
 # ---------------------------------------------------------------- shared options
 
-Ckpt = Annotated[Path, typer.Argument(help="Checkpoint: state_dict (.pt/.pth/.bin/.safetensors), training "
-                                           "checkpoint dict, pickled module, or TorchScript archive.")]
-Arch = Annotated[Optional[str], typer.Option("--arch", help="Model factory for state_dicts, 'module.path:callable' "
-                                                             "(e.g. torchvision.models:resnet18).")]
-ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="JSON object of keyword arguments for "
-                                                                          "--arch, e.g. '{\"num_classes\": 10}'.")]
-Key = Annotated[Optional[str], typer.Option("--key", help="Key of the state_dict inside a training checkpoint.")]
-TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled modules (runs code from the "
-                                                                   "file: only for files you trust).")]
-InputShape = Annotated[Optional[list[str]], typer.Option(
-    "--input-shape", help="Example input shape, e.g. 1,3,224,224; repeat for several inputs.")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Input dtype (default: the model's floating dtype).")]
-Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-InPlace = Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors only.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for random inputs.")]
+ExporterOption = Annotated[Exporter, typer.Option("--exporter", help="auto (dynamo, falling back to legacy), dynamo "
+                                                                     "or legacy (TorchScript-based).")]
+Samples = Annotated[int, typer.Option("--samples", help="Random inputs checked per batch size besides the example.")]
+NumCheckBatches = Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")]
 
 
 def _version(value: bool) -> None:
@@ -75,49 +74,6 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=width)
 
 
-def _load(ckpt: Path, arch, arch_kwargs, key, trust_pickle):
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(ckpt, arch=arch, arch_kwargs=arch_kwargs, key=key, trust_pickle=trust_pickle)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers "
-                         "like 1,3,224,224") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers like 1,3,224,224")
-    return dims
-
-
-def _example_inputs(model, shapes: list[str] | None, dtype: str | None, seed: int = 0, required: bool = True):
-    import torch
-
-    from .folding import model_dtype
-
-    if not shapes:
-        if required:
-            raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
-        return None
-    if dtype is None:
-        torch_dtype = model_dtype(model)
-    else:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise InputError(f"--dtype {dtype!r}: not a torch dtype (float32, float16, bfloat16, float64, int64, …)")
-    g = torch.Generator().manual_seed(seed)
-    inputs = []
-    for text in shapes:
-        shape = parse_shape(text)
-        if torch_dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=g).to(torch_dtype))
-        else:
-            inputs.append(torch.randint(0, 2, shape, generator=g).to(torch_dtype))
-    return tuple(inputs)
-
-
 def _print_json(report) -> None:
     from .report import dumps
 
@@ -132,78 +88,6 @@ def _require_eager(ckpt, operation: str) -> None:
                                "pass the state_dict with --arch instead")
 
 
-# ---------------------------------------------------------------- commands
-
-
-@app.command()
-def inspect(
-    ckpt: Ckpt,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    input_shape: InputShape = None,
-    dtype: Dtype = None,
-    json_output: Json = False,
-) -> None:
-    """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do."""
-    from .inspection import inspect as inspect_model
-
-    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
-    inputs = None
-    if input_shape and loaded.kind != "torchscript":
-        inputs = _example_inputs(loaded.model, input_shape, dtype)
-    report = _fit_errors(lambda: inspect_model(loaded.model, inputs), input_shape)
-    _show(report, json_output, "render_inspect")
-
-
-@app.command()
-def fold(
-    ckpt: Ckpt,
-    output: Output,
-    input_shape: InputShape = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    dtype: Dtype = None,
-    samples: Annotated[int, typer.Option("--samples", help="Random inputs checked besides the example.")] = 4,
-    seed: Seed = 0,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (of the largest output); "
-                                                                 "default by dtype, 1e-4 for float32.")] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance; default by dtype.")] = None,
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="BN layer names or glob patterns to leave as "
-                                                                      "they are; repeatable.")] = None,
-    force: Force = False,
-    in_place: InPlace = False,
-    json_output: Json = False,
-) -> None:
-    """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
-
-    The output is the same kind of file as the input. A folded state_dict loads with
-    bntool.load_model(path, arch=...) (its structure differs from --arch).
-    """
-    from .checkpoint import check_output_path, save_checkpoint
-    from .folding import fold as fold_model
-
-    check_output_path(output, ckpt, force=force, in_place=in_place)
-    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
-    _require_eager(loaded, "fold")
-    inputs = _example_inputs(loaded.model, input_shape, dtype, seed)
-    try:
-        folded, report = _fit_errors(
-            lambda: fold_model(loaded.model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, skip=skip or ()),
-            input_shape)
-    except CheckFailed as e:
-        if hasattr(e, "report"):
-            _show(e.report, json_output, "render_fold")
-        raise CheckFailed(f"{e}; nothing written") from e
-    save_checkpoint(loaded, folded, output, fold_layout=report.layout, force=force, in_place=in_place)
-    _show(report, json_output, "render_fold")
-    if not json_output:
-        _console().print(f"Wrote {output}")
-
-
 def _show(report, json_output: bool, renderer: str) -> None:
     """Print a report as JSON, or with the Rich renderer of that name in bntool.report."""
     if json_output:
@@ -214,96 +98,97 @@ def _show(report, json_output: bool, renderer: str) -> None:
         getattr(render, renderer)(report, _console())
 
 
-def _fit_errors(run, input_shape):
+def _fit_errors(run, example: ExampleInputs):
     """Turn a model that rejects the example input into a one-line input error."""
     try:
         return run()
     except BntoolError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shapes = " ".join(input_shape or [])
-        raise InputError(f"the model does not accept --input-shape {shapes}: {message[:300]}") from e
+        from .utils import first_line
+
+        shapes = " ".join(example.input_shape or [])
+        raise InputError(f"the model does not accept --input-shape {shapes}: {first_line(e)}") from e
 
 
-def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise InputError(f"{option} {text!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
-    return values
-
-
-def _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, workers, image_size, resize,
-               center_crop, mean, std, strict, seed):
-    from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
-
-    options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
-                           mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
-    return open_source(data, loader=loader, loader_kwargs=loader_kwargs, batch_size=batch_size, num_workers=workers,
-                       image=options, npz_key=npz_key, input_key=input_key, strict=strict, seed=seed)
-
-
-DataPath = Annotated[Optional[Path], typer.Option("--data", help="Calibration data: a folder of images (recursive), "
-                                                                 "or a .npy/.npz/.pt tensor file.")]
-LoaderSpec = Annotated[Optional[str], typer.Option("--loader", help="Your own data: 'module.path:callable' returning "
-                                                                    "an iterable of batches (e.g. a DataLoader).")]
-LoaderKwargs = Annotated[Optional[str], typer.Option("--loader-kwargs", help="JSON keyword arguments for --loader.")]
-InputKey = Annotated[Optional[str], typer.Option("--input-key", help="Key of the input in dict batches.")]
-NpzKey = Annotated[Optional[str], typer.Option("--npz-key", help="Array to use from an .npz file.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for --data.")]
-Workers = Annotated[int, typer.Option("--workers", help="DataLoader worker processes for image folders.")]
-ImageSize = Annotated[int, typer.Option("--image-size", help="Image side after the crop.")]
-Resize = Annotated[Optional[int], typer.Option("--resize", help="Shorter side before the crop "
-                                                                "(default image-size*256/224).")]
-CenterCrop = Annotated[bool, typer.Option("--center-crop/--no-center-crop", help="Resize then center-crop, or "
-                                                                                 "resize straight to the size.")]
-Mean = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract (default ImageNet "
-                                                             "0.485,0.456,0.406).")]
-Std = Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default ImageNet 0.229,0.224,0.225).")]
-Strict = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping it.")]
+# ---------------------------------------------------------------- commands
 
 
 @app.command()
+@grouped()
+def inspect(model: ModelSource, example: ExampleInputs, display: Display) -> None:
+    """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do."""
+    from .inspection import inspect as inspect_model
+
+    loaded = model.load()
+    inputs = None
+    if example.input_shape and loaded.kind != "torchscript":
+        inputs = example.build(loaded.model)
+    report = _fit_errors(lambda: inspect_model(loaded.model, inputs), example)
+    _show(report, display.json_output, "render_inspect")
+
+
+@app.command()
+@grouped()
+def fold(
+    model: ModelSource,
+    out: FileOutput,
+    example: ExampleInputs,
+    tolerances: Tolerances,
+    display: Display,
+    samples: Annotated[int, typer.Option("--samples", help="Random inputs checked besides the example.")] = 4,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="BN layer names or glob patterns to leave as "
+                                                                      "they are; repeatable.")] = None,
+) -> None:
+    """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
+
+    The output is the same kind of file as the input. A folded state_dict loads with
+    bntool.load_model(path, arch=...) (its structure differs from --arch).
+    """
+    from .checkpoint import save_checkpoint
+    from .files import check_output_path
+    from .folding import fold as fold_model
+
+    check_output_path(out.output, model.ckpt, force=out.force, in_place=out.in_place)
+    loaded = model.load()
+    _require_eager(loaded, "fold")
+    inputs = example.build(loaded.model)
+    try:
+        folded, report = _fit_errors(
+            lambda: fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
+                               atol=tolerances.atol, skip=skip or ()), example)
+    except CheckFailed as e:
+        if e.report is not None:
+            _show(e.report, display.json_output, "render_fold")
+        raise CheckFailed(f"{e.message}; nothing written", report=e.report) from e
+    save_checkpoint(loaded, folded, out.output, force=out.force, in_place=out.in_place)
+    _show(report, display.json_output, "render_fold")
+    if not display.json_output:
+        _console().print(f"Wrote {out.output}")
+
+
+@app.command()
+@grouped()
 def recalibrate(
-    ckpt: Ckpt,
-    output: Output,
-    data: DataPath = None,
-    loader: LoaderSpec = None,
-    loader_kwargs: LoaderKwargs = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    mode: Annotated[str, typer.Option("--mode", help="cumulative (exact pooled average, train-mode "
-                                                     "normalization), ema (as training does) or exact "
-                                                     "(eval-mode statistics, batch-size independent).")] = "cumulative",
+    model: ModelSource,
+    out: FileOutput,
+    data: DataOptions,
+    images: ImagePreprocessing,
+    display: Display,
+    mode: Annotated[RecalibrationMode, typer.Option(
+        "--mode", help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
+                       "exact (eval-mode statistics, batch-size independent).")] = RecalibrationMode.CUMULATIVE,
     momentum: Annotated[float, typer.Option("--momentum", help="EMA momentum for --mode ema.")] = 0.1,
     reset: Annotated[bool, typer.Option("--reset/--no-reset", help="--mode ema: start from 0/1 statistics or "
                                                                    "from the current ones.")] = True,
-    batch_size: BatchSize = 32,
     num_batches: Annotated[Optional[int], typer.Option("--num-batches", help="Use at most this many batches.")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Use at most this many samples.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or mps.")] = "cpu",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast (bfloat16 on CPU, float16 on CUDA).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels_last memory format.")] = False,
-    workers: Workers = 2,
-    image_size: ImageSize = 224,
-    resize: Resize = None,
-    center_crop: CenterCrop = True,
-    mean: Mean = None,
-    std: Std = None,
-    input_key: InputKey = None,
-    npz_key: NpzKey = None,
-    strict: Strict = False,
-    seed: Seed = 0,
-    force: Force = False,
-    in_place: InPlace = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and random choices.")] = 0,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the per-layer statistics shift "
                                                                 "(PNG/SVG/PDF; needs matplotlib).")] = None,
-    json_output: Json = False,
     quiet: Quiet = False,
     prior: Annotated[Optional[float], typer.Option(
         "--prior", help="cumulative/exact: blend with the checkpoint's statistics as N source samples "
@@ -319,43 +204,59 @@ def recalibrate(
     """
     from .distributed import process_group, rank_device
 
+    settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
+                                     num_samples=num_samples, device=device, amp=amp, channels_last=channels_last,
+                                     seed=seed, plot=plot, quiet=quiet, prior=prior, cache_budget=cache_budget)
     with process_group(device) as rank:
-        _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode,
-                     momentum, reset, batch_size, num_batches, num_samples, rank_device(device, rank), amp,
-                     channels_last, workers, image_size, resize, center_crop, mean, std, input_key, npz_key,
-                     strict, seed, force, in_place, json_output, quiet, rank, plot, cache_budget, prior)
+        settings.device = rank_device(device, rank)
+        _recalibrate(model, out, data, images, display, settings, rank)
 
 
-def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, key, trust_pickle, mode, momentum,
-                 reset, batch_size, num_batches, num_samples, device, amp, channels_last, workers, image_size, resize,
-                 center_crop, mean, std, input_key, npz_key, strict, seed, force, in_place, json_output, quiet,
-                 rank, plot, cache_budget=None, prior=None) -> None:
+@dataclass
+class RecalibrationSettings:
+    """The options of `recalibrate` that belong to no group."""
+
+    mode: str
+    momentum: float
+    reset: bool
+    num_batches: int | None
+    num_samples: int | None
+    device: str
+    amp: bool
+    channels_last: bool
+    seed: int
+    plot: Path | None
+    quiet: bool
+    prior: float | None = None
+    cache_budget: str | None = None
+
+
+def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
+                 display: Display, settings: RecalibrationSettings, rank) -> None:
     import torch
 
-    from .checkpoint import check_output_path, save_checkpoint
-    from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, open_source
+    from .checkpoint import save_checkpoint
+    from .files import check_output_path
     from .recalibration import recalibrate as recalibrate_model
     from .segments import parse_bytes
 
-    check_output_path(output, ckpt, force=force, in_place=in_place)
-    if plot is not None:
-        check_output_path(plot, force=True)
-    budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
-    torch.manual_seed(seed)
-    options = ImageOptions(image_size=image_size, resize=resize, center_crop=center_crop,
-                           mean=_floats(mean, "--mean") or IMAGENET_MEAN, std=_floats(std, "--std") or IMAGENET_STD)
-    source = open_source(data, loader=loader, loader_kwargs=loader_kwargs, batch_size=batch_size,
-                         num_workers=workers, image=options, npz_key=npz_key, input_key=input_key, strict=strict,
-                         seed=seed, rank=rank.rank, world_size=rank.world_size)
-    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    check_output_path(out.output, model.ckpt, force=out.force, in_place=out.in_place)
+    if settings.plot is not None:
+        check_output_path(settings.plot, force=True)
+    budget = None if settings.cache_budget is None else parse_bytes(settings.cache_budget, "--cache-budget")
+    torch.manual_seed(settings.seed)
+    source = data.open(images.image_options(), workers=images.workers, strict=images.strict, seed=settings.seed,
+                       rank=rank.rank, world_size=rank.world_size)
+    loaded = model.load()
     _require_eager(loaded, "recalibrate")
+    num_samples = settings.num_samples
     total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
-    quiet = quiet or not rank.is_main
-    with _progress(quiet or json_output, total) as progress:
-        report = recalibrate_model(loaded.model, source, mode=mode, momentum=momentum, reset=reset,
-                                   num_batches=num_batches, num_samples=num_samples, device=device, amp=amp,
-                                   channels_last=channels_last, prior=prior, cache_budget=budget,
-                                   progress=progress)
+    quiet = settings.quiet or not rank.is_main
+    with _progress(quiet or display.json_output, total) as progress:
+        report = recalibrate_model(loaded.model, source, mode=settings.mode, momentum=settings.momentum,
+                                   reset=settings.reset, num_batches=settings.num_batches, num_samples=num_samples,
+                                   device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
+                                   prior=settings.prior, cache_budget=budget, progress=progress)
     if source.skipped:
         print(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
               f"(first: {source.skipped[0]})" if rank.world_size > 1 else
@@ -363,18 +264,18 @@ def _recalibrate(ckpt, output, data, loader, loader_kwargs, arch, arch_kwargs, k
               file=sys.stderr)
     if not rank.is_main:
         return
-    save_checkpoint(loaded, loaded.model, output, force=force, in_place=in_place)
-    if plot is not None:
+    save_checkpoint(loaded, loaded.model, out.output, force=out.force, in_place=out.in_place)
+    if settings.plot is not None:
         from .plot import plot_recalibration
 
-        plot_recalibration(report, plot)
-    if json_output:
+        plot_recalibration(report, settings.plot)
+    if display.json_output:
         _print_json(report)
     elif not quiet:
         from .report import render_recalibrate
 
         render_recalibrate(report, _console())
-        _console().print(f"Wrote {output}")
+        _console().print(f"Wrote {out.output}")
 
 
 class _progress:
@@ -411,145 +312,112 @@ class _progress:
         return False
 
 
-Exporter = Annotated[str, typer.Option("--exporter", help="auto (dynamo, falling back to legacy), dynamo or "
-                                                         "legacy (TorchScript-based).")]
-Samples = Annotated[int, typer.Option("--samples", help="Random inputs checked per batch size besides the example.")]
-
-
-def _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, dtype_of):
-    """Real calibration data for a numerical check: at most num_batches batches, in the model's dtype."""
-    if data is None and loader is None:
-        return None
-    source = _open_data(data, loader, loader_kwargs, input_key, npz_key, batch_size, 0, 224, None, True, None, None,
-                        False, 0)
-    batches = []
-    for x in source:
-        if len(batches) >= num_batches:
-            break
-        batches.append(x.to(dtype_of))
-    return batches
-
-
 @app.command("export-onnx")
+@grouped(batch_size=8)
 def export_onnx(
-    ckpt: Ckpt,
-    output: Output,
-    input_shape: InputShape = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    dtype: Dtype = None,
+    model: ModelSource,
+    out: FileOutput,
+    example: ExampleInputs,
+    data: DataOptions,
+    tolerances: Tolerances,
+    display: Display,
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BatchNorm before exporting.")] = True,
-    exporter: Exporter = "auto",
+    exporter: ExporterOption = Exporter.AUTO,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset (default: the exporter's).")] = None,
     dynamic_batch: Annotated[bool, typer.Option(
         "--dynamic-batch", help="Make axis 0 of inputs and outputs dynamic; checked at several batch sizes.")] = False,
     input_name: Annotated[Optional[list[str]], typer.Option("--input-name", help="Input names, one per input.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output names.")] = None,
     samples: Samples = 4,
-    seed: Seed = 0,
-    data: DataPath = None,
-    loader: LoaderSpec = None,
-    loader_kwargs: LoaderKwargs = None,
-    input_key: InputKey = None,
-    npz_key: NpzKey = None,
-    batch_size: BatchSize = 8,
-    num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
-    rtol: Annotated[float, typer.Option("--rtol", help="Elementwise relative tolerance.")] = 1e-4,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Elementwise absolute tolerance (default: 1e-4 "
-                                                                 "of each output's largest magnitude).")] = None,
-    provider: Annotated[str, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = "cpu",
+    num_batches: NumCheckBatches = 4,
+    provider: Annotated[Provider, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = Provider.CPU,
     strict: Annotated[bool, typer.Option("--strict", help="Remove the ONNX file if verification fails.")] = False,
-    force: Force = False,
-    json_output: Json = False,
 ) -> None:
-    """Export to ONNX (BatchNorm folded first) and prove it matches PyTorch with onnxruntime."""
+    """Export to ONNX (BatchNorm folded first) and prove it matches PyTorch with onnxruntime.
+
+    --rtol/--atol: an element passes when |Δ| ≤ atol + rtol·|PyTorch's|; by default rtol 1e-4 and atol 1e-4 of
+    each output's largest magnitude.
+    """
     from .onnx_export import export_onnx as export_model
 
-    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    loaded = model.load()
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
-    inputs = _example_inputs(loaded.model, input_shape, dtype, seed)
-    batches = _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, inputs[0].dtype)
+    inputs = example.build(loaded.model)
+    batches = data.batches(num_batches, inputs[0].dtype)
     try:
         report = _fit_errors(lambda: export_model(
-            loaded.model, inputs, output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
-            input_names=input_name, output_names=output_name, samples=samples, seed=seed, data=batches, rtol=rtol,
-            atol=atol, provider=provider, strict=strict, force=force), input_shape)
+            loaded.model, inputs, out.output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
+            input_names=input_name, output_names=output_name, samples=samples, seed=example.seed, data=batches,
+            rtol=tolerances.rtol, atol=tolerances.atol, provider=provider, strict=strict, force=out.force), example)
     except CheckFailed as e:
-        if hasattr(e, "report"):
-            _show(e.report, json_output, "render_export")
+        if e.report is not None:
+            _show(e.report, display.json_output, "render_export")
         raise
-    _show(report, json_output, "render_export")
+    _show(report, display.json_output, "render_export")
 
 
 @app.command()
+@grouped(batch_size=8)
 def verify(
-    ckpt: Ckpt,
-    input_shape: InputShape = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    dtype: Dtype = None,
+    model: ModelSource,
+    example: ExampleInputs,
+    data: DataOptions,
+    tolerances: Tolerances,
+    display: Display,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file, not a fresh export.")] = None,
     skip_onnx: Annotated[bool, typer.Option("--skip-onnx", help="Do not check ONNX at all.")] = False,
-    exporter: Exporter = "auto",
+    exporter: ExporterOption = Exporter.AUTO,
     samples: Samples = 4,
-    seed: Seed = 0,
-    data: DataPath = None,
-    loader: LoaderSpec = None,
-    loader_kwargs: LoaderKwargs = None,
-    input_key: InputKey = None,
-    npz_key: NpzKey = None,
-    batch_size: BatchSize = 8,
-    num_batches: Annotated[int, typer.Option("--num-batches", help="Batches of --data to check.")] = 4,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Fold check relative tolerance "
-                                                                 "(default by dtype).")] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Fold check absolute tolerance.")] = None,
-    onnx_rtol: Annotated[float, typer.Option("--onnx-rtol", help="ONNX elementwise relative tolerance.")] = 1e-4,
-    onnx_atol: Annotated[Optional[float], typer.Option("--onnx-atol", help="ONNX elementwise absolute tolerance "
-                                                                           "(default: 1e-4 of the output's largest "
+    num_batches: NumCheckBatches = 4,
+    onnx_rtol: Annotated[Optional[float], typer.Option("--onnx-rtol", help="ONNX check's --rtol (default "
+                                                                           "1e-4).")] = None,
+    onnx_atol: Annotated[Optional[float], typer.Option("--onnx-atol", help="ONNX check's --atol (default: 1e-4 "
+                                                                           "of the output's largest "
                                                                            "magnitude).")] = None,
     junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write JUnit XML here.")] = None,
-    json_output: Json = False,
 ) -> None:
-    """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails."""
-    from .checkpoint import atomic_write, check_output_path
+    """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails.
+
+    --rtol/--atol apply to the fold check, --onnx-rtol/--onnx-atol to the ONNX check; both mean: an element
+    passes when |Δ| ≤ atol + rtol·|reference|.
+    """
+    from .files import atomic_write, check_output_path
     from .verification import to_junit_xml
     from .verification import verify as verify_model
 
     if junit_xml is not None:
         check_output_path(junit_xml, force=True)
-    loaded = _load(ckpt, arch, arch_kwargs, key, trust_pickle)
+    loaded = model.load()
     _require_eager(loaded, "verify")
-    inputs = _example_inputs(loaded.model, input_shape, dtype, seed)
-    batches = _data_batches(data, loader, loader_kwargs, input_key, npz_key, batch_size, num_batches, inputs[0].dtype)
+    inputs = example.build(loaded.model)
+    batches = data.batches(num_batches, inputs[0].dtype)
     report = _fit_errors(lambda: verify_model(
-        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples, seed=seed,
-        rtol=rtol, atol=atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol, data=batches), input_shape)
+        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
+        seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
+        data=batches), example)
     if junit_xml is not None:
         xml = to_junit_xml(report)
         atomic_write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
-    _show(report, json_output, "render_verify")
+    _show(report, display.json_output, "render_verify")
     if not report.passed:
         failed = ", ".join(c.name for c in report.checks if not c.passed)
         raise CheckFailed(f"verification failed: {failed}")
 
 
 @app.command()
+@grouped()
 def demo(
+    display: Display,
     directory: Annotated[Path, typer.Argument(help="Where to write the demo's files.")] = Path("bntool-demo"),
-    exporter: Exporter = "auto",
+    exporter: ExporterOption = Exporter.AUTO,
     force: Annotated[bool, typer.Option("--force", help="Overwrite files from an earlier demo.")] = True,
-    json_output: Json = False,
 ) -> None:
     """Run inspect → recalibrate → fold → export-onnx → verify on a built-in model and generated data."""
     from .demo import run_demo
 
     report = run_demo(directory, force=force, exporter=exporter)
-    _show(report, json_output, "render_demo")
+    _show(report, display.json_output, "render_demo")
     if not report.passed:
         raise CheckFailed("the demo's checks failed")
 
@@ -579,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     except BntoolError as e:
         if debug:
             traceback.print_exc()
-        _say(f"error: {_one_line(e)}")
+        _say(f"error: {_one_line(e.render(flag_name))}")
         return e.exit_code
     except KeyboardInterrupt:
         _say("interrupted: nothing written")
@@ -612,8 +480,18 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# Library parameters whose flag is not simply --parameter-name.
+FLAG_NAMES = {"example_inputs": "--input-shape", "input_names": "--input-name", "output_names": "--output-name",
+              "onnx_path": "--onnx", "path": "-o", "out": "-o"}
+
+
+def flag_name(parameter: str) -> str:
+    """The command-line flag of a library parameter named in an error message."""
+    return FLAG_NAMES.get(parameter, "--" + parameter.replace("_", "-"))
 
 
 def entry() -> None:

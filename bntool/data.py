@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import import_object, parse_kwargs
 from .errors import InputError
+from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,8 +149,7 @@ def _read_tensor_file(path: Path, npz_key: str | None) -> torch.Tensor:
     except InputError:
         raise
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: cannot read tensor data ({reason})") from e
+        raise InputError(f"{path}: cannot read tensor data ({first_line(e)})") from e
     if array.dtype.kind not in "fiub":
         raise InputError(f"{path}: array of dtype {array.dtype} is not numeric")
     return _check_tensor(path, torch.from_numpy(np.ascontiguousarray(array)))

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from . import zoo
-from .checkpoint import atomic_write, check_output_path
+from .checkpoint import state_dict_of
+from .files import atomic_write, check_output_path
 
 
 @dataclass
@@ -63,17 +64,14 @@ def run_demo(directory: str | Path, force: bool = False, exporter: str = "auto")
     report.steps.append({"step": "recalibrate", "mode": rec.mode, "samples": rec.samples, "passes": rec.passes,
                          "max_mean_shift_sigma": max(layer.mean_shift for layer in rec.layers)})
     folded, fold_report = fold(model, example, samples=4)
-    from .checkpoint import FOLD_LAYOUT_KEY, encode_layout
-
-    state = dict(folded.state_dict(), **{FOLD_LAYOUT_KEY: encode_layout(fold_report.layout)})
-    atomic_write(paths["folded.pt"], lambda tmp: torch.save(state, tmp))
+    atomic_write(paths["folded.pt"], lambda tmp: torch.save(state_dict_of(folded), tmp))
     report.steps.append({"step": "fold", "batch_norm_ops": [fold_report.batch_norm_ops_before,
                                                             fold_report.batch_norm_ops_after],
-                         "max_rel_error": fold_report.max_rel_error, "passed": fold_report.passed})
+                         "max_abs_over_scale": fold_report.max_abs_over_scale, "passed": fold_report.passed})
     exp = export_onnx(model, example, paths["model.onnx"], dynamic_batch=True, exporter=exporter, force=force,
                       samples=2)
     report.steps.append({"step": "export-onnx", "exporter": exp.exporter, "batch_norm_nodes": exp.batch_norm_nodes,
-                         "max_rel_error": exp.max_rel_error, "passed": exp.passed})
+                         "max_abs_over_scale": exp.max_abs_over_scale, "passed": exp.passed})
     ver = verify(model, example, onnx_path=paths["model.onnx"], samples=2)
     report.steps.append({"step": "verify", "passed": ver.passed, "checks": {c.name: c.passed for c in ver.checks}})
     report.passed = fold_report.passed and exp.passed and ver.passed

@@ -22,8 +22,18 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .checkpoint import iter_tensors
-from .errors import CheckFailed, InputError
+from .choices import FoldAction
+from .compare import (
+    ComparedReport,
+    Comparison,
+    Float64Reference,
+    Tolerance,
+    combine,
+    compare_outputs,
+    random_like,
+    random_stream,
+)
+from .errors import CheckFailed
 from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
     ChannelAffine,
@@ -32,24 +42,21 @@ from .layers import (
     bn_modules,
     bn_num_features,
     has_standard_forward,
-    is_bn,
     is_frozen_bn,
     make_custom_bn_folded,
 )
+from .layout import FoldLayout, attach_layout, layout_of
 
 STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
 # (a model input). Past this, an affine that subtracts μ first is used instead.
 MAX_FORWARD_FOLD_MEAN = 4.0
 
-# Random check inputs come from this offset of the seed, so they differ from an example made with the seed.
-RANDOM_STREAM = 1_000_003
-
-# What a BN became.
-FOLDED = "folded"  # into the layer that feeds it
-FOLDED_FORWARD = "folded-forward"  # into the layer it feeds
-AFFINE = "affine"  # exact per-channel scale and shift, no batch_norm op
-REFUSED = "refused"  # left as it was
+# What a BN became (see FoldAction).
+FOLDED = FoldAction.FOLDED
+FOLDED_FORWARD = FoldAction.FOLDED_FORWARD
+AFFINE = FoldAction.AFFINE
+REFUSED = FoldAction.REFUSED
 
 
 @dataclass
@@ -57,66 +64,49 @@ class BNDecision:
     name: str
     type: str
     channels: int
-    action: str
+    action: FoldAction
     target: str | None = None  # the conv/linear it was folded into
     reason: str = ""
 
 
 @dataclass
-class Comparison:
-    """Folded vs original outputs on one input. Where they differ by more than the tolerance, both are also
-    compared with the original run in float64: folding passes if it is no less accurate than the original
-    (≤ 1.5× its float32 error), since deep networks differ from themselves by more than rtol under reordering."""
+class FoldReport(ComparedReport):
+    """What `fold` did to each BN, and the check of folded against original outputs.
 
-    input: str
-    max_abs_error: float
-    max_rel_error: float  # max |Δ| / max |reference|
-    reference_scale: float
-    passed: bool = True
-    float64_error_original: float | None = None
-    float64_error_folded: float | None = None
+    Each comparison is folded vs original outputs on one input. Where they differ by more than the tolerance,
+    both are also compared with the original run in float64: folding passes if it is no less accurate than
+    the original (≤ 1.5× its float32 error), since deep networks differ from themselves under reordering."""
 
-
-@dataclass
-class FoldReport:
     decisions: list[BNDecision] = field(default_factory=list)
     batch_norm_ops_before: int = 0
     batch_norm_ops_after: int = 0
     params_before: int = 0
     params_after: int = 0
     comparisons: list[Comparison] = field(default_factory=list)
-    rtol: float = 0.0
-    atol: float = 0.0
+    tolerance: Tolerance = field(default_factory=lambda: default_tolerance(torch.float32))
     passed: bool = True
     fold_seconds: float = 0.0
     check_seconds: float = 0.0
-    layout: dict[str, list[str]] = field(default_factory=dict)
+    layout: FoldLayout = field(default_factory=FoldLayout)
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
 
-    @property
-    def max_abs_error(self) -> float:
-        return max((c.max_abs_error for c in self.comparisons), default=0.0)
-
-    @property
-    def max_rel_error(self) -> float:
-        return max((c.max_rel_error for c in self.comparisons), default=0.0)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["tolerance"] = self.tolerance.to_dict()
         d["counts"] = {a: self.count(a) for a in (FOLDED, FOLDED_FORWARD, AFFINE, REFUSED)}
-        d["max_abs_error"], d["max_rel_error"] = self.max_abs_error, self.max_rel_error
+        d.update(self.summary_figures())
         return d
 
 
-def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol), relative to the largest reference output: rounding changes when ops are merged."""
+def default_tolerance(dtype: torch.dtype) -> Tolerance:
+    """|Δ| ≤ a share of each output's largest magnitude, by dtype: rounding changes when ops are merged."""
     if dtype == torch.float64:
-        return 1e-9, 1e-12
+        return Tolerance(rtol=0.0, atol=1e-9)
     if dtype in (torch.float16, torch.bfloat16):
-        return 5e-2, 1e-3
-    return 1e-4, 1e-6
+        return Tolerance(rtol=0.0, atol=5e-2)
+    return Tolerance(rtol=0.0, atol=1e-4)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -140,10 +130,34 @@ def fold(
     skip: Sequence[str] = (),
     check: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
-    """Return a folded copy of `model` (in eval mode) and a report; `model` itself is not modified.
+    """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
-    Folded outputs are compared with the original on `example_inputs` and `samples` random inputs of the
-    same shapes; with `check`, a difference over tolerance raises CheckFailed (its `.report` says how much).
+    Each BN is folded into the layer that feeds it, else into the one it feeds, else replaced by an exact
+    per-channel affine (ChannelAffine), else left as it is; the report says which and why. Folding is computed
+    in float64 and cast once to each layer's dtype.
+
+    Args:
+        model: the model; BNs in training mode inside an eval-mode model are left as they are.
+        example_inputs: one tensor or a sequence of the model's positional inputs; one forward on them
+            traces who feeds each BN.
+        samples: random inputs of the example's shapes checked besides the example.
+        seed: seed of the random inputs.
+        rtol, atol: the check's tolerance, elementwise |Δ| ≤ atol + rtol·|original| (bntool.compare.Tolerance);
+            by default rtol 0 and atol a share of each output's largest magnitude by dtype (1e-4 for float32);
+            an atol given here is absolute.
+        skip: BN names or glob patterns to leave as they are.
+        check: raise CheckFailed when the folded outputs differ beyond tolerance.
+
+    Returns:
+        (folded, report): the folded copy in eval mode, carrying its FoldLayout (saved with it by
+        save_checkpoint / state_dict_of), and a FoldReport.
+
+    Raises:
+        CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
+        InputError: a tolerance is negative or not finite.
+
+    Side effects: none on `model` (its training flags are restored after the check); the copy doubles
+    its memory, and the float64 reference of the check doubles it again where it is needed.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     started = time.perf_counter()
@@ -155,49 +169,22 @@ def fold(
     tied = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
     plans = [_decide(name, bn, flow, names, tied, by_request, skip) for name, bn in bn_modules(folded)]
     _apply(folded, plans, report)
+    attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.fold_seconds = time.perf_counter() - started
     report.decisions = [p.decision for p in plans]
     report.params_after = sum(p.numel() for p in folded.parameters())
 
     started = time.perf_counter()
-    dtype = model_dtype(model)
-    default_rtol, default_atol = default_tolerances(dtype)
-    report.rtol = default_rtol if rtol is None else rtol
-    report.atol = default_atol if atol is None else atol
+    report.tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))
     report.batch_norm_ops_after = _compare(model, folded, inputs, samples, seed, by_request, report)
     report.passed = all(c.passed for c in report.comparisons)
     report.check_seconds = time.perf_counter() - started
     if check and not report.passed:
-        err = CheckFailed(
-            f"folded model differs from the original: max abs error {report.max_abs_error:.3g} "
-            f"(relative {report.max_rel_error:.3g}) exceeds atol={report.atol:g} + rtol={report.rtol:g}·scale"
-        )
-        err.report = report
-        raise err
+        raise CheckFailed(
+            f"folded model differs from the original: max abs error {report.max_abs:.3g} "
+            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}",
+            report=report)
     return folded, report
-
-
-def apply_fold_layout(model: nn.Module, layout: dict[str, list[str]]) -> nn.Module:
-    """Give a freshly built architecture the structure of a folded one, so its folded state_dict loads."""
-    modules = dict(model.named_modules())
-    for name in layout.get("bias_added", []):
-        layer = _module(modules, name)
-        transposed = isinstance(layer, _ConvTransposeNd)
-        out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
-        layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
-    for name in layout.get("identity", []) + layout.get("affine", []):
-        bn = _module(modules, name)
-        if not is_bn(bn):
-            raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
-        affine = name in layout.get("affine", [])
-        c, dtype = bn_num_features(bn), bn.running_mean.dtype
-        if has_standard_forward(bn):
-            centered = name in layout.get("centered", [])
-            _replace_module(model, name, ChannelAffine.empty(c, dtype, centered) if affine else nn.Identity())
-        else:
-            ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
-            make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
-    return model
 
 
 # ---------------------------------------------------------------- decisions
@@ -309,7 +296,7 @@ def _check_producer(op: OpCall, x, chain, bn, flow, tied):
     if tied[id(layer.weight)] > 1:
         return None, None, "the conv/linear weight is shared with another module"
     channels = bn_num_features(bn)
-    out_axis = layer_channel_axis(layer, x_ndim := op.outputs[0].dim(), output=True)
+    out_axis, x_ndim = layer_channel_axis(layer), op.outputs[0].dim()
     if not chain:
         if op.outputs[0].shape[out_axis] != channels:
             return None, None, "channel counts differ"
@@ -371,7 +358,8 @@ def _describe(readers, expected) -> str:
     return ", ".join(names) or "nothing"
 
 
-def layer_channel_axis(layer: nn.Module, ndim: int, output: bool) -> int:
+def layer_channel_axis(layer: nn.Module) -> int:
+    """The channel axis of a conv (1) or linear (-1) layer's output."""
     return -1 if isinstance(layer, nn.Linear) else 1
 
 
@@ -406,8 +394,7 @@ def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:
             if has_standard_forward(plan.bn) and mean_in_stds(plan.bn) > MAX_FORWARD_FOLD_MEAN:
                 centered.append(plan.decision.name)
             _replace_bn(model, plan.decision.name, plan.bn, scale, shift)
-    report.layout = {"identity": identity, "affine": affine, "centered": centered,
-                     "bias_added": sorted(set(bias_added))}
+    report.layout = FoldLayout(identity, affine, centered, sorted(set(bias_added)))
 
 
 def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
@@ -483,12 +470,6 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
-    if name not in modules:
-        raise InputError(f"fold layout names {name!r}, which this architecture does not have")
-    return modules[name]
-
-
 # ---------------------------------------------------------------- checking
 
 
@@ -507,17 +488,6 @@ def _norm_op_count(flow: Dataflow, model: nn.Module) -> int:
     return flow.count("batch_norm") + frozen
 
 
-def random_like(inputs: Sequence[Any], generator: torch.Generator) -> tuple[Any, ...]:
-    """Random inputs shaped like the example: normal floats; integer inputs are kept as they are."""
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype))
-        else:
-            out.append(x)
-    return tuple(out)
-
-
 def _compare(model, folded, inputs, samples, seed, by_request, report: FoldReport) -> int:
     """Fill report.comparisons; return the batch_norm op count of the folded model."""
     if by_request:
@@ -526,24 +496,17 @@ def _compare(model, folded, inputs, samples, seed, by_request, report: FoldRepor
     else:
         reference, flags = model, [m.training for m in model.modules()]
         model.eval()
-    float64 = _Float64Reference(reference)
+    float64 = Float64Reference(reference)
     try:
         flow, out = trace(folded, inputs)
         with torch.no_grad():
             cases = [("example", inputs, reference(*inputs), out)]
-            g = torch.Generator().manual_seed(seed + RANDOM_STREAM)
+            g = random_stream(seed)
             for i in range(samples):
                 x = random_like(inputs, g)
                 cases.append((f"random #{i + 1}", x, reference(*x), folded(*x)))
             for label, x, ref_out, folded_out in cases:
-                c = compare_outputs(label, ref_out, folded_out)
-                c.passed = c.max_abs_error <= report.atol + report.rtol * c.reference_scale
-                if not c.passed and math.isfinite(c.max_abs_error):
-                    exact = float64(x)
-                    c.float64_error_original = compare_outputs(label, exact, ref_out).max_abs_error
-                    c.float64_error_folded = compare_outputs(label, exact, folded_out).max_abs_error
-                    c.passed = c.float64_error_folded <= 1.5 * c.float64_error_original + report.atol
-                report.comparisons.append(c)
+                report.comparisons.append(_check_case(label, x, ref_out, folded_out, float64, report.tolerance))
     finally:
         if flags is not None:
             for m, training in zip(model.modules(), flags):
@@ -551,33 +514,14 @@ def _compare(model, folded, inputs, samples, seed, by_request, report: FoldRepor
     return _norm_op_count(flow, folded)
 
 
-class _Float64Reference:
-    """The original model run in float64, built on first use (it doubles the model's memory)."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.copy = model, None
-
-    def __call__(self, inputs: tuple) -> Any:
-        if self.copy is None:
-            self.copy = copy.deepcopy(self.model).double().eval()
-        x64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-        return self.copy(*x64)
-
-
-def compare_outputs(label: str, reference: Any, candidate: Any) -> Comparison:
-    refs, cands = list(iter_tensors(reference)), list(iter_tensors(candidate))
-    if len(refs) != len(cands):
-        raise CheckFailed(f"{label}: the folded model returns {len(cands)} tensors, the original {len(refs)}")
-    max_abs, scale = 0.0, 0.0
-    for r, c in zip(refs, cands):
-        if not r.is_floating_point():
-            if not torch.equal(r, c):
-                max_abs = math.inf
-            continue
-        r64, c64 = r.detach().double(), c.detach().double()
-        diff = (r64 - c64).abs()
-        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-        scale = max(scale, float(r64.abs().max()) if r64.numel() else 0.0)
-        if not torch.isfinite(c64).all() and not torch.equal(torch.isfinite(r64), torch.isfinite(c64)):
-            max_abs = math.inf
-    return Comparison(label, max_abs, max_abs / scale if scale > 0 else max_abs, scale)
+def _check_case(label, x, ref_out, folded_out, float64: Float64Reference, tolerance: Tolerance) -> Comparison:
+    """Folded vs original on one input; over tolerance (but finite), the float64 original arbitrates."""
+    c = combine(compare_outputs(label, ref_out, folded_out, tolerance))
+    if not c.passed and math.isfinite(c.max_abs):
+        exact = float64(x)
+        exact_only = Tolerance(0.0, 0.0, atol_relative=False)
+        c.float64_error_original = combine(compare_outputs(label, exact, ref_out, exact_only)).max_abs
+        c.float64_error_candidate = combine(compare_outputs(label, exact, folded_out, exact_only)).max_abs
+        # 1% of the tolerance as slack: where the original is exact in float64, the fold may round once.
+        c.passed = c.float64_error_candidate <= 1.5 * c.float64_error_original + 0.01 * c.threshold
+    return c

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .checkpoint import iter_tensors
+from .utils import iter_tensors
 
 # Ops that only move data: each output element is one input element, so a per-channel affine commutes
 # with them once the channel mapping is checked (see channel_map).

@@ -17,43 +17,39 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import iter_tensors
-from .errors import CheckFailed, InputError, UnsupportedError
+from .choices import Exporter, Provider
+from .compare import ComparedReport, Comparison, Tolerance, compare_arrays, random_like, random_stream, to_numpy
+from .errors import CheckFailed, InputError, UnsupportedError, param
+from .files import check_output_path
+from .utils import iter_tensors
 
-EXPORTERS = ("auto", "dynamo", "legacy")
+EXPORTERS = Exporter.values()
 TWO_GB = 2 * 1024**3
-# Without --atol, the absolute tolerance is this share of the output's largest magnitude: onnxruntime and
+# Without atol, the absolute tolerance is this share of each output's largest magnitude: onnxruntime and
 # PyTorch sum in different orders, and through a deep float32 network that differs by ~1e-6 of the scale.
-ATOL_OF_SCALE = 1e-4
+DEFAULT_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-4, atol_relative=True)
 
 
 @dataclass
-class OutputComparison:
-    """PyTorch vs onnxruntime for one output on one input."""
+class OnnxCheck(ComparedReport):
+    """onnxruntime against PyTorch on the same inputs: one Comparison per input and output."""
 
-    input: str
-    output: str
-    max_abs_error: float
-    max_rel_error: float  # elementwise |Δ| / |reference|, over elements where the reference is not ~0
-    mean_abs_error: float
-    share_over_tolerance: float
-    worst_index: list[int]
-    passed: bool
-    scale: float = 0.0  # max |reference|
-    atol: float = 0.0  # the absolute tolerance applied
+    provider: str
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def max_scaled_error(self) -> float:
-        """max |Δ| / max |reference|: the error relative to the output's magnitude."""
-        return self.max_abs_error / self.scale if self.scale > 0 else self.max_abs_error
+    def passed(self) -> bool:
+        return all(self.comparisons)
 
 
 @dataclass
-class ExportReport:
+class ExportReport(ComparedReport):
+    """What `export_onnx` wrote (graph, ops, files) and how onnxruntime's outputs compared with PyTorch's."""
+
     path: str
     exporter: str
     opset: int | None
@@ -64,9 +60,8 @@ class ExportReport:
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     dynamic_batch: bool = False
-    comparisons: list[OutputComparison] = field(default_factory=list)
-    rtol: float = 1e-4
-    atol: float | None = None  # None: ATOL_OF_SCALE × each output's largest magnitude
+    comparisons: list[Comparison] = field(default_factory=list)
+    tolerance: Tolerance = DEFAULT_TOLERANCE
     provider: str = "CPUExecutionProvider"
     passed: bool = True
     notes: list[str] = field(default_factory=list)
@@ -74,27 +69,11 @@ class ExportReport:
     verify_seconds: float = 0.0
     file_bytes: int = 0
 
-    @property
-    def max_abs_error(self) -> float:
-        return max((c.max_abs_error for c in self.comparisons), default=0.0)
-
-    @property
-    def max_rel_error(self) -> float:
-        return max((c.max_rel_error for c in self.comparisons), default=0.0)
-
-    @property
-    def max_scaled_error(self) -> float:
-        return max((c.max_scaled_error for c in self.comparisons), default=0.0)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["max_abs_error"], d["max_rel_error"] = self.max_abs_error, self.max_rel_error
-        d["max_scaled_error"] = self.max_scaled_error
+        d["tolerance"] = self.tolerance.to_dict()
+        d.update(self.summary_figures())
         return d
-
-
-def describe_tolerance(rtol: float, atol: float | None) -> str:
-    return f"atol {atol:g}, rtol {rtol:g}" if atol is not None else f"atol {ATOL_OF_SCALE:g}·max|output|, rtol {rtol:g}"
 
 
 def export_onnx(
@@ -111,30 +90,55 @@ def export_onnx(
     samples: int = 4,
     seed: int = 0,
     data: Iterable[torch.Tensor] | None = None,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     atol: float | None = None,
     provider: str = "cpu",
     strict: bool = False,
     force: bool = False,
+    check: bool = True,
 ) -> ExportReport:
     """Fold (optionally), export atomically to `path`, check the graph, then compare onnxruntime with PyTorch.
 
-    An element passes when |Δ| ≤ atol + rtol·|reference| (numpy.allclose); `atol=None` takes ATOL_OF_SCALE of
-    each output's largest magnitude. On a mismatch the file is kept (removed with `strict`) and CheckFailed is
-    raised with `.report`.
-    """
-    from .checkpoint import check_output_path
+    Args:
+        model: the model (put in eval mode); with `fold`, a folded copy is exported and `model` is unchanged.
+        example_inputs: one tensor or a sequence of the model's inputs; they fix the exported shapes.
+        path: the .onnx file (a `.onnx.data` file beside it for models over 2 GB).
+        fold: fold BatchNorm first (bntool.fold).
+        exporter: an Exporter: "auto" (dynamo, falling back to legacy), "dynamo" or "legacy".
+        opset: the ONNX opset (default: the exporter's).
+        dynamic_batch: make axis 0 dynamic; the check then runs at several batch sizes.
+        input_names, output_names: graph input/output names.
+        samples, seed: random inputs checked per batch size besides the example.
+        data: real input batches checked too.
+        rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
+            atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
+        provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
+        strict: remove the file when the check fails.
+        force: replace an existing file at `path`.
+        check: raise CheckFailed when the check fails (else return the failed report).
 
+    Returns:
+        An ExportReport (graph ops, files, comparisons).
+
+    Raises:
+        InputError: a bad argument, an output that must not be written, or an export that failed.
+        UnsupportedError: the dynamo exporter on a torch without it.
+        CheckFailed: with `check`, onnxruntime's outputs differ beyond tolerance (`.report` is the report).
+
+    Side effects: writes `path` atomically (kept on a failed check unless `strict`); puts `model` in eval mode.
+    """
+    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if exporter not in EXPORTERS:
-        raise InputError(f"--exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}")
+        raise InputError(f"{param('exporter')} {exporter!r}: choose one of {', '.join(EXPORTERS)}", param="exporter")
     path = check_output_path(path, force=force)
     model = model.eval()
     names_in = list(input_names or (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     if len(names_in) != len(inputs):
-        raise InputError(f"--input-name given {len(names_in)} times for {len(inputs)} inputs")
+        raise InputError(f"{param('input_names')} given {len(names_in)} times for {len(inputs)} inputs",
+                         param="input_names")
     report = ExportReport(path=str(path), exporter=exporter, opset=opset, folded=fold, input_names=names_in,
-                          dynamic_batch=dynamic_batch, rtol=rtol, atol=atol)
+                          dynamic_batch=dynamic_batch, tolerance=tolerance)
     started = time.perf_counter()
     to_export = model
     if fold:
@@ -155,19 +159,22 @@ def export_onnx(
     report.file_bytes = sum(p.stat().st_size for p in _written_files(path))
 
     started = time.perf_counter()
-    compare_with_onnxruntime(model, path, inputs, report, samples=samples, seed=seed, data=data, provider=provider)
+    result = compare_with_onnxruntime(model, path, inputs, tolerance, samples=samples, seed=seed, data=data,
+                                      provider=provider)
+    report.provider, report.comparisons, report.passed = result.provider, result.comparisons, result.passed
+    report.notes.extend(result.notes)
     report.verify_seconds = time.perf_counter() - started
     if fold and report.batch_norm_nodes:
         report.notes.append(f"{report.batch_norm_nodes} BatchNormalization nodes remain after folding")
-    if not report.passed:
-        if strict:
-            for p in _written_files(path):
-                p.unlink()
-        err = CheckFailed(f"onnxruntime output differs from PyTorch: max abs error {report.max_abs_error:.3g}, "
-                          f"max relative error {report.max_rel_error:.3g} ({describe_tolerance(rtol, atol)}); "
-                          + ("file removed (--strict)" if strict else f"{path} kept but FAILED verification"))
-        err.report = report
-        raise err
+    if not report.passed and strict:
+        for p in _written_files(path):
+            p.unlink()
+    if check and not report.passed:
+        raise CheckFailed(f"onnxruntime output differs from PyTorch: max abs error {report.max_abs:.3g} "
+                          f"({report.max_abs_over_scale:.3g} of the output's magnitude), "
+                          f"{report.mismatched_fraction:.2%} of elements over {tolerance.describe()}; "
+                          + (f"file removed ({param('strict')})" if strict else
+                             f"{path} kept but FAILED verification"), report=report)
     return report
 
 
@@ -183,7 +190,8 @@ def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in,
     has_dynamo = "dynamo" in pyinspect.signature(torch.onnx.export).parameters
     order = {"auto": ["dynamo", "legacy"] if has_dynamo else ["legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
     if exporter == "dynamo" and not has_dynamo:
-        raise UnsupportedError(f"--exporter dynamo needs torch >= 2.5 (this is {torch.__version__})")
+        raise UnsupportedError(f"{param('exporter')} dynamo needs torch >= 2.5 (this is {torch.__version__})",
+                               param="exporter")
     parent = path.parent if str(path.parent) else Path(".")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     failures = []
@@ -204,9 +212,9 @@ def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in,
             return kind
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    hint = "; try --exporter legacy" if exporter == "dynamo" else ""
+    hint = f"; try {param('exporter')} legacy" if exporter == "dynamo" else ""
     if exporter == "legacy" and has_dynamo:
-        hint = "; try --exporter dynamo"
+        hint = f"; try {param('exporter')} dynamo"
     raise InputError("ONNX export failed: " + " | ".join(failures) + hint)
 
 
@@ -327,9 +335,13 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu"):
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if provider == "cuda":
+    if provider not in Provider.values():
+        raise InputError(f"{param('provider')} {provider!r}: choose one of {', '.join(Provider.values())}",
+                         param="provider")
+    if provider == Provider.CUDA:
         if "CUDAExecutionProvider" not in available:
-            raise InputError(f"--provider cuda: onnxruntime has no CUDA provider here (available: {available})")
+            raise InputError(f"{param('provider')} cuda: onnxruntime has no CUDA provider here "
+                             f"(available: {available})", param="provider")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
@@ -346,12 +358,12 @@ def check_signature(session, inputs: Sequence[torch.Tensor], path) -> None:
     ort_inputs = session.get_inputs()
     if len(ort_inputs) != len(inputs):
         raise InputError(f"{path}: has {len(ort_inputs)} inputs {[i.name for i in ort_inputs]}, "
-                         f"but {len(inputs)} were given (--input-shape)")
+                         f"but {len(inputs)} were given ({param('example_inputs')})", param="example_inputs")
     for spec, x in zip(ort_inputs, inputs):
         shape = spec.shape
         if len(shape) != x.dim() or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
-            raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but --input-shape gives "
-                             f"{list(x.shape)}")
+            raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but {param('example_inputs')} gives "
+                             f"{list(x.shape)}", param="example_inputs")
 
 
 def _batch_sizes(session, inputs) -> list[int]:
@@ -361,17 +373,38 @@ def _batch_sizes(session, inputs) -> list[int]:
     return sorted({1, b, b + 3}) if dynamic else [b]
 
 
-def compare_with_onnxruntime(model, path, inputs, report: ExportReport, *, samples=4, seed=0, data=None,
-                             provider="cpu") -> None:
-    """Run the same inputs through PyTorch and onnxruntime and compare every output."""
-    from .folding import RANDOM_STREAM, random_like
+def compare_with_onnxruntime(
+    model: nn.Module,
+    path: str | os.PathLike,
+    inputs: Sequence[torch.Tensor],
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    *,
+    samples: int = 4,
+    seed: int = 0,
+    data: Iterable[torch.Tensor] | None = None,
+    provider: str = "cpu",
+) -> OnnxCheck:
+    """Run the same inputs through PyTorch and onnxruntime and compare every output.
 
+    Args:
+        model: the PyTorch reference (run as it is: put it in eval mode first).
+        path: the ONNX file.
+        inputs: example inputs; `samples` random inputs of the same shapes are added, at several batch sizes
+            when the file's batch axis is dynamic, and every batch of `data`.
+        tolerance: the elementwise rule.
+
+    Returns:
+        An OnnxCheck with one Comparison per input and output (a runner failure is a failed Comparison).
+
+    Raises:
+        InputError: onnxruntime cannot load the file, or its inputs do not match `inputs`.
+    """
     session = ort_session(path, provider)
-    report.provider = session.get_providers()[0]
+    result = OnnxCheck(provider=session.get_providers()[0])
     check_signature(session, inputs, path)
     names = [i.name for i in session.get_inputs()]
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
-    g = torch.Generator().manual_seed(seed + RANDOM_STREAM)
+    g = random_stream(seed)
     for b in _batch_sizes(session, inputs):
         for i in range(samples):
             shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype) for x in inputs)
@@ -380,38 +413,17 @@ def compare_with_onnxruntime(model, path, inputs, report: ExportReport, *, sampl
         cases.append((f"data batch {i + 1}", (batch,)))
     for label, xs in cases:
         with torch.no_grad():
-            expected = [t.detach().cpu().numpy() for t in iter_tensors(model(*xs))]
+            expected = [to_numpy(t) for t in iter_tensors(model(*xs))]
         try:
             got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
         except Exception as e:
-            report.comparisons.append(OutputComparison(label, "*", float("inf"), float("inf"), float("inf"), 1.0,
-                                                       [], False))
-            report.notes.append(f"{label}: onnxruntime failed: {_exporter_message(e)}")
+            message = f"onnxruntime failed: {_exporter_message(e)}"
+            result.comparisons.append(Comparison.failure(label, "*", message))
+            result.notes.append(f"{label}: {message}")
             continue
         out_names = [o.name for o in session.get_outputs()]
         if len(got) != len(expected):
             raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
         for name, ref, out in zip(out_names, expected, got):
-            report.comparisons.append(compare_arrays(label, name, ref, out, report.rtol, report.atol))
-    report.passed = all(c.passed for c in report.comparisons)
-
-
-def compare_arrays(label: str, name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: float | None):
-    if ref.shape != out.shape:
-        return OutputComparison(label, name, float("inf"), float("inf"), float("inf"), 1.0, [], False)
-    r, o = ref.astype(np.float64), out.astype(np.float64)
-    diff = np.abs(r - o)
-    if diff.size == 0:
-        return OutputComparison(label, name, 0.0, 0.0, 0.0, 0.0, [], True)
-    finite = np.abs(r[np.isfinite(r)])
-    scale = float(finite.max()) if finite.size else 0.0
-    if atol is None:
-        atol = ATOL_OF_SCALE * scale
-    diff = np.where(np.isnan(r) & np.isnan(o), 0.0, diff)
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    over = diff > atol + rtol * np.abs(r)
-    significant = np.abs(r) > atol
-    rel = float((diff[significant] / np.abs(r[significant])).max()) if significant.any() else 0.0
-    worst = [int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)]
-    return OutputComparison(label, name, float(diff.max()), rel, float(diff.mean()), float(over.mean()), worst,
-                            not bool(over.any()), scale, atol)
+            result.comparisons.append(compare_arrays(label, name, ref, out, tolerance))
+    return result

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 
-from .checkpoint import atomic_write
-from .errors import InputError
+from .errors import InputError, param
+from .files import atomic_write
 
 
 def plot_recalibration(report, path: str | os.PathLike, title: str | None = None) -> None:
@@ -18,7 +18,8 @@ def plot_recalibration(report, path: str | os.PathLike, title: str | None = None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise InputError("--plot needs matplotlib: pip install 'bntool[examples]' or pip install matplotlib") from e
+        raise InputError(f"{param('plot')} needs matplotlib: pip install 'bntool[examples]' or pip install "
+                         "matplotlib", param="plot") from e
     layers = [layer for layer in report.layers if not layer.skipped]
     x = list(range(len(layers)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, len(layers) * 0.35), 5.5), sharex=True)

@@ -27,6 +27,7 @@ from torch import nn
 from .errors import InputError
 from .layers import bn_eps, bn_modules, is_frozen_bn
 from .segments import SegmentCache, default_cache_budget
+from .utils import first_line
 
 MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
@@ -311,7 +312,7 @@ def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         if batch_index > 0 and "Expected more than 1 value per channel" not in str(e):
             raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         if "Expected more than 1 value per channel" in message:
             raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
                              "recalibration; use a larger --batch-size or --mode exact") from e

@@ -98,11 +98,11 @@ def render_fold(report, console: Console) -> None:
     for c in report.comparisons:
         if c.float64_error_original is not None:
             console.print(f"{c.input}: over tolerance against the float32 original, so both were compared with "
-                          f"it in float64: folded error {fmt(c.float64_error_folded)}, original's own "
+                          f"it in float64: folded error {fmt(c.float64_error_candidate)}, original's own "
                           f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
-    console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs_error)}, "
-                  f"max relative error {fmt(report.max_rel_error)} "
-                  f"(atol {report.atol:g}, rtol {report.rtol:g}) {verdict}")
+    console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs)} "
+                  f"({fmt(report.max_abs_over_scale)} of the output's magnitude; rule "
+                  f"{report.tolerance.describe()}) {verdict}")
 
 
 def render_recalibrate(report, console: Console) -> None:
@@ -142,16 +142,14 @@ def render_export(report, console: Console) -> None:
     for col in ("input", "output", "max abs", "max rel", "mean abs", "over tol.", "worst at", "result"):
         table.add_column(col)
     for c in report.comparisons:
-        table.add_row(c.input, c.output, fmt(c.max_abs_error), fmt(c.max_rel_error), fmt(c.mean_abs_error),
-                      f"{c.share_over_tolerance:.2%}", str(c.worst_index),
+        table.add_row(c.input, c.output, fmt(c.max_abs), fmt(c.max_rel_elementwise), fmt(c.mean_abs),
+                      f"{c.mismatched_fraction:.2%}", str(c.worst_index),
                       "[green]ok[/]" if c.passed else "[red]FAIL[/]")
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
-    from .onnx_export import describe_tolerance
-
-    console.print(f"{verdict} (max error {fmt(report.max_scaled_error)} of the output's magnitude; "
-                  f"{describe_tolerance(report.rtol, report.atol)}); verified in {report.verify_seconds:.1f} s.")
+    console.print(f"{verdict} (max error {fmt(report.max_abs_over_scale)} of the output's magnitude; rule "
+                  f"{report.tolerance.describe()}); verified in {report.verify_seconds:.1f} s.")
 
 
 def render_verify(report, console: Console) -> None:

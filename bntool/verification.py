@@ -56,11 +56,29 @@ def verify(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
-    onnx_rtol: float = 1e-4,
+    onnx_rtol: float | None = None,
     onnx_atol: float | None = None,
     data: Iterable[torch.Tensor] | None = None,
 ) -> VerifyReport:
-    """Run every check; an ONNX file is exported to a temp directory when `onnx_path` is not given."""
+    """Run the CI checks: BN health, folded vs original, and (with `onnx`) onnxruntime vs PyTorch.
+
+    Args:
+        model: the model to check; it is not modified (fold works on a copy).
+        example_inputs: one input tensor or a sequence of them.
+        onnx_path: an ONNX file to check; without it the model is exported to a temp directory.
+        onnx: run the ONNX check at all.
+        exporter: "auto", "dynamo" or "legacy" (see `export_onnx`).
+        samples, seed: random inputs of the example's shapes, besides the example.
+        rtol, atol: the fold check's tolerance (see bntool.compare.Tolerance; default by dtype).
+        onnx_rtol, onnx_atol: the ONNX check's tolerance (default 1e-4 and 1e-4 of each output's magnitude).
+        data: real input batches checked besides the random ones (ONNX check).
+
+    Returns:
+        A VerifyReport; `passed` only if every check passed. A check that fails does not raise.
+
+    Raises:
+        InputError: the model does not accept the inputs, or `onnx_path` is not a loadable ONNX file.
+    """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     report = VerifyReport()
     report.checks.append(_timed(lambda: check_health(model)))
@@ -101,39 +119,43 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
         _, r = fold(model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, check=False)
     except CheckFailed as e:
         return Check("fold-equivalence", False, str(e))
-    figures = {"max_abs_error": r.max_abs_error, "max_rel_error": r.max_rel_error, "rtol": r.rtol, "atol": r.atol,
-               "counts": r.to_dict()["counts"], "batch_norm_ops_after": r.batch_norm_ops_after,
-               "inputs": len(r.comparisons)}
-    summary = (f"folded vs original on {len(r.comparisons)} inputs: max abs {r.max_abs_error:.3g}, "
-               f"max rel {r.max_rel_error:.3g}; {r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops")
+    figures = {**r.summary_figures(), "tolerance": r.tolerance.to_dict(), "counts": r.to_dict()["counts"],
+               "batch_norm_ops_after": r.batch_norm_ops_after, "inputs": len(r.comparisons)}
+    summary = (f"folded vs original on {len(r.comparisons)} inputs: max abs {r.max_abs:.3g} "
+               f"({r.max_abs_over_scale:.2g} of the output's magnitude; {r.tolerance.describe()}); "
+               f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops")
     return Check("fold-equivalence", r.passed, summary, figures)
 
 
 def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, data) -> Check:
-    from .onnx_export import ExportReport, compare_with_onnxruntime, export_onnx, load_checked
+    from .compare import Tolerance
+    from .onnx_export import DEFAULT_TOLERANCE, compare_with_onnxruntime, export_onnx, load_checked, op_counts
 
+    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
+    figures: dict[str, Any]
     if onnx_path is not None:
         graph = load_checked(onnx_path)
-        report = ExportReport(path=str(onnx_path), exporter="given", opset=None, folded=False, rtol=rtol, atol=atol)
-        report.batch_norm_nodes = sum(n.op_type == "BatchNormalization" for n in graph.graph.node)
-        compare_with_onnxruntime(model.eval(), onnx_path, inputs, report, samples=samples, seed=seed, data=data)
+        try:
+            report = compare_with_onnxruntime(model.eval(), onnx_path, inputs, tolerance, samples=samples, seed=seed,
+                                              data=data)
+        except CheckFailed as e:
+            return Check("onnx-equivalence", False, str(e))
+        figures = {"path": str(onnx_path), "exporter": None,
+                   "batch_norm_nodes": op_counts(graph).get("BatchNormalization", 0)}
     else:
         with tempfile.TemporaryDirectory(prefix="bntool-verify-") as tmp:
             try:
                 report = export_onnx(model, inputs, Path(tmp) / "model.onnx", exporter=exporter, samples=samples,
-                                     seed=seed, data=data, rtol=rtol, atol=atol, dynamic_batch=True)
+                                     seed=seed, data=data, rtol=rtol, atol=atol, dynamic_batch=True, check=False)
             except CheckFailed as e:
-                if not hasattr(e, "report"):
-                    return Check("onnx-equivalence", False, str(e))
-                report = e.report
-    figures = {"path": report.path, "exporter": report.exporter, "max_abs_error": report.max_abs_error,
-               "max_rel_error": report.max_rel_error, "max_scaled_error": report.max_scaled_error,
-               "rtol": rtol, "atol": atol,
-               "batch_norm_nodes": report.batch_norm_nodes, "comparisons": len(report.comparisons),
-               "notes": report.notes}
+                return Check("onnx-equivalence", False, str(e))
+        figures = {"path": None, "exporter": report.exporter, "batch_norm_nodes": report.batch_norm_nodes}
+    figures.update(report.summary_figures(), tolerance=tolerance.to_dict(), comparisons=len(report.comparisons),
+                   notes=report.notes)
     failing = [c for c in report.comparisons if not c.passed]
     summary = (f"onnxruntime vs PyTorch on {len(report.comparisons)} input/output pairs: max abs "
-               f"{report.max_abs_error:.3g} ({report.max_scaled_error:.2g} of the output's magnitude)")
+               f"{report.max_abs:.3g} ({report.max_abs_over_scale:.2g} of the output's magnitude; "
+               f"{tolerance.describe()})")
     if failing:
         summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
     return Check("onnx-equivalence", report.passed, summary, figures)

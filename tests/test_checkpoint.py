@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, assert_clean_error, files_in
+from helpers import PYTHON, assert_clean_error, files_in
 from safetensors.torch import save_file
 
 from bntool import zoo
-from bntool.checkpoint import atomic_write, check_output_path, load_checkpoint, save_checkpoint, strip_prefixes
+from bntool.checkpoint import load_checkpoint, save_checkpoint, strip_prefixes
 from bntool.errors import InputError
+from bntool.files import atomic_write, check_output_path
 
 ARCH = ["--arch", "bntool.zoo:resnet"]
 
@@ -84,8 +85,9 @@ def test_pickle_is_not_executed_without_trust(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": Evil()}, path)
-    with pytest.raises(InputError, match="--trust-pickle"):
+    with pytest.raises(InputError, match="trust_pickle") as info:  # the library names its parameter
         load_checkpoint(path, arch="bntool.zoo:resnet")
+    assert info.value.param == "trust_pickle"
     assert not marker.exists()
 
 
@@ -252,7 +254,7 @@ def test_killed_process_leaves_no_output(tmp_path, resnet_sd):
     out = tmp_path / "out.pt"
     script = (
         "import os, signal, torch\n"
-        "from bntool.checkpoint import atomic_write\n"
+        "from bntool.files import atomic_write\n"
         "def w(tmp):\n"
         "    open(tmp, 'wb').write(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

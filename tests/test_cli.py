@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import torch
-from conftest import PYTHON, assert_clean_error
+from helpers import PYTHON, assert_clean_error
 
 from bntool import __version__, zoo
 

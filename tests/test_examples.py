@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT
 
 EXAMPLES = ROOT / "examples"
 try:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error
+from helpers import assert_clean_error
 from torch import nn
 
 from bntool import zoo

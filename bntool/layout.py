@@ -1,0 +1,127 @@
+"""The fold layout: which modules a fold changed, so a freshly built architecture can take a folded state_dict.
+
+A folded state_dict no longer fits `--arch` as built (BNs became Identity or ChannelAffine, some convs gained a
+bias). `FoldLayout` records those changes; it travels inside the state_dict as a uint8 tensor of JSON under
+`LAYOUT_KEY`, and on the folded model itself (`layout_of` / `attach_layout`), so saving cannot forget it.
+Depends only on layers.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from .errors import InputError
+from .layers import ChannelAffine, bn_num_features, has_standard_forward, is_bn, make_custom_bn_folded
+
+# The state_dict key of the layout record.
+LAYOUT_KEY = "bntool.fold_layout"
+# The attribute a folded model carries its layout in.
+_ATTRIBUTE = "_bntool_fold_layout"
+
+
+@dataclass
+class FoldLayout:
+    """Module names a fold changed: BNs now Identity, BNs now ChannelAffine (some `centered`: subtract the
+    mean first), and conv/linear layers that gained a bias."""
+
+    identity: list[str] = field(default_factory=list)
+    affine: list[str] = field(default_factory=list)
+    centered: list[str] = field(default_factory=list)
+    bias_added: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.identity or self.affine or self.bias_added)
+
+    def merged(self, later: FoldLayout) -> FoldLayout:
+        """This layout followed by a later fold of the same model (a BN folded once is no BN the next time)."""
+        def union(a: list[str], b: list[str]) -> list[str]:
+            return list(dict.fromkeys([*a, *b]))
+
+        return FoldLayout(union(self.identity, later.identity), union(self.affine, later.affine),
+                          union(self.centered, later.centered), sorted(set(self.bias_added) | set(later.bias_added)))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FoldLayout:
+        """Raises InputError if `data` is not a layout record."""
+        if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()):
+            raise InputError(f"corrupt fold layout record: {str(data)[:100]!r}")
+        known = {k: list(data.get(k, [])) for k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_tensor(self) -> torch.Tensor:
+        """The layout as a uint8 tensor of JSON, to store in a state_dict under LAYOUT_KEY."""
+        return torch.tensor(list(json.dumps(self.to_dict(), sort_keys=True).encode()), dtype=torch.uint8)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> FoldLayout:
+        """Read a layout record written by `to_tensor`. Raises InputError if it is not one."""
+        try:
+            data = json.loads(bytes(tensor.flatten().tolist()).decode())
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise InputError(f"corrupt fold layout record under {LAYOUT_KEY!r} ({type(e).__name__})") from e
+        return cls.from_dict(data)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Give a freshly built architecture this folded structure, so its folded state_dict loads.
+
+        Args:
+            model: the architecture as built (not folded).
+
+        Returns:
+            `model`, changed in place (modules replaced, biases added) and carrying this layout.
+
+        Raises:
+            InputError: the layout names a module the architecture does not have, or one that is not a BN.
+        """
+        modules = dict(model.named_modules())
+        for name in self.bias_added:
+            layer = _module(modules, name)
+            transposed = isinstance(layer, _ConvTransposeNd)
+            out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
+            layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
+        for name in self.identity + self.affine:
+            bn = _module(modules, name)
+            if not is_bn(bn):
+                raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
+            affine = name in self.affine
+            c, dtype = bn_num_features(bn), bn.running_mean.dtype
+            if has_standard_forward(bn):
+                replacement = ChannelAffine.empty(c, dtype, name in self.centered) if affine else nn.Identity()
+                _replace_module(model, name, replacement)
+            else:
+                ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+                make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
+        attach_layout(model, self)
+        return model
+
+
+def layout_of(model: nn.Module) -> FoldLayout | None:
+    """The fold layout a folded model carries (None for a model never folded)."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def attach_layout(model: nn.Module, layout: FoldLayout) -> None:
+    """Record on `model` that it has `layout`'s folded structure (kept by deepcopy and by save_checkpoint)."""
+    object.__setattr__(model, _ATTRIBUTE, layout)
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in modules:
+        raise InputError(f"fold layout names {name!r}, which this architecture does not have")
+    return modules[name]

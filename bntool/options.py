@@ -1,0 +1,252 @@
+"""The command line's option groups: flags shared by several commands, each group parsed once into a dataclass.
+
+A command declares a parameter typed by a group (`model: ModelSource`); `@grouped` expands it into the
+group's flags for Typer and hands the command the built dataclass (polygraphy's argument groups in Typer
+terms). Imports neither torch nor the library at module level, so `bntool --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional, get_type_hints
+
+import typer
+
+from .errors import InputError
+
+# ---------------------------------------------------------------- groups
+
+
+@dataclass
+class ModelSource:
+    """Where the model comes from."""
+
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: state_dict (.pt/.pth/.bin/.safetensors), training "
+                                              "checkpoint dict, pickled module, or TorchScript archive.")]
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Model factory for state_dicts, 'module.path:callable' "
+                                                                "(e.g. torchvision.models:resnet18).")] = None
+    arch_kwargs: Annotated[Optional[str], typer.Option(
+        "--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")] = None
+    key: Annotated[Optional[str], typer.Option("--key", help="Key of the state_dict inside a training "
+                                                             "checkpoint.")] = None
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow loading pickled modules (runs code from the file: only for files you "
+                               "trust).")] = False
+
+    def load(self):
+        """The Checkpoint (bntool.checkpoint.load_checkpoint)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(self.ckpt, arch=self.arch, arch_kwargs=self.arch_kwargs, key=self.key,
+                               trust_pickle=self.trust_pickle)
+
+
+@dataclass
+class ExampleInputs:
+    """The example input the model is traced and checked with."""
+
+    input_shape: Annotated[Optional[list[str]], typer.Option(
+        "--input-shape", help="Example input shape, e.g. 1,3,224,224; repeat for several inputs.")] = None
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Input dtype (default: the model's floating "
+                                                                 "dtype).")] = None
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random inputs.")] = 0
+
+    def build(self, model, required: bool = True):
+        """Random example inputs of the given shapes and dtype (None if no shape and not `required`)."""
+        import torch
+
+        from .folding import model_dtype
+
+        if not self.input_shape:
+            if required:
+                raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
+            return None
+        if self.dtype is None:
+            torch_dtype = model_dtype(model)
+        else:
+            torch_dtype = getattr(torch, self.dtype, None)
+            if not isinstance(torch_dtype, torch.dtype):
+                raise InputError(f"--dtype {self.dtype!r}: not a torch dtype (float32, float16, bfloat16, float64, "
+                                 "int64, …)")
+        g = torch.Generator().manual_seed(self.seed)
+        inputs = []
+        for text in self.input_shape:
+            shape = parse_shape(text)
+            if torch_dtype.is_floating_point:
+                inputs.append(torch.randn(shape, generator=g).to(torch_dtype))
+            else:
+                inputs.append(torch.randint(0, 2, shape, generator=g).to(torch_dtype))
+        return tuple(inputs)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,3,224,224' (or 1x3x224x224) as a tuple of positive ints."""
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers "
+                         "like 1,3,224,224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers like 1,3,224,224")
+    return dims
+
+
+@dataclass
+class DataOptions:
+    """Calibration or check data: where it comes from and how images are preprocessed."""
+
+    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration data: a folder of images (recursive), "
+                                                                "or a .npy/.npz/.pt tensor file.")] = None
+    loader: Annotated[Optional[str], typer.Option(
+        "--loader", help="Your own data: 'module.path:callable' returning an iterable of batches (e.g. a "
+                         "DataLoader).")] = None
+    loader_kwargs: Annotated[Optional[str], typer.Option("--loader-kwargs", help="JSON keyword arguments for "
+                                                                                 "--loader.")] = None
+    input_key: Annotated[Optional[str], typer.Option("--input-key", help="Key of the input in dict "
+                                                                         "batches.")] = None
+    npz_key: Annotated[Optional[str], typer.Option("--npz-key", help="Array to use from an .npz file.")] = None
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for --data.")] = 32
+
+    @property
+    def given(self) -> bool:
+        return self.data is not None or self.loader is not None
+
+    def open(self, image=None, *, workers: int = 0, strict: bool = False, seed: int = 0, rank: int = 0,
+             world_size: int = 1):
+        """The DataSource (bntool.data.open_source); `image` is an ImageOptions (default: ImageNet's)."""
+        from .data import ImageOptions, open_source
+
+        return open_source(self.data, loader=self.loader, loader_kwargs=self.loader_kwargs,
+                           batch_size=self.batch_size, num_workers=workers, image=image or ImageOptions(),
+                           npz_key=self.npz_key, input_key=self.input_key, strict=strict, seed=seed, rank=rank,
+                           world_size=world_size)
+
+    def batches(self, num_batches: int, dtype) -> list | None:
+        """At most `num_batches` batches in `dtype`, for a numerical check (None without data)."""
+        if not self.given:
+            return None
+        batches = []
+        for x in self.open():
+            if len(batches) >= num_batches:
+                break
+            batches.append(x.to(dtype))
+        return batches
+
+
+@dataclass
+class ImagePreprocessing:
+    """How images of a --data folder become model inputs."""
+
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes for image folders.")] = 2
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side after the crop.")] = 224
+    resize: Annotated[Optional[int], typer.Option("--resize", help="Shorter side before the crop "
+                                                                   "(default image-size*256/224).")] = None
+    center_crop: Annotated[bool, typer.Option("--center-crop/--no-center-crop", help="Resize then center-crop, or "
+                                                                                    "resize straight to the "
+                                                                                    "size.")] = True
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean to subtract (default ImageNet "
+                                                               "0.485,0.456,0.406).")] = None
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default ImageNet "
+                                                             "0.229,0.224,0.225).")] = None
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping "
+                                                          "it.")] = False
+
+    def image_options(self):
+        from .data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+
+        return ImageOptions(image_size=self.image_size, resize=self.resize, center_crop=self.center_crop,
+                            mean=parse_floats(self.mean, "--mean") or IMAGENET_MEAN,
+                            std=parse_floats(self.std, "--std") or IMAGENET_STD)
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """'0.485,0.456,0.406' as floats (None for None)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected comma-separated numbers like 0.485,0.456,0.406") from None
+
+
+@dataclass
+class Tolerances:
+    """--rtol/--atol: elementwise |Δ| ≤ atol + rtol·|reference|; atol is absolute when given, else a share of the
+    output's largest magnitude."""
+
+    rtol: Annotated[Optional[float], typer.Option(
+        "--rtol", help="Elementwise relative tolerance: an element passes when |Δ| ≤ atol + rtol·|ref| "
+                       "(default by check: 1e-4 for ONNX, 0 for fold).")] = None
+    atol: Annotated[Optional[float], typer.Option(
+        "--atol", help="Elementwise absolute tolerance (default: a share of the output's largest magnitude, "
+                       "1e-4 for float32).")] = None
+
+
+@dataclass
+class FileOutput:
+    """The file a command writes."""
+
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False
+
+
+@dataclass
+class Display:
+    """How the result is shown."""
+
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False
+
+
+GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, FileOutput, Display)
+
+
+# ---------------------------------------------------------------- expansion for Typer
+
+
+def grouped(**defaults: Any):
+    """Expand each parameter typed by an option group into the group's flags; call with the built groups.
+
+    `defaults` overrides a flag's default for this command, e.g. `@grouped(batch_size=8)`.
+    """
+
+    def wrap(func):
+        hints = get_type_hints(func, include_extras=True)
+        signature = inspect.signature(func)
+        params: list[inspect.Parameter] = []
+        groups: dict[str, type] = {}
+        for p in signature.parameters.values():
+            hint = hints.get(p.name, p.annotation)
+            if hint in GROUPS:
+                groups[p.name] = hint
+                field_hints = get_type_hints(hint, include_extras=True)
+                for f in dataclasses.fields(hint):
+                    default = defaults.get(f.name, f.default)
+                    if default is dataclasses.MISSING:
+                        default = inspect.Parameter.empty
+                    params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                                    annotation=field_hints[f.name], default=default))
+            else:
+                params.append(p.replace(annotation=hint, kind=inspect.Parameter.KEYWORD_ONLY))
+        # Arguments and options without defaults first, as Python requires of a signature.
+        params.sort(key=lambda p: p.default is not inspect.Parameter.empty)
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            for name, group in groups.items():
+                names = [f.name for f in dataclasses.fields(group)]
+                kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
+            return func(**kwargs)
+
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer must see the expanded signature, not the original's
+        return command
+
+    return wrap
+
+

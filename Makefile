@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[dev,examples]"
 
 demo: install
-	$(PYTHON) -m bntool demo bntool-demo
+	$(PYTHON) -m bntool demo bntool-demo --force  # replaces the files of an earlier `make demo`
 
 test: install
 	$(PYTHON) -m pytest -p no:cacheprovider tests

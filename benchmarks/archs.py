@@ -264,6 +264,32 @@ def architectures(full: bool = True) -> dict[str, tuple]:
     return table
 
 
+# timm models (when timm imports): its BN+act layers (BatchNormAct2d), mixed-kernel concats, LeViT's
+# Linear+BN1d. (name, input shape): the latency figures of the fold issue are at 128², LeViT needs 224².
+TIMM_MODELS = {"efficientnet_b0": (1, 3, 128, 128), "mobilenetv3_large_100": (1, 3, 128, 128),
+               "resnet50d": (1, 3, 128, 128), "mixnet_m": (1, 3, 128, 128), "levit_128s": (1, 3, 224, 224)}
+
+
+def have_timm() -> bool:
+    if not have_torchvision():  # timm imports torchvision
+        return False
+    try:
+        import timm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def timm_architectures() -> dict[str, tuple]:
+    """'timm/name' → (factory, input shape), random weights; empty without timm."""
+    if not have_timm():
+        return {}
+    import timm
+
+    return {f"timm/{n}": (lambda n=n: timm.create_model(n, pretrained=False), shape)
+            for n, shape in TIMM_MODELS.items()}
+
+
 class OutputOnly(nn.Module):
     """Segmentation models return dicts; the baselines' tracers want a tensor."""
 
@@ -281,7 +307,7 @@ def build(name: str, seed: int = 0, calibrate: bool = True) -> tuple[nn.Module, 
     data: random statistics make outputs that are mostly cancellation noise), then γ/β randomized."""
     from bntool.recalibration import recalibrate
 
-    factory, shape = architectures()[name]
+    factory, shape = {**architectures(), **timm_architectures()}[name]
     torch.manual_seed(seed)
     model = OutputOnly(randomize_bn(factory(), seed)).eval()
     g = torch.Generator().manual_seed(seed + 100)

@@ -19,7 +19,11 @@ TABLES = [
     ("fold_coverage", "batch_norm ops left per forward, bntool vs `torch.fx` fuse and `torch.jit.freeze`; error vs a "
                       "float64 reference, folded/unfolded (target ≤ 1.5); time to fold (target < 2 s for ResNet-50)"),
     ("fold_zoo", "the cases the baselines miss: BN subclasses, pre-activation, token models, shared outputs"),
+    ("fold_affines", "BNs that stay exact per-channel affines, and why (regressions show here)"),
     ("fold_speed", "eager CPU latency: folded vs unfolded vs the floor (every BN deleted)"),
+    ("fold_speed_timm", "timm's BN+act models (BatchNormAct2d), one thread: folded vs unfolded vs the floor that "
+                        "deletes only the BN math (target: folded within 1.03× of the floor, never slower than "
+                        "unfolded)"),
     ("recalibrate_speed_cpu", "recalibration cost vs the floor (an eval forward under inference_mode over the same "
                               "data) and vs `update_bn` (target ≤ 1.10× the floor's time and peak memory)"),
     ("recalibrate_exact", "exact mode with its segment cache, as a multiple of one eval pass (target ≤ 5×), next "

@@ -20,6 +20,8 @@ _EXPORTS = {
     "InspectReport": "inspection",
     "fold": "folding",
     "FoldReport": "folding",
+    "plan_fold": "folding",
+    "FoldPlan": "folding",
     "FoldLayout": "layout",
     "recalibrate": "recalibration",
     "RecalibrationReport": "recalibration",
@@ -37,6 +39,8 @@ _EXPORTS = {
     "InputError": "errors",
     "CheckFailed": "errors",
     "UnsupportedError": "errors",
+    "UserCodeError": "errors",
+    "CorruptFileError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

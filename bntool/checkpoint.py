@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .choices import CheckpointFormat, CheckpointKind
-from .errors import InputError, UnsupportedError, param
+from .errors import CorruptFileError, InputError, UnsupportedError, param, user_code
 from .files import atomic_write, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
 from .utils import first_line, import_object, parse_kwargs, short_list
@@ -115,22 +115,19 @@ def check_readable_file(path: Path) -> None:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
+    except Exception as e:  # a decoder of bytes from the file: any failure is the file's
+        raise CorruptFileError(f"{path}: not a valid safetensors file ({first_line(e)})") from e
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except zipfile.BadZipFile:
+    except Exception:  # not a zip, or a corrupt one (zipfile raises many types): torch.load will say which
         return False
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
@@ -139,14 +136,14 @@ def _read_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # torch raises RuntimeError subclasses with C++ traces
-        raise InputError(f"{path}: corrupt TorchScript archive ({first_line(e)})") from e
+        raise CorruptFileError(f"{path}: corrupt TorchScript archive ({first_line(e)})") from e
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     with open(path, "rb") as f:
         head = f.read(4)
     is_zip = head == b"PK\x03\x04"
-    if is_zip and not zipfile.is_zipfile(path):
+    if is_zip and not _is_zipfile(path):
         raise InputError(f"{path}: truncated or corrupt zip archive (an interrupted save or download?)")
     if not is_zip and head[:1] != b"\x80":
         raise InputError(f"{path}: not a PyTorch checkpoint (expected a zip archive or a pickle; got bytes {head!r})")
@@ -154,20 +151,27 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise InputError(f"{path}: corrupt checkpoint ({first_line(e)})") from e
+            raise CorruptFileError(f"{path}: corrupt checkpoint ({first_line(e)})") from e
         if not trust_pickle:
             raise InputError(
                 f"{path}: contains pickled Python objects (a whole module?); loading it runs code from the file. "
                 f"Pass {param('trust_pickle')} only if you trust its source, or save a state_dict instead",
                 param="trust_pickle") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from e
+    except Exception as e:  # the weights-only unpickler runs no code from the file: any failure is the file's
+        raise CorruptFileError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {first_line(e)})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as e:
         raise InputError(f"{path}: the pickled module needs code that is not importable here ({first_line(e)})") from e
-    except Exception as e:
-        raise InputError(f"{path}: cannot unpickle ({first_line(e)})") from e
+    except Exception as e:  # the file's own code ran (--trust-pickle): whatever it raised is the file's fault
+        raise CorruptFileError(f"{path}: cannot unpickle ({type(e).__name__}: {first_line(e)})") from e
+
+
+def _is_zipfile(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:
+        return False
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -214,7 +218,10 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
     model = build_arch(arch, arch_kwargs)
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
-        FoldLayout.from_tensor(layout).apply(model)
+        try:
+            FoldLayout.from_tensor(layout).apply(model)
+        except InputError as e:  # the record is part of the file: name it
+            raise CorruptFileError(f"{path}: {e.message}", param=e.param) from e
     load_state_dict_checked(model, sd, path, arch)
     return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch)
 
@@ -224,11 +231,8 @@ def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None) ->
     if not callable(factory):
         raise InputError(f"{param('arch')} {arch!r}: is a {type(factory).__name__}, not callable")
     kwargs = parse_kwargs(arch_kwargs)
-    try:
+    with user_code(f"{param('arch')} {arch!r}: calling it with {kwargs}", param="arch"):
         model = factory(**kwargs)
-    except Exception as e:
-        raise InputError(f"{param('arch')} {arch!r}: calling it with {kwargs} failed "
-                         f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(model, nn.Module):
         raise InputError(f"{param('arch')} {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -253,7 +257,8 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], pa
         problems.append(f"{len(shapes)} shape mismatches ({short_list(shapes)})")
     if problems:
         raise InputError(f"{path}: does not fit {param('arch')} {arch}: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    with user_code(f"{path}: the model's load_state_dict"):
+        model.load_state_dict(sd, strict=True)
 
 
 # ---------------------------------------------------------------- saving

@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,7 +18,7 @@ import typer
 
 from ._version import __version__
 from .choices import Exporter, Provider, RecalibrationMode
-from .errors import BntoolError, CheckFailed, InputError
+from .errors import BntoolError, CheckFailed
 from .options import (
     DataOptions,
     Display,
@@ -98,17 +99,14 @@ def _show(report, json_output: bool, renderer: str) -> None:
         getattr(render, renderer)(report, _console())
 
 
-def _fit_errors(run, example: ExampleInputs):
-    """Turn a model that rejects the example input into a one-line input error."""
-    try:
-        return run()
-    except BntoolError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        from .utils import first_line
+def _outputs(*inputs: tuple[Path | None, str]):
+    """The command's outputs, to be planned against these inputs (path, what it is)."""
+    from .files import Outputs
 
-        shapes = " ".join(example.input_shape or [])
-        raise InputError(f"the model does not accept --input-shape {shapes}: {first_line(e)}") from e
+    outputs = Outputs()
+    for path, what in inputs:
+        outputs.add_input(path, what)
+    return outputs
 
 
 # ---------------------------------------------------------------- commands
@@ -124,7 +122,7 @@ def inspect(model: ModelSource, example: ExampleInputs, display: Display) -> Non
     inputs = None
     if example.input_shape and loaded.kind != "torchscript":
         inputs = example.build(loaded.model)
-    report = _fit_errors(lambda: inspect_model(loaded.model, inputs), example)
+    report = inspect_model(loaded.model, inputs)
     _show(report, display.json_output, "render_inspect")
 
 
@@ -145,23 +143,26 @@ def fold(
     The output is the same kind of file as the input. A folded state_dict loads with
     bntool.load_model(path, arch=...) (its structure differs from --arch).
     """
-    from .checkpoint import save_checkpoint
-    from .files import check_output_path
+    from .checkpoint import write_checkpoint
+    from .files import OutputKind
     from .folding import fold as fold_model
 
-    check_output_path(out.output, model.ckpt, force=out.force, in_place=out.in_place)
+    outputs = _outputs((model.ckpt, "the input checkpoint"))
+    outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
+    outputs.check()
     loaded = model.load()
     _require_eager(loaded, "fold")
     inputs = example.build(loaded.model)
     try:
-        folded, report = _fit_errors(
-            lambda: fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
-                               atol=tolerances.atol, skip=skip or ()), example)
+        folded, report = fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
+                                    atol=tolerances.atol, skip=skip or ())
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display.json_output, "render_fold")
         raise CheckFailed(f"{e.message}; nothing written", report=e.report) from e
-    save_checkpoint(loaded, folded, out.output, force=out.force, in_place=out.in_place)
+    with outputs:
+        write_checkpoint(loaded, folded, out.output, lambda writer: outputs.write(out.output, writer))
+        outputs.commit()
     _show(report, display.json_output, "render_fold")
     if not display.json_output:
         _console().print(f"Wrote {out.output}")
@@ -235,14 +236,18 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
                  display: Display, settings: RecalibrationSettings, rank) -> None:
     import torch
 
-    from .checkpoint import save_checkpoint
-    from .files import check_output_path
+    from .checkpoint import write_checkpoint
+    from .files import OutputKind
     from .recalibration import recalibrate as recalibrate_model
     from .segments import parse_bytes
 
-    check_output_path(out.output, model.ckpt, force=out.force, in_place=out.in_place)
+    outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"))
+    outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
     if settings.plot is not None:
-        check_output_path(settings.plot, force=True)
+        from .plot import check_can_plot
+
+        outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
+    outputs.check()
     budget = None if settings.cache_budget is None else parse_bytes(settings.cache_budget, "--cache-budget")
     torch.manual_seed(settings.seed)
     source = data.open(images.image_options(), workers=images.workers, strict=images.strict, seed=settings.seed,
@@ -264,11 +269,14 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
               file=sys.stderr)
     if not rank.is_main:
         return
-    save_checkpoint(loaded, loaded.model, out.output, force=out.force, in_place=out.in_place)
-    if settings.plot is not None:
-        from .plot import plot_recalibration
+    recalibrated = loaded.model  # recalibrate put it back on its device and in its memory format
+    with outputs:
+        write_checkpoint(loaded, recalibrated, out.output, lambda writer: outputs.write(out.output, writer))
+        if settings.plot is not None:
+            from .plot import plot_recalibration
 
-        plot_recalibration(report, settings.plot)
+            outputs.write(settings.plot, lambda tmp: plot_recalibration(report, tmp))
+        outputs.commit()
     if display.json_output:
         _print_json(report)
     elif not quiet:
@@ -331,25 +339,33 @@ def export_onnx(
     samples: Samples = 4,
     num_batches: NumCheckBatches = 4,
     provider: Annotated[Provider, typer.Option("--provider", help="onnxruntime provider: cpu or cuda.")] = Provider.CPU,
-    strict: Annotated[bool, typer.Option("--strict", help="Remove the ONNX file if verification fails.")] = False,
+    keep_failed: Annotated[bool, typer.Option(
+        "--keep-failed", help="Keep a file that fails the check, as NAME.FAILED.onnx (never at -o).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", hidden=True, help="No effect: a file that fails the check is "
+                                                                       "never left at -o.")] = False,
 ) -> None:
     """Export to ONNX (BatchNorm folded first) and prove it matches PyTorch with onnxruntime.
 
     --rtol/--atol: an element passes when |Δ| ≤ atol + rtol·|PyTorch's|; by default rtol 1e-4 and atol 1e-4 of
     each output's largest magnitude.
     """
+    from .onnx_export import check_provider, plan_outputs
     from .onnx_export import export_onnx as export_model
 
+    protect = [p for p in (model.ckpt, data.data) if p is not None]
+    check_provider(provider)
+    plan_outputs(out.output, False, out.force, keep_failed, protect)  # before loading; the export plans again
     loaded = model.load()
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
     inputs = example.build(loaded.model)
     batches = data.batches(num_batches, inputs[0].dtype)
     try:
-        report = _fit_errors(lambda: export_model(
+        report = export_model(
             loaded.model, inputs, out.output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
             input_names=input_name, output_names=output_name, samples=samples, seed=example.seed, data=batches,
-            rtol=tolerances.rtol, atol=tolerances.atol, provider=provider, strict=strict, force=out.force), example)
+            rtol=tolerances.rtol, atol=tolerances.atol, provider=provider, force=out.force, keep_failed=keep_failed,
+            protect=protect)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display.json_output, "render_export")
@@ -376,29 +392,34 @@ def verify(
                                                                            "of the output's largest "
                                                                            "magnitude).")] = None,
     junit_xml: Annotated[Optional[Path], typer.Option("--junit-xml", help="Also write JUnit XML here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml file.")] = False,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails.
 
     --rtol/--atol apply to the fold check, --onnx-rtol/--onnx-atol to the ONNX check; both mean: an element
     passes when |Δ| ≤ atol + rtol·|reference|.
     """
-    from .files import atomic_write, check_output_path
+    from .files import OutputKind
     from .verification import to_junit_xml
     from .verification import verify as verify_model
 
+    outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"))
     if junit_xml is not None:
-        check_output_path(junit_xml, force=True)
+        outputs.add(junit_xml, OutputKind.REPORT, force=force, what="--junit-xml")
+    outputs.check()
     loaded = model.load()
     _require_eager(loaded, "verify")
     inputs = example.build(loaded.model)
     batches = data.batches(num_batches, inputs[0].dtype)
-    report = _fit_errors(lambda: verify_model(
+    report = verify_model(
         loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
         seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
-        data=batches), example)
+        data=batches)
     if junit_xml is not None:
         xml = to_junit_xml(report)
-        atomic_write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
+        with outputs:
+            outputs.write(junit_xml, lambda tmp: Path(tmp).write_text(xml))
+            outputs.commit()
     _show(report, display.json_output, "render_verify")
     if not report.passed:
         failed = ", ".join(c.name for c in report.checks if not c.passed)
@@ -411,7 +432,8 @@ def demo(
     display: Display,
     directory: Annotated[Path, typer.Argument(help="Where to write the demo's files.")] = Path("bntool-demo"),
     exporter: ExporterOption = Exporter.AUTO,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite files from an earlier demo.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Write into a directory that is not empty, replacing "
+                                                        "files from an earlier demo.")] = False,
 ) -> None:
     """Run inspect → recalibrate → fold → export-onnx → verify on a built-in model and generated data."""
     from .demo import run_demo
@@ -419,7 +441,7 @@ def demo(
     report = run_demo(directory, force=force, exporter=exporter)
     _show(report, display.json_output, "render_demo")
     if not report.passed:
-        raise CheckFailed("the demo's checks failed")
+        raise CheckFailed("the demo's checks failed; nothing written")
 
 
 # ---------------------------------------------------------------- entry point
@@ -430,33 +452,59 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
     exit_types, abort_types, usage_types = _click_exception_types()
+    from .files import forget_committed
+
+    forget_committed()
     try:
-        # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
-        code = app(args=argv, prog_name="bntool", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:  # torch's and the exporters' warnings are for their developers; --debug shows them
+                warnings.simplefilter("ignore")
+            # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
+            code = app(args=argv, prog_name="bntool", standalone_mode=False)
         if code == 130:
-            _say("interrupted: nothing written")
+            return _interrupted()
         return code if isinstance(code, int) else 0
     except exit_types as e:
         return e.exit_code
     except abort_types:
-        _say("interrupted: nothing written")
-        return 130
+        return _interrupted()
     except usage_types as e:
-        e.show()
-        return e.exit_code
+        return _usage_error(e)
     except BntoolError as e:
         if debug:
             traceback.print_exc()
         _say(f"error: {_one_line(e.render(flag_name))}")
         return e.exit_code
     except KeyboardInterrupt:
-        _say("interrupted: nothing written")
-        return 130
+        return _interrupted()
     except Exception as e:
         if debug:
             traceback.print_exc()
         _say(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)")
         return 3
+
+
+def _interrupted() -> int:
+    """Ctrl-C: say truthfully which files were put in place (a commit is never cut short)."""
+    from .files import committed
+
+    written = committed()
+    if written:
+        _say(f"interrupted: wrote {', '.join(str(p) for p in written)} (complete); nothing else written")
+    else:
+        _say("interrupted: nothing written")
+    return 130
+
+
+def _usage_error(e) -> int:
+    """click's usage block (usage line, hint, error) as one error line; `bntool` alone still prints help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        e.show()
+        return 0
+    context = getattr(e, "ctx", None)
+    command = context.command_path if context is not None else "bntool"
+    _say(f"error: {_one_line(e.format_message())} (see {command} --help)")
+    return e.exit_code
 
 
 def _say(line: str) -> None:

@@ -217,6 +217,13 @@ def random_like(inputs: Sequence[Any], generator) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def check_samples(samples: int) -> None:
+    """`samples`, the number of random inputs checked besides the example: a whole number, 0 or more."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise InputError(f"{param('samples')} {samples!r}: must be a whole number ≥ 0 (random inputs besides "
+                         "the example)", param="samples")
+
+
 def random_stream(seed: int):
     """The generator of random check inputs for `seed` (RANDOM_STREAM apart from an example made with it)."""
     import torch

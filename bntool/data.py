@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, passes_through
 from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -57,6 +57,7 @@ class DataSource:
     input_key: str | None = None
     skipped: list[str] = field(default_factory=list)  # unreadable files seen so far
 
+    @passes_through
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
             if isinstance(batch, _SkippingBatch):
@@ -89,6 +90,8 @@ def open_source(
     used as given: shard it yourself, e.g. with DistributedSampler)."""
     if batch_size <= 0:
         raise InputError(f"--batch-size {batch_size}: must be positive")
+    if num_workers < 0:
+        raise InputError(f"--workers {num_workers}: must be 0 (load in this process) or more")
     if loader is not None:
         return _user_loader(loader, loader_kwargs, input_key)
     if source is None:
@@ -251,6 +254,7 @@ class _StrictBatches:
     def __init__(self, loader):
         self.loader = loader
 
+    @passes_through
     def __iter__(self):
         for batch in self.loader:
             if batch.skipped:

@@ -6,6 +6,7 @@ domain (brightness/contrast) so recalibration has something to fix.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import torch
 
 from . import zoo
 from .checkpoint import state_dict_of
-from .files import atomic_write, check_output_path
+from .errors import InputError, param
+from .files import OutputKind, Outputs
 
 
 @dataclass
@@ -36,6 +38,13 @@ def shifted_images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def run_demo(directory: str | Path, force: bool = False, exporter: str = "auto") -> DemoReport:
+    """Run the workflow and write its files into `directory`: model.pt, calibration.pt, recalibrated.pt,
+    folded.pt, model.onnx. Everything is written into a temp directory first and moved into place at the end,
+    only if every step ran and every check passed.
+
+    Raises:
+        InputError: `directory` is a file, or is not empty and `force` is not given, or a file cannot be written.
+    """
     from .folding import fold
     from .inspection import inspect
     from .onnx_export import export_onnx
@@ -43,36 +52,65 @@ def run_demo(directory: str | Path, force: bool = False, exporter: str = "auto")
     from .verification import verify
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {name: directory / name for name in ("model.pt", "calibration.pt", "recalibrated.pt", "folded.pt",
-                                                  "model.onnx")}
-    for p in paths.values():
-        check_output_path(p, force=force)
-    report = DemoReport(directory=str(directory), files={k: str(v) for k, v in paths.items()})
-    model = zoo.build("resnet")
-    data = shifted_images(256)
-    atomic_write(paths["model.pt"], lambda tmp: torch.save(model.state_dict(), tmp))
-    atomic_write(paths["calibration.pt"], lambda tmp: torch.save(data, tmp))
-    example = data[:4]
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: is not a directory; give a directory for the demo's files")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise InputError(f"{directory}: is not empty; pass {param('force')} to write the demo's files into it "
+                         "(files of an earlier demo are replaced)", param="force")
+    created = not directory.exists()
+    if created and not directory.parent.is_dir():
+        raise InputError(f"{directory}: parent directory {directory.parent} does not exist")
+    directory.mkdir(exist_ok=True)
+    try:
+        return _run_demo(directory, force, exporter, fold, inspect, export_onnx, recalibrate, verify)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if still empty: nothing of ours was committed
+        raise
 
-    before = inspect(model, example)
-    report.steps.append({"step": "inspect", "bn_layers": len(before.layers),
-                         "fold_plan": {a: sum(layer.fold_action == a for layer in before.layers)
-                                       for a in ("folded", "folded-forward", "affine", "refused")}})
-    rec = recalibrate(model, list(data.split(32)), mode="exact")
-    atomic_write(paths["recalibrated.pt"], lambda tmp: torch.save(model.state_dict(), tmp))
-    report.steps.append({"step": "recalibrate", "mode": rec.mode, "samples": rec.samples, "passes": rec.passes,
-                         "max_mean_shift_sigma": max(layer.mean_shift for layer in rec.layers)})
-    folded, fold_report = fold(model, example, samples=4)
-    atomic_write(paths["folded.pt"], lambda tmp: torch.save(state_dict_of(folded), tmp))
-    report.steps.append({"step": "fold", "batch_norm_ops": [fold_report.batch_norm_ops_before,
-                                                            fold_report.batch_norm_ops_after],
-                         "max_abs_over_scale": fold_report.max_abs_over_scale, "passed": fold_report.passed})
-    exp = export_onnx(model, example, paths["model.onnx"], dynamic_batch=True, exporter=exporter, force=force,
-                      samples=2)
-    report.steps.append({"step": "export-onnx", "exporter": exp.exporter, "batch_norm_nodes": exp.batch_norm_nodes,
-                         "max_abs_over_scale": exp.max_abs_over_scale, "passed": exp.passed})
-    ver = verify(model, example, onnx_path=paths["model.onnx"], samples=2)
-    report.steps.append({"step": "verify", "passed": ver.passed, "checks": {c.name: c.passed for c in ver.checks}})
-    report.passed = fold_report.passed and exp.passed and ver.passed
+
+def _run_demo(directory: Path, force: bool, exporter: str, fold, inspect, export_onnx, recalibrate, verify):
+    names = ("model.pt", "calibration.pt", "recalibrated.pt", "folded.pt", "model.onnx")
+    outputs = Outputs()
+    for name in names:
+        outputs.add(directory / name, OutputKind.DEMO, force=force, what="demo file")
+    outputs.check()
+    report = DemoReport(directory=str(directory), files={name: str(directory / name) for name in names})
+    with outputs:
+        staging = outputs.staging_dir(directory / names[0])
+        paths = {name: staging / name for name in names}
+        model = zoo.build("resnet")
+        data = shifted_images(256)
+        torch.save(model.state_dict(), paths["model.pt"])
+        torch.save(data, paths["calibration.pt"])
+        example = data[:4]
+
+        before = inspect(model, example)
+        report.steps.append({"step": "inspect", "bn_layers": len(before.layers),
+                             "fold_plan": {a: sum(layer.fold_action == a for layer in before.layers)
+                                           for a in ("folded", "folded-forward", "affine", "refused")}})
+        rec = recalibrate(model, list(data.split(32)), mode="exact")
+        torch.save(model.state_dict(), paths["recalibrated.pt"])
+        report.steps.append({"step": "recalibrate", "mode": rec.mode, "samples": rec.samples, "passes": rec.passes,
+                             "max_mean_shift_sigma": max(layer.mean_shift for layer in rec.layers)})
+        folded, fold_report = fold(model, example, samples=4)
+        torch.save(state_dict_of(folded), paths["folded.pt"])
+        report.steps.append({"step": "fold", "batch_norm_ops": [fold_report.batch_norm_ops_before,
+                                                                fold_report.batch_norm_ops_after],
+                             "max_abs_over_scale": fold_report.max_abs_over_scale, "passed": fold_report.passed})
+        exp = export_onnx(model, example, paths["model.onnx"], dynamic_batch=True, exporter=exporter, samples=2,
+                          keep_failed=False, check=False)
+        report.steps.append({"step": "export-onnx", "exporter": exp.exporter,
+                             "batch_norm_nodes": exp.batch_norm_nodes,
+                             "max_abs_over_scale": exp.max_abs_over_scale, "passed": exp.passed})
+        if exp.passed:
+            ver = verify(model, example, onnx_path=paths["model.onnx"], samples=2)
+            report.steps.append({"step": "verify", "passed": ver.passed,
+                                 "checks": {c.name: c.passed for c in ver.checks}})
+        report.passed = fold_report.passed and exp.passed and (ver.passed if exp.passed else False)
+        if report.passed:  # a failed check leaves nothing behind
+            for name in names:
+                outputs.adopt(directory / name, paths[name], staging)
+            outputs.commit()
     return report

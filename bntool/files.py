@@ -1,24 +1,40 @@
-"""Every file a command writes: output-path checks before any work, atomic writes, file modes and fsync.
+"""Every file a command writes: planned and checked before any work, written to temp files, committed last.
 
-A command plans its outputs with `Outputs` (`add` each path with its kind, `check` them all before work),
-writes each through `write` (or `temp_path` for writers that need a file name) and calls `commit` last.
-`atomic_write` and `check_output_path` are the single-file forms the library uses directly.
+A command plans its outputs with `Outputs` (`add` each path with its kind, `check` them all before work: paths
+resolved through symlinks and hard links, none an input or another output, parent writable, existing only with
+`force`, never a report or ONNX file over a checkpoint), writes each through `write` (or `temp_path` for writers
+that need a file name) and calls `commit` last. The commit is a critical section: Ctrl-C is held until every
+file is in place, then raised, and `committed()` says truthfully what was written.
+
+Temp files are named `.bntool-tmp-<pid>-<random>` (short, so a 254-character output name still works) in the
+output's directory; those of a process that no longer runs (killed with SIGKILL) are removed on the next write
+into that directory. `atomic_write` and `check_output_path` are the single-file forms the library uses directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
+import signal
 import stat
-import tempfile
-from collections.abc import Callable
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from .errors import InputError, param
 
-TEMP_SUFFIX = ".tmp"
+TEMP_PREFIX = ".bntool-tmp-"
+# Named points where tests inject a real SIGINT (BNTOOL_TEST_INTERRUPT=<point>): "before-commit",
+# "during-commit" (after the first file is in place) and "after-commit"; "check" is used by export_onnx.
+TEST_INTERRUPT_ENV = "BNTOOL_TEST_INTERRUPT"
+
+_committed: list[Path] = []  # files this process put in place, for a truthful message on Ctrl-C
+_cleaned: set[str] = set()  # directories already swept for stale temp files
 
 
 class OutputKind(str, Enum):
@@ -28,11 +44,57 @@ class OutputKind(str, Enum):
     ONNX = "onnx"
     PLOT = "plot"
     REPORT = "report"  # JUnit XML, JSON, Markdown summaries
+    DEMO = "demo"  # the files `bntool demo` writes
 
 
 def parent_dir(path: Path) -> Path:
     """The directory a path lives in ('.' for a bare file name)."""
     return path.parent if str(path.parent) else Path(".")
+
+
+def committed() -> list[Path]:
+    """The files this process has put in place since the last `forget_committed()`."""
+    return list(_committed)
+
+
+def forget_committed() -> None:
+    _committed.clear()
+
+
+def test_point(name: str) -> None:
+    """Deliver a real SIGINT here when the test environment asks for it (never set outside tests)."""
+    if os.environ.get(TEST_INTERRUPT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# ---------------------------------------------------------------- identity and checks
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """Where a path really points: its resolved path, and (if it exists) its device and inode, which also
+    catch hard links."""
+
+    real: str
+    dev_ino: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileIdentity:
+        try:
+            st = os.stat(path)
+            dev_ino = (st.st_dev, st.st_ino)
+        except OSError:
+            dev_ino = None
+        return cls(os.path.realpath(path), dev_ino)
+
+    def same(self, other: FileIdentity) -> bool:
+        return self.real == other.real or (self.dev_ino is not None and self.dev_ino == other.dev_ino)
+
+
+def name_max(directory: Path) -> int:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.pathconf(directory, "PC_NAME_MAX")
+    return 255
 
 
 def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None = None,
@@ -49,59 +111,141 @@ def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None =
         `out` as a Path.
 
     Raises:
-        InputError: the directory is missing or not writable, `out` is a directory, exists without `force`,
-            or is the input without `in_place`. The error has `param` set to the parameter at fault.
+        InputError: the directory is missing or not writable, the name is too long, `out` is a directory,
+            exists without `force`, or is the input without `in_place`.
 
     Side effects: creates and removes a probe file in `out`'s directory.
     """
-    out = Path(out)
+    outputs = Outputs(inputs=[Path(source)] if source is not None else [])
+    outputs.add(out, OutputKind.CHECKPOINT, force=force, in_place=in_place)
+    outputs.check()
+    return Path(out)
+
+
+def _check_location(out: Path) -> None:
     parent = parent_dir(out)
     if not parent.exists():
         raise InputError(f"{out}: output directory {parent} does not exist")
     if not parent.is_dir():
         raise InputError(f"{out}: {parent} is not a directory")
+    limit = name_max(parent)
+    if len(os.fsencode(out.name)) > limit:
+        raise InputError(f"{out.name[:40]}…: the file name is {len(os.fsencode(out.name))} bytes long; "
+                         f"this file system allows {limit}")
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name")
-    if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
-        if not in_place:
-            raise InputError(f"{out}: is the input file; pass {param('in_place')} to overwrite it", param="in_place")
-    elif out.exists() and not force:
-        raise InputError(f"{out}: already exists; pass {param('force')} to overwrite it", param="force")
-    _probe_writable(out, parent)
-    return out
 
 
-def _probe_writable(out: Path, parent: Path) -> None:
+def looks_like_checkpoint(path: Path) -> bool:
+    """A PyTorch zip archive, a pickle, or a safetensors file (by content, not by name)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError:
+        return False
+    if head[:4] == b"PK\x03\x04":
+        with contextlib.suppress(Exception):
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith(("data.pkl", "constants.pkl")) for n in zf.namelist())
+        return False
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return True
+    return len(head) >= 10 and head[8:10] == b'{"'  # safetensors: 8-byte header length, then JSON
+
+
+def _probe_writable(out: Path) -> None:
     """Create and remove a temp file: the only reliable test (root, read-only mounts, /proc, quotas)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
-    except OSError as e:
-        raise InputError(f"{out}: cannot write to {parent} ({e.strerror or e})") from e
-    os.close(fd)
-    os.unlink(probe)
+    remove_quietly(new_temp(out, clean=False))
 
 
-def new_temp(path: Path) -> Path:
-    """An empty temp file next to `path` (same file system, so the final rename is atomic)."""
+# ---------------------------------------------------------------- temp files
+
+
+def _temp_name() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def new_temp(path: Path, clean: bool = True) -> Path:
+    """An empty temp file next to `path` (same file system, so the final rename is atomic), with its suffix
+    (writers that choose the format by the suffix, like matplotlib's, see the right one)."""
+    parent = parent_dir(path)
+    if clean:
+        clean_stale_temps(parent)
+    suffix = path.suffix if len(path.suffix) <= 16 else ""
+    for _ in range(100):
+        tmp = parent / (_temp_name() + suffix)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise InputError(f"{path}: cannot write to {parent} ({e.strerror or e})") from e
+        os.close(fd)
+        return tmp
+    raise InputError(f"{path}: cannot create a temp file in {parent}")
+
+
+def new_temp_dir(path: Path) -> Path:
+    """A private temp directory next to `path`, for writers that produce several files (ONNX + external data)."""
+    parent = parent_dir(path)
+    clean_stale_temps(parent)
+    tmp = parent / _temp_name()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=parent_dir(path))
+        os.mkdir(tmp, 0o700)
     except OSError as e:
-        raise InputError(f"{path}: cannot write ({e.strerror})") from e
-    os.close(fd)
-    return Path(tmp)
+        raise InputError(f"{path}: cannot write to {parent} ({e.strerror or e})") from e
+    return tmp
+
+
+def clean_stale_temps(directory: Path) -> list[Path]:
+    """Remove temp files and directories of ours left by processes that no longer run (SIGKILL, power loss).
+    Returns what was removed. Once per directory per process."""
+    key = os.path.realpath(directory)
+    if key in _cleaned:
+        return []
+    _cleaned.add(key)
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            pid_text = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _running(int(pid_text)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def finish_temp(tmp: Path, path: Path) -> None:
     """fsync `tmp`, give it the mode a plain open() would (or that of the file replaced), rename onto `path`."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.chmod(tmp, new_file_mode(path))
     os.replace(tmp, path)
     fsync_dir(parent_dir(path))
 
 
 def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
         os.unlink(path)
 
 
@@ -122,7 +266,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     tmp = new_temp(path)
     try:
         write(str(tmp))
-        finish_temp(tmp, path)
+        with _sigint_held():
+            finish_temp(tmp, path)
+            if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing
+                _committed.append(path)
     except BaseException:
         remove_quietly(tmp)
         raise
@@ -130,7 +277,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def new_file_mode(path: Path) -> int:
-    """The mode a plain open() would give (mkstemp makes files private), or that of the file replaced."""
+    """The mode a plain open() would give (temp files are private), or that of the file replaced."""
     with contextlib.suppress(OSError):
         return stat.S_IMODE(path.stat().st_mode)
     umask = os.umask(0)
@@ -147,13 +294,35 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT until the block is done, then raise KeyboardInterrupt (only the main thread has signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- a command's outputs
+
+
 @dataclass
 class PlannedOutput:
     path: Path
     kind: OutputKind
     force: bool = False
     in_place: bool = False
+    what: str = ""  # the flag or role, for messages ("--plot", "-o")
+    precheck: Callable[[Path], None] | None = None  # what the writer needs (matplotlib for a plot), checked early
     temp: Path | None = None  # written, not yet committed
+    temp_dir: Path | None = None  # removed after the commit (ONNX: the file and its external data)
 
 
 @dataclass
@@ -163,34 +332,78 @@ class Outputs:
     `add` each output, `check()` before the work starts, `write` (or `temp_path` + your own writer) during it,
     and `commit()` once everything succeeded; `discard()` (also on leaving a `with` block with an exception)
     removes whatever was written. Until `commit`, nothing exists at any output path.
+
+    `inputs` are the files the command reads; the first is the one `in_place` lets an output replace.
     """
 
-    inputs: list[Path] = field(default_factory=list)  # the first may be replaced by an output with in_place
+    inputs: list[Path] = field(default_factory=list)
     planned: list[PlannedOutput] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)  # what each input is, for messages
+    staging: list[Path] = field(default_factory=list)  # temp directories, removed after commit or discard
 
-    def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False,
-            in_place: bool = False) -> Path:
-        """Plan an output; return its Path."""
-        planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place)
+    def staging_dir(self, path: str | os.PathLike) -> Path:
+        """A private temp directory next to `path` for writers that produce several files or need the final
+        name (ONNX and its external data); `adopt` files from it; it is removed after commit or discard."""
+        directory = new_temp_dir(Path(path))
+        self.staging.append(directory)
+        return directory
+
+    def add_input(self, path: str | os.PathLike | None, what: str = "") -> None:
+        if path is not None:
+            self.inputs.append(Path(path))
+            self.input_names.append(what)
+
+    def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False, in_place: bool = False,
+            what: str = "", precheck: Callable[[Path], None] | None = None) -> Path:
+        """Plan an output; return its Path. `precheck(path)` raises if the writer cannot produce it (a missing
+        optional dependency, an unknown format); `check` calls it before any work."""
+        planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what,
+                                precheck=precheck)
         self.planned.append(planned)
         return planned.path
 
     def check(self) -> None:
-        """Check every planned output (see `check_output_path`) and that no two outputs are the same file.
+        """Check every planned output before any work.
 
         Raises:
-            InputError: an output cannot or must not be written.
+            InputError: the name is too long, the directory is missing or read-only, the output is a directory,
+                is an input (other than `-o` over the checkpoint with `in_place`), is another output (also
+                through a symlink or hard link), exists without `force`, or is a checkpoint that a file of
+                another kind would replace.
         """
-        seen: dict[str, Path] = {}
+        inputs = [FileIdentity.of(p) for p in self.inputs]
+        seen: list[tuple[FileIdentity, PlannedOutput]] = []
         for p in self.planned:
-            real = os.path.realpath(p.path)
-            if real in seen:
-                raise InputError(f"{p.path}: given as two outputs (also {seen[real]})")
-            seen[real] = p.path
-            for other in self.inputs[1:]:
-                if p.path.exists() and other.exists() and os.path.samefile(p.path, other):
-                    raise InputError(f"{p.path}: is an input file")
-            check_output_path(p.path, self.inputs[0] if self.inputs else None, force=p.force, in_place=p.in_place)
+            label = f"{p.what} {p.path}" if p.what else str(p.path)
+            _check_location(p.path)
+            me = FileIdentity.of(p.path)
+            for other_id, other in seen:
+                if me.same(other_id):
+                    raise InputError(f"{label}: is also {other.what or 'another output'} ({other.path}); "
+                                     "give each output its own file")
+            seen.append((me, p))
+            replaces_input = False
+            for i, (identity, path) in enumerate(zip(inputs, self.inputs)):
+                if not me.same(identity):
+                    continue
+                if i == 0 and p.kind == OutputKind.CHECKPOINT:
+                    if not p.in_place:
+                        raise InputError(f"{label}: is the input file; pass {param('in_place')} to overwrite it",
+                                         param="in_place")
+                    replaces_input = True
+                else:
+                    name = self.input_names[i] if i < len(self.input_names) and self.input_names[i] else "an input"
+                    raise InputError(f"{label}: is {name} ({path}); an output never replaces an input "
+                                     "(choose another name)")
+            exists = os.path.lexists(p.path)
+            if exists and p.kind != OutputKind.CHECKPOINT and looks_like_checkpoint(p.path):
+                raise InputError(f"{label}: is a PyTorch checkpoint; a {p.kind.value} file will not replace it "
+                                 "(choose another name)")
+            if exists and not replaces_input and not p.force:
+                raise InputError(f"{label}: already exists; pass {param('force')} to overwrite it", param="force")
+            _probe_writable(p.path)
+            if p.precheck is not None:
+                p.precheck(p.path)
 
     def _find(self, path: str | os.PathLike) -> PlannedOutput:
         for p in self.planned:
@@ -205,6 +418,12 @@ class Outputs:
             p.temp = new_temp(p.path)
         return p.temp
 
+    def adopt(self, path: str | os.PathLike, written: Path, temp_dir: Path | None = None) -> None:
+        """Take a file a writer already produced (in a `new_temp_dir` next to the output) as the output's
+        content; `temp_dir` is removed after the commit or discard."""
+        p = self._find(path)
+        p.temp, p.temp_dir = written, temp_dir
+
     def write(self, path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         """Write a planned output to its temp file now (`write` gets the temp file's name)."""
         tmp = self.temp_path(path)
@@ -212,13 +431,26 @@ class Outputs:
         return Path(path)
 
     def commit(self) -> list[Path]:
-        """Move every written output into place (fsync'd, normal file mode); return the paths committed."""
+        """Move every written output into place and return their paths. Files are fsync'd first; the renames
+        run with Ctrl-C held, so either all happen or (on an error) the ones done are in `committed()`; an
+        output replacing the input goes last."""
+        ready = sorted((p for p in self.planned if p.temp is not None), key=lambda p: p.in_place)
+        for p in ready:
+            fsync_file(p.temp)
+            os.chmod(p.temp, new_file_mode(p.path))
+        test_point("before-commit")
         done = []
-        for p in self.planned:
-            if p.temp is not None:
-                finish_temp(p.temp, p.path)
+        with _sigint_held():
+            for p in ready:
+                os.replace(p.temp, p.path)
                 p.temp = None
+                _committed.append(p.path)
                 done.append(p.path)
+                test_point("during-commit")
+            for directory in {parent_dir(p.path) for p in ready}:
+                fsync_dir(directory)
+        self._remove_temp_dirs()
+        test_point("after-commit")
         return done
 
     def discard(self) -> None:
@@ -227,6 +459,16 @@ class Outputs:
             if p.temp is not None:
                 remove_quietly(p.temp)
                 p.temp = None
+        self._remove_temp_dirs()
+
+    def _remove_temp_dirs(self) -> None:
+        for p in self.planned:
+            if p.temp_dir is not None:
+                shutil.rmtree(p.temp_dir, ignore_errors=True)
+                p.temp_dir = None
+        for directory in self.staging:
+            shutil.rmtree(directory, ignore_errors=True)
+        self.staging.clear()
 
     def __enter__(self) -> Outputs:
         return self
@@ -234,3 +476,8 @@ class Outputs:
     def __exit__(self, *exc) -> bool:
         self.discard()
         return False
+
+
+def failed_name(path: Path) -> Path:
+    """Where `--keep-failed` keeps an output whose check failed: model.onnx → model.FAILED.onnx."""
+    return path.with_name(f"{path.stem}.FAILED{path.suffix}")

@@ -28,22 +28,28 @@ from .compare import (
     Comparison,
     Float64Reference,
     Tolerance,
+    check_samples,
     combine,
     compare_outputs,
     random_like,
     random_stream,
 )
-from .errors import CheckFailed
-from .graph import LAYER_OPS, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
+from .errors import CheckFailed, InputError, param, user_code
+from .graph import LAYER_OPS, OPAQUE, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
     ChannelAffine,
+    FoldedNormAct,
+    affine_from,
     affine_of,
     bn_eps,
     bn_modules,
     bn_num_features,
+    bn_type_name,
     has_standard_forward,
+    is_bn,
     is_frozen_bn,
     make_custom_bn_folded,
+    norm_act_parts,
 )
 from .layout import FoldLayout, attach_layout, layout_of
 
@@ -65,8 +71,9 @@ class BNDecision:
     type: str
     channels: int
     action: FoldAction
-    target: str | None = None  # the conv/linear it was folded into
+    target: str | None = None  # the conv/linear it was folded into (several, comma-separated, across add/cat)
     reason: str = ""
+    replaced_by: str = ""  # Identity, ChannelAffine, FoldedNormAct, intercepted forward (unknown BN subclasses)
 
 
 @dataclass
@@ -88,6 +95,8 @@ class FoldReport(ComparedReport):
     fold_seconds: float = 0.0
     check_seconds: float = 0.0
     layout: FoldLayout = field(default_factory=FoldLayout)
+    opaque: list[str] = field(default_factory=list)  # TorchScript submodules run as they are
+    ops_left: list[str] = field(default_factory=list)  # batch_norm calls the folded model still makes, and why
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
@@ -129,6 +138,7 @@ def fold(
     atol: float | None = None,
     skip: Sequence[str] = (),
     check: bool = True,
+    plan: FoldPlan | None = None,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
@@ -147,6 +157,8 @@ def fold(
             an atol given here is absolute.
         skip: BN names or glob patterns to leave as they are.
         check: raise CheckFailed when the folded outputs differ beyond tolerance.
+        plan: the decisions to apply, from `plan_fold(model, example_inputs)` (possibly edited); by default
+            `plan_fold(model, example_inputs, skip=skip)`.
 
     Returns:
         (folded, report): the folded copy in eval mode, carrying its FoldLayout (saved with it by
@@ -154,28 +166,32 @@ def fold(
 
     Raises:
         CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
-        InputError: a tolerance is negative or not finite.
+        InputError: a tolerance is negative or not finite, or `model` is a TorchScript module.
 
     Side effects: none on `model` (its training flags are restored after the check); the copy doubles
     its memory, and the float64 reference of the check doubles it again where it is needed.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_samples(samples)
+    tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))  # before any work
     started = time.perf_counter()
-    folded, by_request = _eval_copy(model)
-    flow, _ = trace(folded, inputs)
-    report = FoldReport(batch_norm_ops_before=_norm_op_count(flow, folded),
-                        params_before=sum(p.numel() for p in folded.parameters()))
-    names = {id(m): n for n, m in folded.named_modules()}
-    tied = Counter(id(p) for m in folded.modules() for p in m._parameters.values() if p is not None)
-    plans = [_decide(name, bn, flow, names, tied, by_request, skip) for name, bn in bn_modules(folded)]
-    _apply(folded, plans, report)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
+    with user_code("copying the model (copy.deepcopy)"):
+        folded, by_request = _eval_copy(model)
+    if plan is None:
+        plan = plan_fold(folded, inputs, skip=skip)
+    _keep_what_would_overflow(folded, plan)
+    report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
+                        decisions=plan.decisions, opaque=plan.opaque)
+    report.layout = apply_fold_plan(folded, plan)
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
+    report.ops_left = _ops_left(plan)
     report.fold_seconds = time.perf_counter() - started
-    report.decisions = [p.decision for p in plans]
     report.params_after = sum(p.numel() for p in folded.parameters())
 
     started = time.perf_counter()
-    report.tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))
+    report.tolerance = tolerance
     report.batch_norm_ops_after = _compare(model, folded, inputs, samples, seed, by_request, report)
     report.passed = all(c.passed for c in report.comparisons)
     report.check_seconds = time.perf_counter() - started
@@ -187,53 +203,220 @@ def fold(
     return folded, report
 
 
+def _ops_left(plan: FoldPlan) -> list[str]:
+    """Every batch_norm call the folded model still makes, with why."""
+    left = []
+    for step in plan.steps:
+        d = step.decision
+        if step.functional is not None:
+            state = ("now computes the identity (its statistics were rewritten); the call itself stays in "
+                     "its owner's forward" if d.action == FOLDED else d.reason)
+            left.append(f"F.batch_norm of {d.name!r}: {state}")
+        elif d.action == REFUSED:
+            left.append(f"{d.name}: {d.reason}")
+    return left + plan.unaccounted_ops
+
+
+def check_skip_patterns(skip: Sequence[str], names: Sequence[str]) -> None:
+    """Every skip pattern must name at least one BN: a typo would otherwise fold the layer it meant to keep."""
+    if isinstance(skip, str):
+        raise InputError(f"{param('skip')} {skip!r}: give a list of patterns, not one string", param="skip")
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        shown = ", ".join(names[:6]) + (f", … {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(f"{param('skip')} {unmatched[0]!r}: matches no BatchNorm layer (they are: "
+                         f"{shown or 'none'})", param="skip")
+
+
 # ---------------------------------------------------------------- decisions
 
 
 @dataclass
-class _Plan:
+class FoldTarget:
+    """One conv/linear a BN folds into. `channels[c]` is the BN channel of the layer's channel c (its output
+    channel when folded into a producer, its input channel when folded forward); `shift[c]` says whether that
+    channel takes the BN's shift (the terms of a sum share one shift: only one of them takes it)."""
+
+    layer: str
+    channels: list[int]
+    shift: list[bool]
+
+
+@dataclass
+class FunctionalBN:
+    """An F.batch_norm call in some module's forward whose statistics and affine are that model's tensors."""
+
+    op_index: int  # the call's position among the traced ops
+    running_mean: str  # qualified names of the tensors it reads (weight/bias None when not given)
+    running_var: str
+    weight: str | None
+    bias: str | None
+    eps: float
+
+
+@dataclass
+class FoldStep:
+    """What happens to one BN (a module, or a functional call): the decision, and where the math goes."""
+
     decision: BNDecision
-    bn: nn.Module
-    layer: nn.Module | None = None
-    mapping: list[int] | None = None  # backward: BN channel -> layer channel; forward: layer input -> BN channel
+    targets: list[FoldTarget] = field(default_factory=list)
+    functional: FunctionalBN | None = None
+    centered: bool = False  # an affine that subtracts the mean first (statistics far from zero)
+    norm_act: bool = False  # a known BN+act class, replaced by a FoldedNormAct
 
 
-def _decide(name, bn, flow: Dataflow, names, tied, by_request, skip) -> _Plan:
-    decision = BNDecision(name=name, type=type(bn).__name__, channels=bn_num_features(bn) if _has_stats(bn) else 0,
-                          action=REFUSED)
-    plan = _Plan(decision, bn)
-    refusal = _refusal(name, bn, by_request, skip)
-    if refusal:
-        decision.reason = refusal
-        return plan
-    calls = flow.calls_of(bn)
+@dataclass
+class FoldPlan:
+    """The decisions of a fold, and nothing changed yet: what `plan_fold` returns and `fold` applies."""
+
+    steps: list[FoldStep] = field(default_factory=list)
+    batch_norm_ops: int = 0  # batch_norm ops per forward of the model as planned
+    params: int = 0
+    by_request: set[str] = field(default_factory=set)  # BNs the user left in training mode inside an eval model
+    opaque: list[str] = field(default_factory=list)  # TorchScript submodules: not traced into, nothing folded inside
+    unaccounted_ops: list[str] = field(default_factory=list)  # batch_norm calls no step covers, and why
+
+    @property
+    def decisions(self) -> list[BNDecision]:
+        return [s.decision for s in self.steps]
+
+
+class _NoFold(Exception):
+    """Why a BN cannot be folded in the direction tried."""
+
+
+def plan_fold(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *, skip: Sequence[str] = ()) -> FoldPlan:
+    """Decide, for every BN of `model`, what folding would do with it, from one traced forward; change nothing.
+
+    Args:
+        model: an eager model. It runs once in eval mode (BNs the user left in training mode inside an eval
+            model stay so, and are refused); its modes are put back afterwards.
+        example_inputs: the positional inputs of one forward (a tensor or a sequence).
+        skip: fnmatch patterns of BN names to leave as they are.
+
+    Returns:
+        A FoldPlan: per BN (module or functional call) the action, the layer(s) it folds into and why not.
+
+    Raises:
+        InputError: `model` is a TorchScript module (its dataflow cannot be traced).
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    by_request = {n for n, m in bn_modules(model) if m.training and not model.training}
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for name, m in model.named_modules():
+        if name in by_request:
+            m.training = True  # the BN only, not a subclass's own dropout/drop-path children
+    bns = bn_modules(model)
+    try:
+        with user_code("the model's forward on the example inputs"):
+            flow, _ = trace(model, inputs, watch=[m for _, m in bns if not isinstance(m, torch.jit.ScriptModule)])
+        names = {id(m): n for n, m in model.named_modules()}
+        opaque = {names[id(m)] for m in flow.opaque}
+        tied = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+        context = _Context(flow, names, dict(model.named_modules()), tied, by_request, skip, opaque)
+        steps = [_decide(name, bn, context) for name, bn in bns]
+        steps += _functional_steps(model, context)
+        check_skip_patterns(skip, [s.decision.name for s in steps])
+        plan = FoldPlan(steps=steps, batch_norm_ops=_norm_op_count(flow, model), by_request=by_request,
+                        params=sum(p.numel() for p in model.parameters()), opaque=sorted(opaque))
+        plan.unaccounted_ops = _unaccounted_ops(flow, plan, names)
+    finally:
+        for m, training in flags:
+            m.training = training
+    return plan
+
+
+@dataclass
+class _Context:
+    flow: Dataflow
+    names: dict[int, str]
+    modules: dict[str, nn.Module]
+    tied: Counter
+    by_request: set[str]
+    skip: Sequence[str]
+    opaque: set[str]
+
+
+def _decide(name: str, bn: nn.Module, ctx: _Context) -> FoldStep:
+    channels = bn_num_features(bn) if _has_stats(bn) else 0
+    step = FoldStep(BNDecision(name=name, type=bn_type_name(bn), channels=channels, action=REFUSED))
+    decision = step.decision
+    decision.reason = _refusal(name, bn, ctx)
+    if decision.reason:
+        return step
+    calls = ctx.flow.calls_of(bn)
     if len(calls) != 1:
         decision.action = AFFINE
         decision.reason = "not executed on the example input" if not calls else f"called {len(calls)} times"
-        return plan
-    layer, mapping, why_not = _producer_layer(bn, flow, tied)
-    if layer is not None:
-        decision.action, decision.target, plan.layer, plan.mapping = FOLDED, names[id(layer)], layer, mapping
-        return plan
-    consumer, fwd_mapping, why_not_forward = _consumer_layer(bn, flow, tied)
+        return _replacement(step, bn, ctx)
+    x, reader = _normalized_input(bn, ctx.flow)
+    try:
+        if x is None:
+            raise _NoFold("its forward runs no single batch_norm op")
+        step.targets = _producer_targets(x, reader, bn, channels, ctx)
+        decision.action, decision.target = FOLDED, ", ".join(t.layer for t in step.targets)
+        return _replacement(step, bn, ctx)
+    except _NoFold as e:
+        why_not = str(e)
+    consumer, why_not_forward = _consumer_target(bn, ctx)
     if consumer is not None:
-        decision.action, decision.target, plan.layer, plan.mapping = (
-            FOLDED_FORWARD, names[id(consumer)], consumer, fwd_mapping)
-        decision.reason = why_not
-        return plan
+        step.targets = [consumer]
+        decision.action, decision.target, decision.reason = FOLDED_FORWARD, consumer.layer, why_not
+        return _replacement(step, bn, ctx)
     decision.action = AFFINE
     decision.reason = why_not if why_not_forward is None else f"{why_not}; {why_not_forward}"
-    return plan
+    return _replacement(step, bn, ctx)
+
+
+def _replacement(step: FoldStep, bn: nn.Module, ctx: _Context) -> FoldStep:
+    """Say what the BN module becomes: Identity or ChannelAffine (a plain BN), FoldedNormAct (a known BN+act
+    class whose behaviour it reproduces), or the same module with its batch_norm call intercepted (others)."""
+    d = step.decision
+    if has_standard_forward(bn):
+        d.replaced_by = "ChannelAffine" if d.action == AFFINE else "Identity"
+    elif _acts_as_norm_act(bn, ctx):
+        step.norm_act, d.replaced_by = True, "FoldedNormAct"
+    else:
+        d.replaced_by = "intercepted forward"
+    step.centered = (d.action == AFFINE and (has_standard_forward(bn) or step.norm_act)
+                     and mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN)
+    return step
+
+
+def _acts_as_norm_act(bn: nn.Module, ctx: _Context) -> bool:
+    """A known BN+act class, checked on its recorded input: the affine, drop and act in that order give
+    its output (a look-alike class with another forward falls back to interception)."""
+    parts = norm_act_parts(bn)
+    if parts is None:
+        return False
+    calls = ctx.flow.calls_of(bn)
+    if not calls or len(calls[0].inputs) != 1 or not calls[0].inputs[0].is_floating_point():
+        return not calls
+    x = calls[0].inputs[0]
+    scale, shift = affine_of(bn)
+    with torch.no_grad():
+        expected = bn(x.clone()).double()
+        got = FoldedNormAct(_affine_module(bn, scale, shift), *parts)(x.clone()).double()
+    if expected.shape != got.shape:
+        return False
+    share = default_tolerance(x.dtype).atol  # of the output's largest magnitude, as the fold's own check
+    return bool((expected - got).abs().max() <= share * expected.abs().max()) if expected.numel() else True
 
 
 def _has_stats(bn) -> bool:
     return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
 
 
-def _refusal(name, bn, by_request, skip) -> str:
-    if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+def _refusal(name: str, bn: nn.Module, ctx: _Context) -> str:
+    inside = next((o for o in sorted(ctx.opaque) if name.startswith(o + ".")), None)
+    if inside is not None:
+        return f"inside TorchScript module {inside!r}, which is run as it is (not traced into)"
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.skip):
         return "skipped by request"
-    if name in by_request:
+    if name in ctx.by_request:
         return "in training mode by request (normalizes with batch statistics)"
     if not _has_stats(bn) or getattr(bn, "track_running_stats", True) is False:
         return "track_running_stats=False: normalizes with batch statistics at inference"
@@ -243,7 +426,25 @@ def _refusal(name, bn, by_request, skip) -> str:
         return "statistics or affine parameters contain NaN/Inf"
     if (bn.running_var.double() + float(getattr(bn, "eps", 1e-5)) <= 0).any():
         return "running_var + eps <= 0"
-    return ""
+    return _foreign_reads(bn, ctx)
+
+
+def _foreign_reads(bn: nn.Module, ctx: _Context) -> str:
+    """Folding removes a BN's attributes: refuse where the forward reads them outside the BN's own call."""
+    reads = list(ctx.flow.foreign_reads.get(id(bn), []))
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, attr, None)
+        if isinstance(t, torch.Tensor):
+            reads += [(attr, r.module) for r in ctx.flow.readers(t) if isinstance(r, OpCall) and r.module is not bn]
+    if not reads:
+        return ""
+    attr, reader = reads[0]
+    return f"its {attr} is read outside its own forward (in {_where(reader, ctx)}), so it must stay a BatchNorm"
+
+
+def _where(module: nn.Module | None, ctx: _Context) -> str:
+    name = ctx.names.get(id(module)) if module is not None else None
+    return f"{name!r}'s forward" if name else "the model's forward"
 
 
 def _normalized_input(bn, flow: Dataflow) -> tuple[torch.Tensor | None, OpCall | None]:
@@ -252,104 +453,177 @@ def _normalized_input(bn, flow: Dataflow) -> tuple[torch.Tensor | None, OpCall |
     if len(norm_ops) == 1:
         op = norm_ops[0]
         return (op.args[0] if op.args else op.kwargs["input"]), op
-    if is_frozen_bn(bn) and has_standard_forward(bn):
+    if is_frozen_bn(bn) and (has_standard_forward(bn) or norm_act_parts(bn) is not None):
         return flow.calls_of(bn)[0].inputs[0], None
     return None, None
 
 
-def _producer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[int] | None, str]:
-    """The conv/linear whose output (through data movement only) is this BN's input and read by nothing else."""
-    x, reader = _normalized_input(bn, flow)
-    if x is None:
-        return None, None, "its forward runs no single batch_norm op"
-    chain: list[OpCall] = []
-    while True:
-        readers = flow.readers(x)
-        sole = len(readers) == 1 and (readers[0] is reader if reader is not None else
-                                      isinstance(readers[0], OpCall) and readers[0].module is bn)
-        if not sole:
-            return None, None, f"its input is also read by {_describe(readers, reader)}"
-        op = flow.producer(x)
-        if op is None:
-            return None, None, "fed by a model input"
-        if op.name in LAYER_OPS:
-            return _check_producer(op, x, chain, bn, flow, tied)
-        if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is op.inputs[0]:
-            chain.append(op)
-            x, reader = op.args[0], op
-            continue
-        return None, None, f"fed by {op.name}, not a conv/linear"
+def _producer_targets(x: torch.Tensor, reader: OpCall | None, owner: nn.Module | None, channels: int,
+                      ctx: _Context) -> list[FoldTarget]:
+    """The conv/linear layers whose outputs make up x (through data movement, sums and channel concats), each
+    read by nothing else. Raises _NoFold with the reason where there are none."""
+    sources = _sources(x, reader, owner, [], ctx.flow, top=True)
+    targets = []
+    for op, path in sources:
+        layer, mapping = _check_producer(op, path, channels, ctx)
+        targets.append(FoldTarget(ctx.names[id(layer)], mapping, [False] * len(mapping)))
+    # Every BN channel takes its shift exactly once; layers with a bias first, so no bias needs adding.
+    given: set[int] = set()
+    for t in sorted(targets, key=lambda t: ctx.modules[t.layer].bias is None):
+        for c, b in enumerate(t.channels):
+            if b not in given:
+                t.shift[c] = True
+                given.add(b)
+    if len(given) != channels:
+        raise _NoFold("the layers feeding it do not cover all its channels")
+    return targets
 
 
-def _check_producer(op: OpCall, x, chain, bn, flow, tied):
+def _sources(t: torch.Tensor, reader: OpCall | None, owner: nn.Module | None, path: list, flow: Dataflow,
+             top: bool = False) -> list[tuple[OpCall, list]]:
+    """The layer ops whose outputs make up t, each with the path of ops from its output to the BN's input."""
+    readers = flow.value_readers(t)
+    sole = len(readers) == 1 and (readers[0] is reader if reader is not None else
+                                  isinstance(readers[0], OpCall) and readers[0].module is owner)
+    what = "its input" if top else f"a {'term' if path[0][0] == 'add' else 'part'} of the {path[0][1].name} feeding it"
+    if not sole:
+        raise _NoFold(f"{what} is also read by {_describe(readers, reader)}")
+    op = flow.producer(t)
+    if op is None:
+        raise _NoFold("fed by a model input" if top else f"{what} is a model input")
+    if op.name in LAYER_OPS:
+        return [(op, path)]
+    if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is op.inputs[0]:
+        return _sources(op.args[0], op, None, [("op", op)] + path, flow, top)
+    if _is_plain_sum(op):
+        return [s for term in op.args[:2] for s in _sources(term, op, None, [("add", op)] + path, flow)]
+    if op.name in CONCAT_OPS:
+        parts = _cat_parts(op)
+        return [s for j, part in enumerate(parts) for s in _sources(part, op, None, [("cat", op, j)] + path, flow)]
+    raise _NoFold(f"fed by {op.name}, not a conv/linear" if top else f"{what} comes from {op.name}, not a conv/linear")
+
+
+CONCAT_OPS = {"cat", "concat", "concatenate"}
+
+
+def _is_plain_sum(op: OpCall) -> bool:
+    """a + b of two tensors of the output's shape (no broadcasting, no alpha, not in place)."""
+    if op.name not in ("add", "__add__", "__radd__") or len(op.args) != 2 or op.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = op.args
+    out = op.outputs[0]
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a is not b
+            and a.shape == out.shape and b.shape == out.shape and not any(o is a or o is b for o in op.outputs))
+
+
+def _cat_parts(op: OpCall) -> list[torch.Tensor]:
+    return list(op.args[0] if op.args else op.kwargs["tensors"])
+
+
+def _cat_dim(op: OpCall) -> int:
+    return op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)
+
+
+def _check_producer(op: OpCall, path: list, channels: int, ctx: _Context) -> tuple[nn.Module, list[int]]:
     layer = op.module
     if not isinstance(layer, (_ConvNd, nn.Linear)):
-        return None, None, f"fed by a bare {op.name} call, not a conv/linear module"
+        raise _NoFold(f"fed by a bare {op.name} call, not a conv/linear module")
     bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
     if op.args[1] is not layer.weight or bias_arg is not layer.bias:
-        return None, None, "the conv transforms its weight in forward (e.g. weight standardization)"
-    calls = flow.calls_of(layer)
+        raise _NoFold("the conv transforms its weight in forward (e.g. weight standardization)")
+    calls = ctx.flow.calls_of(layer)
     if len(calls) != 1:
-        return None, None, f"the conv/linear feeding it is called {len(calls)} times"
+        raise _NoFold(f"the conv/linear feeding it is called {len(calls)} times")
     if not any(o is op.outputs[0] for o in calls[0].outputs):
-        return None, None, "the conv/linear post-processes its output"
-    if tied[id(layer.weight)] > 1:
-        return None, None, "the conv/linear weight is shared with another module"
-    channels = bn_num_features(bn)
-    out_axis, x_ndim = layer_channel_axis(layer), op.outputs[0].dim()
-    if not chain:
-        if op.outputs[0].shape[out_axis] != channels:
-            return None, None, "channel counts differ"
-        return layer, list(range(channels)), ""
-    probe = replay(reversed(chain), channel_probe(op.outputs[0].shape, out_axis % x_ndim))
-    mapping = channel_map(probe, 1)
-    if mapping is None or sorted(mapping) != list(range(op.outputs[0].shape[out_axis])):
-        return None, None, "the reshape between conv/linear and BN mixes channels"
-    return layer, mapping, ""
+        raise _NoFold("the conv/linear post-processes its output")
+    _check_not_shared(layer, op, ctx)
+    out = op.outputs[0]
+    out_axis = -1 if isinstance(layer, nn.Linear) else 1
+    per_bn = channel_map(_replay_path(path, channel_probe(out.shape, out_axis % out.dim())), 1)
+    layer_channels = out.shape[out_axis]
+    if per_bn is None or sorted(c for c in per_bn if c >= 0) != list(range(layer_channels)) or len(per_bn) != channels:
+        raise _NoFold("the reshape between conv/linear and BN mixes channels")
+    mapping = [0] * layer_channels
+    for bn_channel, layer_channel in enumerate(per_bn):
+        if layer_channel >= 0:
+            mapping[layer_channel] = bn_channel
+    return layer, mapping
 
 
-def _consumer_layer(bn, flow: Dataflow, tied) -> tuple[nn.Module | None, list[int] | None, str | None]:
+def _check_not_shared(layer: nn.Module, op: OpCall, ctx: _Context) -> None:
+    """Folding rewrites the layer's weight and bias: nothing else may use them (a tied module, a bare call)."""
+    if ctx.tied[id(layer.weight)] > 1:
+        raise _NoFold("the conv/linear weight is shared with another module")
+    for attr in ("weight", "bias"):
+        t = getattr(layer, attr)
+        others = [r for r in ctx.flow.readers(t) if r is not op] if t is not None else []
+        if others:
+            by = others[0]
+            what = f"{by.name} in {_where(by.module, ctx)}" if isinstance(by, OpCall) else "the model's output"
+            raise _NoFold(f"the conv/linear {attr} is also read by {what}: folding into it would change that too")
+
+
+def _replay_path(path: list, probe: torch.Tensor) -> torch.Tensor:
+    """Carry a channel-index probe from a layer's output to the BN's input along the recorded path: data
+    movement replayed, a sum passes it through, a concat places it among -1s (the other parts' channels)."""
+    for step in path:
+        kind, op = step[0], step[1]
+        if kind == "op":
+            probe = op.func(probe, *op.args[1:], **op.kwargs)
+        elif kind == "cat":
+            parts = [probe if i == step[2] else torch.full(p.shape, -1.0, dtype=probe.dtype)
+                     for i, p in enumerate(_cat_parts(op))]
+            probe = torch.cat(parts, dim=_cat_dim(op))
+    return probe
+
+
+def _consumer_target(bn, ctx: _Context) -> tuple[FoldTarget | None, str | None]:
     """The conv/linear that alone reads this BN's output with no zero padding in between."""
     if not has_standard_forward(bn):
-        return None, None, None
+        return None, None
     if mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN:
-        return None, None, (f"folding forward would lose precision (|mean| is {mean_in_stds(bn):.0f} stds from 0, "
-                            f"limit {MAX_FORWARD_FOLD_MEAN:g})")
+        return None, (f"folding forward would lose precision (|mean| is {mean_in_stds(bn):.0f} stds from 0, "
+                      f"limit {MAX_FORWARD_FOLD_MEAN:g})")
+    flow = ctx.flow
     y = bn_output = flow.calls_of(bn)[0].outputs[0]
     chain: list[OpCall] = []
     while True:
-        readers = flow.readers(y)
+        readers = flow.value_readers(y)
         if len(readers) != 1 or readers[0] == "output":
-            return None, None, None
+            return None, None
         op = readers[0]
         if op.name == "pad" and type(op.module) in STANDARD_CONSUMERS and op.module.padding_mode != "zeros":
-            pad_readers = flow.readers(op.outputs[0])  # reflect/replicate/circular padding copies BN outputs
+            pad_readers = flow.value_readers(op.outputs[0])  # reflect/replicate/circular padding copies BN outputs
             if len(pad_readers) == 1 and isinstance(pad_readers[0], OpCall) and pad_readers[0].module is op.module:
-                return _check_consumer(pad_readers[0], op.outputs[0], chain, bn, flow, tied, bn_output.shape)
-            return None, None, None
+                return _check_consumer(pad_readers[0], op.outputs[0], chain, ctx, bn_output.shape)
+            return None, None
         if op.name in LAYER_OPS:
-            return _check_consumer(op, y, chain, bn, flow, tied, bn_output.shape)
+            return _check_consumer(op, y, chain, ctx, bn_output.shape)
         if is_eval_identity(op) and len(op.inputs) == 1 and op.args and op.args[0] is y:
             chain.append(op)
             y = op.outputs[0]
             continue
-        return None, None, None
+        return None, None
 
 
-def _check_consumer(op, y, chain, bn, flow, tied, y_shape):
+def _check_consumer(op, y, chain, ctx: _Context, y_shape) -> tuple[FoldTarget | None, str | None]:
     layer = op.module
     if type(layer) not in STANDARD_CONSUMERS or op.args[1] is not layer.weight or op.args[0] is not y:
-        return None, None, None
+        return None, None
     if isinstance(layer, _ConvNd) and layer.padding_mode == "zeros" and any(layer._reversed_padding_repeated_twice):
-        return None, None, "the next conv zero-pads its input"
-    if len(flow.calls_of(layer)) != 1 or tied[id(layer.weight)] > 1:
-        return None, None, None
+        return None, "the next conv zero-pads its input"
+    if len(ctx.flow.calls_of(layer)) != 1:
+        return None, None
+    try:
+        _check_not_shared(layer, op, ctx)
+    except _NoFold as e:
+        return None, str(e)
     in_axis = 1 if isinstance(layer, _ConvNd) else -1
     probe = replay(chain, channel_probe(y_shape, 1))
     mapping = channel_map(probe, in_axis % probe.dim()) if probe.dim() > 1 else None
     if mapping is None:
-        return None, None, "the reshape between BN and the next layer mixes channels"
-    return layer, mapping, None
+        return None, "the reshape between BN and the next layer mixes channels"
+    return FoldTarget(ctx.names[id(layer)], mapping, [True] * len(mapping)), None
 
 
 def _describe(readers, expected) -> str:
@@ -363,43 +637,193 @@ def layer_channel_axis(layer: nn.Module) -> int:
     return -1 if isinstance(layer, nn.Linear) else 1
 
 
+# ---------------------------------------------------------------- functional batch_norm
+
+
+def _batch_norm_args(op: OpCall) -> dict[str, Any]:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5)
+    values = dict(zip(names, op.args))
+    return {n: values.get(n, op.kwargs.get(n, defaults.get(n))) for n in names}
+
+
+def _tensor_names(model: nn.Module) -> dict[int, str]:
+    named: dict[int, str] = {}
+    for prefix, m in model.named_modules():
+        for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None:
+                named.setdefault(id(t), f"{prefix}.{attr}" if prefix else attr)
+    return named
+
+
+def _is_module_bn_op(op: OpCall) -> bool:
+    return op.module is not None and is_bn(op.module)
+
+
+def _functional_steps(model: nn.Module, ctx: _Context) -> list[FoldStep]:
+    """A step per F.batch_norm call made outside a BN module with the model's own statistics and affine."""
+    tensor_names = _tensor_names(model)
+    steps: list[FoldStep] = []
+    for op in ctx.flow.ops:
+        if op.name != "batch_norm" or _is_module_bn_op(op):
+            continue
+        a = _batch_norm_args(op)
+        stats = [tensor_names.get(id(a[k])) if isinstance(a[k], torch.Tensor) else None
+                 for k in ("running_mean", "running_var", "weight", "bias")]
+        if stats[0] is None or stats[1] is None or any(a[k] is not None and s is None for k, s in
+                                                       zip(("weight", "bias"), stats[2:])):
+            continue  # not the model's tensors: reported among the batch_norm calls left
+        owner = stats[0].rpartition(".")[0]
+        name = owner or "(model)"
+        taken = {s.decision.name for s in steps}
+        name = next(f"{name} #{i}" for i in range(2, len(steps) + 3) if f"{name} #{i}" not in taken) \
+            if name in taken else name
+        functional = FunctionalBN(op.index, stats[0], stats[1], stats[2], stats[3], float(a["eps"]))
+        channels = a["running_mean"].numel()
+        step = FoldStep(BNDecision(name=name, type="F.batch_norm", channels=channels, action=REFUSED),
+                        functional=functional)
+        step.decision.reason = _functional_refusal(op, a, name, ctx)
+        if not step.decision.reason:
+            try:
+                step.targets = _producer_targets(a["input"], op, None, channels, ctx)
+                step.decision.action = FOLDED
+                step.decision.target = ", ".join(t.layer for t in step.targets)
+            except _NoFold as e:
+                step.decision.reason = f"{e}; its owner's forward calls F.batch_norm itself, so it stays"
+        steps.append(step)
+    return steps
+
+
+def _functional_refusal(op: OpCall, a: dict[str, Any], name: str, ctx: _Context) -> str:
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in ctx.skip):
+        return "skipped by request"
+    if a["training"]:
+        return "called with training=True: normalizes with batch statistics"
+    tensors = {k: a[k] for k in ("running_mean", "running_var", "weight", "bias") if a[k] is not None}
+    if any(not torch.isfinite(t).all() for t in tensors.values()):
+        return "statistics or affine parameters contain NaN/Inf"
+    if (a["running_var"].double() + float(a["eps"]) <= 0).any():
+        return "running_var + eps <= 0"
+    for key, t in tensors.items():
+        others = [r for r in ctx.flow.readers(t) if r is not op]
+        if others:
+            return (f"its {key} is also read by {_describe(others, None)}: folding would rewrite it "
+                    f"(F.batch_norm with the owner's own tensors)")
+    return ""
+
+
+def _unaccounted_ops(flow: Dataflow, plan: FoldPlan, names: dict[int, str]) -> list[str]:
+    """batch_norm calls that neither a BN module nor a functional step covers, each with why."""
+    covered = {s.functional.op_index for s in plan.steps if s.functional is not None}
+    left = []
+    for op in flow.ops:
+        if op.name != "batch_norm" or _is_module_bn_op(op) or op.index in covered:
+            continue
+        where = names.get(id(op.module), "?") if op.module is not None else ""
+        why = ("training=True (batch statistics)" if _batch_norm_args(op)["training"]
+               else "its statistics are not parameters/buffers of the model")
+        left.append(f"F.batch_norm in {where or 'the model'!r}: {why}")
+    return left
+
+
 # ---------------------------------------------------------------- surgery
 
 
-def _apply(model: nn.Module, plans: list[_Plan], report: FoldReport) -> None:
-    identity, affine, centered, bias_added = [], [], [], []
-    names = {id(m): n for n, m in model.named_modules()}
-    for plan in plans:
-        action = plan.decision.action
-        if action == REFUSED:
+def _keep_what_would_overflow(model: nn.Module, plan: FoldPlan) -> None:
+    """Half-precision layers: a fold computed in float64 can exceed float16's range when cast (large γ/σ times
+    large weights). Such a BN becomes an exact affine instead; if even its scale overflows, it stays a BN."""
+    modules = dict(model.named_modules())
+    for step in plan.steps:
+        d = step.decision
+        if step.functional is not None or step.norm_act or d.name not in modules:
             continue
-        scale, shift = affine_of(plan.bn)
-        if action == FOLDED:
-            inverse = [0] * len(plan.mapping)
-            for bn_channel, layer_channel in enumerate(plan.mapping):
-                inverse[layer_channel] = bn_channel
-            idx = torch.tensor(inverse)
-            if fold_into_producer(plan.layer, scale[idx], shift[idx]):
-                bias_added.append(names[id(plan.layer)])
-            identity.append(plan.decision.name)
-            _replace_bn(model, plan.decision.name, plan.bn, None, None)
-        elif action == FOLDED_FORWARD:
-            idx = torch.tensor(plan.mapping)
-            if fold_into_consumer(plan.layer, scale[idx], shift[idx]):
-                bias_added.append(names[id(plan.layer)])
-            identity.append(plan.decision.name)
-            _replace_bn(model, plan.decision.name, plan.bn, None, None)
+        bn = modules[d.name]
+        if not _has_stats(bn):
+            continue
+        scale, shift = affine_of(bn)
+        if d.action in (FOLDED, FOLDED_FORWARD) and step.targets:
+            overflowing = [t.layer for t in step.targets
+                           if _fold_overflows(modules[t.layer], d.action, t, scale, shift)]
+            if overflowing:
+                dtype = str(modules[overflowing[0]].weight.dtype).replace("torch.", "")
+                d.reason = f"folding into {overflowing[0]} overflows {dtype}" + (f"; {d.reason}" if d.reason else "")
+                d.action, d.target, step.targets = AFFINE, None, []
+        if d.action == AFFINE:
+            dtype = bn.running_mean.dtype
+            if not (torch.isfinite(scale.to(dtype)).all() and torch.isfinite(shift.to(dtype)).all()):
+                d.action = REFUSED
+                d.reason = f"its scale γ/√(σ²+ε) overflows {str(dtype).replace('torch.', '')}; kept as a BatchNorm"
+
+
+def _fold_overflows(layer: nn.Module, action, target: FoldTarget, scale, shift) -> bool:
+    """Fold into a copy of the target layer and check that every cast weight and bias is still finite."""
+    layer = copy.deepcopy(layer)
+    finite_before = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
+    idx = torch.tensor(target.channels, dtype=torch.long)
+    mask = torch.tensor(target.shift, dtype=torch.bool)
+    layer_shift = torch.where(mask, shift[idx], torch.zeros_like(shift[idx])) if mask.any() else None
+    into = fold_into_producer if action == FOLDED else fold_into_consumer
+    into(layer, scale[idx], layer_shift)
+    finite_after = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
+    return finite_before and not finite_after
+
+
+def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> FoldLayout:
+    """Carry out `plan` (made by plan_fold on this model or an identical copy) on `model`, in place.
+    Returns the fold layout: which BNs became identity or affine, which layers got a bias."""
+    modules = dict(model.named_modules())
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    identity, affine, centered, bias_added, norm_act = [], [], [], [], []
+    for step in plan.steps:
+        d = step.decision
+        if d.action == REFUSED:
+            continue
+        if step.functional is not None:
+            f = step.functional
+            scale, shift = affine_from(tensors[f.running_mean], tensors[f.running_var],
+                                       tensors.get(f.weight), tensors.get(f.bias), f.eps)
         else:
-            affine.append(plan.decision.name)
-            if has_standard_forward(plan.bn) and mean_in_stds(plan.bn) > MAX_FORWARD_FOLD_MEAN:
-                centered.append(plan.decision.name)
-            _replace_bn(model, plan.decision.name, plan.bn, scale, shift)
-    report.layout = FoldLayout(identity, affine, centered, sorted(set(bias_added)))
+            bn = _module(modules, d.name)
+            scale, shift = affine_of(bn)
+        for target in step.targets:
+            idx = torch.tensor(target.channels, dtype=torch.long)
+            mask = torch.tensor(target.shift, dtype=torch.bool)
+            layer_shift = torch.where(mask, shift[idx], torch.zeros_like(shift[idx])) if mask.any() else None
+            into = fold_into_producer if d.action == FOLDED else fold_into_consumer
+            if into(_module(modules, target.layer), scale[idx], layer_shift):
+                bias_added.append(target.layer)
+        if step.functional is not None:
+            _make_batch_norm_identity(tensors, step.functional)
+        elif d.action == AFFINE:
+            affine.append(d.name)
+            if step.centered:
+                centered.append(d.name)
+            _replace_bn(model, d.name, bn, scale, shift, step.norm_act)
+        else:
+            identity.append(d.name)
+            _replace_bn(model, d.name, bn, None, None, step.norm_act)
+        if step.norm_act:
+            norm_act.append(d.name)
+    return FoldLayout(identity, affine, centered, sorted(set(bias_added)), norm_act)
 
 
-def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+def _make_batch_norm_identity(tensors: dict[str, torch.Tensor], f: FunctionalBN) -> None:
+    """Rewrite the tensors a functional batch_norm reads so that it computes x: mean 0, var + eps = 1 (exactly,
+    in the tensor's precision: 1 - eps rounds so that adding eps back rounds to 1), weight 1, bias 0."""
+    with torch.no_grad():
+        tensors[f.running_mean].zero_()
+        var = tensors[f.running_var]
+        var.fill_(float(torch.tensor(1.0 - f.eps, dtype=var.dtype)))
+        if f.weight is not None:
+            tensors[f.weight].fill_(1.0)
+        if f.bias is not None:
+            tensors[f.bias].zero_()
+
+
+def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> bool:
     """layer(x)·scale + shift per output channel, folded into its weight and bias (float64, cast once).
-    Returns True if a bias had to be added."""
+    `shift` None: scale only (another term of a sum takes the shift). Returns True if a bias had to be added."""
     w = layer.weight.detach().double()
     if isinstance(layer, _ConvTransposeNd):  # weight: (in, out/groups, *k); output channel = group·(out/groups)+j
         g = layer.groups
@@ -407,8 +831,10 @@ def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tenso
         new_w = (grouped * scale.view(g, 1, w.shape[1], *[1] * (w.dim() - 2))).reshape(w.shape)
     else:  # conv (out, in/groups, *k) and linear (out, in)
         new_w = w * scale.view(-1, *[1] * (w.dim() - 1))
+    if layer.bias is None and shift is None:
+        return _assign(layer, new_w, None)
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-    return _assign(layer, new_w, bias * scale + shift)
+    return _assign(layer, new_w, bias * scale + (shift if shift is not None else 0))
 
 
 def fold_into_consumer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
@@ -426,10 +852,12 @@ def fold_into_consumer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tenso
     return _assign(layer, new_w, bias + added)
 
 
-def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     dtype = layer.weight.dtype
     with torch.no_grad():
         layer.weight.copy_(weight.to(dtype))
+        if bias is None:
+            return False
         if layer.bias is None:
             layer.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
             return True
@@ -452,11 +880,11 @@ def _affine_module(bn, scale, shift) -> ChannelAffine:
     return ChannelAffine(scale.to(dtype), (shift + mean * scale).to(dtype), center=mean.to(dtype))
 
 
-def _replace_bn(model, name, bn, scale, shift) -> None:
+def _replace_bn(model, name, bn, scale, shift, norm_act: bool = False) -> None:
     dtype = bn.running_mean.dtype
-    if has_standard_forward(bn):
+    if has_standard_forward(bn) or norm_act:
         new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
-        _replace_module(model, name, new)
+        _replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
     else:
         if scale is None:
             make_custom_bn_folded(bn, None, None)
@@ -468,6 +896,12 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name not in modules:
+        raise InputError(f"fold layout names {name!r}, which this architecture does not have")
+    return modules[name]
 
 
 # ---------------------------------------------------------------- checking
@@ -484,8 +918,11 @@ def _eval_copy(model: nn.Module) -> tuple[nn.Module, set[str]]:
 
 
 def _norm_op_count(flow: Dataflow, model: nn.Module) -> int:
+    """batch_norm ops per forward; a TorchScript submodule counts one per BN inside it per call (not traced)."""
     frozen = sum(len(flow.calls_of(m)) for m in model.modules() if is_frozen_bn(m))
-    return flow.count("batch_norm") + frozen
+    opaque = sum(sum(op.module is m for op in flow.ops if op.name == OPAQUE) * len(bn_modules(m))
+                 for m in flow.opaque)
+    return flow.count("batch_norm") + frozen + opaque
 
 
 def _compare(model, folded, inputs, samples, seed, by_request, report: FoldReport) -> int:

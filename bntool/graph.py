@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import passes_through
 from .utils import iter_tensors
 
 # Ops that only move data: each output element is one input element, so a per-channel affine commutes
@@ -28,6 +29,16 @@ DATA_MOVEMENT_OPS = {
 # Identity in eval mode.
 DROPOUT_OPS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 LAYER_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"}
+# Ops that read some of their tensor arguments (by position) only for shape, dtype or device, never values.
+SHAPE_ONLY_ARGS = {
+    "reshape_as": {1}, "view_as": {1}, "expand_as": {1}, "type_as": {1},
+    "zeros_like": {0}, "ones_like": {0}, "empty_like": {0}, "full_like": {0}, "rand_like": {0}, "randn_like": {0},
+    "new_zeros": {0}, "new_ones": {0}, "new_empty": {0}, "new_full": {0},
+}
+# Attributes of a BatchNorm module; reading one from outside its own forward is recorded (see `trace`).
+BN_ATTRIBUTES = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked", "num_features",
+                           "eps", "momentum", "affine", "track_running_stats"})
+OPAQUE = "opaque"  # the op name recorded for a call into a TorchScript submodule
 
 
 @dataclass(eq=False)
@@ -56,6 +67,9 @@ class Dataflow:
     ops: list[OpCall] = field(default_factory=list)
     module_calls: dict[int, list[ModuleCall]] = field(default_factory=lambda: defaultdict(list))
     model_outputs: list[torch.Tensor] = field(default_factory=list)
+    # Per watched module (by id): (attribute, reading module) for reads made outside its own forward.
+    foreign_reads: dict[int, list[tuple[str, nn.Module | None]]] = field(default_factory=lambda: defaultdict(list))
+    opaque: list[nn.Module] = field(default_factory=list)  # TorchScript submodules: called, not traced into
     _producer: dict[int, OpCall] = field(default_factory=dict)
     _readers: dict[int, list[OpCall]] = field(default_factory=lambda: defaultdict(list))
     _keep: list[Any] = field(default_factory=list)
@@ -70,6 +84,12 @@ class Dataflow:
             readers.append("output")
         return readers
 
+    def value_readers(self, t: torch.Tensor) -> list[OpCall | str]:
+        """Like `readers`, without ops that read t only for its shape (`y.reshape_as(t)`, `zeros_like(t)`) and
+        eval-mode no-ops that return t itself (dropout with training=False): its readers are t's readers."""
+        return [r for r in self.readers(t) if not (isinstance(r, OpCall) and (
+            reads_shape_only(r, t) or (is_eval_identity(r) and any(o is t for o in r.outputs))))]
+
     def calls_of(self, module: nn.Module) -> list[ModuleCall]:
         return self.module_calls.get(id(module), [])
 
@@ -78,6 +98,13 @@ class Dataflow:
 
     def count(self, name: str) -> int:
         return sum(op.name == name for op in self.ops)
+
+
+def reads_shape_only(op: OpCall, t: torch.Tensor) -> bool:
+    positions = SHAPE_ONLY_ARGS.get(op.name)
+    if not positions or any(v is t for v in op.kwargs.values()):
+        return False
+    return all(i in positions for i, a in enumerate(op.args) if a is t)
 
 
 def _op_name(func: Callable) -> str:
@@ -89,6 +116,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.flow, self.stack = flow, stack
 
+    @passes_through
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -107,8 +135,16 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[Dataflow, Any]:
-    """Run model(*inputs) once under no_grad, recording its dataflow. Returns (dataflow, output)."""
+@passes_through
+def trace(model: nn.Module, inputs: Sequence[Any], watch: Sequence[nn.Module] = ()) -> tuple[Dataflow, Any]:
+    """Run model(*inputs) once under no_grad, recording its dataflow. Returns (dataflow, output).
+
+    TorchScript submodules are opaque: each call is recorded as one op named OPAQUE (hooks and torch
+    function modes cannot see inside them). For each module in `watch`, reads of its BN_ATTRIBUTES made
+    outside its own forward are recorded in `flow.foreign_reads`. The model is left as it was.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("trace needs an eager (Python) model, not a TorchScript module")
     flow = Dataflow()
     stack: list[nn.Module] = []
 
@@ -122,19 +158,66 @@ def trace(model: nn.Module, inputs: Sequence[Any]) -> tuple[Dataflow, Any]:
         flow.module_calls[id(module)][-1].outputs = list(iter_tensors(output))
         flow._keep.append(output)
 
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
+    handles, restore = [], []
     try:
+        for parent in list(model.modules()):
+            if isinstance(parent, torch.jit.ScriptModule):
+                continue
+            for child_name, child in list(parent._modules.items()):
+                if isinstance(child, torch.jit.ScriptModule):
+                    restore.append((parent, child_name, child))
+                    parent._modules[child_name] = _OpaqueCall(child, flow, stack)
+                    flow.opaque.append(child)
+            handles.append(parent.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(parent.register_forward_hook(post_hook, with_kwargs=True))
+        for module in watch:
+            restore.append((module, None, type(module)))
+            module.__class__ = _watching_class(type(module), stack, flow)
         with torch.no_grad(), _Recorder(flow, stack):
             output = model(*inputs)
     finally:
         for h in handles:
             h.remove()
+        for owner, child_name, original in reversed(restore):
+            if child_name is None:
+                owner.__class__ = original
+            else:
+                owner._modules[child_name] = original
     flow.model_outputs = list(iter_tensors(output))
     flow._keep.append(output)
     return flow, output
+
+
+class _OpaqueCall(nn.Module):
+    """Stands in for a TorchScript submodule during a trace: calls it, records the call as one op."""
+
+    def __init__(self, inner: nn.Module, flow: Dataflow, stack: list[nn.Module]):
+        super().__init__()
+        self.inner, self.flow, self.stack = inner, flow, stack
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        inputs, outputs = list(iter_tensors(args)) + list(iter_tensors(kwargs)), list(iter_tensors(out))
+        op = OpCall(len(self.flow.ops), OPAQUE, self.inner, args, kwargs, inputs, outputs, self.inner)
+        self.flow.ops.append(op)
+        self.flow._keep.append((args, kwargs, out))
+        for t in inputs:
+            self.flow._readers[id(t)].append(op)
+        for t in outputs:
+            if not any(t is i for i in inputs):
+                self.flow._producer[id(t)] = op
+        return out
+
+
+def _watching_class(cls: type, stack: list[nn.Module], flow: Dataflow) -> type:
+    """A subclass of cls that records reads of BN_ATTRIBUTES made while another module is running."""
+
+    def __getattribute__(self, name):
+        if name in BN_ATTRIBUTES and (not stack or stack[-1] is not self):
+            flow.foreign_reads[id(self)].append((name, stack[-1] if stack else None))
+        return cls.__getattribute__(self, name)
+
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})
 
 
 def is_eval_identity(op: OpCall) -> bool:

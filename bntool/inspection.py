@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class InspectReport:
     total_modules: int
     total_params: int
     fold_planned: bool
+    batch_norm_calls_unplanned: list[str] = field(default_factory=list)  # F.batch_norm calls fold cannot handle
 
     @property
     def unhealthy(self) -> list[BNLayerInfo]:
@@ -87,11 +89,10 @@ def health_flags(module: nn.Module) -> list[str]:
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
             flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
-    tracked = getattr(module, "num_batches_tracked", None)
+    # Only statistics still at their initial values mean "never updated": num_batches_tracked is 0 in healthy
+    # checkpoints saved before the buffer existed, converted from other frameworks, or with buffers filtered.
     if bool((mean == 0).all()) and bool((var == 1).all()):
         flags.append("never updated: running stats are exactly 0/1")
-    elif tracked is not None and int(tracked) == 0:
-        flags.append("never updated: num_batches_tracked is 0")
     return flags
 
 
@@ -118,17 +119,35 @@ def describe_layer(name: str, module: nn.Module) -> BNLayerInfo:
 
 
 def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None) -> InspectReport:
-    """Describe every BN-family layer; with example inputs, also plan the fold (without keeping it)."""
+    """Describe every BN-family layer; with example inputs, also plan the fold (`plan_fold`: decisions only,
+    the model is not copied or changed) and find F.batch_norm calls made on a module's own tensors."""
     layers = [describe_layer(name, m) for name, m in bn_modules(model)]
     report = InspectReport(layers=layers, total_modules=sum(1 for _ in model.modules()),
                            total_params=sum(p.numel() for p in model.parameters()), fold_planned=False)
-    if example_inputs is not None and layers and not isinstance(model, torch.jit.ScriptModule):
-        from .folding import fold
+    if example_inputs is not None and not isinstance(model, torch.jit.ScriptModule):
+        from .folding import plan_fold
 
-        _, fold_report = fold(model, example_inputs, check=False)
-        by_name = {d.name: d for d in fold_report.decisions}
+        plan = plan_fold(model, example_inputs)
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        # F.batch_norm calls on a module's own tensors are BN layers too, found only by running the forward.
+        layers += [describe_functional(s.decision.name, s.functional, tensors) for s in plan.steps
+                   if s.functional is not None]
+        by_name = {d.name: d for d in plan.decisions}
         for layer in layers:
             d = by_name[layer.name]
             layer.fold_action, layer.fold_target, layer.fold_reason = d.action, d.target, d.reason
         report.fold_planned = True
+        report.batch_norm_calls_unplanned = plan.unaccounted_ops
     return report
+
+
+def describe_functional(name: str, call, tensors: dict[str, torch.Tensor]) -> BNLayerInfo:
+    """A BN layer that is an F.batch_norm call on some module's own statistics (no BatchNorm module)."""
+    state = SimpleNamespace(running_mean=tensors[call.running_mean], running_var=tensors[call.running_var],
+                            weight=tensors.get(call.weight), bias=tensors.get(call.bias), eps=call.eps)
+    return BNLayerInfo(
+        name=name, type="F.batch_norm", channels=int(state.running_mean.numel()), eps=call.eps, momentum=None,
+        affine=state.weight is not None, track_running_stats=True, training=False, num_batches_tracked=None,
+        running_mean=TensorSummary.of(state.running_mean), running_var=TensorSummary.of(state.running_var),
+        weight=TensorSummary.of(state.weight), bias=TensorSummary.of(state.bias), flags=health_flags(state))

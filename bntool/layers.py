@@ -55,11 +55,15 @@ def bn_num_features(module: nn.Module) -> int:
 
 def affine_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64 such that eval-mode BN(x) == x * scale + shift per channel."""
-    mean = module.running_mean.detach().double()
-    var = module.running_var.detach().double()
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    scale = torch.rsqrt(var + bn_eps(module))
+    return affine_from(module.running_mean, module.running_var, getattr(module, "weight", None),
+                       getattr(module, "bias", None), bn_eps(module))
+
+
+def affine_from(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64: F.batch_norm(x, mean, var, weight, bias, False, _, eps) == x·scale + shift."""
+    mean, var = mean.detach().double(), var.detach().double()
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.detach().double()
     shift = -mean * scale
@@ -96,6 +100,34 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}" + (", centered" if self.center is not None else "")
+
+
+# BN+activation classes whose forward is exactly: normalize, then self.drop (if any), then self.act (timm's
+# BatchNormAct2d family). Folded, they become a FoldedNormAct: plain modules, no per-call interception.
+NORM_ACT_CLASS_NAMES = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
+
+
+def norm_act_parts(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(drop, act) of a known BN+activation module, or None for any other class."""
+    if type(module).__name__ not in NORM_ACT_CLASS_NAMES or isinstance(module, torch.jit.ScriptModule):
+        return None
+    act, drop = getattr(module, "act", None), getattr(module, "drop", nn.Identity())
+    if not isinstance(act, nn.Module) or not isinstance(drop, nn.Module):
+        return None
+    return drop, act
+
+
+class FoldedNormAct(nn.Module):
+    """A folded BN+activation module (timm's BatchNormAct2d): the folded affine, or nothing where the
+    normalization went into a conv, then the module's own drop and act, as its forward ran them. A plain
+    module, so it scripts, traces, exports and compiles, and costs no more than its activation."""
+
+    def __init__(self, norm: nn.Module, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.norm, self.drop, self.act = norm, drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.norm(x)))
 
 
 class _BatchNormAsAffine(TorchFunctionMode):

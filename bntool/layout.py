@@ -14,10 +14,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .errors import InputError
-from .layers import ChannelAffine, bn_num_features, has_standard_forward, is_bn, make_custom_bn_folded
+from .layers import (
+    ChannelAffine,
+    FoldedNormAct,
+    bn_num_features,
+    has_standard_forward,
+    is_bn,
+    make_custom_bn_folded,
+    norm_act_parts,
+)
 
 # The state_dict key of the layout record.
 LAYOUT_KEY = "bntool.fold_layout"
@@ -28,12 +36,14 @@ _ATTRIBUTE = "_bntool_fold_layout"
 @dataclass
 class FoldLayout:
     """Module names a fold changed: BNs now Identity, BNs now ChannelAffine (some `centered`: subtract the
-    mean first), and conv/linear layers that gained a bias."""
+    mean first), conv/linear layers that gained a bias, and BN+act layers now a FoldedNormAct (`norm_act`:
+    their Identity/ChannelAffine sits inside it, before their own drop and act)."""
 
     identity: list[str] = field(default_factory=list)
     affine: list[str] = field(default_factory=list)
     centered: list[str] = field(default_factory=list)
     bias_added: list[str] = field(default_factory=list)
+    norm_act: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.identity or self.affine or self.bias_added)
@@ -44,7 +54,8 @@ class FoldLayout:
             return list(dict.fromkeys([*a, *b]))
 
         return FoldLayout(union(self.identity, later.identity), union(self.affine, later.affine),
-                          union(self.centered, later.centered), sorted(set(self.bias_added) | set(later.bias_added)))
+                          union(self.centered, later.centered), sorted(set(self.bias_added) | set(later.bias_added)),
+                          union(self.norm_act, later.norm_act))
 
     def to_dict(self) -> dict[str, list[str]]:
         return asdict(self)
@@ -55,8 +66,15 @@ class FoldLayout:
         if not isinstance(data, dict) or not all(
                 isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()):
             raise InputError(f"corrupt fold layout record: {str(data)[:100]!r}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"fold layout record has entries {unknown} this bntool does not know (written by a "
+                             "newer version, or corrupt)")
         known = {k: list(data.get(k, [])) for k in cls.__dataclass_fields__}
-        return cls(**known)
+        layout = cls(**known)
+        if not set(layout.centered) <= set(layout.affine):
+            raise InputError("corrupt fold layout record: a 'centered' layer that is not 'affine'")
+        return layout
 
     def to_tensor(self) -> torch.Tensor:
         """The layout as a uint8 tensor of JSON, to store in a state_dict under LAYOUT_KEY."""
@@ -86,6 +104,9 @@ class FoldLayout:
         modules = dict(model.named_modules())
         for name in self.bias_added:
             layer = _module(modules, name)
+            if not isinstance(layer, (_ConvNd, nn.Linear)):
+                raise InputError(f"fold layout adds a bias to {name!r}, which is a {type(layer).__name__}, not a "
+                                 "conv or linear layer in this architecture")
             transposed = isinstance(layer, _ConvTransposeNd)
             out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
             layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
@@ -95,9 +116,10 @@ class FoldLayout:
                 raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
             affine = name in self.affine
             c, dtype = bn_num_features(bn), bn.running_mean.dtype
-            if has_standard_forward(bn):
+            parts = norm_act_parts(bn) if name in self.norm_act else None
+            if has_standard_forward(bn) or parts is not None:
                 replacement = ChannelAffine.empty(c, dtype, name in self.centered) if affine else nn.Identity()
-                _replace_module(model, name, replacement)
+                _replace_module(model, name, FoldedNormAct(replacement, *parts) if parts else replacement)
             else:
                 ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
                 make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)

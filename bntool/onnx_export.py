@@ -7,8 +7,6 @@ import inspect as pyinspect
 import io
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -21,9 +19,18 @@ import torch
 from torch import nn
 
 from .choices import Exporter, Provider
-from .compare import ComparedReport, Comparison, Tolerance, compare_arrays, random_like, random_stream, to_numpy
-from .errors import CheckFailed, InputError, UnsupportedError, param
-from .files import check_output_path
+from .compare import (
+    ComparedReport,
+    Comparison,
+    Tolerance,
+    check_samples,
+    compare_arrays,
+    random_like,
+    random_stream,
+    to_numpy,
+)
+from .errors import CheckFailed, InputError, UnsupportedError, param, user_code
+from .files import OutputKind, Outputs, failed_name, test_point
 from .utils import iter_tensors
 
 EXPORTERS = Exporter.values()
@@ -96,8 +103,11 @@ def export_onnx(
     strict: bool = False,
     force: bool = False,
     check: bool = True,
+    keep_failed: bool = False,
+    protect: Sequence[str | os.PathLike] = (),
 ) -> ExportReport:
-    """Fold (optionally), export atomically to `path`, check the graph, then compare onnxruntime with PyTorch.
+    """Fold (optionally), export to a temp file, check the graph and compare onnxruntime with PyTorch; only a
+    file that passed is put at `path`.
 
     Args:
         model: the model (put in eval mode); with `fold`, a folded copy is exported and `model` is unchanged.
@@ -113,9 +123,11 @@ def export_onnx(
         rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
             atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
         provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
-        strict: remove the file when the check fails.
-        force: replace an existing file at `path`.
+        strict: kept for compatibility: a file that fails the check is never left at `path`.
+        force: replace an existing file at `path` (never a PyTorch checkpoint).
         check: raise CheckFailed when the check fails (else return the failed report).
+        keep_failed: keep a file that failed the check as `model.FAILED.onnx` (planned and checked up front).
+        protect: input files the outputs must not replace (the checkpoint the model came from, data files).
 
     Returns:
         An ExportReport (graph ops, files, comparisons).
@@ -125,13 +137,19 @@ def export_onnx(
         UnsupportedError: the dynamo exporter on a torch without it.
         CheckFailed: with `check`, onnxruntime's outputs differ beyond tolerance (`.report` is the report).
 
-    Side effects: writes `path` atomically (kept on a failed check unless `strict`); puts `model` in eval mode.
+    Side effects: writes `path` (and its external data) only when the check passed, all files at once at the
+    end; with `keep_failed`, a failed file goes to `failed_name(path)` instead. Puts `model` in eval mode.
     """
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if exporter not in EXPORTERS:
         raise InputError(f"{param('exporter')} {exporter!r}: choose one of {', '.join(EXPORTERS)}", param="exporter")
-    path = check_output_path(path, force=force)
+    check_opset(opset)
+    check_samples(samples)
+    check_provider(provider)
+    path = Path(path)
+    big = _is_big(model)
+    outputs = plan_outputs(path, big, force, keep_failed, protect)
     model = model.eval()
     names_in = list(input_names or (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     if len(names_in) != len(inputs):
@@ -139,43 +157,113 @@ def export_onnx(
                          param="input_names")
     report = ExportReport(path=str(path), exporter=exporter, opset=opset, folded=fold, input_names=names_in,
                           dynamic_batch=dynamic_batch, tolerance=tolerance)
-    started = time.perf_counter()
-    to_export = model
-    if fold:
-        from .folding import fold as fold_model
+    with outputs:
+        started = time.perf_counter()
+        to_export = model
+        if fold:
+            from .folding import fold as fold_model
 
-        to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
-        report.fold_counts = fold_report.to_dict()["counts"]
-    with torch.no_grad():
-        reference_out = model(*inputs)
-    names_out = list(output_names or _default_output_names(reference_out))
-    report.exporter = _export(to_export, inputs, path, exporter, opset, dynamic_batch, names_in, names_out, report)
-    report.export_seconds = time.perf_counter() - started
-    graph = load_checked(path)
-    report.opset = _opset(graph)
-    report.op_counts = dict(sorted(op_counts(graph).items()))
-    report.batch_norm_nodes = report.op_counts.get("BatchNormalization", 0)
-    report.output_names = [o.name for o in graph.graph.output]
-    report.file_bytes = sum(p.stat().st_size for p in _written_files(path))
+            to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
+            report.fold_counts = fold_report.to_dict()["counts"]
+        with torch.no_grad(), user_code("the model's forward on the example inputs"):
+            reference_out = model(*inputs)
+        names_out = list(output_names or _default_output_names(reference_out))
+        staging = outputs.staging_dir(path)
+        staged = staging / path.name  # external data refers to the file by name: it gets its final name here
+        report.exporter = _export(to_export, inputs, staged, exporter, opset, dynamic_batch, names_in, names_out,
+                                  big, report)
+        report.export_seconds = time.perf_counter() - started
+        graph = load_checked(staged)
+        report.opset = _opset(graph)
+        report.op_counts = dict(sorted(op_counts(graph).items()))
+        report.batch_norm_nodes = report.op_counts.get("BatchNormalization", 0)
+        report.output_names = [o.name for o in graph.graph.output]
+        report.file_bytes = sum(p.stat().st_size for p in _written_files(staged))
 
-    started = time.perf_counter()
-    result = compare_with_onnxruntime(model, path, inputs, tolerance, samples=samples, seed=seed, data=data,
-                                      provider=provider)
-    report.provider, report.comparisons, report.passed = result.provider, result.comparisons, result.passed
-    report.notes.extend(result.notes)
-    report.verify_seconds = time.perf_counter() - started
-    if fold and report.batch_norm_nodes:
-        report.notes.append(f"{report.batch_norm_nodes} BatchNormalization nodes remain after folding")
-    if not report.passed and strict:
-        for p in _written_files(path):
-            p.unlink()
+        started = time.perf_counter()
+        test_point("check")
+        result = compare_with_onnxruntime(model, staged, inputs, tolerance, samples=samples, seed=seed, data=data,
+                                          provider=provider)
+        report.provider, report.comparisons, report.passed = result.provider, result.comparisons, result.passed
+        report.notes.extend(result.notes)
+        report.verify_seconds = time.perf_counter() - started
+        if fold and report.batch_norm_nodes:
+            report.notes.append(f"{report.batch_norm_nodes} BatchNormalization nodes remain after folding")
+        if report.passed or keep_failed:
+            target = path if report.passed else failed_name(path)
+            files = {staged: target}
+            data_file = staged.with_name(_data_name(path))
+            if _exists(data_file):
+                if target != path:
+                    _relocate_external_data(staged, data_file.name, _data_name(target))
+                    data_file = staged.with_name(_data_name(target))
+                files[data_file] = target.with_name(_data_name(target))
+            for written, final in files.items():
+                outputs.adopt(final, written, staging)
+            outputs.commit()
+            report.path = str(target)
     if check and not report.passed:
+        where = (f"kept as {failed_name(path)} ({param('keep_failed')})" if keep_failed else
+                 f"nothing written at {path}")
         raise CheckFailed(f"onnxruntime output differs from PyTorch: max abs error {report.max_abs:.3g} "
                           f"({report.max_abs_over_scale:.3g} of the output's magnitude), "
-                          f"{report.mismatched_fraction:.2%} of elements over {tolerance.describe()}; "
-                          + (f"file removed ({param('strict')})" if strict else
-                             f"{path} kept but FAILED verification"), report=report)
+                          f"{report.mismatched_fraction:.2%} of elements over {tolerance.describe()}; {where}",
+                          report=report)
     return report
+
+
+def _is_big(model: nn.Module) -> bool:
+    """Over ~2 GB of weights: the protobuf limit, so the exporter writes them to `<name>.data` beside the file."""
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB * 0.9
+
+
+def _data_name(path: Path) -> str:
+    return path.name + ".data"
+
+
+def plan_outputs(path: Path, big: bool, force: bool, keep_failed: bool, protect) -> Outputs:
+    """Every file the export may write, checked before any work: the file, its external data, and with
+    `keep_failed` the FAILED names."""
+    outputs = Outputs()
+    for p in protect:
+        outputs.add_input(p, "an input")
+    targets = [(path, "output")] + ([(failed_name(path), "the file kept on failure")] if keep_failed else [])
+    for target, what in targets:
+        outputs.add(target, OutputKind.ONNX, force=force, what=what)
+        if big:
+            outputs.add(target.with_name(_data_name(target)), OutputKind.ONNX, force=force, what="external data")
+    outputs.check()
+    return outputs
+
+
+def _relocate_external_data(onnx_path: Path, old: str, new: str) -> None:
+    """Point the tensors stored in external data at the file's new name (for a file kept under another name)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in _get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save(model, str(onnx_path))
+    os.replace(onnx_path.with_name(old), onnx_path.with_name(new))
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's exporters write (the dynamo exporter converts down to the older ones)."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+
+
+def check_opset(opset: int | None) -> None:
+    if opset is None:
+        return
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise InputError(f"{param('opset')} {opset!r}: this torch ({torch.__version__}) exports ONNX opsets "
+                         f"{low} to {high}", param="opset")
 
 
 def _default_output_names(out: Any) -> list[str]:
@@ -183,35 +271,26 @@ def _default_output_names(out: Any) -> list[str]:
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
 
 
-def _export(model, inputs, path: Path, exporter, opset, dynamic_batch, names_in, names_out, report) -> str:
-    """Export into a private temp directory with the final file name (external data files refer to it by
-    name), then move the files into place: a failure or Ctrl-C leaves nothing behind."""
-    big = sum(p.numel() * p.element_size() for p in model.state_dict().values()) > TWO_GB * 0.9
+def _export(model, inputs, target: Path, exporter, opset, dynamic_batch, names_in, names_out, big, report) -> str:
+    """Export to `target` (in a private temp directory: external data files refer to it by name), trying each
+    exporter of `exporter` in turn; return the one that worked."""
     has_dynamo = "dynamo" in pyinspect.signature(torch.onnx.export).parameters
     order = {"auto": ["dynamo", "legacy"] if has_dynamo else ["legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}
     if exporter == "dynamo" and not has_dynamo:
         raise UnsupportedError(f"{param('exporter')} dynamo needs torch >= 2.5 (this is {torch.__version__})",
                                param="exporter")
-    parent = path.parent if str(path.parent) else Path(".")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     failures = []
-    try:
-        for kind in order[exporter]:
-            target = tmpdir / path.name
-            try:
-                _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo)
-            except Exception as e:  # exporters raise many types; each is reported in one line below
-                failures.append(f"{kind} exporter: {_exporter_message(e)}")
-                for p in tmpdir.iterdir():
-                    p.unlink()
-                continue
-            for p in tmpdir.iterdir():
-                os.replace(p, parent / p.name)
-            if failures:
-                report.notes.append(f"fell back to the {kind} exporter ({failures[0]})")
-            return kind
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    for kind in order[exporter]:
+        try:
+            _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo)
+        except Exception as e:  # exporters raise many types; each is reported in one line below
+            failures.append(f"{kind} exporter: {_exporter_message(e)}")
+            for p in target.parent.iterdir():
+                p.unlink()
+            continue
+        if failures:
+            report.notes.append(f"fell back to the {kind} exporter ({failures[0]})")
+        return kind
     hint = f"; try {param('exporter')} legacy" if exporter == "dynamo" else ""
     if exporter == "legacy" and has_dynamo:
         hint = f"; try {param('exporter')} dynamo"
@@ -234,6 +313,12 @@ def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, n
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*names_in, *names_out]}
     with _quiet_exporter():
         torch.onnx.export(model, tuple(inputs), str(target), **kwargs)
+    if opset is not None:  # the dynamo exporter writes its own opset when converting to the one asked for fails
+        import onnx
+
+        written = _opset(onnx.load(str(target), load_external_data=False))
+        if written != opset:
+            raise UnsupportedError(f"it wrote opset {written}, not the requested {opset}")
 
 
 @contextlib.contextmanager
@@ -283,8 +368,16 @@ def _exporter_message(e: BaseException) -> str:
 
 
 def _written_files(path: Path) -> list[Path]:
+    """The ONNX file and its external data file if there is one (a name too long for one cannot have it)."""
     extra = path.with_name(path.name + ".data")
-    return [p for p in (path, extra) if p.exists()]
+    return [p for p in (path, extra) if _exists(p)]
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def load_checked(path: str | os.PathLike):
@@ -331,22 +424,38 @@ def op_counts(model) -> Counter:
     return counts
 
 
-def ort_session(path: str | os.PathLike, provider: str = "cpu"):
+def check_provider(provider: str) -> None:
+    """Before any work: `provider` is one onnxruntime has here."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
     if provider not in Provider.values():
         raise InputError(f"{param('provider')} {provider!r}: choose one of {', '.join(Provider.values())}",
                          param="provider")
-    if provider == Provider.CUDA:
-        if "CUDAExecutionProvider" not in available:
-            raise InputError(f"{param('provider')} cuda: onnxruntime has no CUDA provider here "
-                             f"(available: {available})", param="provider")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if provider == Provider.CUDA and "CUDAExecutionProvider" not in available:
+        raise InputError(f"{param('provider')} cuda: onnxruntime has no CUDA provider here "
+                         f"(available: {available})", param="provider")
+
+
+# onnxruntime's default level fuses Conv+BN and more when it loads a file; with optimisations off it runs the graph
+# as written, as TensorRT, OpenVINO or a mobile converter receive it. The check runs both.
+OPTIMIZATION_LEVELS = ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL")
+
+
+def _level_of(label: str) -> str:
+    return next((level for level in OPTIMIZATION_LEVELS[1:] if label.endswith(f"({level})")), OPTIMIZATION_LEVELS[0])
+
+
+def ort_session(path: str | os.PathLike, provider: str = "cpu", optimization: str = "ORT_ENABLE_ALL"):
+    """An onnxruntime session on `path` with `provider` at graph optimisation level `optimization`."""
+    import onnxruntime as ort
+
+    check_provider(provider)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == Provider.CUDA else \
+        ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:
@@ -399,7 +508,8 @@ def compare_with_onnxruntime(
     Raises:
         InputError: onnxruntime cannot load the file, or its inputs do not match `inputs`.
     """
-    session = ort_session(path, provider)
+    sessions = {level: ort_session(path, provider, level) for level in OPTIMIZATION_LEVELS}
+    session = sessions[OPTIMIZATION_LEVELS[0]]
     result = OnnxCheck(provider=session.get_providers()[0])
     check_signature(session, inputs, path)
     names = [i.name for i in session.get_inputs()]
@@ -412,18 +522,26 @@ def compare_with_onnxruntime(
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch,)))
     for label, xs in cases:
-        with torch.no_grad():
-            expected = [to_numpy(t) for t in iter_tensors(model(*xs))]
-        try:
-            got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
-        except Exception as e:
-            message = f"onnxruntime failed: {_exporter_message(e)}"
-            result.comparisons.append(Comparison.failure(label, "*", message))
-            result.notes.append(f"{label}: {message}")
-            continue
-        out_names = [o.name for o in session.get_outputs()]
-        if len(got) != len(expected):
-            raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
-        for name, ref, out in zip(out_names, expected, got):
-            result.comparisons.append(compare_arrays(label, name, ref, out, tolerance))
+        with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
+            output = model(*xs)
+        expected = [to_numpy(t) for t in iter_tensors(output)]
+        for level, level_session in sessions.items():
+            # Labels of the default level stay as they are; the unoptimised run says so.
+            level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
+            try:
+                got = level_session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
+            except Exception as e:
+                message = f"onnxruntime failed: {_exporter_message(e)}"
+                result.comparisons.append(Comparison.failure(level_label, "*", message))
+                result.notes.append(f"{level_label}: {message}")
+                continue
+            out_names = [o.name for o in level_session.get_outputs()]
+            if len(got) != len(expected):
+                raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
+            for name, ref, out in zip(out_names, expected, got):
+                result.comparisons.append(compare_arrays(level_label, name, ref, out, tolerance))
+    for level in OPTIMIZATION_LEVELS:
+        mine = [c for c in result.comparisons if _level_of(c.input) == level]
+        failed = sum(not c.passed for c in mine)
+        result.notes.append(f"onnxruntime {level}: {len(mine) - failed} of {len(mine)} comparisons passed")
     return result

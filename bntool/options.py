@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
 
-from .errors import InputError
+from .errors import InputError, user_code
 
 # ---------------------------------------------------------------- groups
 
@@ -76,10 +76,15 @@ class ExampleInputs:
         inputs = []
         for text in self.input_shape:
             shape = parse_shape(text)
-            if torch_dtype.is_floating_point:
-                inputs.append(torch.randn(shape, generator=g).to(torch_dtype))
-            else:
-                inputs.append(torch.randint(0, 2, shape, generator=g).to(torch_dtype))
+            try:
+                if torch_dtype.is_floating_point:
+                    inputs.append(torch.randn(shape, generator=g).to(torch_dtype))
+                else:
+                    inputs.append(torch.randint(0, 2, shape, generator=g).to(torch_dtype))
+            except (RuntimeError, MemoryError) as e:  # the allocator's refusal: the shape asks too much
+                size = torch.Size(shape).numel() * torch.empty((), dtype=torch_dtype).element_size()
+                raise InputError(f"--input-shape {text}: cannot allocate {size / 2**30:,.1f} GiB for the example "
+                                 f"input ({type(e).__name__})") from e
         return tuple(inputs)
 
 
@@ -130,8 +135,12 @@ class DataOptions:
         if not self.given:
             return None
         batches = []
-        for x in self.open():
-            if len(batches) >= num_batches:
+        source = iter(self.open())
+        while len(batches) < num_batches:
+            try:
+                with user_code("reading the check data"):
+                    x = next(source)
+            except StopIteration:
                 break
             batches.append(x.to(dtype))
         return batches

@@ -9,6 +9,25 @@ from .errors import InputError, param
 from .files import atomic_write
 
 
+def check_can_plot(path: str | os.PathLike) -> None:
+    """Before any work: matplotlib is installed and writes the format the file's suffix names.
+
+    Raises:
+        InputError: matplotlib is missing, or the suffix is not one of its formats.
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:
+        raise InputError(f"{param('plot')} needs matplotlib: pip install 'bntool[examples]' or pip install "
+                         "matplotlib", param="plot") from e
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in formats:
+        what = f".{suffix} files" if suffix else "a file without a suffix (the suffix names the format)"
+        raise InputError(f"{param('plot')} {path}: matplotlib cannot write {what}; use one of "
+                         f"{', '.join('.' + f for f in formats)}", param="plot")
+
+
 def plot_recalibration(report, path: str | os.PathLike, title: str | None = None) -> None:
     """Two panels along the depth of the network: mean shift in old standard deviations, and the range of
     new/old variance ratios (log scale). Written atomically as PNG/SVG/PDF by the file's suffix."""

@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, UserCodeError, user_code
 from .layers import bn_eps, bn_modules, is_frozen_bn
 from .segments import SegmentCache, default_cache_budget
-from .utils import first_line
 
 MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
@@ -290,33 +289,26 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 def _reading(data):
     """Iterate the user's data; its failures (a bad file, a broken loader) are input errors, not ours."""
-    iterator = iter(data)
+    with user_code("reading the calibration data"):
+        iterator = iter(data)
     while True:
         try:
-            item = next(iterator)
+            with user_code("reading the calibration data"):
+                item = next(iterator)
         except StopIteration:
             return
-        except (InputError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            raise InputError(f"reading the calibration data failed: {type(e).__name__}: {message[:300]}") from e
         yield item
 
 
 def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
     try:
-        model(x)
-    except InputError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        if batch_index > 0 and "Expected more than 1 value per channel" not in str(e):
-            raise
-        message = first_line(e)
-        if "Expected more than 1 value per channel" in message:
+        with user_code(f"the model's forward on calibration batch {batch_index + 1} of shape {tuple(x.shape)}"):
+            model(x)
+    except UserCodeError as e:
+        if "Expected more than 1 value per channel" in str(e.__cause__):
             raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
-                             "recalibration; use a larger --batch-size or --mode exact") from e
-        raise InputError(f"calibration input of shape {tuple(x.shape)} does not fit the model: {message[:300]}") from e
+                             "recalibration; use a larger --batch-size or --mode exact") from e.__cause__
+        raise
 
 
 def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str, ChannelStats]:
@@ -440,7 +432,8 @@ def _levels(model, layers, batches):
     first = next(iter(batches), None)
     if first is None:
         raise InputError("the calibration data yielded no batches")
-    flow, _ = trace(model, (first[:2],))
+    with user_code(f"the model's forward on calibration batch 1 of shape {tuple(first.shape)}"):
+        flow, _ = trace(model, (first[:2],))
     by_id = dependency_levels(flow, [m for _, m in layers])
     return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}, flow
 
@@ -636,7 +629,12 @@ def _device(device, model) -> torch.device:
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from e
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device!r}: recalibration runs on cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
     if dev.type == "mps" and not torch.backends.mps.is_available():

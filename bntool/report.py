@@ -94,6 +94,8 @@ def render_fold(report, console: Console) -> None:
                   f"{report.batch_norm_ops_before} → {report.batch_norm_ops_after}; "
                   f"parameters: {report.params_before:,} → {report.params_after:,}; "
                   f"fold took {report.fold_seconds:.2f} s.")
+    for line in report.ops_left:
+        console.print(f"[yellow]batch_norm left:[/] {line}")
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     for c in report.comparisons:
         if c.float64_error_original is not None:

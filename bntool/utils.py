@@ -11,15 +11,9 @@ from collections.abc import Iterator, Mapping
 from enum import Enum
 from typing import Any
 
-from .errors import InputError, param
+from .errors import MAX_MESSAGE, InputError, first_line, param
 
-MAX_MESSAGE = 300
-
-
-def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
-    """The first non-empty line of an exception's message (its type name if it has none), cut to `limit`."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+__all__ = ["MAX_MESSAGE", "first_line"]  # defined in errors.py (the boundary needs them), used from here
 
 
 def iter_tensors(obj: Any) -> Iterator[Any]:

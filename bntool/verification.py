@@ -79,7 +79,10 @@ def verify(
     Raises:
         InputError: the model does not accept the inputs, or `onnx_path` is not a loadable ONNX file.
     """
+    from .compare import check_samples
+
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_samples(samples)
     report = VerifyReport()
     report.checks.append(_timed(lambda: check_health(model)))
     report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))

@@ -15,8 +15,17 @@ from torch import nn
 from bntool import zoo
 from bntool.checkpoint import load_checkpoint
 from bntool.errors import CheckFailed
-from bntool.folding import AFFINE, FOLDED, FOLDED_FORWARD, MAX_FORWARD_FOLD_MEAN, REFUSED, fold, mean_in_stds
-from bntool.layers import ChannelAffine
+from bntool.folding import (
+    AFFINE,
+    FOLDED,
+    FOLDED_FORWARD,
+    MAX_FORWARD_FOLD_MEAN,
+    REFUSED,
+    fold,
+    mean_in_stds,
+    plan_fold,
+)
+from bntool.layers import ChannelAffine, FoldedNormAct
 
 ULPS = 8 * torch.finfo(torch.float32).eps
 
@@ -229,8 +238,9 @@ def test_zoo_model_folds_exactly(name):
 
 def test_bn_subclass_keeps_its_activation():
     model = zoo.build("subclass")
-    folded, _ = fold(model, zoo.example_input("subclass"))
-    assert isinstance(folded.bn1, zoo.BatchNormAct2d) and isinstance(folded.bn1.act, nn.SiLU)
+    folded, report = fold(model, zoo.example_input("subclass"))
+    assert isinstance(folded.bn1, FoldedNormAct) and isinstance(folded.bn1.act, nn.SiLU)
+    assert {d.name: d.replaced_by for d in report.decisions}["bn1"] == "FoldedNormAct"
     x = torch.randn(2, 8, 5, 5)
     # With normalization folded away, the module is now exactly its activation.
     assert torch.equal(folded.bn1(x), torch.nn.functional.silu(x))
@@ -390,7 +400,419 @@ def test_cli_fold_mismatch_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch)
 def test_cli_bad_input_shape(tmp_path, cli, resnet_sd):
     out = tmp_path / "out.pt"
     assert_clean_error(cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "2,5,32,32",
-                           "-o", out), contains="does not accept --input-shape")
+                           "-o", out), contains="forward on the example inputs failed")
     assert_clean_error(cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "2,a", "-o", out),
                        contains="comma-separated")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- planning apart from surgery
+
+
+def test_plan_fold_decides_without_changing_the_model():
+    model = zoo.build("preact").train()
+    model.bn_fwd.eval()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    plan = plan_fold(model, zoo.example_input("preact"))
+    assert model.training and not model.bn_fwd.training and model.bn_pre.training  # modes put back
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    by_name = {s.decision.name: s for s in plan.steps}
+    assert by_name["bn_pre"].decision.action == FOLDED and by_name["bn_pre"].targets[0].layer == "conv0"
+    assert by_name["bn_pad"].decision.action == AFFINE and "zero-pads" in by_name["bn_pad"].decision.reason
+    assert plan.batch_norm_ops == 4 and plan.params == sum(p.numel() for p in model.parameters())
+    # fold applies exactly the plan it is given: here one that leaves bn_pre alone.
+    by_name["bn_pre"].decision.action, by_name["bn_pre"].targets = REFUSED, []
+    by_name["bn_pre"].decision.reason = "kept by hand"
+    folded, report = fold(model.eval(), zoo.example_input("preact"), plan=plan)
+    assert isinstance(folded.bn_pre, nn.BatchNorm2d) and report.batch_norm_ops_after == 1
+    assert report.ops_left == ["bn_pre: kept by hand"]
+
+
+def test_inspect_plans_without_folding(monkeypatch):
+    import bntool.folding as folding
+    from bntool.inspection import inspect
+
+    monkeypatch.setattr(folding, "apply_fold_plan", lambda *a: pytest.fail("inspect must not fold"))
+    report = inspect(zoo.build("reused"), zoo.example_input("reused"))
+    actions = {layer.name: (layer.fold_action, layer.fold_target) for layer in report.layers}
+    assert actions["bn_a"] == (AFFINE, None) and actions["stem.1"] == (FOLDED, "stem.0")
+
+
+# ---------------------------------------------------------------- odd readers
+
+
+class BareWeightReuse(nn.Module):
+    """The conv's weight is also used by a bare F.conv2d: folding into the conv would change that call too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight, None, padding=1)
+
+
+class ReadsBNAttributes(nn.Module):
+    """The forward reads a BN's γ and another's num_features outside their own calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) * self.bn.weight.abs().view(1, -1, 1, 1)
+        z = self.bn2(self.conv2(y))[:, : self.bn2.num_features]
+        return self.bn3(self.conv3(z))
+
+
+class ScriptedPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+        self.conv, self.bn = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.enc(x)))
+
+
+def fold_checked(model: nn.Module, x: torch.Tensor):
+    """Fold; the folded output must match the float64 reference as closely as the unfolded model does."""
+    folded, report = fold(model, x, samples=1)
+    ref = reference64(model, x)
+    with torch.no_grad():
+        err_folded = (folded(x).double() - ref).abs().max()
+        err_plain = (model(x).double() - ref).abs().max()
+    assert report.passed and err_folded <= 1.5 * err_plain + ULPS * ref.abs().max()
+    return folded, report, {d.name: d for d in report.decisions}
+
+
+def test_weight_read_by_a_bare_call_is_not_folded_into():
+    _, _, d = fold_checked(zoo.randomize_bn(BareWeightReuse()).eval(), torch.randn(2, 3, 8, 8))
+    assert d["bn"].action == AFFINE and "weight is also read by conv2d" in d["bn"].reason
+
+
+def test_bn_attributes_read_outside_the_bn_are_kept():
+    folded, report, d = fold_checked(zoo.randomize_bn(ReadsBNAttributes()).eval(), torch.randn(2, 3, 8, 8))
+    assert d["bn"].action == REFUSED and "weight is read outside its own forward" in d["bn"].reason
+    assert d["bn2"].action == REFUSED and "num_features is read" in d["bn2"].reason
+    assert d["bn3"].action == FOLDED
+    assert isinstance(folded.bn, nn.BatchNorm2d) and report.batch_norm_ops_after == 2
+    assert [line.split(":")[0] for line in report.ops_left] == ["bn", "bn2"]
+
+
+def test_torchscript_submodule_is_opaque():
+    folded, report, d = fold_checked(zoo.randomize_bn(ScriptedPart()).eval(), torch.randn(2, 3, 8, 8))
+    assert report.opaque == ["enc"] and d["enc.1"].action == REFUSED and "TorchScript" in d["enc.1"].reason
+    assert d["bn"].action == FOLDED and isinstance(folded.bn, nn.Identity)
+    assert report.batch_norm_ops_before == 2 and report.batch_norm_ops_after == 1
+
+
+def test_torchscript_model_is_a_clean_input_error():
+    from bntool.errors import InputError
+
+    with pytest.raises(InputError, match="TorchScript"):
+        fold(torch.jit.script(zoo.build("resnet")), zoo.example_input("resnet"))
+
+
+# ---------------------------------------------------------------- across sums and concats
+
+
+@st.composite
+def merge_configs(draw):
+    kind = draw(st.sampled_from(["add", "cat", "cat-of-add"]))
+    n = draw(st.integers(2, 3))
+    groups = [draw(st.sampled_from([1, 2])) for _ in range(n)]
+    cout = draw(st.integers(1, 3)) * 2
+    outs = [cout] * n if kind == "add" else [g * draw(st.integers(1, 3)) for g in groups]
+    if kind == "cat-of-add":  # the first two terms are summed, then concatenated with the rest
+        outs[0] = outs[1] = 2 * draw(st.integers(1, 2))
+    return dict(kind=kind, groups=groups, outs=outs, cin=2 * draw(st.integers(1, 2)),
+                k=[draw(st.sampled_from([1, 3])) for _ in range(n)], bias=[draw(st.booleans()) for _ in range(n)],
+                dims=draw(st.sampled_from([1, 2])), affine=draw(st.booleans()), tiny_var=draw(st.booleans()),
+                dropout=draw(st.booleans()), seed=draw(st.integers(0, 10_000)))
+
+
+class Merge(nn.Module):
+    """BN of a sum or a channel concat of convs (each read only by the add/cat), as in MixNet and Inception."""
+
+    def __init__(self, c):
+        super().__init__()
+        conv = nn.Conv1d if c["dims"] == 1 else nn.Conv2d
+        self.c = c
+        self.convs = nn.ModuleList(conv(c["cin"], o, k, padding=k // 2, groups=g, bias=b)
+                                   for o, k, g, b in zip(c["outs"], c["k"], c["groups"], c["bias"]))
+        channels = {"add": c["outs"][0], "cat": sum(c["outs"]), "cat-of-add": sum(c["outs"][1:])}[c["kind"]]
+        self.bn = (nn.BatchNorm1d if c["dims"] == 1 else nn.BatchNorm2d)(channels, affine=c["affine"])
+
+    def forward(self, x):
+        ys = [conv(x) for conv in self.convs]
+        if self.c["dropout"]:
+            ys[0] = nn.functional.dropout(ys[0], 0.5, training=False)
+        if self.c["kind"] == "add":
+            y = ys[0]
+            for term in ys[1:]:
+                y = y + term
+        elif self.c["kind"] == "cat":
+            y = torch.cat(ys, 1)
+        else:
+            y = torch.cat([ys[0] + ys[1], *ys[2:]], dim=1)
+        return self.bn(y)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(merge_configs())
+def test_fold_across_sums_and_concats_is_exact(c):
+    torch.manual_seed(c["seed"])
+    model = Merge(c).eval()
+    random_stats(model.bn, torch.Generator().manual_seed(c["seed"]), c["tiny_var"])
+    x = torch.randn(2, c["cin"], *[6] * c["dims"], generator=torch.Generator().manual_seed(c["seed"] + 1))
+    folded, report = fold(model, x)
+    d = report.decisions[0]
+    assert (d.action, sorted(d.target.split(", "))) == (FOLDED, [f"convs.{i}" for i in range(len(c["outs"]))])
+    assert report.batch_norm_ops_after == 0 and isinstance(folded.bn, nn.Identity)
+    # A sum's shift goes into one bias: a bias is added only where no term had one.
+    added = report.layout.bias_added
+    if c["kind"] == "add":
+        assert len(added) == (0 if any(c["bias"]) else 1)
+    elif c["kind"] == "cat":
+        assert added == sorted(f"convs.{i}" for i, b in enumerate(c["bias"]) if not b)
+    assert_exact_in_float64(model, x)
+    ref = reference64(model, x)
+    with torch.no_grad():
+        out = folded(x).double()
+        err_folded, err_plain = (out - ref).abs().max(), (model(x).double() - ref).abs().max()
+    # Each folded conv rounds on its own; the sum adds one rounding of its result.
+    budget = sum(rounding_budget(conv, x) for conv in folded.convs) + 2 * ULPS * float(ref.abs().max())
+    assert err_folded <= 1.5 * err_plain + budget
+
+
+class MergeTraps(nn.Module):
+    """Sums and concats that must not fold: a residual identity term, a conv output also read elsewhere,
+    DenseNet-style conv outputs concatenated twice, a sum that broadcasts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e, self.f, self.g, self.h = (nn.Conv2d(4, 4, 1) for _ in range(8))
+        self.bn_res, self.bn_shared, self.bn_dense1, self.bn_dense2, self.bn_bcast = (
+            nn.BatchNorm2d(c) for c in (4, 4, 8, 12, 4))
+
+    def forward(self, x):
+        r = self.bn_res(self.a(x) + x)  # an identity term
+        s = self.b(r)
+        y = self.bn_shared(s + self.c(r)) + s  # s is read again by the second add
+        f, g = self.d(y), self.e(y)
+        z = self.bn_dense1(torch.cat([f, g], 1))  # f and g are concatenated again below
+        w = self.bn_dense2(torch.cat([f, g, self.f(y)], 1))
+        v = self.bn_bcast(self.g(y) + self.h(y).mean((2, 3), keepdim=True))
+        return z.sum(1, keepdim=True) + w.sum(1, keepdim=True) + v
+
+
+def test_merges_that_must_not_fold_become_affines():
+    _, _, d = fold_checked(zoo.randomize_bn(MergeTraps()).eval(), torch.randn(2, 4, 6, 6))
+    assert d["bn_res"].action == AFFINE and "a term of the add feeding it is also read by conv2d" in d["bn_res"].reason
+    assert d["bn_shared"].action == AFFINE and "also read by add" in d["bn_shared"].reason
+    assert d["bn_dense1"].action == AFFINE and "also read by cat" in d["bn_dense1"].reason
+    assert d["bn_dense2"].action == AFFINE and "also read by cat" in d["bn_dense2"].reason
+    assert d["bn_bcast"].action == AFFINE and "fed by add, not a conv" in d["bn_bcast"].reason
+
+
+class ShapeReaders(nn.Module):
+    """LeViT-style: `.reshape_as(y)` reads the Linear's output only for its shape; `.size()`, `.dim()` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, L, 6)
+        y = self.fc(x)
+        assert y.dim() == 3 and y.size(-1) == y.shape[-1] == 8
+        z = self.bn(y.flatten(0, 1)).reshape_as(y)
+        return self.fc2(torch.relu(z) * torch.ones_like(y))
+
+
+def test_reads_of_the_shape_do_not_share_an_output():
+    _, _, d = fold_checked(zoo.randomize_bn(ShapeReaders()).eval(), torch.randn(2, 5, 6))
+    assert (d["bn"].action, d["bn"].target) == (FOLDED, "fc")
+
+
+# ---------------------------------------------------------------- BatchNorm without a BatchNorm module
+
+
+class FunctionalNorm(nn.Module):
+    """A custom norm layer around F.batch_norm with its own buffers and parameters (ported code)."""
+
+    def __init__(self, c, eps=1e-3):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.randn(c))
+        self.register_buffer("var", torch.rand(c) + 0.5)
+        self.w, self.b = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.mean, self.var, self.w, self.b, training=False, eps=self.eps)
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 4, 3, padding=1), FunctionalNorm(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.register_buffer("m2", torch.randn(4))
+        self.register_buffer("v2", torch.rand(4) + 0.5)
+        self.norm3 = FunctionalNorm(4)
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(nn.functional.batch_norm(self.conv2(x), self.m2, self.v2, None, None, False))
+        x = self.norm3(x)  # fed by relu: cannot fold, stays
+        return nn.functional.batch_norm(x, None, None, training=True)  # batch statistics: stays
+
+
+def test_functional_batch_norm_on_module_tensors_folds():
+    torch.manual_seed(0)
+    model = FunctionalNet().eval()
+    x = torch.randn(4, 3, 6, 6)
+    folded, report, d = fold_checked(model, x)
+    assert {n: (v.type, v.action, v.target) for n, v in d.items()} == {
+        "norm1": ("F.batch_norm", FOLDED, "conv1"), "(model)": ("F.batch_norm", FOLDED, "conv2"),
+        "norm3": ("F.batch_norm", REFUSED, None)}
+    assert "fed by relu" in d["norm3"].reason
+    # The calls stay in the owners' forwards, now with identity statistics: every one is named, with why.
+    assert report.batch_norm_ops_after == report.batch_norm_ops_before == 4
+    assert len(report.ops_left) == 4 and "training=True" in report.ops_left[-1]
+    assert torch.equal(folded.norm1.mean, torch.zeros(4)) and torch.equal(folded.norm1.w, torch.ones(4))
+    ones = torch.ones(1, 4, 1, 1)
+    with torch.no_grad():  # exactly the identity, not merely close
+        assert torch.equal(folded.norm1(ones * 3.7), ones * 3.7)
+    assert report.layout.bias_added == ["conv2"]
+    assert not torch.equal(model.norm1.mean, torch.zeros(4))  # the original keeps its statistics
+
+
+def test_inspect_lists_functional_batch_norm():
+    from bntool.inspection import inspect
+
+    report = inspect(FunctionalNet().eval(), torch.randn(2, 3, 6, 6))
+    assert [(layer.name, layer.type, layer.fold_action) for layer in report.layers] == [
+        ("norm1", "F.batch_norm", FOLDED), ("(model)", "F.batch_norm", FOLDED), ("norm3", "F.batch_norm", REFUSED)]
+    assert len(report.batch_norm_calls_unplanned) == 1
+
+
+# ---------------------------------------------------------------- BN+activation classes
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    """A faithful replica of timm.layers.BatchNormAct2d (timm 1.0): its own copy of BatchNorm2d.forward's
+    eval path through F.batch_norm, then drop, then act. Named like timm's class, as the fold recognizes it."""
+
+    def __init__(self, num_features, eps=1e-5, apply_act=True, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(num_features, eps=eps)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=True) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        assert x.ndim == 4, f"expected 4D input (got {x.ndim}D input)"
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        x = nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, 0.0 if self.momentum is None else self.momentum, self.eps)
+        x = self.drop(x)
+        x = self.act(x)
+        return x
+
+
+TimmBatchNormAct2d.__name__ = TimmBatchNormAct2d.__qualname__ = "BatchNormAct2d"
+
+
+class LookAlike(TimmBatchNormAct2d):
+    """Named like timm's class, but activates before normalizing: must not be replaced structurally."""
+
+    def forward(self, x):
+        return super().forward(torch.relu(x))
+
+
+LookAlike.__name__ = "BatchNormAct2d"
+
+
+class GeluNorm(nn.BatchNorm2d):
+    """A BN subclass nobody knows: its batch_norm call is intercepted, its GELU kept."""
+
+    def forward(self, x):
+        return nn.functional.gelu(super().forward(x))
+
+
+class NormActNet(nn.Module):
+    """EfficientNet-like: conv → BN+SiLU (+ dropout layer), depthwise conv → BN+SiLU, 1×1 → BN without act
+    added to a residual, a BN+act fed by that add (an affine), a look-alike and an unknown subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), TimmBatchNormAct2d(
+            8, act_layer=nn.SiLU, drop_layer=lambda: nn.Dropout(0.2))
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = TimmBatchNormAct2d(8, act_layer=nn.SiLU)
+        self.pw, self.bn3 = nn.Conv2d(8, 8, 1, bias=False), TimmBatchNormAct2d(8, apply_act=False)
+        self.bn4 = TimmBatchNormAct2d(8, act_layer=nn.Hardswish)
+        self.conv5, self.bn5 = nn.Conv2d(8, 8, 1), LookAlike(8)
+        self.conv6, self.bn6 = nn.Conv2d(8, 8, 1), GeluNorm(8)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = self.bn4(x + self.bn3(self.pw(self.bn2(self.dw(x)))))
+        return self.bn6(self.conv6(self.bn5(self.conv5(x))))
+
+
+def test_bn_act_classes_are_replaced_structurally():
+    model = zoo.randomize_bn(NormActNet()).eval()
+    folded, report, d = fold_checked(model, torch.randn(2, 3, 8, 8))
+    paths = {name: (v.action, v.replaced_by) for name, v in d.items()}
+    assert paths == {"bn1": (FOLDED, "FoldedNormAct"), "bn2": (FOLDED, "FoldedNormAct"),
+                     "bn3": (FOLDED, "FoldedNormAct"), "bn4": (AFFINE, "FoldedNormAct"),
+                     "bn5": (AFFINE, "intercepted forward"), "bn6": (FOLDED, "intercepted forward")}
+    assert isinstance(folded.bn1.drop, nn.Dropout) and isinstance(folded.bn4.norm, ChannelAffine)
+    assert report.layout.norm_act == ["bn1", "bn2", "bn3", "bn4"] and report.batch_norm_ops_after == 0
+
+
+def test_folded_bn_act_models_script_trace_export_and_compile():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), TimmBatchNormAct2d(8, act_layer=nn.SiLU),
+                          nn.Conv2d(8, 8, 1), TimmBatchNormAct2d(8, act_layer=nn.ReLU))
+    model = zoo.randomize_bn(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, _ = fold(model, x)
+    with torch.no_grad():
+        expected = folded(x)
+        assert torch.equal(torch.jit.script(folded)(x), expected)
+        assert torch.equal(torch.jit.trace(folded, (x,))(x), expected)
+        assert torch.allclose(torch.export.export(folded, (x,)).module()(x), expected, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(torch.compile(folded, backend="aot_eager")(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet", "preact", "tokens", "subclass", "mlp"])
+def test_folded_zoo_models_script_and_trace(name):
+    """Where the original scripts or traces, the folded model does too, with the same outputs."""
+    model, x = zoo.build(name), zoo.example_input(name)
+    folded, _ = fold(model, x)
+    with torch.no_grad():
+        expected = folded(x)
+        for convert in (torch.jit.script, lambda m: torch.jit.trace(m, (x,), check_trace=False)):
+            try:
+                convert(copy.deepcopy(model))
+            except Exception:
+                continue
+            assert torch.allclose(convert(folded)(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_real_timm_bn_act_is_replaced_structurally():
+    try:
+        import timm.layers as timm_layers
+    except Exception as e:  # not installed, or torchvision's CUDA-built ops on a CPU torch
+        pytest.skip(f"timm does not import here: {e}")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), timm_layers.BatchNormAct2d(8, act_layer=nn.SiLU))
+    folded, report, d = fold_checked(zoo.randomize_bn(model).eval(), torch.randn(2, 3, 8, 8))
+    assert d["1"].replaced_by == "FoldedNormAct" and isinstance(folded[1], FoldedNormAct)
+    torch.jit.script(folded)

@@ -275,7 +275,7 @@ def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
         (tmp_path / "empty").mkdir()
         data, needle = ["--data", tmp_path / "empty"], "no images found"
     elif case == "shape":
-        x, needle = x[:, :2], "does not fit the model"
+        x, needle = x[:, :2], "forward on calibration batch 1 of shape (4, 2, 32, 32) failed"
     elif case == "nan":
         x[1, 0, 0, 0], needle = np.nan, "NaN"
     elif case == "no_bn":

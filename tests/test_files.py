@@ -1,0 +1,268 @@
+"""Every file a command writes is planned and checked before any work, written to temp files, committed last:
+a table of output-path conflicts per output flag, long names, stale temp files, and Ctrl-C at exact points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import PYTHON, ROOT, assert_clean_error, files_in
+
+from bntool import zoo
+from bntool.files import TEMP_PREFIX, OutputKind, Outputs, clean_stale_temps, committed, forget_committed
+
+ARCH = ["--arch", "bntool.zoo:resnet"]
+SHAPE = ["--input-shape", "1,3,32,32"]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A checkpoint, calibration data and an unrelated existing file, with their bytes to compare after."""
+    ckpt = tmp_path / "in.pt"
+    torch.save(zoo.build("resnet").state_dict(), ckpt)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    other = tmp_path / "existing.txt"
+    other.write_text("keep me")
+    return tmp_path
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+
+
+# Each output flag of each command: (command line before the output, the output flag, extra args after).
+def _commands(ws):
+    ckpt, data = ws / "in.pt", ws / "x.npy"
+    return {
+        "fold -o": (["fold", ckpt, *ARCH, *SHAPE, "--samples", "1"], "-o", []),
+        "recalibrate -o": (["recalibrate", ckpt, *ARCH, "--data", data, "--workers", "0"], "-o", []),
+        "recalibrate --plot": (["recalibrate", ckpt, *ARCH, "--data", data, "--workers", "0", "-o", ws / "r.pt"],
+                               "--plot", []),
+        "export-onnx -o": (["export-onnx", ckpt, *ARCH, *SHAPE, "--exporter", "legacy", "--samples", "1"], "-o", []),
+        "verify --junit-xml": (["verify", ckpt, *ARCH, *SHAPE, "--skip-onnx", "--samples", "1"], "--junit-xml", []),
+    }
+
+
+def _target(ws, case: str):
+    """The path given to the output flag, for each kind of conflict."""
+    if case == "the input":
+        return ws / "in.pt"
+    if case == "a symlink to the input":
+        (ws / "link.pt").symlink_to(ws / "in.pt")
+        return ws / "link.pt"
+    if case == "a hard link to the input":
+        os.link(ws / "in.pt", ws / "hard.pt")
+        return ws / "hard.pt"
+    if case == "the data file":
+        return ws / "x.npy"
+    if case == "an existing file":
+        return ws / "existing.txt"
+    if case == "a directory":
+        (ws / "sub").mkdir()
+        return ws / "sub"
+    if case == "a missing directory":
+        return ws / "nope" / "out"
+    if case == "a 300-character name":
+        return ws / ("n" * 296 + ".out")
+    raise AssertionError(case)
+
+
+CASES = {  # case -> a word the one error line must contain
+    "the input": "input",
+    "a symlink to the input": "input",
+    "a hard link to the input": "input",
+    "the data file": "input",
+    "an existing file": "--force",
+    "a directory": "is a directory",
+    "a missing directory": "does not exist",
+    "a 300-character name": "bytes long",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("command", ["fold -o", "recalibrate -o", "recalibrate --plot", "export-onnx -o",
+                                     "verify --junit-xml"])
+def test_output_conflicts_are_refused_before_any_work(workspace, cli, command, case):
+    before_target = _target(workspace, case)
+    before = _snapshot(workspace)
+    args, flag, extra = _commands(workspace)[command]
+    if command == "recalibrate --plot" and case in ("an existing file",):
+        pytest.importorskip("matplotlib")
+    result = cli(*args, flag, before_target, *extra)
+    reads_data = command.startswith("recalibrate")
+    expected = "--force" if case == "the data file" and not reads_data else CASES[case]  # not an input there
+    assert_clean_error(result, contains=expected)
+    assert _snapshot(workspace) == before  # nothing written, nothing changed
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("command", ["fold -o", "export-onnx -o", "verify --junit-xml"])
+def test_a_report_or_onnx_never_replaces_a_checkpoint_even_with_force(workspace, cli, command):
+    victim = workspace / "other.pt"
+    torch.save(zoo.build("mlp").state_dict(), victim)
+    args, flag, extra = _commands(workspace)[command]
+    result = cli(*args, flag, victim, "--force", *extra)
+    if command == "fold -o":  # a checkpoint over a checkpoint is what --force is for
+        assert result.code == 0, result.err
+        return
+    assert_clean_error(result, contains="is a PyTorch checkpoint")
+    assert torch.load(victim, weights_only=True).keys() == zoo.build("mlp").state_dict().keys()
+
+
+def test_in_place_only_for_the_checkpoint_output(workspace, cli):
+    ckpt = workspace / "in.pt"
+    result = cli("fold", ckpt, *ARCH, *SHAPE, "-o", ckpt, "--in-place", "--samples", "1")
+    assert result.code == 0, result.err
+    assert "bntool.fold_layout" in torch.load(ckpt, weights_only=True)
+
+
+def test_two_outputs_on_one_file(workspace, cli):
+    out = workspace / "out.pt"
+    result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy", "-o", out,
+                 "--plot", out, "--workers", "0")
+    assert_clean_error(result, contains="give each output its own file")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("length", [240, 254])
+def test_long_legal_names_work(workspace, cli, length):
+    out = workspace / ("f" * (length - 3) + ".pt")
+    assert len(out.name) == length
+    result = cli("fold", workspace / "in.pt", *ARCH, *SHAPE, "-o", out, "--samples", "1")
+    assert result.code == 0, result.err
+    assert out.exists()
+    onnx_out = workspace / ("g" * (length - 5) + ".onnx")
+    result = cli("export-onnx", workspace / "in.pt", *ARCH, *SHAPE, "-o", onnx_out, "--exporter", "legacy",
+                 "--samples", "0")
+    assert result.code == 0, result.err
+    assert onnx_out.exists()
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+def test_plot_needs_a_known_format_before_any_work(workspace, cli):
+    pytest.importorskip("matplotlib")
+    out = workspace / "r.pt"
+    result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy", "-o", out,
+                 "--plot", workspace / "shift.xyz", "--workers", "0")
+    assert_clean_error(result, contains="xyz")
+    assert not out.exists()
+
+
+def test_plot_without_matplotlib_fails_before_any_work(workspace, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = workspace / "r.pt"
+    result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy", "-o", out,
+                 "--plot", workspace / "shift.png", "--workers", "0")
+    assert_clean_error(result, contains="matplotlib")
+    assert not out.exists()
+
+
+def test_provider_checked_before_any_work(workspace, cli):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here")
+    out = workspace / "m.onnx"
+    result = cli("export-onnx", workspace / "in.pt", *ARCH, *SHAPE, "-o", out, "--provider", "cuda")
+    assert_clean_error(result, contains="cuda")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_refuses_a_non_empty_directory_without_force(tmp_path, cli):
+    directory = tmp_path / "demo"
+    directory.mkdir()
+    (directory / "model.pt").write_bytes(b"mine")
+    assert_clean_error(cli("demo", directory), contains="--force")
+    assert (directory / "model.pt").read_bytes() == b"mine"
+    assert_clean_error(cli("demo", tmp_path / "demo" / "model.pt"), contains="not a directory")
+
+
+# ---------------------------------------------------------------- temp files
+
+
+def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f"{TEMP_PREFIX}{pid}-deadbeef"
+    stale.write_bytes(b"x" * 100)
+    stale_dir = tmp_path / f"{TEMP_PREFIX}{pid}-cafebabe"
+    stale_dir.mkdir()
+    (stale_dir / "model.onnx").write_bytes(b"x")
+    alive = tmp_path / f"{TEMP_PREFIX}{os.getppid()}-0badf00d"  # a running process's temp file stays
+    alive.write_bytes(b"x")
+    mine = tmp_path / "notes.tmp"
+    mine.write_bytes(b"x")
+    assert sorted(p.name for p in clean_stale_temps(tmp_path)) == sorted([stale.name, stale_dir.name])
+    assert files_in(tmp_path) == {alive.name, mine.name}
+
+
+# ---------------------------------------------------------------- Ctrl-C at exact points
+
+
+def _run_interrupted(point: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BNTOOL_TEST_INTERRUPT": point}
+    return subprocess.run([PYTHON, "-m", "bntool", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("point", ["before-commit", "during-commit", "after-commit"])
+def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
+    ckpt = workspace / "in.pt"
+    original = ckpt.read_bytes()
+    plot = workspace / "shift.svg"
+    args = ["recalibrate", ckpt, *ARCH, "--data", workspace / "x.npy", "--workers", "0", "-o", ckpt, "--in-place"]
+    if point == "during-commit":
+        pytest.importorskip("matplotlib")
+        args += ["--plot", plot]
+    result = _run_interrupted(point, *args)
+    assert result.returncode == 130, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), result.stderr
+    if point == "before-commit":
+        assert "nothing written" in lines[0]
+        assert ckpt.read_bytes() == original
+    else:  # the commit finished: both files are whole, and the message says so
+        assert "nothing written" not in lines[0] and str(ckpt) in lines[0]
+        assert ckpt.read_bytes() != original
+        torch.load(ckpt, weights_only=True)
+        if point == "during-commit":
+            assert str(plot) in lines[0] and plot.read_bytes().lstrip().startswith(b"<?xml")
+            assert TEMP_PREFIX not in lines[0]
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+def test_export_interrupted_during_the_check_leaves_nothing(workspace):
+    out = workspace / "m.onnx"
+    result = _run_interrupted("check", "export-onnx", workspace / "in.pt", *ARCH, *SHAPE, "-o", out,
+                              "--exporter", "legacy")
+    assert result.returncode == 130, result.stderr
+    assert "nothing written" in result.stderr
+    assert not out.exists()
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+def test_outputs_commit_records_what_was_written(tmp_path):
+    forget_committed()
+    with Outputs() as outputs:
+        a = outputs.add(tmp_path / "a.txt", OutputKind.REPORT)
+        b = outputs.add(tmp_path / "b.txt", OutputKind.REPORT)
+        outputs.check()
+        outputs.write(a, lambda tmp: open(tmp, "w").write("a"))
+        outputs.write(b, lambda tmp: open(tmp, "w").write("b"))
+        assert files_in(tmp_path) == {n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)}
+        assert outputs.commit() == [a, b]
+    assert committed() == [a, b] and files_in(tmp_path) == {"a.txt", "b.txt"}
+    with Outputs() as outputs:
+        c = outputs.add(tmp_path / "c.txt", OutputKind.REPORT)
+        outputs.check()
+        outputs.write(c, lambda tmp: open(tmp, "w").write("c"))
+        # leaving without commit (an error, a failed check) discards the temp file
+    assert files_in(tmp_path) == {"a.txt", "b.txt"}

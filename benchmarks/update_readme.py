@@ -26,6 +26,12 @@ TABLES = [
                         "unfolded)"),
     ("recalibrate_speed_cpu", "recalibration cost vs the floor (an eval forward under inference_mode over the same "
                               "data) and vs `update_bn` (target ≤ 1.10× the floor's time and peak memory)"),
+    ("recalibrate_exact", "exact mode with its segment cache, as a multiple of one eval pass (target ≤ 5×), next "
+                          "to the figures before the cache"),
+    ("recalibrate_exact_equivalence", "exact statistics with the cache vs one whole forward per level, on every "
+                                      "fold-benchmark architecture (target ≤ 1e-6)"),
+    ("recalibrate_bn_kernels", "why train-mode recalibration (cumulative, update_bn) costs more than an eval pass "
+                               "on CPU: the BatchNorm kernels, layer by layer"),
     ("recalibrate_quality", "accuracy restored after an input-domain shift, by calibration batch size"),
     ("recalibrate_speed_cuda", "the same on a GPU"),
     ("export_timing", "export + verify, bntool vs by hand (torch.onnx + onnxruntime) and polygraphy"),

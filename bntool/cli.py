@@ -269,6 +269,12 @@ def recalibrate(
                               "image folder; tensor data must fit it.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping "
                                                           "it.")] = False,
+    prior: Annotated[Optional[float], typer.Option(
+        "--prior", help="cumulative/exact: blend with the checkpoint's statistics as N source samples "
+                        "(Schneider et al. 2020); helps with few calibration images.")] = None,
+    cache_budget: Annotated[Optional[str], typer.Option(
+        "--cache-budget", help="--mode exact: memory for cached activations, e.g. 4G, 512M, 0 for none "
+                               "(default: half the free memory of the device).")] = None,
 ) -> None:
     """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
 
@@ -282,7 +288,8 @@ def recalibrate(
     settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
                                      num_samples=num_samples, device=device, amp=amp, channels_last=channels_last,
                                      seed=seed, plot=plot, quiet=display.quiet, strict=strict,
-                                     input_shape=parse_shape(input_shape) if input_shape else None)
+                                     input_shape=parse_shape(input_shape) if input_shape else None,
+                                     prior=prior, cache_budget=cache_budget)
     with process_group(device) as rank:
         settings.device = rank_device(device, rank)
         _recalibrate(model, out, data, images, display, settings, rank)
@@ -305,6 +312,8 @@ class RecalibrationSettings:
     quiet: bool
     strict: bool = False
     input_shape: tuple[int, ...] | None = None
+    prior: float | None = None
+    cache_budget: str | None = None
 
 
 def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
@@ -314,6 +323,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
     from .checkpoint import write_checkpoint
     from .files import OutputKind
     from .recalibration import recalibrate as recalibrate_model
+    from .segments import parse_bytes
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"))
     outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
@@ -322,6 +332,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
         outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
     outputs.check()
+    budget = None if settings.cache_budget is None else parse_bytes(settings.cache_budget, "--cache-budget")
     torch.manual_seed(settings.seed)
     loaded = model.load()
     _require_eager(loaded, "recalibrate")
@@ -339,16 +350,14 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         report = recalibrate_model(loaded.model, source, mode=settings.mode, momentum=settings.momentum,
                                    reset=settings.reset, num_batches=settings.num_batches, num_samples=num_samples,
                                    device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
-                                   progress=callback)
+                                   prior=settings.prior, cache_budget=budget, progress=callback)
     if source.skipped:
         _say(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
              f"(first: {source.skipped[0]})" if rank.world_size > 1 else
              f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})")
     if not rank.is_main:
         return
-    recalibrated = loaded.model.to("cpu")
-    if settings.channels_last:
-        recalibrated = recalibrated.to(memory_format=torch.contiguous_format)
+    recalibrated = loaded.model  # recalibrate put it back on its device and in its memory format
     with outputs:
         write_checkpoint(loaded, recalibrated, out.output, lambda writer: outputs.write(out.output, writer))
         if settings.plot is not None:

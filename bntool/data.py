@@ -273,7 +273,7 @@ class DataSource:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
             if isinstance(batch, _SkippingBatch):
-                self.skipped.extend(batch.skipped)
+                self.skipped.extend(f for f in batch.skipped if f not in self.skipped)  # once over all passes
                 if batch.tensor is None:
                     continue
                 batch = batch.tensor

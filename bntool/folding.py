@@ -308,7 +308,7 @@ def plan_fold(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
     model.eval()
     for name, m in model.named_modules():
         if name in by_request:
-            m.train()
+            m.training = True  # the BN only, not a subclass's own dropout/drop-path children
     bns = bn_modules(model)
     try:
         with user_code("the model's forward on the example inputs"):
@@ -913,7 +913,7 @@ def _eval_copy(model: nn.Module) -> tuple[nn.Module, set[str]]:
     copied = copy.deepcopy(model).eval()
     for name, m in copied.named_modules():
         if name in by_request:
-            m.train()
+            m.training = True  # the BN only, not a subclass's own dropout/drop-path children
     return copied, by_request
 
 

@@ -7,13 +7,15 @@ Modes:
   ema         what training does: running = (1 - momentum)·running + momentum·batch.
   exact       eval-mode statistics: every BN input is normalized exactly over the data given the final
               statistics of the BNs before it, independent of the batch size. Takes one pass per BN level
-              (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN.
+              (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN and
+              starts from the last cached final activation before it (segments.py), within a memory budget.
 Statistics are merged in float64 with Chan's parallel formula; across processes with torch.distributed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, UserCodeError, user_code
-from .layers import bn_modules, is_frozen_bn
+from .layers import bn_eps, bn_modules, is_frozen_bn
+from .segments import SegmentCache, default_cache_budget
 
 MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
@@ -49,6 +52,13 @@ class RecalibrationReport:
     passes: int = 0
     seconds: float = 0.0
     world_size: int = 1
+    prior: float | None = None  # pseudo-count of source samples blended in (Schneider et al. 2020)
+    # exact mode's activation cache (segments.py)
+    segment_replays: int = 0  # forwards started from a cached activation
+    cache_peak_bytes: int = 0
+    cache_budget_bytes: int = 0
+    cache_over_budget: int = 0  # activations left uncached (recomputed) because the budget was full
+    cache_note: str = ""
 
     @property
     def samples_per_second(self) -> float:
@@ -121,13 +131,45 @@ def recalibrate(
     amp: bool = False,
     channels_last: bool = False,
     input_key: str | None = None,
+    prior: float | None = None,
+    cache_budget: int | None = None,
     progress: ProgressFn | None = None,
 ) -> RecalibrationReport:
     """Re-estimate the running statistics of every BN layer of `model` in place; return what changed.
 
-    `data` yields batches (tensors, (input, label) tuples or dicts). `exact` mode iterates over it several
-    times, so it must be re-iterable (a list or DataLoader). On any error or Ctrl-C the model's statistics and
-    modes are restored as they were.
+    Args:
+        model: any nn.Module. Only its BN layers gather statistics; every other module runs in eval mode
+            (dropout and drop-path off, also those inside a BN subclass).
+        data: batches: tensors, (input, label) tuples or dicts. `exact` mode iterates over it several times,
+            so it must be re-iterable (a list or DataLoader) and yield the same batches each time.
+        mode: "cumulative" (train-mode normalization, exact pooled mean and unbiased variance over all samples),
+            "ema" (as training does, with `momentum`) or "exact" (eval-mode statistics, batch-size independent).
+        momentum, reset: `ema` mode only: the EMA factor, and whether to start from mean 0 / variance 1.
+        num_batches, num_samples: use at most this many batches / samples (per pass, per process).
+        device: run on this device (default: where the model's parameters are).
+        amp: autocast (bfloat16 on CPU, float16 on CUDA).
+        channels_last: run 4-D activations in channels_last memory format.
+        input_key: the model input's key in dict batches.
+        prior: `cumulative`/`exact`: blend with the model's current (source) statistics as N pseudo-samples
+            (Schneider et al. 2020): μ = (N·μs + n·μt)/(N + n), σ² = (N·σs² + n·σt²)/(N + n), n the
+            calibration samples. Helps when adapting from few images; None or 0: target statistics only.
+        cache_budget: `exact` mode: bytes of activations the segment cache may hold (default: half the free
+            memory of the device the model runs on; 0: no cache, one whole forward per BN level).
+        progress: called as progress(samples done in this pass, pass number, passes so far).
+
+    Returns:
+        A RecalibrationReport: per-layer shift of the statistics, samples, batches, passes, seconds.
+
+    Raises:
+        InputError: bad arguments, a model without usable BN layers, data the model rejects or that contains
+            NaN/Inf, statistics that overflow. Under torch.distributed, a failure on one rank raises on all.
+
+    Side effects: only the BN buffers (running_mean, running_var, num_batches_tracked) change. Module modes,
+    momentum, and the device and memory format of every parameter and buffer are put back as they were given
+    (the same tensor objects, so optimizers holding them keep working); while a `device` or `channels_last` run
+    is in progress the original tensors are kept alongside the moved ones. On any error or Ctrl-C the statistics
+    are restored too. Under torch.distributed, each rank passes over its own data and the statistics are merged
+    exactly across ranks, so every rank ends with the same model.
     """
     from .data import first_input
 
@@ -142,19 +184,34 @@ def recalibrate(
     if not usable:
         raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
     dev = _device(device, model)
+    if prior is not None and not (prior >= 0 and math.isfinite(prior)):
+        raise InputError(f"prior {prior}: the pseudo-count of source samples must be a finite number >= 0")
+    if prior and mode == "ema":
+        raise InputError("prior: blending with the source statistics applies to cumulative and exact modes")
+    if cache_budget is not None and cache_budget < 0:
+        raise InputError(f"cache_budget {cache_budget}: must be >= 0 bytes")
     if mode == "exact" and iter(data) is data:
         raise InputError("exact mode passes over the data several times: give a re-iterable (list, DataLoader)")
 
     batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last)
     saved = {n: _save(m) for n, m in usable}
+    blend = _Prior(prior, saved, batches) if prior else None
+    if blend is not None:
+        for n, s in saved.items():
+            if not (torch.isfinite(s.mean).all() and torch.isfinite(s.var).all()):
+                raise InputError(f"prior: the statistics of {n} contain NaN/Inf, there is no source to blend with; "
+                                 "recalibrate without a prior")
     old = {n: (s.mean.double().clone(), s.var.double().clone(), bn_eps(m)) for (n, m), s in
            zip(usable, saved.values())}
     model_training = [mod.training for mod in model.modules()]
-    report = RecalibrationReport(mode=mode)
+    report = RecalibrationReport(mode=mode, prior=prior or None)
     started = time.perf_counter()
+    placement = _Placement(model)
     local_forwards = _local_sync_bn(usable)
     try:
         model.eval()
+        if device is not None:
+            model.to(dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(dev, amp):
@@ -162,17 +219,18 @@ def recalibrate(
                 _ema_pass(model, usable, batches, momentum, reset, progress)
                 report.passes = 1
             elif mode == "exact":
-                _exact_passes(model, usable, batches, progress, report)
+                _exact_passes(model, usable, batches, progress, report, cache_budget, dev, blend)
             else:
                 stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
-                _write_all(usable, stats, batches.batches_per_pass)
+                _write_all(usable, stats, batches.batches_per_pass, blend)
                 report.passes = 1
-        _check_finite(usable)
+        _check_finite(usable, amp)
     except BaseException:
         for n, m in usable:
             _restore(m, saved[n])
         raise
     finally:
+        placement.restore()
         for m in local_forwards:
             del m.forward
         for mod, training in zip(model.modules(), model_training):
@@ -182,7 +240,8 @@ def recalibrate(
     report.seconds = time.perf_counter() - started
     report.samples, report.batches = _global_counts(batches.samples_per_pass, batches.batches_per_pass)
     report.world_size = _world_size()
-    report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0)) for n, m in layers]
+    report.layers = [_shift(n, m, old.get(n), batches.values_per_channel.get(n, 0), counted=mode != "ema")
+                     for n, m in layers]
     return report
 
 
@@ -209,7 +268,7 @@ class _Batches:
                 if seen >= self.num_samples:
                     break
                 x = x[: self.num_samples - seen]
-            if x.is_floating_point() and not torch.isfinite(x).all():
+            if x.is_floating_point() and not _all_finite(x):
                 raise InputError(f"calibration batch {batches + 1} contains NaN or Inf values")
             x = x.to(self.device, non_blocking=True)
             if self.channels_last and x.dim() == 4:
@@ -220,6 +279,12 @@ class _Batches:
         if batches == 0:
             raise InputError("the calibration data yielded no batches")
         self.samples_per_pass, self.batches_per_pass = seen, batches
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """One reduction: a NaN or Inf anywhere makes the sum non-finite; only then look element by element
+    (a finite sum can also overflow)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _reading(data):
@@ -250,6 +315,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     """BN layers normalize with batch statistics (train mode, momentum 1 so the buffers hold the batch's
     mean and unbiased variance after each call); those are pooled in float64."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
+    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers}
 
     def collect(name):
         def hook(module, args, output):
@@ -260,7 +326,11 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
 
     handles = []
     for n, m in layers:
-        m.train()
+        # momentum 1 overwrites the buffers with each batch's statistics, but as 0·old + 1·batch: NaN/Inf in
+        # the old statistics would survive it. Start from finite values; layers no batch reached get theirs back.
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        m.training = True  # the BN itself only: children of a BN subclass (dropout, drop-path) stay in eval
         m.momentum = 1.0
         handles.append(m.register_forward_hook(collect(n)))
     try:
@@ -268,13 +338,17 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     finally:
         for h in handles:
             h.remove()
-        for _, m in layers:
-            m.eval()
+        for n, m in layers:
+            m.training = False
+            if stats[n].count == 0:
+                m.running_mean.copy_(before[n][0])
+                m.running_var.copy_(before[n][1])
     _all_reduce(stats, batches)
     return stats
 
 
-def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False) -> dict[str, ChannelStats]:
+def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False, cache=None
+                  ) -> dict[str, ChannelStats]:
     """Eval-mode forward (current statistics normalize); the input statistics of `layers` are pooled.
     With stop_after, each forward ends once all of `layers` have run."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
@@ -306,7 +380,7 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
         handles.append(model.register_forward_pre_hook(restart))
         handles += [m.register_forward_hook(finish(n)) for n, m in layers]
     try:
-        _run_pass(model, batches, progress, pass_number)
+        _run_pass(model, batches, progress, pass_number, cache)
     finally:
         for h in handles:
             h.remove()
@@ -318,23 +392,41 @@ class _LevelDone(Exception):
     """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
 
 
-def _exact_passes(model, layers, batches, progress, report) -> None:
+def _exact_passes(model, layers, batches, progress, report, cache_budget, device, prior=None) -> None:
     """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
-    are final by then, so each pass measures its level exactly and the forward stops after it."""
-    levels = _agree(lambda: _levels(model, layers, batches))
+    are final by then, so each pass measures its level exactly and the forward stops after it. The segment
+    cache (segments.py) lets each pass start from the last final activation before its level."""
+    levels, flow = _agree(lambda: _levels(model, layers, batches))
     depth = max(levels.values(), default=0)
-    for level in range(1, depth + 1):
-        members = [(n, m) for n, m in layers if levels.get(n) == level]
-        stats = _observe_pass(model, members, batches, progress, level, stop_after=True)
-        _write_all(members, stats, batches.batches_per_pass)
-        report.passes += 1
     unreached = [(n, m) for n, m in layers if n not in levels]
-    if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
-        _write_all(unreached, _observe_pass(model, unreached, batches, progress, depth + 1), batches.batches_per_pass)
-        report.passes += 1
+    budget = default_cache_budget(device) if cache_budget is None else int(cache_budget)
+    cache = SegmentCache(model, flow, {id(m): levels[n] for n, m in layers if n in levels},
+                         [id(m) for _, m in unreached], budget)
+    del flow
+    cache.install()
+    try:
+        for level in range(1, depth + 1):
+            members = [(n, m) for n, m in layers if levels.get(n) == level]
+            cache.begin_pass(level, record=level < depth or bool(unreached))
+            stats = _observe_pass(model, members, batches, progress, level, stop_after=True, cache=cache)
+            _write_all(members, stats, batches.batches_per_pass, prior)  # before the next level is measured
+            report.passes += 1
+        if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
+            cache.begin_pass(depth + 1, record=False)
+            stats = _observe_pass(model, unreached, batches, progress, depth + 1, cache=cache)
+            _write_all(unreached, stats, batches.batches_per_pass, prior)
+            report.passes += 1
+    finally:
+        cache.remove()
+    report.segment_replays = cache.stats.replays
+    report.cache_peak_bytes = cache.stats.peak_bytes
+    report.cache_budget_bytes = cache.stats.budget_bytes
+    report.cache_over_budget = cache.stats.over_budget
+    report.cache_note = cache.stats.note
 
 
-def _levels(model, layers, batches) -> dict[str, int]:
+def _levels(model, layers, batches):
+    """BN name → dependency level, and the traced dataflow, from one forward of the first batch's first samples."""
     from .graph import dependency_levels, trace
 
     first = next(iter(batches), None)
@@ -343,7 +435,7 @@ def _levels(model, layers, batches) -> dict[str, int]:
     with user_code(f"the model's forward on calibration batch 1 of shape {tuple(first.shape)}"):
         flow, _ = trace(model, (first[:2],))
     by_id = dependency_levels(flow, [m for _, m in layers])
-    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}
+    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}, flow
 
 
 def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
@@ -351,12 +443,12 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
         if reset:
             m.reset_running_stats()
         m.momentum = momentum
-        m.train()
+        m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
     try:
         _run_pass(model, batches, progress, 1)
     finally:
         for _, m in layers:
-            m.eval()
+            m.training = False
     if _world_size() > 1:  # each rank saw its own shard: average the EMAs
         import torch.distributed as dist
 
@@ -367,9 +459,9 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
                 t.copy_(t64 / _world_size())
 
 
-def _run_pass(model, batches, progress, pass_number) -> None:
+def _run_pass(model, batches, progress, pass_number, cache=None) -> None:
     """One pass over the data; across processes, every rank learns whether another one failed."""
-    _agree(lambda: _run_local_pass(model, batches, progress, pass_number))
+    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, cache))
 
 
 def _agree(run):
@@ -395,9 +487,11 @@ def _agree(run):
     return result
 
 
-def _run_local_pass(model, batches, progress, pass_number) -> None:
+def _run_local_pass(model, batches, progress, pass_number, cache=None) -> None:
     done = 0
     for i, x in enumerate(batches):
+        if cache is not None:
+            cache.begin_batch(i, x)
         try:
             _forward(model, x, i)
         except _LevelDone:
@@ -405,6 +499,8 @@ def _run_local_pass(model, batches, progress, pass_number) -> None:
         done += len(x)
         if progress is not None:
             progress(done, pass_number, pass_number)
+    if cache is not None:
+        cache.end_pass()
 
 
 # ---------------------------------------------------------------- state
@@ -424,10 +520,6 @@ def _local_sync_bn(layers) -> list[nn.Module]:
             patched.append(m)
     return patched
 
-
-
-def bn_eps(module) -> float:
-    return float(getattr(module, "eps", 1e-5))
 
 
 def _skip_reason(m: nn.Module) -> str:
@@ -461,19 +553,43 @@ def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> Non
             m.num_batches_tracked.fill_(batches)
 
 
-def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None) -> None:
+def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None, prior: _Prior | None = None) -> None:
+    """Write the pooled statistics (blended with the source's under a prior); a layer no batch reached (a
+    data-dependent branch) keeps its own."""
     for n, m in layers:
-        _write(m, stats[n].mean, stats[n].unbiased_var, batches)
+        if stats[n].count > 0:
+            mean, var = stats[n].mean, stats[n].unbiased_var
+            if prior is not None:
+                mean, var = prior.blend(n, mean, var)
+            _write(m, mean, var, batches)
 
 
-def _check_finite(layers) -> None:
+class _Prior:
+    """Schneider et al. 2020 (arXiv 2006.16971): the source statistics count as N samples next to the n target
+    samples seen: μ = (N·μs + n·μt)/(N + n), σ² = (N·σs² + n·σt²)/(N + n)."""
+
+    def __init__(self, pseudo_count: float, source: dict[str, _Saved], batches: _Batches):
+        self.count, self.source, self.batches = float(pseudo_count), source, batches
+        self._samples: float | None = None
+
+    def blend(self, name: str, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._samples is None:  # samples per pass over all ranks (the same for every level)
+            self._samples = float(_global_counts(self.batches.samples_per_pass, self.batches.batches_per_pass)[0])
+        big_n, n = self.count, self._samples
+        source = self.source[name]
+        mean_s, var_s = source.mean.to(mean.device, torch.float64), source.var.to(var.device, torch.float64)
+        return (big_n * mean_s + n * mean) / (big_n + n), (big_n * var_s + n * var) / (big_n + n)
+
+
+def _check_finite(layers, amp: bool) -> None:
     for n, m in layers:
         if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
-            raise InputError(f"recalibrated statistics of {n} contain NaN/Inf (overflow with --amp?); nothing written")
+            cause = "overflow in reduced precision: try without amp" if amp else "the activations overflow"
+            raise InputError(f"recalibrated statistics of {n} contain NaN/Inf ({cause}); nothing written")
 
 
-def _shift(name, m, old, values) -> LayerShift:
-    skip = _skip_reason(m)
+def _shift(name, m, old, values, counted=True) -> LayerShift:
+    skip = _skip_reason(m) or ("no calibration batch reached it: statistics kept" if counted and values == 0 else "")
     c = int(m.running_mean.numel()) if getattr(m, "running_mean", None) is not None else 0
     if skip or old is None:
         return LayerShift(name, c, 0, 0.0, 1.0, 1.0, skipped=skip)
@@ -523,8 +639,26 @@ def _device(device, model) -> torch.device:
         raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("--device mps: MPS is not available on this machine")
-    model.to(dev)
     return dev
+
+
+class _Placement:
+    """The model's parameters and buffers as given, to put back after the run moved them (device, layout)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [(p, p.data) for m in model.modules() for p in m._parameters.values() if p is not None]
+        self.buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, data in self.params:
+                if p.data.data_ptr() != data.data_ptr() or p.data.stride() != data.stride():
+                    p.data = data
+            for m, n, b in self.buffers:
+                now = m._buffers.get(n)
+                if now is not None and now is not b:
+                    b.copy_(now)  # the statistics were written to the moved copy
+                    m._buffers[n] = b
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -310,6 +310,11 @@ def render_recalibrate(report, console: Console) -> None:
     console.print(f"{report.samples:,} samples in {report.batches} batches × {report.passes} pass(es), "
                   f"{report.seconds:.2f} s ({report.samples_per_second:,.0f} samples/s)"
                   + (f", {report.world_size} processes" if report.world_size > 1 else "") + ".")
+    if report.mode == "exact" and report.cache_budget_bytes:
+        console.print(f"Activation cache: {report.segment_replays:,} segment replays, peak "
+                      f"{report.cache_peak_bytes / 2**20:,.0f} MiB of {report.cache_budget_bytes / 2**20:,.0f} MiB"
+                      + (f", {report.cache_over_budget:,} activations over budget" if report.cache_over_budget else "")
+                      + (f"; {report.cache_note}" if report.cache_note else "") + ".")
 
 
 def render_export(report, console: Console) -> None:

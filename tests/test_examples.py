@@ -46,6 +46,7 @@ def test_domain_shift_recovers_accuracy(tmp_path):
     assert "fails" in row1.split("|")[1]  # update_bn cannot run BatchNorm1d on single samples
     assert abs(float(row1.split("|")[3].strip().rstrip("%")) - exact64) < 1.0  # exact: batch-size independent
     assert (tmp_path / "shift.png").stat().st_size > 10_000
+    assert "prior N=16" in out and "adapting from n images" in out  # the few-image table with and without a prior
 
 
 @needs_sklearn

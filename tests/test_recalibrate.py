@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
@@ -201,8 +202,12 @@ def test_cli_image_folder(tmp_path, cli, resnet_sd, images):
                  "0", "-o", out, "--json")
     assert result.code == 0, result.err
     assert "skipped 1 unreadable images" in result.err
-    import json
-
+    (images / "sub" / "broken2.png").write_bytes(b"\x89PNG truncated")
+    exact = cli("recalibrate", resnet_sd, *ARCH, "--data", images, "--image-size", "32", "-b", "4", "--workers",
+                "0", "-o", tmp_path / "exact.pt", "--mode", "exact", "--json")
+    assert exact.code == 0, exact.err
+    assert json.loads(exact.out)["passes"] > 2 and "skipped 2 unreadable images" in exact.err  # not 2 × passes
+    (images / "sub" / "broken2.png").unlink()
     report = json.loads(result.out)
     assert report["samples"] == 10 and report["mode"] == "cumulative"
     assert out.exists()
@@ -227,8 +232,16 @@ def test_cli_tensor_files_and_modes(tmp_path, cli, resnet_sd):
     assert_clean_error(cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npz", "-o", tmp_path / "o.pt"),
                        contains="--npz-key")
     result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "exact.pt",
-                 "--mode", "exact", "-b", "3")
+                 "--mode", "exact", "-b", "3", "--cache-budget", "1M")
     assert result.code == 0 and "pass(es)" in result.out
+    assert "segment replays" in result.out and "of 1 MiB" in result.out, result.out
+    # A prior of 1e12 source samples against 20 target samples keeps the checkpoint's statistics.
+    result = cli("recalibrate", resnet_sd, *ARCH, "--data", tmp_path / "x.npy", "-o", tmp_path / "prior.pt",
+                 "--prior", "1e12", "--quiet")
+    assert result.code == 0, result.err
+    before, after = torch.load(resnet_sd), torch.load(tmp_path / "prior.pt")
+    assert all(torch.allclose(before[k], after[k], rtol=1e-6, atol=1e-7) for k in before if "running" in k)
+    assert not torch.allclose(outputs[0]["stem.1.running_var"], before["stem.1.running_var"], rtol=1e-3)
 
 
 def write_loader_module(tmp_path, monkeypatch, body: str) -> str:
@@ -251,7 +264,8 @@ def test_cli_user_loader_with_dict_batches(tmp_path, cli, resnet_sd, monkeypatch
     assert '"samples": 8' in result.out
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "shape", "nan", "no_bn", "loader", "cuda", "overflow", "missing"])
+@pytest.mark.parametrize("case", ["empty_folder", "shape", "nan", "no_bn", "loader", "cuda", "overflow", "missing",
+                                  "budget"])
 def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
     out = tmp_path / "out.pt"
     ckpt, arch, data = resnet_sd, ARCH, ["--data", tmp_path / "x.npy"]
@@ -278,6 +292,8 @@ def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
         x, needle = x * 1e25, "NaN/Inf"
     elif case == "missing":
         data, needle = ["--data", tmp_path / "nope.npy"], "no such file"
+    elif case == "budget":
+        data, needle = data + ["--mode", "exact", "--cache-budget", "lots"], "--cache-budget 'lots'"
     np.save(tmp_path / "x.npy", x)
     result = cli("recalibrate", ckpt, *arch, *data, "-o", out)
     assert_clean_error(result, contains=needle)
@@ -294,3 +310,273 @@ def test_cli_ctrl_c_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch):
     result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", out)
     assert result.code == 130 and "nothing written" in result.err
     assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- BN subclasses with children of their own
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A replica of timm.layers.BatchNormAct2d (norm_act.py): the BN subclass carries its own drop layer and
+    activation as child modules and applies them after the normalization."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 apply_act=True, act_layer=nn.ReLU, inplace=True, drop_layer=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=inplace) if apply_act else nn.Identity()
+
+    def forward(self, x):
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
+        x = torch.nn.functional.batch_norm(
+            x, self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm.layers.DropPath: zero whole samples in training, identity in eval."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class BatchNormDropPath(nn.BatchNorm2d):
+    """A BN subclass with a drop-path child applied to its output."""
+
+    def __init__(self, num_features, drop_path=None):
+        super().__init__(num_features)
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.drop_path(super().forward(x))
+
+
+def two_layer_net(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)).eval()
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "ema", "exact"])
+@pytest.mark.parametrize("kind", ["dropout", "drop_path"])
+def test_bn_subclass_children_stay_in_eval_mode(mode, kind):
+    import functools
+
+    if kind == "dropout":
+        with_drop = two_layer_net(BatchNormAct2d(8, drop_layer=functools.partial(nn.Dropout, 0.5)))
+        without = two_layer_net(BatchNormAct2d(8))
+    else:
+        with_drop = two_layer_net(BatchNormDropPath(8, DropPath(0.5)))
+        without = two_layer_net(BatchNormDropPath(8))
+    assert all(torch.equal(a, b) for a, b in zip(with_drop.state_dict().values(), without.state_dict().values()))
+    data = list((torch.randn(64, 3, 10, 10, generator=torch.Generator().manual_seed(1)) + 0.5).split(16))
+    torch.manual_seed(2)
+    recalibrate(with_drop, data, mode=mode)
+    recalibrate(without, data, mode=mode)
+    # Independent reference for the statistic the drop layer would corrupt: the second BN's input is the eval-mode
+    # network's activation, whatever the mode (cumulative and exact pool it; ema averages it per batch).
+    for a, b in zip(bn_stats(with_drop), bn_stats(without)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
+    if mode == "exact":
+        with torch.no_grad():
+            second = without[2](without[1](without[0](torch.cat(data))))
+        assert torch.allclose(without[3].running_var, second.var((0, 2, 3)), rtol=1e-4)
+    assert not any(m.training for m in with_drop.modules())  # modes restored
+
+
+# ---------------------------------------------------------------- broken statistics, unreached layers
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "ema", "exact"])
+def test_nan_and_inf_statistics_are_repaired_in_every_mode(mode):
+    data = list(data_for("resnet").split(16))
+    clean, broken = zoo.build("resnet"), zoo.build("resnet")
+    bns = [m for m in broken.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[0].running_var[0] = float("nan")
+    bns[1].running_mean[:] = float("inf")
+    bns[-1].running_var[:] = float("nan")
+    recalibrate(clean, data, mode=mode)
+    report = recalibrate(broken, data, mode=mode)
+    assert torch.isfinite(bn_stats(broken)[1]).all() and not any(layer.skipped for layer in report.layers)
+    assert rel_diff(bn_stats(broken), bn_stats(clean)) < 1e-6
+
+
+class Gated(nn.Module):
+    """A BN on a branch that only runs for inputs with a positive mean: not reached by negative data."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn, self.side = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.side(y) if float(x.mean()) > 0 else y
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_a_bn_no_batch_reaches_keeps_its_statistics(mode):
+    model = Gated().eval()
+    model.side.running_mean.fill_(0.25)
+    report = recalibrate(model, [torch.randn(8, 3, 6, 6) - 3], mode=mode)
+    assert torch.all(model.side.running_mean == 0.25) and torch.all(model.side.running_var == 1)
+    assert "no calibration batch reached it" in report.layers[1].skipped and not report.layers[0].skipped
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_device_and_memory_format_are_put_back(mode):
+    model = zoo.build("resnet")
+    expected = copy.deepcopy(model)
+    recalibrate(expected, list(data_for("resnet").split(16)), mode=mode)
+    params = {n: (p, p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    recalibrate(model, list(data_for("resnet").split(16)), mode=mode, channels_last=True, device="cpu")
+    for n, p in model.named_parameters():
+        assert p is params[n][0] and p.data_ptr() == params[n][1] and p.stride() == params[n][2], n
+    for n, b in model.named_buffers():
+        assert b is buffers[n] and b.is_contiguous(), n
+    assert rel_diff(bn_stats(model), bn_stats(expected)) < 1e-5  # the new statistics are in the original buffers
+
+
+# ---------------------------------------------------------------- exact mode's segment cache
+
+
+def exact_stats(model, batches, **kwargs):
+    report = recalibrate(model, batches, mode="exact", **kwargs)
+    return bn_stats(model), report
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "reused", "conv1d", "decoder", "subclass"])
+def test_segment_cache_gives_the_statistics_of_whole_forwards(name):
+    data = list(data_for(name, 32).split(8))
+    plain, plain_report = exact_stats(zoo.build(name), data, cache_budget=0)
+    cached, report = exact_stats(zoo.build(name), data)
+    assert plain_report.segment_replays == 0 and report.passes == plain_report.passes
+    assert rel_diff(cached, plain) < 1e-6
+    if name in ("resnet", "mobilenet"):
+        assert report.segment_replays > report.passes and report.cache_peak_bytes > 0
+
+
+def test_segment_cache_over_budget_falls_back_to_recomputing():
+    data = list(data_for("mobilenet", 32).split(8))
+    plain, _ = exact_stats(zoo.build("mobilenet"), data, cache_budget=0)
+    _, free = exact_stats(zoo.build("mobilenet"), data)
+    tight, report = exact_stats(zoo.build("mobilenet"), data, cache_budget=free.cache_peak_bytes // 3)
+    assert report.cache_over_budget > 0 and 0 < report.cache_peak_bytes <= free.cache_peak_bytes // 3
+    assert 0 < report.segment_replays < free.segment_replays
+    assert rel_diff(tight, plain) < 1e-6
+
+
+class Reshuffling:
+    """A re-iterable whose batches come in another order each time, as from a shuffling DataLoader."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.epoch))
+        return iter([self.batches[i] for i in order])
+
+
+def test_segment_cache_switches_off_when_the_batches_change_between_passes():
+    data = list(data_for("resnet", 32).split(8))
+    plain, _ = exact_stats(zoo.build("resnet"), data, cache_budget=0)
+    shuffled, report = exact_stats(zoo.build("resnet"), Reshuffling(data))
+    assert "differs between passes" in report.cache_note
+    assert rel_diff(shuffled, plain) < 1e-6  # exact statistics do not depend on the order of the batches
+
+
+class MutatesAfterUse(nn.Module):
+    """Changes a chain's (cached) output in place after one BN has read it: a later pass must not reuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.bn_a, self.bn_b, self.bn_c = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv, self.conv2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.features(x)
+        a = self.bn_a(y)
+        y.mul_(3)  # in place, on what the cache handed out (the passes for bn_b and bn_c both start from y)
+        return self.bn_c(self.conv2(self.bn_b(self.conv(y + a))))
+
+
+def test_segment_cache_never_reuses_a_tensor_changed_in_place():
+    data = list((torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)) + 1).split(8))
+    torch.manual_seed(0)
+    model = MutatesAfterUse().eval()
+    plain, cached = copy.deepcopy(model), copy.deepcopy(model)
+    recalibrate(plain, data, mode="exact", cache_budget=0)
+    report = recalibrate(cached, data, mode="exact")
+    assert report.segment_replays > 0
+    assert rel_diff(bn_stats(cached), bn_stats(plain)) < 1e-6
+    with torch.no_grad():  # independent reference for the last BN: its input's statistics under final statistics
+        x = torch.cat(data)
+        y = plain.features(x)
+        z = plain.conv2(plain.bn_b(plain.conv(y * 3 + plain.bn_a(y))))
+    assert torch.allclose(cached.bn_c.running_var, z.var((0, 2, 3)), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the source statistics as a prior
+
+
+def blended(source_mean, source_var, target, big_n, n):
+    """The formula of Schneider et al. 2020 on a float64 target activation (channels on axis 1)."""
+    flat = target.double().transpose(0, 1).reshape(target.shape[1], -1)
+    return ((big_n * source_mean.double() + n * flat.mean(1)) / (big_n + n),
+            (big_n * source_var.double() + n * flat.var(1)) / (big_n + n))
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "exact"])
+def test_prior_blends_source_and_target_statistics(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model.eval()
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    source = copy.deepcopy(model)
+    data = torch.randn(12, 3, 8, 8) * 2 + 1
+    report = recalibrate(model, list(data.split(5)), mode=mode, prior=16)
+    assert report.prior == 16
+    with torch.no_grad():
+        h = source[0](data)
+        mean1, var1 = blended(source[1].running_mean, source[1].running_var, h, 16, 12)
+        assert torch.allclose(model[1].running_mean.double(), mean1, atol=1e-6)
+        assert torch.allclose(model[1].running_var.double(), var1, rtol=1e-5)
+        if mode == "exact":  # the second level is measured under the blended first level, as inference will see it
+            source[1].running_mean.copy_(mean1)
+            source[1].running_var.copy_(var1)
+            mean2, var2 = blended(source[4].running_mean, source[4].running_var, source[:4](data), 16, 12)
+            assert torch.allclose(model[4].running_mean.double(), mean2, atol=1e-6)
+            assert torch.allclose(model[4].running_var.double(), var2, rtol=1e-5)
+
+
+def test_prior_zero_is_off_and_bad_priors_are_input_errors():
+    data = list(data_for("resnet", 16).split(8))
+    a, b = zoo.build("resnet"), zoo.build("resnet")
+    recalibrate(a, data, prior=0)
+    recalibrate(b, data)
+    assert rel_diff(bn_stats(a), bn_stats(b)) == 0
+    for bad, mode in [(-1, "cumulative"), (float("nan"), "exact"), (4, "ema")]:
+        with pytest.raises(InputError, match="prior"):
+            recalibrate(zoo.build("resnet"), data, mode=mode, prior=bad)
+    broken = zoo.build("resnet")
+    next(m for m in broken.modules() if isinstance(m, nn.BatchNorm2d)).running_var[0] = float("nan")
+    with pytest.raises(InputError, match="no source to blend with"):
+        recalibrate(broken, data, prior=8)

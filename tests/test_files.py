@@ -121,6 +121,26 @@ def test_in_place_only_for_the_checkpoint_output(workspace, cli):
     assert "bntool.fold_layout" in torch.load(ckpt, weights_only=True)
 
 
+@pytest.mark.parametrize("flag", ["-o", "--plot"])
+def test_an_output_never_replaces_a_file_of_the_data_folder_even_with_force(workspace, cli, flag):
+    """`--data DIR`: each image in it is an input; `-o DIR/a.png --force` once wrote a checkpoint over it."""
+    from PIL import Image
+
+    folder = workspace / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg"):
+        Image.fromarray(np.full((40, 37, 3), 128, np.uint8)).save(folder / name)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    outputs = {"-o": workspace / "r.pt", "--plot": workspace / "r.png"}
+    outputs[flag] = folder / "sub" / "b.jpg"
+    args = ["--plot", outputs["--plot"]] if flag == "--plot" else []
+    result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", folder, "--image-size", "32", "--workers", "0",
+                 "-o", outputs["-o"], "--force", *args)
+    assert_clean_error(result, contains="inside the input folder")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert not (workspace / "r.pt").exists()
+
+
 def test_two_outputs_on_one_file(workspace, cli):
     out = workspace / "out.pt"
     result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy", "-o", out,

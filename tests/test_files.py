@@ -259,6 +259,24 @@ def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
 
+def test_ctrl_c_during_interpreter_shutdown_prints_no_traceback(workspace):
+    """A Ctrl-C after the command finished (torch's exit handlers run for a while) once printed a
+    KeyboardInterrupt traceback under "Wrote ...". An exit handler registered first runs last: it sends SIGINT."""
+    out = workspace / "folded.pt"
+    code = ("import atexit, os, signal, sys\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(10**6))))\n"
+            "from bntool.cli import entry\n"
+            f"sys.argv = ['bntool', 'fold', {str(workspace / 'in.pt')!r}, '--arch', 'bntool.zoo:resnet', "
+            f"'--input-shape', '1,3,32,32', '--samples', '1', '-o', {str(out)!r}]\n"
+            "entry()\n")
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+    assert f"Wrote {out}" in " ".join(result.stdout.split())
+    torch.load(out, weights_only=True)
+
+
 def test_export_interrupted_during_the_check_leaves_nothing(workspace):
     out = workspace / "m.onnx"
     result = _run_interrupted("check", "export-onnx", workspace / "in.pt", *ARCH, *SHAPE, "-o", out,

@@ -137,7 +137,10 @@ def render_export(report, console: Console) -> None:
     console.print(f"Ops: {ops}")
     table = Table(title=f"onnxruntime ({report.provider}) vs PyTorch")
     for col in ("input", "output", "max abs", "max rel", "mean abs", "over tol.", "worst at", "result"):
-        table.add_column(col)
+        # On a narrow terminal the names wrap; a figure never loses its exponent to an ellipsis ("1.86e-…").
+        figure = col in ("max abs", "max rel", "mean abs")
+        table.add_column(col, no_wrap=figure or col in ("over tol.", "result"), min_width=8 if figure else None,
+                         overflow="fold")
     for c in report.comparisons:
         table.add_row(c.input, c.output, fmt(c.max_abs), fmt(c.max_rel_elementwise), fmt(c.mean_abs),
                       f"{c.mismatched_fraction:.2%}", str(c.worst_index),

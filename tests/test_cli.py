@@ -79,3 +79,9 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     steps = {s["step"]: s for s in report["steps"]}
     assert steps["fold"]["batch_norm_ops"] == [6, 0] and steps["export-onnx"]["batch_norm_nodes"] == 0
     assert (tmp_path / "demo" / "model.onnx").exists()
+    # `make demo` twice: --force replaces the files of the earlier demo (they once were refused as checkpoints)
+    stale = {p.name: p.stat().st_ino for p in (tmp_path / "demo").iterdir()}
+    again = cli("demo", tmp_path / "demo", "--exporter", "legacy", "--force")
+    assert again.code == 0, again.err
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "demo").iterdir()}.keys() == stale.keys()
+    assert all(p.stat().st_ino != stale[p.name] for p in (tmp_path / "demo").iterdir())  # each one replaced

@@ -288,7 +288,7 @@ class _progress:
         self.current_pass = 0
 
     def __enter__(self):
-        if self.disabled:
+        if self.disabled or not sys.stderr.isatty():  # in a log the bar is noise and leaves a blank line
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

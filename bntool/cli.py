@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -378,7 +379,7 @@ class _progress:
         self.bar = None
 
     def __enter__(self):
-        if self.disabled:
+        if self.disabled or not sys.stderr.isatty():  # in a log the bar is noise and leaves a blank line
             return None
         from .report import RecalibrationProgress
 
@@ -657,4 +658,8 @@ def flag_name(parameter: str) -> str:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # The command is over and has said what it wrote: a Ctrl-C during interpreter shutdown (torch's exit
+    # handlers) can change nothing, and must not print a KeyboardInterrupt traceback under that last line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)

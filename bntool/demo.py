@@ -74,7 +74,9 @@ def _run_demo(directory: Path, force: bool, exporter: str, fold, inspect, export
     names = ("model.pt", "calibration.pt", "recalibrated.pt", "folded.pt", "model.onnx")
     outputs = Outputs()
     for name in names:
-        outputs.add(directory / name, OutputKind.DEMO, force=force, what="demo file")
+        # Each file is planned as what it holds: with --force, a second demo replaces the first one's checkpoints.
+        kind = OutputKind.ONNX if name.endswith(".onnx") else OutputKind.CHECKPOINT
+        outputs.add(directory / name, kind, force=force, what="demo file")
     outputs.check()
     report = DemoReport(directory=str(directory), files={name: str(directory / name) for name in names})
     with outputs:

@@ -396,6 +396,11 @@ class Outputs:
                     raise InputError(f"{label}: is {name} ({path}); an output never replaces an input "
                                      "(choose another name)")
             exists = os.path.lexists(p.path)
+            for identity, path in zip(inputs, self.inputs):  # a file of an input folder (--data DIR) is input
+                folder = identity.real.rstrip(os.sep) + os.sep
+                if exists and os.path.isdir(identity.real) and me.real.startswith(folder):
+                    raise InputError(f"{label}: is inside the input folder {path}; an output never replaces an "
+                                     "input (choose another name)")
             if exists and p.kind != OutputKind.CHECKPOINT and looks_like_checkpoint(p.path):
                 raise InputError(f"{label}: is a PyTorch checkpoint; a {p.kind.value} file will not replace it "
                                  "(choose another name)")

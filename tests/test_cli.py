@@ -79,3 +79,19 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     steps = {s["step"]: s for s in report["steps"]}
     assert steps["fold"]["batch_norm_ops"] == [6, 0] and steps["export-onnx"]["batch_norm_nodes"] == 0
     assert (tmp_path / "demo" / "model.onnx").exists()
+    # `make demo` twice: --force replaces the files of the earlier demo (they once were refused as checkpoints)
+    stale = {p.name: p.stat().st_ino for p in (tmp_path / "demo").iterdir()}
+    again = cli("demo", tmp_path / "demo", "--exporter", "legacy", "--force")
+    assert again.code == 0, again.err
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "demo").iterdir()}.keys() == stale.keys()
+    assert all(p.stat().st_ino != stale[p.name] for p in (tmp_path / "demo").iterdir())  # each one replaced
+
+
+def test_recalibrate_writes_nothing_to_a_log_s_stderr_when_all_is_well(tmp_path, cli, resnet_sd):
+    """No progress bar when stderr is not a terminal: in a CI log Rich's transient bar left a blank line before
+    every warning or error."""
+    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "x.pt")
+    result = cli("recalibrate", resnet_sd, "--arch", "bntool.zoo:resnet", "--data", tmp_path / "x.pt", "--workers",
+                 "0", "-o", tmp_path / "out.pt")
+    assert result.code == 0, result.err
+    assert result.err == ""

@@ -121,6 +121,26 @@ def test_in_place_only_for_the_checkpoint_output(workspace, cli):
     assert "bntool.fold_layout" in torch.load(ckpt, weights_only=True)
 
 
+@pytest.mark.parametrize("flag", ["-o", "--plot"])
+def test_an_output_never_replaces_a_file_of_the_data_folder_even_with_force(workspace, cli, flag):
+    """`--data DIR`: each image in it is an input; `-o DIR/a.png --force` once wrote a checkpoint over it."""
+    from PIL import Image
+
+    folder = workspace / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg"):
+        Image.fromarray(np.full((40, 37, 3), 128, np.uint8)).save(folder / name)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    outputs = {"-o": workspace / "r.pt", "--plot": workspace / "r.png"}
+    outputs[flag] = folder / "sub" / "b.jpg"
+    args = ["--plot", outputs["--plot"]] if flag == "--plot" else []
+    result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", folder, "--image-size", "32", "--workers", "0",
+                 "-o", outputs["-o"], "--force", *args)
+    assert_clean_error(result, contains="inside the input folder")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert not (workspace / "r.pt").exists()
+
+
 def test_two_outputs_on_one_file(workspace, cli):
     out = workspace / "out.pt"
     result = cli("recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy", "-o", out,
@@ -237,6 +257,24 @@ def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
             assert str(plot) in lines[0] and plot.read_bytes().lstrip().startswith(b"<?xml")
             assert TEMP_PREFIX not in lines[0]
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+def test_ctrl_c_during_interpreter_shutdown_prints_no_traceback(workspace):
+    """A Ctrl-C after the command finished (torch's exit handlers run for a while) once printed a
+    KeyboardInterrupt traceback under "Wrote ...". An exit handler registered first runs last: it sends SIGINT."""
+    out = workspace / "folded.pt"
+    code = ("import atexit, os, signal, sys\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), sum(range(10**6))))\n"
+            "from bntool.cli import entry\n"
+            f"sys.argv = ['bntool', 'fold', {str(workspace / 'in.pt')!r}, '--arch', 'bntool.zoo:resnet', "
+            f"'--input-shape', '1,3,32,32', '--samples', '1', '-o', {str(out)!r}]\n"
+            "entry()\n")
+    result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+    assert f"Wrote {out}" in " ".join(result.stdout.split())
+    torch.load(out, weights_only=True)
 
 
 def test_export_interrupted_during_the_check_leaves_nothing(workspace):

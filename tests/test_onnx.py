@@ -31,6 +31,26 @@ def test_export_folded_models_legacy(tmp_path, name):
     assert files_in(tmp_path) == {f"{name}.onnx"}  # no temp files left
 
 
+def test_export_table_keeps_every_figure_whole_on_an_80_column_terminal(tmp_path):
+    """At 80 columns Rich once cut the figures to '1.86e-…', dropping the exponent that is the whole point."""
+    import io
+
+    from rich.console import Console
+
+    from bntool.report import fmt, render_export
+
+    report = export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "m.onnx", exporter="legacy",
+                         dynamic_batch=True, samples=1)
+    out = io.StringIO()
+    render_export(report, Console(file=out, width=80, force_terminal=False, color_system=None))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    for c in report.comparisons:
+        for figure in (c.max_abs, c.max_rel_elementwise, c.mean_abs):
+            assert fmt(figure) in text, (fmt(figure), text)
+
+
 def test_verification_catches_a_wrong_legacy_trace(tmp_path):
     """Conv2dSame computes its padding from the input shape in Python: the legacy tracer freezes it, and the
     graph breaks at other batch sizes. The check must catch that instead of shipping the file as good."""

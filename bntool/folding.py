@@ -51,7 +51,7 @@ from .layers import (
     make_custom_bn_folded,
     norm_act_parts,
 )
-from .layout import FoldLayout, attach_layout, layout_of
+from .layout import FoldLayout, attach_layout, layout_of, named_module, replace_module
 
 STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
@@ -784,14 +784,14 @@ def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> FoldLayout:
             scale, shift = affine_from(tensors[f.running_mean], tensors[f.running_var],
                                        tensors.get(f.weight), tensors.get(f.bias), f.eps)
         else:
-            bn = _module(modules, d.name)
+            bn = named_module(modules, d.name)
             scale, shift = affine_of(bn)
         for target in step.targets:
             idx = torch.tensor(target.channels, dtype=torch.long)
             mask = torch.tensor(target.shift, dtype=torch.bool)
             layer_shift = torch.where(mask, shift[idx], torch.zeros_like(shift[idx])) if mask.any() else None
             into = fold_into_producer if d.action == FOLDED else fold_into_consumer
-            if into(_module(modules, target.layer), scale[idx], layer_shift):
+            if into(named_module(modules, target.layer), scale[idx], layer_shift):
                 bias_added.append(target.layer)
         if step.functional is not None:
             _make_batch_norm_identity(tensors, step.functional)
@@ -884,24 +884,12 @@ def _replace_bn(model, name, bn, scale, shift, norm_act: bool = False) -> None:
     dtype = bn.running_mean.dtype
     if has_standard_forward(bn) or norm_act:
         new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
-        _replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
+        replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
     else:
         if scale is None:
             make_custom_bn_folded(bn, None, None)
         else:
             make_custom_bn_folded(bn, scale.to(dtype), shift.to(dtype))
-
-
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
-    if name not in modules:
-        raise InputError(f"fold layout names {name!r}, which this architecture does not have")
-    return modules[name]
 
 
 # ---------------------------------------------------------------- checking

@@ -103,7 +103,7 @@ class FoldLayout:
         """
         modules = dict(model.named_modules())
         for name in self.bias_added:
-            layer = _module(modules, name)
+            layer = named_module(modules, name)
             if not isinstance(layer, (_ConvNd, nn.Linear)):
                 raise InputError(f"fold layout adds a bias to {name!r}, which is a {type(layer).__name__}, not a "
                                  "conv or linear layer in this architecture")
@@ -111,7 +111,7 @@ class FoldLayout:
             out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
             layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
         for name in self.identity + self.affine:
-            bn = _module(modules, name)
+            bn = named_module(modules, name)
             if not is_bn(bn):
                 raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
             affine = name in self.affine
@@ -119,7 +119,7 @@ class FoldLayout:
             parts = norm_act_parts(bn) if name in self.norm_act else None
             if has_standard_forward(bn) or parts is not None:
                 replacement = ChannelAffine.empty(c, dtype, name in self.centered) if affine else nn.Identity()
-                _replace_module(model, name, FoldedNormAct(replacement, *parts) if parts else replacement)
+                replace_module(model, name, FoldedNormAct(replacement, *parts) if parts else replacement)
             else:
                 ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
                 make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
@@ -137,13 +137,13 @@ def attach_layout(model: nn.Module, layout: FoldLayout) -> None:
     object.__setattr__(model, _ATTRIBUTE, layout)
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
 
 
-def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+def named_module(modules: dict[str, nn.Module], name: str) -> nn.Module:
     if name not in modules:
         raise InputError(f"fold layout names {name!r}, which this architecture does not have")
     return modules[name]

@@ -20,7 +20,7 @@ import time
 
 import archs
 import torch
-from common import RESULTS, setup_threads, show
+from common import RESULTS, median_time, setup_threads, show
 
 VARIANTS = ("floor", "update_bn", "bntool cumulative", "bntool exact")
 # exact mode before the segment cache (one whole forward per BN level), measured with this benchmark on this
@@ -196,17 +196,6 @@ def equivalence_table() -> None:
                "(target ≤ 1e-6).")
 
 
-def _timed(fn, reps: int) -> float:
-    import statistics
-
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _bn_kernels(name: str, batch: int, reps: int) -> tuple[float, list[tuple]]:
     """(eval pass seconds, per BN layer: name, input shape, eval / train / var_mean+eval kernel seconds)."""
     import torch.nn.functional as F
@@ -215,7 +204,7 @@ def _bn_kernels(name: str, batch: int, reps: int) -> tuple[float, list[tuple]]:
     data = torch.randn((batch, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(data)
-        floor = _timed(lambda: model(data), reps)
+        floor = median_time(lambda: model(data), reps)
     per_layer = []
 
     def probe(module, args, bn_name):
@@ -229,9 +218,9 @@ def _bn_kernels(name: str, batch: int, reps: int) -> tuple[float, list[tuple]]:
             F.batch_norm(x, m, v, w, b, False, 0.0, eps)
 
         per_layer.append((bn_name, tuple(x.shape[1:]),
-                          _timed(lambda: F.batch_norm(x, mean, var, w, b, False, 0.0, eps), reps),
-                          _timed(lambda: F.batch_norm(x, mean.clone(), var.clone(), w, b, True, 1.0, eps), reps),
-                          _timed(fused, reps)))
+                          median_time(lambda: F.batch_norm(x, mean, var, w, b, False, 0.0, eps), reps),
+                          median_time(lambda: F.batch_norm(x, mean.clone(), var.clone(), w, b, True, 1.0, eps), reps),
+                          median_time(fused, reps)))
 
     handles = [m.register_forward_pre_hook(lambda mod, a, n=n: probe(mod, a, n))
                for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

@@ -30,3 +30,15 @@ def assert_clean_error(result: Result, code: int = 2, contains: str | None = Non
 
 def files_in(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
+
+
+def write_pngs(folder: Path, count: int, size: int) -> Path:
+    """`count` random RGB PNGs of size×size pixels in a new `folder`: a real image folder for the data tests."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return folder

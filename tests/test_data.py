@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_pngs
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -158,14 +159,7 @@ def test_image_to_tensor_crops_the_center_of_the_resized_image():
 
 @pytest.fixture
 def png_folder(tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "pngs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
-    return folder
+    return write_pngs(tmp_path / "pngs", 12, 64)
 
 
 def test_small_images_at_the_default_size_warn_about_upscaling(png_folder):

@@ -9,7 +9,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import pytest
 import torch
-from helpers import assert_clean_error
+from helpers import assert_clean_error, write_pngs
 
 from bntool import zoo
 
@@ -63,14 +63,7 @@ def test_demo_does_not_overwrite_without_force(cli, tmp_path):
 
 @pytest.fixture
 def pngs(tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "pngs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_pngs(tmp_path / "pngs", 6, 32)
 
 
 def test_verify_reads_images_at_the_input_shape(cli, resnet_sd, pngs):

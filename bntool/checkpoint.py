@@ -39,7 +39,9 @@ class Checkpoint:
     path: Path
     container: dict | None = None  # the whole training checkpoint, for kind "wrapped"
     key: str | None = None  # where the state_dict sits in the container
-    stripped_prefix: str = ""
+    stripped_prefix: str = ""  # DDP/compile prefixes removed from every key, put back on save
+    submodule: str = ""  # the model's weights sat under this prefix (a LightningModule's `model.`), put back on save
+    other_entries: dict[str, torch.Tensor] = field(default_factory=dict)  # the state_dict's entries outside it
     fmt: CheckpointFormat = CheckpointFormat.TORCH
     arch: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -218,6 +220,13 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
     sd, removed = strip_prefixes(state_dict)
     notes: list[str] = []
     model = build_arch(arch, arch_kwargs, notes)
+    submodule, others = _submodule_prefix(model, sd, path, arch)
+    if submodule:
+        kept = (f"; {len(others)} other {'entry is' if len(others) == 1 else 'entries are'} written back unchanged"
+                if others else "")
+        notes.append(f"took the weights under {submodule!r} (the attribute holding the architecture, as in "
+                     f"a LightningModule){kept}")
+        sd = {k[len(submodule):]: v for k, v in sd.items() if k.startswith(submodule)}
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
         try:
@@ -225,7 +234,32 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
         except InputError as e:  # the record is part of the file: name it
             raise CorruptFileError(f"{path}: {e.message}", param=e.param) from e
     load_state_dict_checked(model, sd, path, arch)
-    return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, fmt=fmt, arch=arch, notes=notes)
+    return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, submodule=submodule,
+                      other_entries=others, fmt=fmt, arch=arch, notes=notes)
+
+
+def _submodule_prefix(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
+                      arch: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """Where `arch`'s weights sit when the file holds a wrapper's state_dict (a LightningModule keeps the network
+    as `self.model`, so every key reads `model.…`): the one first key component under which the keys are exactly
+    the model's, or under which a fold layout was saved; and the entries outside it. ("", {}) when the keys fit
+    as they are, or no component fits (load_state_dict_checked then names the mismatch)."""
+    expected = set(model.state_dict())
+    if set(sd) - {LAYOUT_KEY} == expected or LAYOUT_KEY in sd:
+        return "", {}
+    prefixes = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
+    fitting = []
+    for prefix in prefixes:
+        inner = {k[len(prefix):] for k in sd if k.startswith(prefix)}
+        if inner - {LAYOUT_KEY} == expected or LAYOUT_KEY in inner:
+            fitting.append(prefix)
+    if len(fitting) > 1:
+        raise InputError(f"{path}: the weights under {' and '.join(repr(p) for p in fitting)} all fit "
+                         f"{param('arch')} {arch}; pass {param('arch')} a factory of the whole wrapper (e.g. the "
+                         "LightningModule) to say which")
+    if not fitting:
+        return "", {}
+    return fitting[0], {k: v for k, v in sd.items() if not k.startswith(fitting[0])}
 
 
 def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
@@ -330,6 +364,22 @@ def training_state_keys(ckpt: Checkpoint) -> list[str]:
     return [k for k in container if isinstance(k, str) and k != ckpt.key and _TRAINING_STATE.search(k)]
 
 
+def _keys_as_they_came(ckpt: Checkpoint, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state_dict under the key names the input used: its submodule prefix with the wrapper's other
+    entries, and its DDP/compile prefix, so the training script that wrote it loads the result."""
+    if not ckpt.submodule and not ckpt.stripped_prefix:
+        return sd
+    named = {ckpt.submodule + k: v for k, v in sd.items()}
+    named.update(ckpt.other_entries)
+    result = {ckpt.stripped_prefix + k: v for k, v in named.items()}
+    metadata = getattr(sd, "_metadata", None)
+    if metadata is not None:  # module versions by module name, for load_state_dict
+        prefix = ckpt.stripped_prefix + ckpt.submodule
+        result = type(sd)(result)
+        result._metadata = type(metadata)((prefix + k if k else prefix[:-1], v) for k, v in metadata.items())
+    return result
+
+
 def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
                      write_file: Callable[[Callable[[str], None]], Path], keep_training_state: bool = True) -> Path:
     """Write `model` the way `ckpt` came in, through `write_file(writer)` (atomic_write or Outputs.write)."""
@@ -339,7 +389,7 @@ def write_checkpoint(ckpt: Checkpoint, model: nn.Module, out: Path,
         if not isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedError(f"{out}: cannot write a TorchScript archive from an eager module here")
         return write_file(lambda tmp: torch.jit.save(model, tmp))
-    sd = state_dict_of(model)
+    sd = _keys_as_they_came(ckpt, state_dict_of(model))
     if ckpt.kind == CheckpointKind.WRAPPED and output_format(ckpt, out) == CheckpointFormat.TORCH:
         dropped = set() if keep_training_state else set(training_state_keys(ckpt))
         container = {k: v for k, v in (ckpt.container or {}).items() if k not in dropped}

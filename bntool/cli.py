@@ -20,9 +20,10 @@ import typer.core
 
 from ._version import __version__
 from .choices import Exporter, Provider, RecalibrationMode
-from .errors import BntoolError, CheckFailed, InputError
+from .errors import BntoolError, CheckFailed
 from .options import (
     DataOptions,
+    Device,
     Display,
     ExampleInputs,
     FileOutput,
@@ -127,18 +128,6 @@ def _tell(display: Display, loaded=None, source=None) -> None:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
-DEVICES = "cpu, cuda, cuda:N (e.g. cuda:1) or mps"
-
-
-def check_device(device: str) -> str:
-    """--device as torch understands it; InputError listing the accepted values otherwise."""
-    import re
-
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device.strip()):
-        raise InputError(f"--device {device!r}: expected {DEVICES}", param="device")
-    return device.strip()
-
-
 def _require_eager(ckpt, operation: str) -> None:
     from .errors import UnsupportedError
 
@@ -176,6 +165,7 @@ def _outputs(*inputs: tuple[Path | None, str]):
 def inspect(
     model: ModelSource,
     example: ExampleInputs,
+    device: Device,
     display: Display,
     wide: Annotated[bool, typer.Option("--wide", help="Every column (statistics, γ/β, eps, momentum, tracked "
                                                       "batches), not the view that fits the terminal.")] = False,
@@ -183,12 +173,13 @@ def inspect(
     """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do."""
     from .inspection import inspect as inspect_model
 
+    where = device.resolve()
     loaded = model.load()
     _tell(display, loaded)
     inputs = None
     if example.input_shape and loaded.kind != "torchscript":
         inputs = example.build(loaded.model)
-    report = inspect_model(loaded.model, inputs)
+    report = inspect_model(loaded.model, inputs, device=where)
     _show(report, display, "render_inspect", _context(model, loaded=loaded), wide=wide)
 
 
@@ -199,6 +190,7 @@ def fold(
     out: FileOutput,
     example: ExampleInputs,
     tolerances: Tolerances,
+    device: Device,
     display: Display,
     samples: Annotated[int, typer.Option("--samples", help="Random inputs checked besides the example.")] = 4,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="BN layer names or glob patterns to leave as "
@@ -219,13 +211,14 @@ def fold(
     outputs = _outputs((model.ckpt, "the input checkpoint"))
     outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
     outputs.check()
+    where = device.resolve()
     loaded = model.load()
     _require_eager(loaded, "fold")
     _tell(display, loaded)
     inputs = example.build(loaded.model)
     try:
         folded, report = fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
-                                    atol=tolerances.atol, skip=skip or ())
+                                    atol=tolerances.atol, skip=skip or (), device=where)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, "render_fold", _context(model, loaded=loaded))
@@ -250,6 +243,7 @@ def recalibrate(
     out: FileOutput,
     data: DataOptions,
     images: ImagePreprocessing,
+    device: Device,
     display: Display,
     mode: Annotated[RecalibrationMode, typer.Option(
         "--mode", help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
@@ -259,7 +253,6 @@ def recalibrate(
                                                                    "from the current ones.")] = True,
     num_batches: Annotated[Optional[int], typer.Option("--num-batches", help="Use at most this many batches.")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Use at most this many samples.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 or mps.")] = "cpu",
     amp: Annotated[bool, typer.Option("--amp", help="Autocast (bfloat16 on CPU, float16 on CUDA).")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels_last memory format.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for data order and random choices.")] = 0,
@@ -285,14 +278,14 @@ def recalibrate(
     from .distributed import process_group, rank_device
     from .options import parse_shape
 
-    device = check_device(device)
+    where = str(device.resolve())  # before any work; under torchrun, "cuda" becomes each rank's own GPU
     settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
-                                     num_samples=num_samples, device=device, amp=amp, channels_last=channels_last,
+                                     num_samples=num_samples, device=where, amp=amp, channels_last=channels_last,
                                      seed=seed, plot=plot, quiet=display.quiet, strict=strict,
                                      input_shape=parse_shape(input_shape) if input_shape else None,
                                      prior=prior, cache_budget=cache_budget)
-    with process_group(device) as rank:
-        settings.device = rank_device(device, rank)
+    with process_group(where) as rank:
+        settings.device = rank_device(where, rank)
         _recalibrate(model, out, data, images, display, settings, rank)
 
 
@@ -401,6 +394,7 @@ def export_onnx(
     data: DataOptions,
     images: ImagePreprocessing,
     tolerances: Tolerances,
+    device: Device,
     display: Display,
     fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BatchNorm before exporting.")] = True,
     exporter: ExporterOption = Exporter.AUTO,
@@ -428,6 +422,7 @@ def export_onnx(
     protect = [p for p in (model.ckpt, data.data) if p is not None]
     check_provider(provider)
     plan_outputs(out.output, False, out.force, keep_failed, protect)  # before loading; the export plans again
+    where = device.resolve()
     loaded = model.load()
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
@@ -441,7 +436,7 @@ def export_onnx(
             loaded.model, inputs, out.output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
             input_names=input_name, output_names=output_name, samples=samples, seed=example.seed, data=batches,
             rtol=tolerances.rtol, atol=tolerances.atol, provider=provider, force=out.force, keep_failed=keep_failed,
-            protect=protect)
+            protect=protect, device=where)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, "render_export", context)
@@ -457,6 +452,7 @@ def verify(
     data: DataOptions,
     images: ImagePreprocessing,
     tolerances: Tolerances,
+    device: Device,
     display: Display,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Check this ONNX file, not a fresh export.")] = None,
     skip_onnx: Annotated[bool, typer.Option("--skip-onnx", help="Do not check ONNX at all.")] = False,
@@ -492,8 +488,8 @@ def verify(
     outputs.check()
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if summary_md is None else None
     try:
-        report, context = _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, exporter,
-                                  samples, num_batches, onnx_rtol, onnx_atol)
+        report, context = _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx,
+                                  exporter, samples, num_batches, onnx_rtol, onnx_atol)
     except Exception as e:  # the CI dashboard must say why verify could not run
         message = _one_line(e.render(flag_name) if isinstance(e, BntoolError) else
                             f"internal error: {type(e).__name__}: {e}")
@@ -507,10 +503,11 @@ def verify(
         raise CheckFailed(f"verification failed: {failed}")
 
 
-def _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, exporter, samples, num_batches,
-            onnx_rtol, onnx_atol):
+def _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx, exporter, samples,
+            num_batches, onnx_rtol, onnx_atol):
     from .verification import verify as verify_model
 
+    where = device.resolve()
     loaded = model.load()
     _require_eager(loaded, "verify")
     inputs = example.build(loaded.model)
@@ -520,7 +517,7 @@ def _verify(model, example, data, images, tolerances, display, onnx, skip_onnx, 
     report = verify_model(
         loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
         seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
-        data=batches)
+        data=batches, device=where)
     return report, _context(model, source, loaded)
 
 

@@ -205,13 +205,14 @@ def combine(comparisons: Sequence[Comparison], output: str = "all") -> Compariso
 
 
 def random_like(inputs: Sequence[Any], generator) -> tuple[Any, ...]:
-    """Random inputs shaped like the example: standard-normal floats; integer inputs are kept as they are."""
+    """Random inputs shaped like the example, on its device: standard-normal floats (drawn on the CPU, so a seed
+    gives the same inputs on every device); integer inputs are kept as they are."""
     import torch
 
     out = []
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
-            out.append(torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.dtype))
+            out.append(torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype))
         else:
             out.append(x)
     return tuple(out)
@@ -232,19 +233,24 @@ def random_stream(seed: int):
 
 
 class Float64Reference:
-    """A model run in float64, copied on first use (the copy doubles the model's memory).
+    """A model run in float64, copied on first use (the copy doubles the model's memory), on the model's device,
+    or on the CPU where that device has no float64 (MPS).
 
     Side effects: none on `model`; the copy is in eval mode.
     """
 
     def __init__(self, model):
-        self.model, self.copy = model, None
+        self.model, self.copy, self.device = model, None, None
 
     def __call__(self, inputs: tuple) -> Any:
         import torch
 
+        from .devices import device_of, float64_device
+
         if self.copy is None:
-            self.copy = copy.deepcopy(self.model).double().eval()
-        x64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+            self.device = float64_device(device_of(self.model))
+            self.copy = copy.deepcopy(self.model).to(self.device, torch.float64).eval()
+        x64 = tuple(x.to(self.device, torch.float64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                    for x in inputs)
         with torch.no_grad():
             return self.copy(*x64)

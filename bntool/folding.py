@@ -34,6 +34,7 @@ from .compare import (
     random_like,
     random_stream,
 )
+from .devices import as_float64, device_of, moved_to, to_device
 from .errors import CheckFailed, InputError, param, user_code
 from .graph import LAYER_OPS, OPAQUE, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
@@ -139,6 +140,7 @@ def fold(
     skip: Sequence[str] = (),
     check: bool = True,
     plan: FoldPlan | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
@@ -159,24 +161,44 @@ def fold(
         check: raise CheckFailed when the folded outputs differ beyond tolerance.
         plan: the decisions to apply, from `plan_fold(model, example_inputs)` (possibly edited); by default
             `plan_fold(model, example_inputs, skip=skip)`.
+        device: run the trace and the check on this device ("cpu", "cuda", "cuda:1", "mps"); the inputs are
+            moved there. Default: where the model is, inputs as given.
 
     Returns:
-        (folded, report): the folded copy in eval mode, carrying its FoldLayout (saved with it by
-        save_checkpoint / state_dict_of), and a FoldReport.
+        (folded, report): the folded copy in eval mode on the device `model` was on, carrying its FoldLayout
+        (saved with it by save_checkpoint / state_dict_of), and a FoldReport.
 
     Raises:
         CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
-        InputError: a tolerance is negative or not finite, or `model` is a TorchScript module.
+        InputError: a tolerance is negative or not finite, `model` is a TorchScript module, or `device` is not
+            available.
 
-    Side effects: none on `model` (its training flags are restored after the check); the copy doubles
-    its memory, and the float64 reference of the check doubles it again where it is needed.
+    Side effects: none on `model` (its training flags, and with `device` its placement, are restored after the
+    check); the copy doubles its memory, and the float64 reference of the check doubles it again where it is
+    needed.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
     tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))  # before any work
-    started = time.perf_counter()
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
+    home = device_of(model)
+    with moved_to(model, device) as dev:
+        inputs = to_device(inputs, dev) if device is not None else inputs
+        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan)
+    if device is not None:
+        folded.to(home)  # the result where the model was, as recalibrate leaves it
+    if check and not report.passed:
+        raise CheckFailed(
+            f"folded model differs from the original: max abs error {report.max_abs:.3g} "
+            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}",
+            report=report)
+    return folded, report
+
+
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan) -> tuple[nn.Module, FoldReport]:
+    """fold() on the model and inputs where they are: the folded copy and its report (passed or not)."""
+    started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
         folded, by_request = _eval_copy(model)
     if plan is None:
@@ -195,11 +217,6 @@ def fold(
     report.batch_norm_ops_after = _compare(model, folded, inputs, samples, seed, by_request, report)
     report.passed = all(c.passed for c in report.comparisons)
     report.check_seconds = time.perf_counter() - started
-    if check and not report.passed:
-        raise CheckFailed(
-            f"folded model differs from the original: max abs error {report.max_abs:.3g} "
-            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}",
-            report=report)
     return folded, report
 
 
@@ -381,9 +398,14 @@ def _replacement(step: FoldStep, bn: nn.Module, ctx: _Context) -> FoldStep:
         step.norm_act, d.replaced_by = True, "FoldedNormAct"
     else:
         d.replaced_by = "intercepted forward"
-    step.centered = (d.action == AFFINE and (has_standard_forward(bn) or step.norm_act)
-                     and mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN)
+    step.centered = _centered(step, bn)
     return step
+
+
+def _centered(step: FoldStep, bn: nn.Module) -> bool:
+    """An affine replacement subtracts the mean first where the statistics sit far from zero."""
+    return (step.decision.action == AFFINE and (has_standard_forward(bn) or step.norm_act)
+            and mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN)
 
 
 def _acts_as_norm_act(bn: nn.Module, ctx: _Context) -> bool:
@@ -398,8 +420,8 @@ def _acts_as_norm_act(bn: nn.Module, ctx: _Context) -> bool:
     x = calls[0].inputs[0]
     scale, shift = affine_of(bn)
     with torch.no_grad():
-        expected = bn(x.clone()).double()
-        got = FoldedNormAct(_affine_module(bn, scale, shift), *parts)(x.clone()).double()
+        expected = as_float64(bn(x.clone()))
+        got = as_float64(FoldedNormAct(_affine_module(bn, scale, shift), *parts)(x.clone()))
     if expected.shape != got.shape:
         return False
     share = default_tolerance(x.dtype).atol  # of the output's largest magnitude, as the fold's own check
@@ -424,7 +446,7 @@ def _refusal(name: str, bn: nn.Module, ctx: _Context) -> str:
                                                    if t is not None]
     if any(not torch.isfinite(t).all() for t in tensors):
         return "statistics or affine parameters contain NaN/Inf"
-    if (bn.running_var.double() + float(getattr(bn, "eps", 1e-5)) <= 0).any():
+    if (as_float64(bn.running_var) + float(getattr(bn, "eps", 1e-5)) <= 0).any():
         return "running_var + eps <= 0"
     return _foreign_reads(bn, ctx)
 
@@ -571,7 +593,7 @@ def _replay_path(path: list, probe: torch.Tensor) -> torch.Tensor:
         if kind == "op":
             probe = op.func(probe, *op.args[1:], **op.kwargs)
         elif kind == "cat":
-            parts = [probe if i == step[2] else torch.full(p.shape, -1.0, dtype=probe.dtype)
+            parts = [probe if i == step[2] else torch.full(p.shape, -1.0, dtype=probe.dtype, device=probe.device)
                      for i, p in enumerate(_cat_parts(op))]
             probe = torch.cat(parts, dim=_cat_dim(op))
     return probe
@@ -702,7 +724,7 @@ def _functional_refusal(op: OpCall, a: dict[str, Any], name: str, ctx: _Context)
     tensors = {k: a[k] for k in ("running_mean", "running_var", "weight", "bias") if a[k] is not None}
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         return "statistics or affine parameters contain NaN/Inf"
-    if (a["running_var"].double() + float(a["eps"]) <= 0).any():
+    if (as_float64(a["running_var"]) + float(a["eps"]) <= 0).any():
         return "running_var + eps <= 0"
     for key, t in tensors.items():
         others = [r for r in ctx.flow.readers(t) if r is not op]
@@ -748,6 +770,8 @@ def _keep_what_would_overflow(model: nn.Module, plan: FoldPlan) -> None:
                 dtype = str(modules[overflowing[0]].weight.dtype).replace("torch.", "")
                 d.reason = f"folding into {overflowing[0]} overflows {dtype}" + (f"; {d.reason}" if d.reason else "")
                 d.action, d.target, step.targets = AFFINE, None, []
+                d.replaced_by = "ChannelAffine" if d.replaced_by == "Identity" else d.replaced_by
+                step.centered = _centered(step, bn)
         if d.action == AFFINE:
             dtype = bn.running_mean.dtype
             if not (torch.isfinite(scale.to(dtype)).all() and torch.isfinite(shift.to(dtype)).all()):
@@ -759,11 +783,8 @@ def _fold_overflows(layer: nn.Module, action, target: FoldTarget, scale, shift) 
     """Fold into a copy of the target layer and check that every cast weight and bias is still finite."""
     layer = copy.deepcopy(layer)
     finite_before = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
-    idx = torch.tensor(target.channels, dtype=torch.long)
-    mask = torch.tensor(target.shift, dtype=torch.bool)
-    layer_shift = torch.where(mask, shift[idx], torch.zeros_like(shift[idx])) if mask.any() else None
     into = fold_into_producer if action == FOLDED else fold_into_consumer
-    into(layer, scale[idx], layer_shift)
+    into(layer, *_target_affine(target, scale, shift))
     finite_after = all(torch.isfinite(t).all() for t in (layer.weight, layer.bias) if t is not None)
     return finite_before and not finite_after
 
@@ -787,11 +808,9 @@ def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> FoldLayout:
             bn = named_module(modules, d.name)
             scale, shift = affine_of(bn)
         for target in step.targets:
-            idx = torch.tensor(target.channels, dtype=torch.long)
-            mask = torch.tensor(target.shift, dtype=torch.bool)
-            layer_shift = torch.where(mask, shift[idx], torch.zeros_like(shift[idx])) if mask.any() else None
+            layer_scale, layer_shift = _target_affine(target, scale, shift)
             into = fold_into_producer if d.action == FOLDED else fold_into_consumer
-            if into(named_module(modules, target.layer), scale[idx], layer_shift):
+            if into(named_module(modules, target.layer), layer_scale, layer_shift):
                 bias_added.append(target.layer)
         if step.functional is not None:
             _make_batch_norm_identity(tensors, step.functional)
@@ -799,13 +818,24 @@ def apply_fold_plan(model: nn.Module, plan: FoldPlan) -> FoldLayout:
             affine.append(d.name)
             if step.centered:
                 centered.append(d.name)
-            _replace_bn(model, d.name, bn, scale, shift, step.norm_act)
+            _replace_bn(model, d.name, bn, scale, shift, step.norm_act, step.centered)
         else:
             identity.append(d.name)
             _replace_bn(model, d.name, bn, None, None, step.norm_act)
         if step.norm_act:
             norm_act.append(d.name)
     return FoldLayout(identity, affine, centered, sorted(set(bias_added)), norm_act)
+
+
+def _target_affine(target: FoldTarget, scale: torch.Tensor, shift: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The BN's scale and shift in the target layer's channel order; the shift only where this target takes it
+    (None where it takes none: another term of a sum does)."""
+    idx = torch.tensor(target.channels, dtype=torch.long, device=scale.device)
+    mask = torch.tensor(target.shift, dtype=torch.bool, device=scale.device)
+    if not any(target.shift):
+        return scale[idx], None
+    return scale[idx], torch.where(mask, shift[idx], torch.zeros_like(shift[idx]))
 
 
 def _make_batch_norm_identity(tensors: dict[str, torch.Tensor], f: FunctionalBN) -> None:
@@ -824,7 +854,7 @@ def _make_batch_norm_identity(tensors: dict[str, torch.Tensor], f: FunctionalBN)
 def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> bool:
     """layer(x)·scale + shift per output channel, folded into its weight and bias (float64, cast once).
     `shift` None: scale only (another term of a sum takes the shift). Returns True if a bias had to be added."""
-    w = layer.weight.detach().double()
+    w = as_float64(layer.weight)
     if isinstance(layer, _ConvTransposeNd):  # weight: (in, out/groups, *k); output channel = group·(out/groups)+j
         g = layer.groups
         grouped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
@@ -833,14 +863,14 @@ def fold_into_producer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tenso
         new_w = w * scale.view(-1, *[1] * (w.dim() - 1))
     if layer.bias is None and shift is None:
         return _assign(layer, new_w, None)
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
+    bias = as_float64(layer.bias) if layer.bias is not None else torch.zeros_like(scale)
     return _assign(layer, new_w, bias * scale + (shift if shift is not None else 0))
 
 
 def fold_into_consumer(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> bool:
     """layer(x·scale + shift) with scale/shift per input channel, folded into its weight and bias."""
-    w = layer.weight.detach().double()
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    w = as_float64(layer.weight)
+    bias = as_float64(layer.bias) if layer.bias is not None else w.new_zeros(w.shape[0])
     if isinstance(layer, nn.Linear):
         return _assign(layer, w * scale.view(1, -1), bias + w @ shift)
     g, out, per_group = layer.groups, w.shape[0], w.shape[1]
@@ -859,7 +889,7 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
         if bias is None:
             return False
         if layer.bias is None:
-            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
+            layer.bias = nn.Parameter(bias.to(layer.weight.device, dtype), requires_grad=layer.weight.requires_grad)
             return True
         layer.bias.copy_(bias.to(dtype))
     return False
@@ -867,29 +897,33 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def mean_in_stds(bn) -> float:
     """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations."""
-    mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
+    mean, var = as_float64(bn.running_mean), as_float64(bn.running_var)
     return float((mean.abs() / (var + bn_eps(bn)).sqrt()).max()) if mean.numel() else 0.0
 
 
-def _affine_module(bn, scale, shift) -> ChannelAffine:
-    """x·s + t in one op; (x - μ)·s + β where μ is far from zero, so the subtraction happens first."""
-    dtype = bn.running_mean.dtype
-    if mean_in_stds(bn) <= MAX_FORWARD_FOLD_MEAN:
-        return ChannelAffine(scale.to(dtype), shift.to(dtype))
-    mean = bn.running_mean.detach().double()
-    return ChannelAffine(scale.to(dtype), (shift + mean * scale).to(dtype), center=mean.to(dtype))
+def _affine_module(bn, scale, shift, centered: bool | None = None) -> ChannelAffine:
+    """x·s + t in one op; (x - μ)·s + β where μ is far from zero (`centered`, by default decided from the
+    statistics), so the subtraction happens first."""
+    device, dtype = bn.running_mean.device, bn.running_mean.dtype
+    if centered is None:
+        centered = mean_in_stds(bn) > MAX_FORWARD_FOLD_MEAN
+    if not centered:
+        return ChannelAffine(scale.to(device, dtype), shift.to(device, dtype))
+    mean = as_float64(bn.running_mean)
+    return ChannelAffine(scale.to(device, dtype), (shift + mean * scale).to(device, dtype),
+                         center=mean.to(device, dtype))
 
 
-def _replace_bn(model, name, bn, scale, shift, norm_act: bool = False) -> None:
-    dtype = bn.running_mean.dtype
+def _replace_bn(model, name, bn, scale, shift, norm_act: bool = False, centered: bool | None = None) -> None:
+    device, dtype = bn.running_mean.device, bn.running_mean.dtype
     if has_standard_forward(bn) or norm_act:
-        new = nn.Identity() if scale is None else _affine_module(bn, scale, shift)
+        new = nn.Identity() if scale is None else _affine_module(bn, scale, shift, centered)
         replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
     else:
         if scale is None:
             make_custom_bn_folded(bn, None, None)
         else:
-            make_custom_bn_folded(bn, scale.to(dtype), shift.to(dtype))
+            make_custom_bn_folded(bn, scale.to(device, dtype), shift.to(device, dtype))
 
 
 # ---------------------------------------------------------------- checking

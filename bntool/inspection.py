@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .devices import as_float64, moved_to, to_device
 from .layers import bn_eps, bn_modules, bn_type_name
 
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
@@ -27,7 +28,7 @@ class TensorSummary:
     def of(cls, t: torch.Tensor | None) -> TensorSummary | None:
         if t is None or t.numel() == 0:
             return None
-        t = t.detach().double()
+        t = as_float64(t)
         finite = t[torch.isfinite(t)]
         if finite.numel() == 0:
             return cls(float("nan"), float("nan"), float("nan"))
@@ -82,12 +83,12 @@ def health_flags(module: nn.Module) -> list[str]:
     for key, t in tensors.items():
         if t is not None and not torch.isfinite(t).all():
             flags.append(f"NaN/Inf in {key} ({int((~torch.isfinite(t)).sum())} channels)")
-    low = int((var.double() <= bn_eps(module)).sum())
+    low = int((as_float64(var) <= bn_eps(module)).sum())
     if low:
         flags.append(f"var <= eps in {low} channels")
     weight = tensors["weight"]
     if weight is not None and weight.numel():
-        gamma = weight.detach().double().abs()
+        gamma = as_float64(weight).abs()
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
             flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
@@ -123,9 +124,21 @@ def describe_layer(name: str, module: nn.Module) -> BNLayerInfo:
     )
 
 
-def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None) -> InspectReport:
+def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
+            device: str | torch.device | None = None) -> InspectReport:
     """Describe every BN-family layer; with example inputs, also plan the fold (`plan_fold`: decisions only,
-    the model is not copied or changed) and find F.batch_norm calls made on a module's own tensors."""
+    the model is not copied or changed) and find F.batch_norm calls made on a module's own tensors.
+
+    `device`: run the fold plan's forward there (inputs moved too; the model is put back afterwards).
+    Default: where the model is, inputs as given."""
+    with moved_to(model, device) as dev:
+        if example_inputs is not None and device is not None:
+            inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+            example_inputs = to_device(inputs, dev)
+        return _inspect(model, example_inputs)
+
+
+def _inspect(model: nn.Module, example_inputs) -> InspectReport:
     layers = [describe_layer(name, m) for name, m in bn_modules(model)]
     report = InspectReport(layers=layers, total_modules=sum(1 for _ in model.modules()),
                            total_params=sum(p.numel() for p in model.parameters()), fold_planned=False)

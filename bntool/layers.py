@@ -8,6 +8,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from .devices import as_float64
+
 # Forwards whose eval-mode output is exactly the BN affine of the input and nothing else.
 _STANDARD_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -62,13 +64,13 @@ def affine_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def affine_from(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64: F.batch_norm(x, mean, var, weight, bias, False, _, eps) == x·scale + shift."""
-    mean, var = mean.detach().double(), var.detach().double()
+    mean, var = as_float64(mean), as_float64(var)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
-        scale = scale * weight.detach().double()
+        scale = scale * as_float64(weight)
     shift = -mean * scale
     if bias is not None:
-        shift = shift + bias.detach().double()
+        shift = shift + as_float64(bias)
     return scale, shift
 
 
@@ -88,8 +90,9 @@ class ChannelAffine(nn.Module):
         self.register_buffer("center", center.clone() if center is not None else None)
 
     @classmethod
-    def empty(cls, num_features: int, dtype: torch.dtype = torch.float32, centered: bool = False) -> ChannelAffine:
-        ones, zeros = torch.ones(num_features, dtype=dtype), torch.zeros(num_features, dtype=dtype)
+    def empty(cls, num_features: int, like: torch.Tensor, centered: bool = False) -> ChannelAffine:
+        """Identity scale and shift of `like`'s dtype and device, to be filled by load_state_dict."""
+        ones, zeros = like.new_ones(num_features), like.new_zeros(num_features)
         return cls(ones, zeros, zeros if centered else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

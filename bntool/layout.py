@@ -109,19 +109,19 @@ class FoldLayout:
                                  "conv or linear layer in this architecture")
             transposed = isinstance(layer, _ConvTransposeNd)
             out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
-            layer.bias = nn.Parameter(torch.zeros(out_channels, dtype=layer.weight.dtype))
+            layer.bias = nn.Parameter(layer.weight.new_zeros(out_channels))
         for name in self.identity + self.affine:
             bn = named_module(modules, name)
             if not is_bn(bn):
                 raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
             affine = name in self.affine
-            c, dtype = bn_num_features(bn), bn.running_mean.dtype
+            c, like = bn_num_features(bn), bn.running_mean
             parts = norm_act_parts(bn) if name in self.norm_act else None
             if has_standard_forward(bn) or parts is not None:
-                replacement = ChannelAffine.empty(c, dtype, name in self.centered) if affine else nn.Identity()
+                replacement = ChannelAffine.empty(c, like, name in self.centered) if affine else nn.Identity()
                 replace_module(model, name, FoldedNormAct(replacement, *parts) if parts else replacement)
             else:
-                ones, zeros = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
+                ones, zeros = like.new_ones(c), like.new_zeros(c)
                 make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
         attach_layout(model, self)
         return model

@@ -29,6 +29,7 @@ from .compare import (
     random_stream,
     to_numpy,
 )
+from .devices import moved_to, to_device
 from .errors import CheckFailed, InputError, UnsupportedError, param, user_code
 from .files import OutputKind, Outputs, failed_name, test_point
 from .utils import iter_tensors
@@ -105,6 +106,7 @@ def export_onnx(
     check: bool = True,
     keep_failed: bool = False,
     protect: Sequence[str | os.PathLike] = (),
+    device: str | torch.device | None = None,
 ) -> ExportReport:
     """Fold (optionally), export to a temp file, check the graph and compare onnxruntime with PyTorch; only a
     file that passed is put at `path`.
@@ -128,6 +130,8 @@ def export_onnx(
         check: raise CheckFailed when the check fails (else return the failed report).
         keep_failed: keep a file that failed the check as `model.FAILED.onnx` (planned and checked up front).
         protect: input files the outputs must not replace (the checkpoint the model came from, data files).
+        device: where PyTorch runs (fold, export trace, reference outputs): "cpu", "cuda", "cuda:1", "mps"; the
+            inputs and `data` are moved there and the model is put back afterwards. Default: where the model is.
 
     Returns:
         An ExportReport (graph ops, files, comparisons).
@@ -140,8 +144,19 @@ def export_onnx(
     Side effects: writes `path` (and its external data) only when the check passed, all files at once at the
     end; with `keep_failed`, a failed file goes to `failed_name(path)` instead. Puts `model` in eval mode.
     """
+    with moved_to(model, device) as dev:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        return _export_and_check(
+            model, to_device(inputs, dev) if device is not None else inputs, path, fold=fold, exporter=exporter,
+            opset=opset, dynamic_batch=dynamic_batch, input_names=input_names, output_names=output_names,
+            samples=samples, seed=seed, data=data, rtol=rtol, atol=atol, provider=provider, force=force,
+            check=check, keep_failed=keep_failed, protect=protect)
+
+
+def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_batch, input_names, output_names,
+                      samples, seed, data, rtol, atol, provider, force, check, keep_failed, protect) -> ExportReport:
+    """export_onnx with the model and inputs where they are."""
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if exporter not in EXPORTERS:
         raise InputError(f"{param('exporter')} {exporter!r}: choose one of {', '.join(EXPORTERS)}", param="exporter")
     check_opset(opset)
@@ -517,10 +532,10 @@ def compare_with_onnxruntime(
     g = random_stream(seed)
     for b in _batch_sizes(session, inputs):
         for i in range(samples):
-            shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype) for x in inputs)
+            shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
             cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
     for i, batch in enumerate(data or []):
-        cases.append((f"data batch {i + 1}", (batch,)))
+        cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))
     for label, xs in cases:
         with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
             output = model(*xs)

@@ -214,6 +214,21 @@ class Tolerances:
 
 
 @dataclass
+class Device:
+    """Where PyTorch runs the model."""
+
+    device: Annotated[str, typer.Option(
+        "--device", help="Where PyTorch runs the model: cpu, cuda, cuda:N or mps. Inputs and data are moved there; "
+                         "files written load on any machine.")] = "cpu"
+
+    def resolve(self):
+        """The torch.device, checked against this machine (bntool.devices.resolve_device)."""
+        from .devices import resolve_device
+
+        return resolve_device(self.device)
+
+
+@dataclass
 class FileOutput:
     """The file a command writes."""
 
@@ -231,7 +246,7 @@ class Display:
                                                               "only.")] = False
 
 
-GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, FileOutput, Display)
+GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, Device, FileOutput, Display)
 
 
 # ---------------------------------------------------------------- expansion for Typer

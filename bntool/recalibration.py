@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .devices import Placement, as_float64, device_of, float64_device, resolve_device
 from .errors import InputError, UserCodeError, user_code
 from .layers import bn_eps, bn_modules, is_frozen_bn
 from .segments import SegmentCache, default_cache_budget
@@ -75,13 +76,14 @@ class ChannelStats:
 
     def __init__(self, channels: int, device: torch.device):
         self.count = 0.0
+        device = float64_device(device)
         self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, n: float, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if n == 0:
             return
-        mean, m2 = mean.double(), m2.double()
+        mean, m2 = as_float64(mean), as_float64(m2)
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * (n / total)
@@ -183,7 +185,7 @@ def recalibrate(
     usable = [(n, m) for n, m in layers if _skip_reason(m) == ""]
     if not usable:
         raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
-    dev = _device(device, model)
+    dev = device_of(model) if device is None else resolve_device(device)
     if prior is not None and not (prior >= 0 and math.isfinite(prior)):
         raise InputError(f"prior {prior}: the pseudo-count of source samples must be a finite number >= 0")
     if prior and mode == "ema":
@@ -201,12 +203,12 @@ def recalibrate(
             if not (torch.isfinite(s.mean).all() and torch.isfinite(s.var).all()):
                 raise InputError(f"prior: the statistics of {n} contain NaN/Inf, there is no source to blend with; "
                                  "recalibrate without a prior")
-    old = {n: (s.mean.double().clone(), s.var.double().clone(), bn_eps(m)) for (n, m), s in
+    old = {n: (as_float64(s.mean).clone(), as_float64(s.var).clone(), bn_eps(m)) for (n, m), s in
            zip(usable, saved.values())}
     model_training = [mod.training for mod in model.modules()]
     report = RecalibrationReport(mode=mode, prior=prior or None)
     started = time.perf_counter()
-    placement = _Placement(model)
+    placement = Placement(model)
     local_forwards = _local_sync_bn(usable)
     try:
         model.eval()
@@ -321,7 +323,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
         def hook(module, args, output):
             x = args[0]
             n = x.numel() // x.shape[1]
-            stats[name].add(n, module.running_mean, module.running_var.double() * (n - 1))
+            stats[name].add(n, module.running_mean, as_float64(module.running_var) * (n - 1))
         return hook
 
     handles = []
@@ -360,7 +362,7 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
             xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
             var, mean = torch.var_mean(xf, dim=dims, correction=0)
             n = x.numel() // x.shape[1]
-            stats[name].add(n, mean, var.double() * n)
+            stats[name].add(n, mean, as_float64(var) * n)
         return hook
 
     pending = set()
@@ -594,7 +596,7 @@ def _shift(name, m, old, values, counted=True) -> LayerShift:
     if skip or old is None:
         return LayerShift(name, c, 0, 0.0, 1.0, 1.0, skipped=skip)
     old_mean, old_var, eps = old
-    new_mean, new_var = m.running_mean.double().cpu(), m.running_var.double().cpu()
+    new_mean, new_var = as_float64(m.running_mean).cpu(), as_float64(m.running_var).cpu()
     old_mean, old_var = old_mean.cpu(), old_var.cpu()
     mean_shift = float(((new_mean - old_mean).abs() / (old_var + eps).sqrt()).max())
     ratio = (new_var + eps) / (old_var + eps)
@@ -623,42 +625,6 @@ def _all_reduce(stats: dict[str, ChannelStats], batches: _Batches) -> None:
             s.all_reduce()
     for name, s in stats.items():
         batches.values_per_channel[name] = int(s.count)
-
-
-def _device(device, model) -> torch.device:
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        return p.device if p is not None else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise InputError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from e
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {device!r}: recalibration runs on cpu, cuda or mps")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine (no GPU or a CPU-only torch build)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("--device mps: MPS is not available on this machine")
-    return dev
-
-
-class _Placement:
-    """The model's parameters and buffers as given, to put back after the run moved them (device, layout)."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [(p, p.data) for m in model.modules() for p in m._parameters.values() if p is not None]
-        self.buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for p, data in self.params:
-                if p.data.data_ptr() != data.data_ptr() or p.data.stride() != data.stride():
-                    p.data = data
-            for m, n, b in self.buffers:
-                now = m._buffers.get(n)
-                if now is not None and now is not b:
-                    b.copy_(now)  # the statistics were written to the moved copy
-                    m._buffers[n] = b
 
 
 def _autocast(device: torch.device, amp: bool):

@@ -18,6 +18,7 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import nn
 
+from .devices import moved_to, to_device
 from .errors import CheckFailed
 
 # Health flags that make eval-mode outputs wrong; others (near-dead channels) are reported, not failed.
@@ -59,6 +60,7 @@ def verify(
     onnx_rtol: float | None = None,
     onnx_atol: float | None = None,
     data: Iterable[torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
 ) -> VerifyReport:
     """Run the CI checks: BN health, folded vs original, and (with `onnx`) onnxruntime vs PyTorch.
 
@@ -72,6 +74,8 @@ def verify(
         rtol, atol: the fold check's tolerance (see bntool.compare.Tolerance; default by dtype).
         onnx_rtol, onnx_atol: the ONNX check's tolerance (default 1e-4 and 1e-4 of each output's magnitude).
         data: real input batches checked besides the random ones (ONNX check).
+        device: where PyTorch runs the checks ("cpu", "cuda", "cuda:1", "mps"); inputs and data are moved there
+            and the model is put back afterwards. Default: where the model is.
 
     Returns:
         A VerifyReport; `passed` only if every check passed. A check that fails does not raise.
@@ -84,12 +88,14 @@ def verify(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
     report = VerifyReport()
-    report.checks.append(_timed(lambda: check_health(model)))
-    report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))
-    if onnx:
-        data = list(data) if data is not None else None
-        report.checks.append(_timed(lambda: check_onnx(model, inputs, onnx_path, exporter, samples, seed,
-                                                       onnx_rtol, onnx_atol, data)))
+    with moved_to(model, device) as dev:
+        inputs = to_device(inputs, dev) if device is not None else inputs
+        report.checks.append(_timed(lambda: check_health(model)))
+        report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))
+        if onnx:
+            data = list(data) if data is not None else None
+            report.checks.append(_timed(lambda: check_onnx(model, inputs, onnx_path, exporter, samples, seed,
+                                                           onnx_rtol, onnx_atol, data)))
     return report
 
 

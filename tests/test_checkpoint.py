@@ -8,6 +8,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import PYTHON, assert_clean_error, files_in
@@ -267,3 +268,75 @@ def test_killed_process_leaves_no_output(tmp_path, resnet_sd):
 def test_check_output_path_messages(tmp_path):
     with pytest.raises(InputError, match="is a directory"):
         check_output_path(tmp_path)
+
+
+# ---------------------------------------------------------------- key names as the training script wrote them
+
+
+class LitLike(torch.nn.Module):
+    """What a LightningModule saves: the network as an attribute, next to other modules with state."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = zoo.resnet()
+        self.criterion = torch.nn.CrossEntropyLoss(weight=torch.ones(10))
+
+
+def lightning_checkpoint(path: Path) -> dict:
+    lit = LitLike()
+    lit.model.load_state_dict(zoo.build("resnet").state_dict())
+    ckpt = {"state_dict": lit.state_dict(), "optimizer_states": [{"state": {}, "param_groups": []}],
+            "lr_schedulers": [], "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0"}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_a_lightning_checkpoint_loads_into_the_bare_architecture_and_saves_back_as_lightning_wrote_it(tmp_path, cli):
+    original = lightning_checkpoint(tmp_path / "last.ckpt")
+    ckpt = load_checkpoint(tmp_path / "last.ckpt", arch="bntool.zoo:resnet")
+    assert ckpt.submodule == "model." and list(ckpt.other_entries) == ["criterion.weight"]
+    assert same_weights(ckpt.model, zoo.build("resnet"))
+    assert any("'model.'" in note for note in ckpt.notes)
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32))
+    result = cli("recalibrate", tmp_path / "last.ckpt", "--arch", "bntool.zoo:resnet", "--data", tmp_path / "x.npy",
+                 "-o", tmp_path / "recal.ckpt")
+    assert result.code == 0, result.err
+    assert "note: took the weights under 'model.'" in result.out
+    saved = torch.load(tmp_path / "recal.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == set(original["state_dict"]) and saved["epoch"] == 3
+    resumed = LitLike()
+    resumed.load_state_dict(saved["state_dict"], strict=True)  # what Lightning does on resume
+    recalibrated = saved["state_dict"]["model.stem.1.running_mean"]
+    assert torch.equal(resumed.model.stem[1].running_mean, recalibrated)
+    assert not torch.equal(recalibrated, original["state_dict"]["model.stem.1.running_mean"])
+
+
+def test_a_folded_lightning_checkpoint_loads_back_with_bntool(tmp_path, cli):
+    lightning_checkpoint(tmp_path / "last.ckpt")
+    result = cli("fold", tmp_path / "last.ckpt", "--arch", "bntool.zoo:resnet", "--input-shape", "2,3,32,32",
+                 "-o", tmp_path / "folded.ckpt")
+    assert result.code == 0, result.err
+    saved = torch.load(tmp_path / "folded.ckpt", weights_only=True)
+    assert "optimizer_states" not in saved and "criterion.weight" in saved["state_dict"]
+    assert all(k.startswith("model.") for k in saved["state_dict"] if k != "criterion.weight")
+    folded = load_checkpoint(tmp_path / "folded.ckpt", arch="bntool.zoo:resnet").model.eval()
+    x = zoo.example_input("resnet")
+    torch.testing.assert_close(folded(x), zoo.build("resnet")(x), rtol=1e-4, atol=1e-4)
+
+
+def test_two_attributes_that_both_fit_the_architecture_are_exit_2(tmp_path, cli):
+    sd = zoo.build("resnet").state_dict()
+    both = {**{"model." + k: v for k, v in sd.items()}, **{"ema." + k: v for k, v in sd.items()}}
+    torch.save({"state_dict": both}, tmp_path / "last.ckpt")
+    result = cli("inspect", tmp_path / "last.ckpt", "--arch", "bntool.zoo:resnet")
+    assert_clean_error(result, contains="'ema.' and 'model.' all fit --arch bntool.zoo:resnet")
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_ddp_and_compile_prefixes_are_written_back(tmp_path, prefix):
+    sd = {prefix + k: v for k, v in zoo.build("resnet").state_dict().items()}
+    torch.save(sd, tmp_path / "ddp.pt")
+    ckpt = load_checkpoint(tmp_path / "ddp.pt", arch="bntool.zoo:resnet")
+    save_checkpoint(ckpt, ckpt.model, tmp_path / "out.pt")
+    assert set(torch.load(tmp_path / "out.pt", weights_only=True)) == set(sd)

@@ -32,11 +32,11 @@ def test_the_same_data_options_on_every_command_that_reads_data(cli, command):
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("inspect", ["-q", "--json", "--seed", "--wide"]),
-    ("fold", ["-q", "--json", "--seed", "--force", "--keep-extra"]),
+    ("inspect", ["-q", "--json", "--seed", "--wide", "--device"]),
+    ("fold", ["-q", "--json", "--seed", "--force", "--keep-extra", "--device"]),
     ("recalibrate", ["-q", "--json", "--seed", "--force", "--device"]),
-    ("export-onnx", ["-q", "--json", "--seed", "--force"]),
-    ("verify", ["-q", "--json", "--seed", "--junit-xml", "--summary-md"]),
+    ("export-onnx", ["-q", "--json", "--seed", "--force", "--device"]),
+    ("verify", ["-q", "--json", "--seed", "--junit-xml", "--summary-md", "--device"]),
     ("demo", ["-q", "--json", "--force"]),
 ])
 def test_common_flags_on_every_command(cli, command, flags):

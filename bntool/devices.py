@@ -1,0 +1,103 @@
+"""Where the model runs: `--device` checked against this machine, a model moved for one job and put back."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError, param
+
+DEVICES = "cpu, cuda, cuda:N (e.g. cuda:1) or mps"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this machine has.
+
+    Raises:
+        InputError: not one of cpu, cuda, cuda:N, mps (the message lists them), or not available here.
+    """
+    text = str(device).strip()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise InputError(f"{param('device')} {str(device)!r}: expected {DEVICES}", param="device")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"{param('device')} {text}: CUDA is not available ({why}); use {param('device')} cpu",
+                             param="device")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"{param('device')} {text}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}", param="device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{param('device')} mps: MPS is not available on this machine; use {param('device')} cpu",
+                         param="device")
+    return dev
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where `model` runs: its first parameter's (or buffer's) device; CPU for a model without tensors."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 math on `device`'s tensors runs: the device itself, or CPU where it has no float64 (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def as_float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached in float64, on its own device where that has float64 (else on CPU)."""
+    return t.detach().to(float64_device(t.device), torch.float64)
+
+
+def to_device(inputs: tuple[Any, ...], device: torch.device | None) -> tuple[Any, ...]:
+    """The tensors among `inputs` on `device` (None: as they are)."""
+    if device is None:
+        return inputs
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+class Placement:
+    """A model's parameters and buffers as given, to put back after a job moved them (device, memory format)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [(p, p.data) for m in model.modules() for p in m._parameters.values() if p is not None]
+        self.buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+
+    def restore(self) -> None:
+        """Every parameter and buffer back as it was: the same tensor objects, holding what the job wrote."""
+        with torch.no_grad():
+            for p, data in self.params:
+                if p.data.data_ptr() != data.data_ptr() or p.data.stride() != data.stride():
+                    p.data = data
+            for m, n, b in self.buffers:
+                now = m._buffers[n] if n in m._buffers else None  # a ScriptModule's buffers have no .get
+                if now is not None and now is not b:
+                    b.copy_(now)  # what the job wrote (recalibrated statistics) went to the moved copy
+                    m._buffers[n] = b
+
+
+@contextlib.contextmanager
+def moved_to(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
+    """Run a job with `model` on `device` and put it back afterwards (also on error); yields the device the
+    job runs on (`device` None: where the model is, and nothing moves)."""
+    if device is None:
+        yield device_of(model)
+        return
+    dev = resolve_device(device)
+    if all(t.device == dev for t in (*model.parameters(), *model.buffers())):
+        yield dev  # already there: nothing to move or put back
+        return
+    placement = Placement(model)
+    try:
+        model.to(dev)
+        yield dev
+    finally:
+        placement.restore()

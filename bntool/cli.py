@@ -204,7 +204,7 @@ def fold(
     The output is the same kind of file as the input. A folded state_dict loads with
     bntool.load_model(path, arch=...) (its structure differs from --arch).
     """
-    from .checkpoint import training_state_keys, write_checkpoint
+    from .checkpoint import write_checkpoint
     from .files import OutputKind
     from .folding import fold as fold_model
 
@@ -214,8 +214,8 @@ def fold(
     where = device.resolve()
     loaded = model.load()
     _require_eager(loaded, "fold")
+    inputs = example.build(loaded.model, notes=loaded.notes)
     _tell(display, loaded)
-    inputs = example.build(loaded.model)
     try:
         folded, report = fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
                                     atol=tolerances.atol, skip=skip or (), device=where)
@@ -227,13 +227,8 @@ def fold(
         write_checkpoint(loaded, folded, out.output, lambda writer: outputs.write(out.output, writer),
                          keep_training_state=keep_extra)
         outputs.commit()
-    _show(report, display, "render_fold", _context(model, loaded=loaded))
-    dropped = [] if keep_extra else training_state_keys(loaded)
-    if dropped and not display.quiet:
-        _say(f"note: dropped {', '.join(dropped)} from the training checkpoint: they refer to parameters the fold "
-             "removed (--keep-extra keeps them)")
-    if not display.json_output and not display.quiet:
-        _console().print(f"Wrote {out.output}")
+    _wrote(display, report, "render_fold", _context(model, loaded=loaded), out.output,
+           _left_out(loaded, out.output, keep_training_state=keep_extra))
 
 
 @app.command(cls=_Command)
@@ -359,9 +354,37 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
             outputs.write(settings.plot, lambda tmp: plot_recalibration(report, tmp))
         outputs.commit()
-    _show(report, display, "render_recalibrate", _context(model, source, loaded))
-    if not display.json_output and not quiet:
-        _console().print(f"Wrote {out.output}")
+    _wrote(display, report, "render_recalibrate", _context(model, source, loaded), out.output,
+           _left_out(loaded, out.output), quiet=quiet)
+
+
+def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:
+    """What of a training checkpoint the written file does not hold, and why (bntool.checkpoint.write_checkpoint)."""
+    from .checkpoint import output_format, training_state_keys
+    from .utils import short_list
+
+    if loaded.kind != "wrapped":
+        return []
+    if output_format(loaded, out) == "safetensors":
+        others = [str(k) for k in loaded.container or {} if k != loaded.key]
+        return [f"{out} holds the weights only (safetensors stores tensors): the training checkpoint's "
+                f"{short_list(others)} are not in it"] if others else []
+    dropped = [] if keep_training_state else training_state_keys(loaded)
+    return [f"left out {', '.join(dropped)}: optimizer state for parameters the fold removed, so resuming from it "
+            "would fail (--keep-extra keeps it)"] if dropped else []
+
+
+def _wrote(display: Display, report, renderer: str, context: dict, out: Path, notes: list[str],
+           quiet: bool = False) -> None:
+    """The report of a command that wrote `out`, with what the file leaves out (also under "notes" in JSON)."""
+    context["notes"] = [*context.get("notes", []), *notes]
+    _show(report, display, renderer, context)
+    if display.json_output or display.quiet or quiet:
+        return
+    console = _console()
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+    console.print(f"Wrote {out}")
 
 
 class _progress:
@@ -426,7 +449,7 @@ def export_onnx(
     loaded = model.load()
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
-    inputs = example.build(loaded.model)
+    inputs = example.build(loaded.model, notes=loaded.notes)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
                                    workers=images.workers, fixed_batch=not dynamic_batch)
     _tell(display, loaded, source)
@@ -467,8 +490,8 @@ def verify(
     junit_xml: Annotated[Optional[Path], typer.Option(
         "--junit-xml", help="Also write JUnit XML here, also when verify cannot run (an errored test case).")] = None,
     summary_md: Annotated[Optional[Path], typer.Option(
-        "--summary-md", help="Also write a Markdown table of the checks here (default: appended to "
-                             "$GITHUB_STEP_SUMMARY when set).")] = None,
+        "--summary-md", help="Also write a Markdown table of the checks here (it is also appended to "
+                             "$GITHUB_STEP_SUMMARY when that is set).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml or --summary-md "
                                                         "file.")] = False,
 ) -> None:
@@ -486,7 +509,7 @@ def verify(
     if summary_md is not None:
         outputs.add(summary_md, OutputKind.REPORT, force=force, what="--summary-md")
     outputs.check()
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY") if summary_md is None else None
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     try:
         report, context = _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx,
                                   exporter, samples, num_batches, onnx_rtol, onnx_atol)
@@ -510,7 +533,7 @@ def _verify(model, example, data, images, tolerances, device, display, onnx, ski
     where = device.resolve()
     loaded = model.load()
     _require_eager(loaded, "verify")
-    inputs = example.build(loaded.model)
+    inputs = example.build(loaded.model, notes=loaded.notes)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
                                    workers=images.workers, fixed_batch=onnx is not None)  # a given file may be fixed
     _tell(display, loaded, source)
@@ -581,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     except abort_types:
         return _interrupted()
     except usage_types as e:
-        return _usage_error(e)
+        return _usage_error(e, argv)
     except BntoolError as e:
         if debug:
             traceback.print_exc()
@@ -608,15 +631,49 @@ def _interrupted() -> int:
     return 130
 
 
-def _usage_error(e) -> int:
+def _usage_error(e, argv: list[str]) -> int:
     """click's usage block (usage line, hint, error) as one error line; `bntool` alone still prints help."""
     if type(e).__name__ == "NoArgsIsHelpError":
         e.show()
         return 0
     context = getattr(e, "ctx", None)
     command = context.command_path if context is not None else "bntool"
-    _say(f"error: {_one_line(e.format_message())} (see {command} --help)")
+    message = f"{_one_line(e.format_message())} (see {command} --help)"
+    _say(f"error: {message}")
+    if context is not None and context.info_name == "verify":
+        _ci_reports_of_unparsed_verify(argv, message)
     return e.exit_code
+
+
+def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
+    """A verify whose options did not parse still leaves its errored JUnit case and Markdown summary for the
+    CI dashboard, read from the arguments as given; a report that may not be written (exists without --force,
+    would replace a checkpoint, ...) is left out: the error line has been said."""
+    from .files import OutputKind, Outputs
+    from .verification import junit_error_xml, markdown_error
+
+    outputs = Outputs()
+    junit_xml, summary_md = _flag_value(argv, "--junit-xml"), _flag_value(argv, "--summary-md")
+    for path, what in ((junit_xml, "--junit-xml"), (summary_md, "--summary-md")):
+        if path is not None:
+            outputs.add(path, OutputKind.REPORT, force="--force" in argv, what=what)
+    try:
+        outputs.check()
+    except BntoolError:
+        outputs, junit_xml, summary_md = Outputs(), None, None
+    _write_ci_reports(outputs, junit_xml, junit_error_xml(message), summary_md,
+                      os.environ.get("GITHUB_STEP_SUMMARY"), markdown_error(message))
+
+
+def _flag_value(argv: list[str], flag: str) -> Path | None:
+    """The value of `flag` in raw arguments (`--flag VALUE` or `--flag=VALUE`; the last one counts)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return Path(value) if value else None
 
 
 def _say(line: str) -> None:

@@ -147,8 +147,9 @@ def compare_arrays(input: str, output: str, reference: Any, candidate: Any, tole
     """Compare one output (tensor or array) elementwise under `tolerance`.
 
     Returns:
-        A Comparison; failed where shapes differ, where any element is over tolerance, or where the candidate
-        is NaN/Inf and the reference is not (matching NaNs and equal infinities pass).
+        A Comparison; failed where shapes differ, where any element is over tolerance, where the candidate
+        is NaN/Inf and the reference is not, or where the reference is NaN everywhere (nothing to compare).
+        Matching NaNs elsewhere pass with a note saying how many; equal infinities pass.
     """
     ref, cand = to_numpy(reference), to_numpy(candidate)
     if ref.shape != cand.shape:
@@ -171,8 +172,12 @@ def compare_arrays(input: str, output: str, reference: Any, candidate: Any, tole
         rel = float((diff[significant] / np.abs(r[significant])).max()) if significant.any() else 0.0
     max_abs = float(diff.max())
     worst = [int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)] if diff.ndim else []
+    nans = int(np.isnan(r).sum())
+    if nans == r.size:  # NaN everywhere in both: nothing was compared, and no healthy model outputs that
+        return Comparison.failure(input, output, "the reference output is NaN everywhere: nothing to compare")
+    note = f"{nans} of {r.size} reference elements are NaN" if nans else ""
     return Comparison(input, output, not bool(over.any()), max_abs, max_abs / scale if scale > 0 else max_abs,
-                      rel, float(diff.mean()), float(over.mean()), worst, scale, atol)
+                      rel, float(diff.mean()), float(over.mean()), worst, scale, atol, note=note)
 
 
 def compare_outputs(input: str, reference: Any, candidate: Any, tolerance: Tolerance,

@@ -93,13 +93,19 @@ class Preprocessing:
         groups: dict[str, dict[str, list[str]]] = {}
         for name in sorted(self.sources, key=lambda n: _SETTING_ORDER.index(n) if n in _SETTING_ORDER else 99):
             base, _, detail = self.sources[name].partition(" (")
-            groups.setdefault(base, {}).setdefault(detail.rstrip(")"), []).append(name)
+            groups.setdefault(base, {}).setdefault(detail.rstrip(")"), []).append(self._label(name))
         parts = []
         for base, by_detail in groups.items():
             names = ", ".join(", ".join(names) + (f" ({detail})" if detail else "")
                               for detail, names in by_detail.items())
             parts.append(f"{names} {_source_phrase(base)}")
         return "; ".join(parts)
+
+    def _label(self, setting: str) -> str:
+        """A setting's name in the sources line; the crop says whether it is on ("crop given" read as both)."""
+        if setting == "crop":
+            return "center crop" if self.center_crop else "no center crop"
+        return setting
 
     def to_dict(self) -> dict[str, Any]:
         return {"size": list(self.size), "resize": self.resize if self.center_crop else None,

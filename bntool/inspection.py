@@ -12,6 +12,7 @@ from torch import nn
 
 from .devices import as_float64, moved_to, to_device
 from .layers import bn_eps, bn_modules, bn_type_name
+from .utils import plural
 
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
 FEW_UPDATES = 100  # running statistics averaged over fewer batches than this are noisy (a warning, not a failure)
@@ -82,16 +83,16 @@ def health_flags(module: nn.Module) -> list[str]:
                "bias": getattr(module, "bias", None)}
     for key, t in tensors.items():
         if t is not None and not torch.isfinite(t).all():
-            flags.append(f"NaN/Inf in {key} ({int((~torch.isfinite(t)).sum())} channels)")
+            flags.append(f"NaN/Inf in {key} ({plural(int((~torch.isfinite(t)).sum()), 'channel')})")
     low = int((as_float64(var) <= bn_eps(module)).sum())
     if low:
-        flags.append(f"var <= eps in {low} channels")
+        flags.append(f"var <= eps in {plural(low, 'channel')}")
     weight = tensors["weight"]
     if weight is not None and weight.numel():
         gamma = as_float64(weight).abs()
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
-            flags.append(f"near-dead: |gamma| ~ 0 in {dead} channels")
+            flags.append(f"near-dead: |gamma| ~ 0 in {plural(dead, 'channel')}")
     tracked = getattr(module, "num_batches_tracked", None)
     # Only statistics still at their initial values mean "never updated": num_batches_tracked is 0 in healthy
     # checkpoints saved before the buffer existed, converted from other frameworks, or with buffers filtered.

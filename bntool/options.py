@@ -53,17 +53,22 @@ class ExampleInputs:
     """The example input the model is traced and checked with."""
 
     input_shape: Annotated[Optional[list[str]], typer.Option(
-        "--input-shape", help="Example input shape, e.g. 1,3,224,224; repeat for several inputs.")] = None
+        "--input-shape", help="Example input shape, e.g. 1,3,224,224; repeat for several inputs (default for "
+                              "timm models: one image of the size in their pretrained_cfg).")] = None
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Input dtype (default: the model's floating "
                                                                  "dtype).")] = None
     seed: Annotated[int, typer.Option("--seed", help="Seed for random inputs.")] = 0
 
-    def build(self, model, required: bool = True):
-        """Random example inputs of the given shapes and dtype (None if no shape and not `required`)."""
+    def build(self, model, required: bool = True, notes: list[str] | None = None):
+        """Random example inputs of the given shapes and dtype (None if no shape and not `required`). Without
+        --input-shape, a model that declares its input size (timm's pretrained_cfg) gives one image of that
+        size, and `notes` says so."""
         import torch
 
         from .folding import model_dtype
 
+        if not self.input_shape and required:
+            self.input_shape = _declared_input_shape(model, notes)
         if not self.input_shape:
             if required:
                 raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
@@ -89,6 +94,19 @@ class ExampleInputs:
                 raise InputError(f"--input-shape {text}: cannot allocate {size / 2**30:,.1f} GiB for the example "
                                  f"input ({type(e).__name__})") from e
         return tuple(inputs)
+
+
+def _declared_input_shape(model, notes: list[str] | None) -> list[str] | None:
+    """--input-shape as the model's own data config gives it (one image), or None."""
+    from .data import model_data_config
+
+    size = model_data_config(model).get("input_size")
+    if not (isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size)):
+        return None
+    shape = ",".join(str(d) for d in (1, *size))
+    if notes is not None:
+        notes.append(f"example input {shape} from the model's pretrained_cfg (--input-shape sets another)")
+    return [shape]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

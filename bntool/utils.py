@@ -83,3 +83,8 @@ class StrEnum(str, Enum):
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(m.value for m in cls)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 channel', '3 channels' (`nouns` for an irregular plural: plural(2, "pass", "passes"))."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

@@ -96,3 +96,28 @@ def test_tolerance_rejects_nonsense(rtol, atol):
 def test_tolerance_describes_its_rule():
     assert Tolerance(1e-4, 1e-4).describe() == "|Δ| ≤ 1e-04·max|ref| + 0.0001·|ref|"
     assert Tolerance(0, 1e-6, atol_relative=False).describe() == "|Δ| ≤ 1e-06 + 0·|ref|"
+
+
+def test_a_reference_that_is_nan_everywhere_fails_with_nothing_compared():
+    nan = np.full((2, 3), np.nan)
+    c = compare_arrays("example", "output", nan, nan.copy(), Tolerance(1e-4, 1e-4))
+    assert not c.passed and "NaN everywhere" in c.note and c.max_abs == math.inf
+
+
+def test_matching_nans_in_part_of_the_reference_pass_and_say_how_many():
+    ref = np.array([1.0, np.nan, 2.0, 3.0])
+    c = compare_arrays("random #1", "output", ref, ref.copy(), Tolerance(1e-4, 1e-4))
+    assert c.passed and c.note == "1 of 4 reference elements are NaN"
+    assert not compare_arrays("x", "y", ref, np.array([1.0, 0.0, 2.0, 3.0]), Tolerance(1e-4, 1e-4)).passed
+
+
+def test_health_flags_count_channels_in_words():
+    from bntool.inspection import health_flags
+
+    bn = torch.nn.BatchNorm2d(4)
+    bn.running_mean.normal_()
+    bn.running_var.fill_(1.5)
+    bn.running_var[1] = float("nan")
+    bn.running_var[2:] = 0.0
+    flags = health_flags(bn)
+    assert "NaN/Inf in running_var (1 channel)" in flags and "var <= eps in 2 channels" in flags, flags

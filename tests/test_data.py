@@ -183,7 +183,7 @@ def test_images_at_the_input_shape_are_their_own_pixels(png_folder):
     assert torch.allclose(batch[0], expected, atol=1e-6)
     line = source.summary()
     assert line.startswith(f"12 images in {png_folder} (64×64): resize to 64×64 (bilinear)"), line
-    assert "size from the input shape" in line and "crop given" in line
+    assert "size from the input shape" in line and "no center crop given" in line
     data = json.loads(json.dumps(source.to_dict()))
     assert data["num_samples"] == 12 and data["preprocessing"]["size"] == [64, 64]
     assert data["preprocessing"]["sources"]["mean"] == "default (ImageNet)"

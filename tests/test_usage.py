@@ -138,7 +138,7 @@ def test_fold_drops_optimizer_state_of_a_training_checkpoint(cli, tmp_path):
                 "lr_scheduler": {"last_epoch": 3}, "epoch": 3}, path)
     result = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "folded.pt")
     assert result.code == 0, result.err
-    assert "note: dropped optimizer, lr_scheduler" in " ".join(result.out.split()) + " ".join(result.err.split())
+    assert "note: left out optimizer, lr_scheduler: optimizer state" in " ".join(result.out.split())
     folded = torch.load(tmp_path / "folded.pt", weights_only=True)
     assert set(folded) == {"state_dict", "epoch"} and folded["epoch"] == 3
     kept = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "kept.pt", "--keep-extra", "-q")
@@ -193,3 +193,56 @@ def test_export_with_a_fixed_batch_checks_real_data_at_that_batch(cli, resnet_sd
     assert len(data_rows) == 6 and all(c["passed"] for c in data_rows)
     assert sum("ORT_DISABLE_ALL" in c["input"] for c in data_rows) == 3
     assert report["data"]["preprocessing"]["size"] == [32, 32]
+
+
+def test_fold_to_safetensors_says_what_of_a_training_checkpoint_it_leaves_out(cli, tmp_path):
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict": zoo.build("resnet").state_dict(), "epoch": 3, "config": {"lr": 0.1}}, path)
+    result = cli("fold", path, *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "w.safetensors", "--json")
+    assert result.code == 0, result.err
+    notes = json.loads(result.out)["notes"]
+    assert any("holds the weights only" in n and "epoch" in n and "config" in n for n in notes), notes
+
+
+def test_verify_writes_ci_artifacts_when_an_option_does_not_parse(cli, resnet_sd, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    junit = tmp_path / "junit.xml"
+    for bad in (["--bogus"], ["--samples", "abc"]):
+        junit.unlink(missing_ok=True)
+        result = cli("verify", resnet_sd, *ARCH, *bad, f"--junit-xml={junit}")
+        assert_clean_error(result, contains="see bntool verify --help")
+        error = ET.fromstring(junit.read_text()).find("testcase/error")
+        assert error is not None and result.err.strip().removeprefix("error: ") == error.get("message")
+    assert summary.read_text().count("### bntool verify: could not run") == 2
+    junit.write_text("mine")  # an existing report is replaced only with --force, as in a run that parsed
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, "--bogus", "--junit-xml", junit))
+    assert junit.read_text() == "mine"
+
+
+def test_summary_md_and_the_github_step_summary_both_get_the_table(cli, resnet_sd, tmp_path, monkeypatch):
+    summary = tmp_path / "step.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    out = tmp_path / "checks.md"
+    result = cli("verify", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--skip-onnx", "--summary-md", out, "-q")
+    assert result.code == 0, result.err
+    assert out.read_text().strip() == summary.read_text().strip()
+    assert out.read_text().startswith("### bntool verify: all checks passed")
+
+
+def test_a_timm_model_gives_the_example_input_shape(cli, tmp_path):
+    from test_arch import timm_or_skip
+
+    from bntool.checkpoint import build_arch
+
+    timm_or_skip()
+
+    path = tmp_path / "effnet.pt"
+    model = zoo.randomize_bn(build_arch("timm:efficientnet_b0", {"num_classes": 10}))  # as if trained
+    torch.save(model.state_dict(), path)
+    result = cli("verify", path, "--arch", "timm:efficientnet_b0", "--arch-kwargs", '{"num_classes": 10}',
+                 "--skip-onnx", "--samples", "0", "--json")
+    notes = json.loads(result.out)["notes"]
+    assert "example input 1,3,224,224 from the model's pretrained_cfg (--input-shape sets another)" in notes
+    fold_check = next(c for c in json.loads(result.out)["checks"] if c["name"] == "fold-equivalence")
+    assert fold_check["passed"], fold_check

@@ -333,8 +333,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         _tell(display, loaded, source)
     num_samples = settings.num_samples
     total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
-    progress = _progress(quiet or display.json_output, total,
-                         passes=1 if settings.mode != RecalibrationMode.EXACT else None)
+    progress = _progress(quiet or display.json_output, total)
     with progress as callback:
         report = recalibrate_model(loaded.model, source, mode=settings.mode, momentum=settings.momentum,
                                    reset=settings.reset, num_batches=settings.num_batches, num_samples=num_samples,
@@ -390,8 +389,8 @@ def _wrote(display: Display, report, renderer: str, context: dict, out: Path, no
 class _progress:
     """The recalibration progress bar on stderr (bntool.report.RecalibrationProgress), or nothing."""
 
-    def __init__(self, disabled: bool, total: int | None, passes: int | None = None):
-        self.disabled, self.total, self.passes = disabled, total, passes
+    def __init__(self, disabled: bool, total: int | None):
+        self.disabled, self.total = disabled, total
         self.bar = None
 
     def __enter__(self):
@@ -399,7 +398,7 @@ class _progress:
             return None
         from .report import RecalibrationProgress
 
-        self.bar = RecalibrationProgress(_console(stderr=True), self.total, self.passes).__enter__()
+        self.bar = RecalibrationProgress(_console(stderr=True), self.total).__enter__()
         return self.bar
 
     def __exit__(self, *exc):

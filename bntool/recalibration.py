@@ -30,7 +30,7 @@ from .layers import bn_eps, bn_modules, is_frozen_bn
 from .segments import SegmentCache, default_cache_budget
 
 MODES = ("cumulative", "ema", "exact")
-ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, total passes so far)
+ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, number of passes)
 
 
 @dataclass
@@ -157,7 +157,8 @@ def recalibrate(
             calibration samples. Helps when adapting from few images; None or 0: target statistics only.
         cache_budget: `exact` mode: bytes of activations the segment cache may hold (default: half the free
             memory of the device the model runs on; 0: no cache, one whole forward per BN level).
-        progress: called as progress(samples done in this pass, pass number, passes so far).
+        progress: called as progress(samples done in this pass, pass number, number of passes), with 0 done at
+            the start of each pass; the number of passes is known from the first call (exact: one per BN level).
 
     Returns:
         A RecalibrationReport: per-layer shift of the statistics, samples, batches, passes, seconds.
@@ -223,7 +224,7 @@ def recalibrate(
             elif mode == "exact":
                 _exact_passes(model, usable, batches, progress, report, cache_budget, dev, blend)
             else:
-                stats = _batch_stats_pass(model, usable, batches, progress, pass_number=1)
+                stats = _batch_stats_pass(model, usable, batches, progress)
                 _write_all(usable, stats, batches.batches_per_pass, blend)
                 report.passes = 1
         _check_finite(usable, amp)
@@ -313,7 +314,7 @@ def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
         raise
 
 
-def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str, ChannelStats]:
+def _batch_stats_pass(model, layers, batches, progress) -> dict[str, ChannelStats]:
     """BN layers normalize with batch statistics (train mode, momentum 1 so the buffers hold the batch's
     mean and unbiased variance after each call); those are pooled in float64."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
@@ -336,7 +337,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
         m.momentum = 1.0
         handles.append(m.register_forward_hook(collect(n)))
     try:
-        _run_pass(model, batches, progress, pass_number)
+        _run_pass(model, batches, progress, 1, passes=1)
     finally:
         for h in handles:
             h.remove()
@@ -349,7 +350,7 @@ def _batch_stats_pass(model, layers, batches, progress, pass_number) -> dict[str
     return stats
 
 
-def _observe_pass(model, layers, batches, progress, pass_number, stop_after=False, cache=None
+def _observe_pass(model, layers, batches, progress, pass_number, passes, stop_after=False, cache=None
                   ) -> dict[str, ChannelStats]:
     """Eval-mode forward (current statistics normalize); the input statistics of `layers` are pooled.
     With stop_after, each forward ends once all of `layers` have run."""
@@ -382,7 +383,7 @@ def _observe_pass(model, layers, batches, progress, pass_number, stop_after=Fals
         handles.append(model.register_forward_pre_hook(restart))
         handles += [m.register_forward_hook(finish(n)) for n, m in layers]
     try:
-        _run_pass(model, batches, progress, pass_number, cache)
+        _run_pass(model, batches, progress, pass_number, passes, cache)
     finally:
         for h in handles:
             h.remove()
@@ -401,6 +402,7 @@ def _exact_passes(model, layers, batches, progress, report, cache_budget, device
     levels, flow = _agree(lambda: _levels(model, layers, batches))
     depth = max(levels.values(), default=0)
     unreached = [(n, m) for n, m in layers if n not in levels]
+    passes = depth + bool(unreached)  # known before the first pass, so progress can say "pass k of n" from the start
     budget = default_cache_budget(device) if cache_budget is None else int(cache_budget)
     cache = SegmentCache(model, flow, {id(m): levels[n] for n, m in layers if n in levels},
                          [id(m) for _, m in unreached], budget)
@@ -410,12 +412,12 @@ def _exact_passes(model, layers, batches, progress, report, cache_budget, device
         for level in range(1, depth + 1):
             members = [(n, m) for n, m in layers if levels.get(n) == level]
             cache.begin_pass(level, record=level < depth or bool(unreached))
-            stats = _observe_pass(model, members, batches, progress, level, stop_after=True, cache=cache)
+            stats = _observe_pass(model, members, batches, progress, level, passes, stop_after=True, cache=cache)
             _write_all(members, stats, batches.batches_per_pass, prior)  # before the next level is measured
             report.passes += 1
         if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
             cache.begin_pass(depth + 1, record=False)
-            stats = _observe_pass(model, unreached, batches, progress, depth + 1, cache=cache)
+            stats = _observe_pass(model, unreached, batches, progress, depth + 1, passes, cache=cache)
             _write_all(unreached, stats, batches.batches_per_pass, prior)
             report.passes += 1
     finally:
@@ -447,7 +449,7 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
         m.momentum = momentum
         m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
     try:
-        _run_pass(model, batches, progress, 1)
+        _run_pass(model, batches, progress, 1, passes=1)
     finally:
         for _, m in layers:
             m.training = False
@@ -461,9 +463,9 @@ def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
                 t.copy_(t64 / _world_size())
 
 
-def _run_pass(model, batches, progress, pass_number, cache=None) -> None:
-    """One pass over the data; across processes, every rank learns whether another one failed."""
-    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, cache))
+def _run_pass(model, batches, progress, pass_number, passes, cache=None) -> None:
+    """Pass `pass_number` of `passes` over the data; across processes, every rank learns whether another one failed."""
+    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, passes, cache))
 
 
 def _agree(run):
@@ -489,7 +491,9 @@ def _agree(run):
     return result
 
 
-def _run_local_pass(model, batches, progress, pass_number, cache=None) -> None:
+def _run_local_pass(model, batches, progress, pass_number, passes, cache=None) -> None:
+    if progress is not None:  # name the pass before its first batch is done (a slow model's first forward)
+        progress(0, pass_number, passes)
     done = 0
     for i, x in enumerate(batches):
         if cache is not None:
@@ -500,7 +504,7 @@ def _run_local_pass(model, batches, progress, pass_number, cache=None) -> None:
             pass
         done += len(x)
         if progress is not None:
-            progress(done, pass_number, pass_number)
+            progress(done, pass_number, passes)
     if cache is not None:
         cache.end_pass()
 

@@ -68,6 +68,11 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """'1 pass', '3 passes', '1,200 samples': the count with its noun in the number it takes (plural: noun + s)."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _range(summary) -> str:
     return "-" if summary is None else f"{fmt(summary.min)} … {fmt(summary.max)}"
 
@@ -281,7 +286,7 @@ def render_fold(report, console: Console) -> None:
             console.print(f"{c.input}: over tolerance against the float32 original, so both were compared with "
                           f"it in float64: folded error {fmt(c.float64_error_candidate)}, original's own "
                           f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
-    console.print(f"Check on {len(report.comparisons)} inputs: max abs error {fmt(report.max_abs)} "
+    console.print(f"Check on {counted(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)} "
                   f"({fmt(report.max_abs_over_scale)} of the output's magnitude; rule "
                   f"{report.tolerance.describe()}) {verdict}")
 
@@ -307,7 +312,8 @@ def render_recalibrate(report, console: Console) -> None:
         table.add_row(name, str(layer.channels), f"{layer.samples:,}", f"{fmt(layer.mean_shift)} σ",
                       f"{fmt(layer.var_ratio_min)} … {fmt(layer.var_ratio_max)}")
     console.print(table)
-    console.print(f"{report.samples:,} samples in {report.batches} batches × {report.passes} pass(es), "
+    console.print(f"{counted(report.samples, 'sample')} in {counted(report.batches, 'batch', 'batches')} × "
+                  f"{counted(report.passes, 'pass', 'passes')}, "
                   f"{report.seconds:.2f} s ({report.samples_per_second:,.0f} samples/s)"
                   + (f", {report.world_size} processes" if report.world_size > 1 else "") + ".")
     if report.mode == "exact" and report.cache_budget_bytes:
@@ -360,7 +366,7 @@ def render_verify(report, console: Console) -> None:
         table.add_row(c.name, "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.summary, f"{c.seconds:.1f} s")
     console.print(table)
     n_failed = sum(not c.passed for c in report.checks)
-    console.print("[green]All checks passed.[/]" if not n_failed else f"[red]{n_failed} check(s) failed.[/]")
+    console.print("[green]All checks passed.[/]" if not n_failed else f"[red]{counted(n_failed, 'check')} failed.[/]")
 
 
 def render_demo(report, console: Console) -> None:
@@ -408,12 +414,11 @@ def _demo_value(value: Any) -> str:
 
 class RecalibrationProgress:
     """One Rich progress bar over all passes of a recalibration, fed by the library's progress callback
-    `progress(samples done in this pass, pass number, passes)`: "pass k of n", samples/s, elapsed and the
-    remaining time of the whole run. The number of passes is taken as a total once it exceeds the pass number
-    (or from `passes`); until then each pass gets its own bar. `samples_per_pass` None: counts, no total."""
+    `progress(samples done in this pass, pass number, number of passes)`: "pass k of n", samples/s, elapsed and
+    the remaining time of the whole run (n passes × samples_per_pass). `samples_per_pass` None: counts, no total."""
 
-    def __init__(self, console: Console, samples_per_pass: int | None, passes: int | None = None):
-        self.console, self.per_pass, self.passes = console, samples_per_pass, passes
+    def __init__(self, console: Console, samples_per_pass: int | None):
+        self.console, self.per_pass = console, samples_per_pass
         self.bar: Any = None
         self.task: Any = None
 
@@ -435,14 +440,9 @@ class RecalibrationProgress:
         return self
 
     def __call__(self, done: int, pass_number: int, passes: int) -> None:
-        if passes > pass_number or (passes == pass_number and self.passes is not None):
-            self.passes = max(passes, self.passes or 0)  # a total: it exceeded the pass number once
-        if self.passes is not None:  # one bar over every pass
-            of = f" of {self.passes}" if self.passes > 1 else ""
-            total = self.per_pass * self.passes if self.per_pass is not None else None
-            completed = (pass_number - 1) * (self.per_pass or 0) + done
-        else:  # the number of passes is not known: a bar per pass
-            of, total, completed = "", self.per_pass, done
+        of = f" of {passes}" if passes > 1 else ""
+        total = self.per_pass * passes if self.per_pass is not None else None
+        completed = (pass_number - 1) * (self.per_pass or 0) + done
         task = self.bar.tasks[0]
         rate = f"{task.speed:,.0f}" if task.speed else "-"
         self.bar.update(self.task, total=total, completed=completed, description=f"pass {pass_number}{of}",

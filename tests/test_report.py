@@ -14,9 +14,20 @@ from torch import nn
 
 from bntool import zoo
 from bntool.demo import DemoReport
+from bntool.folding import fold
 from bntool.inspection import inspect
-from bntool.recalibration import LayerShift, RecalibrationReport
-from bntool.report import RecalibrationProgress, dumps, render_demo, render_inspect, versions, wrap_dotted
+from bntool.recalibration import LayerShift, RecalibrationReport, recalibrate
+from bntool.report import (
+    RecalibrationProgress,
+    dumps,
+    render_demo,
+    render_fold,
+    render_inspect,
+    render_recalibrate,
+    render_verify,
+    versions,
+    wrap_dotted,
+)
 from bntool.verification import Check, VerifyReport, check_health, junit_error_xml, to_junit_xml, to_markdown
 
 
@@ -145,14 +156,46 @@ def test_progress_is_one_bar_over_all_passes():
         assert (task.description, task.completed, task.total) == ("pass 2 of 3", 60, 150)
         progress(50, 3, 3)
         assert progress.bar.tasks[0].completed == progress.bar.tasks[0].total == 150
-    with RecalibrationProgress(console, samples_per_pass=50) as unknown:  # passes reported as "so far"
-        unknown(10, 1, 1)
-        unknown(20, 2, 2)
-        task = unknown.bar.tasks[0]
-        assert (task.description, task.completed, task.total) == ("pass 2", 20, 50)
     with RecalibrationProgress(console, samples_per_pass=None) as single:
         single(7, 1, 1)
         assert (single.bar.tasks[0].description, single.bar.tasks[0].total) == ("pass 1", None)
+
+
+def test_exact_recalibration_tells_the_bar_how_many_passes_from_its_first_call():
+    model, samples = zoo.build("resnet"), 12
+    data = list(torch.randn(samples, *zoo.ZOO["resnet"].input_shape[1:]).split(5))  # batches of 5, 5, 2
+    calls, descriptions = [], []
+    with RecalibrationProgress(Console(width=120, force_terminal=False), samples_per_pass=samples) as bar:
+        def progress(done, pass_number, passes):
+            calls.append((done, pass_number, passes))
+            bar(done, pass_number, passes)
+            descriptions.append(bar.bar.tasks[0].description)
+
+        report = recalibrate(model, data, mode="exact", progress=progress)
+        task = bar.bar.tasks[0]
+        assert task.completed == task.total == samples * report.passes  # one bar over every pass
+    assert report.passes > 2
+    assert {passes for _, _, passes in calls} == {report.passes}  # the total, from the first call on
+    assert sorted({pass_number for _, pass_number, _ in calls}) == list(range(1, report.passes + 1))
+    assert calls[:4] == [(0, 1, report.passes), (5, 1, report.passes), (10, 1, report.passes),
+                         (12, 1, report.passes)]
+    assert descriptions[0] == f"pass 1 of {report.passes}"
+    assert descriptions[-1] == f"pass {report.passes} of {report.passes}"
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_counts_read_naturally(count):
+    one = count == 1
+    _, folded = fold(zoo.randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval(),
+                     torch.randn(1, 3, 4, 4), samples=count - 1)  # the example and count - 1 random inputs
+    text = " ".join(rendered(render_fold, folded, width=200).split())
+    assert f"Check on {count} {'input' if one else 'inputs'}:" in text
+    checks = VerifyReport([Check(f"check-{i}", False, "over tolerance") for i in range(count)])
+    assert f"{count} {'check' if one else 'checks'} failed." in rendered(render_verify, checks, width=100)
+    recalibrated = RecalibrationReport(mode="exact", samples=count, batches=count, passes=count, seconds=1.0)
+    text = " ".join(rendered(render_recalibrate, recalibrated).split())
+    expected = "1 sample in 1 batch × 1 pass," if one else "2 samples in 2 batches × 2 passes,"
+    assert expected in text and "(s)" not in text and "(es)" not in text
 
 
 def test_plot_title_stays_inside_the_figure():

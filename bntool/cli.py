@@ -340,9 +340,11 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
                                    device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
                                    prior=settings.prior, cache_budget=budget, progress=callback)
     if source.skipped:
-        _say(f"warning: rank {rank.rank}: skipped {len(source.skipped)} unreadable images "
-             f"(first: {source.skipped[0]})" if rank.world_size > 1 else
-             f"warning: skipped {len(source.skipped)} unreadable images (first: {source.skipped[0]})")
+        from .utils import plural
+
+        whose = f"rank {rank.rank}: " if rank.world_size > 1 else ""
+        _say(f"warning: {whose}skipped {plural(len(source.skipped), 'unreadable image')} "
+             f"(first: {source.skipped[0]})")
     if not rank.is_main:
         return
     recalibrated = loaded.model  # recalibrate put it back on its device and in its memory format

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .inspection import FEW_UPDATES_FLAG
+from .utils import plural
 
 ACTION_STYLE = {"folded": "green", "folded-forward": "green", "affine": "yellow", "refused": "red"}
 
@@ -68,11 +69,6 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def counted(count: int, noun: str, plural: str = "") -> str:
-    """'1 pass', '3 passes', '1,200 samples': the count with its noun in the number it takes (plural: noun + s)."""
-    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
-
-
 def _range(summary) -> str:
     return "-" if summary is None else f"{fmt(summary.min)} … {fmt(summary.max)}"
 
@@ -97,7 +93,7 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
     console.print(table)
     console.print(INSPECT_LEGEND if wide else COMPACT_LEGEND, style="dim")
     bad = [layer for layer in report.layers if _problems(layer.flags)]
-    console.print(f"{len(report.layers)} BN layers, {len(bad)} with health problems; "
+    console.print(f"{plural(len(report.layers), 'BN layer')}, {len(bad)} with health problems; "
                   f"{report.total_params:,} parameters.")
     few = [layer for layer in report.layers if any(f.startswith(FEW_UPDATES_FLAG) for f in layer.flags)]
     if not wide:
@@ -105,7 +101,8 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
             console.print(line)
     if few:
         counts = sorted(layer.num_batches_tracked for layer in few)
-        console.print(f"[yellow]warning:[/] {len(few)} BN layers have averaged only {counts[0]}"
+        console.print(f"[yellow]warning:[/] {plural(len(few), 'BN layer')} "
+                      f"{'has' if len(few) == 1 else 'have'} averaged only {counts[0]}"
                       + (f" … {counts[-1]}" if counts[-1] != counts[0] else "")
                       + " batches (num_batches_tracked): their statistics are noisy. "
                       "`bntool recalibrate CKPT --data DIR -o OUT` re-estimates them from data.")
@@ -286,7 +283,7 @@ def render_fold(report, console: Console) -> None:
             console.print(f"{c.input}: over tolerance against the float32 original, so both were compared with "
                           f"it in float64: folded error {fmt(c.float64_error_candidate)}, original's own "
                           f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
-    console.print(f"Check on {counted(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)} "
+    console.print(f"Check on {plural(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)} "
                   f"({fmt(report.max_abs_over_scale)} of the output's magnitude; rule "
                   f"{report.tolerance.describe()}) {verdict}")
 
@@ -312,8 +309,8 @@ def render_recalibrate(report, console: Console) -> None:
         table.add_row(name, str(layer.channels), f"{layer.samples:,}", f"{fmt(layer.mean_shift)} σ",
                       f"{fmt(layer.var_ratio_min)} … {fmt(layer.var_ratio_max)}")
     console.print(table)
-    console.print(f"{counted(report.samples, 'sample')} in {counted(report.batches, 'batch', 'batches')} × "
-                  f"{counted(report.passes, 'pass', 'passes')}, "
+    console.print(f"{plural(report.samples, 'sample')} in {plural(report.batches, 'batch', 'batches')} × "
+                  f"{plural(report.passes, 'pass', 'passes')}, "
                   f"{report.seconds:.2f} s ({report.samples_per_second:,.0f} samples/s)"
                   + (f", {report.world_size} processes" if report.world_size > 1 else "") + ".")
     if report.mode == "exact" and report.cache_budget_bytes:
@@ -366,7 +363,7 @@ def render_verify(report, console: Console) -> None:
         table.add_row(c.name, "[green]PASS[/]" if c.passed else "[red]FAIL[/]", c.summary, f"{c.seconds:.1f} s")
     console.print(table)
     n_failed = sum(not c.passed for c in report.checks)
-    console.print("[green]All checks passed.[/]" if not n_failed else f"[red]{counted(n_failed, 'check')} failed.[/]")
+    console.print("[green]All checks passed.[/]" if not n_failed else f"[red]{plural(n_failed, 'check')} failed.[/]")
 
 
 def render_demo(report, console: Console) -> None:

@@ -86,5 +86,5 @@ class StrEnum(str, Enum):
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """'1 channel', '3 channels' (`nouns` for an irregular plural: plural(2, "pass", "passes"))."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+    """'1 channel', '3 channels', '1,200 samples' (`nouns` for an irregular plural: plural(2, "pass", "passes"))."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"

@@ -58,20 +58,28 @@ def resolve_factory(spec: str, what: str = param("arch")) -> Factory:
 
 def import_user_object(spec: str, what: str = param("arch"), notes: list[str] | None = None) -> Any:
     """`utils.import_object`, plus close matches on a typo and torchvision's CPU-torch workaround."""
+    try:
+        return _import_with_torchvision_workaround(spec, what, notes)
+    except InputError as e:
+        hint = _close_matches_hint(spec)  # also for a typo found only after the workaround let torchvision import
+        if hint:
+            raise InputError(f"{e.message}; did you mean {hint}?", param=e.param) from e.__cause__
+        raise
+
+
+def _import_with_torchvision_workaround(spec: str, what: str, notes: list[str] | None) -> Any:
+    """`utils.import_object`, retried once after `declare_torchvision_ops` if torchvision's C++ ops did not load."""
     from .utils import import_object
 
     try:
         return import_object(spec, what=what)
     except InputError as e:
-        if _is_torchvision_ops_mismatch(e.__cause__) and declare_torchvision_ops():
-            if notes is not None:
-                notes.append("torchvision's compiled operators do not match this torch (a CUDA build of "
-                             "torchvision on a CPU torch?); its model definitions are used without them")
-            return import_object(spec, what=what)
-        hint = _close_matches_hint(spec)
-        if hint:
-            raise InputError(f"{e.message}; did you mean {hint}?", param=e.param) from e.__cause__
-        raise
+        if not (_is_torchvision_ops_mismatch(e.__cause__) and declare_torchvision_ops()):
+            raise
+    if notes is not None:
+        notes.append("torchvision's compiled operators do not match this torch (a CUDA build of "
+                     "torchvision on a CPU torch?); its model definitions are used without them")
+    return import_object(spec, what=what)
 
 
 def add_working_directory() -> bool:

@@ -6,9 +6,10 @@ resolved through symlinks and hard links, none an input or another output, paren
 that need a file name) and calls `commit` last. The commit is a critical section: Ctrl-C is held until every
 file is in place, then raised, and `committed()` says truthfully what was written.
 
-Temp files are named `.bntool-tmp-<pid>-<random>` (short, so a 254-character output name still works) in the
-output's directory; those of a process that no longer runs (killed with SIGKILL) are removed on the next write
-into that directory. `atomic_write` and `check_output_path` are the single-file forms the library uses directly.
+Temp files are named `.bntool-tmp-<pid>-<random>` plus the output's suffix (short, so a 254-character output
+name still works) in the output's directory; those of a process that no longer runs (killed with SIGKILL) are
+removed on the next write into that directory. `atomic_write` and `check_output_path` are the single-file forms
+the library uses directly.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class OutputKind(str, Enum):
     PLOT = "plot"
     REPORT = "report"  # JUnit XML, JSON, Markdown summaries
     DEMO = "demo"  # the files `bntool demo` writes
+
+    @property
+    def noun(self) -> str:
+        """How a message names a file of this kind: "an ONNX file", "a plot"."""
+        return _KIND_NOUNS[self]
+
+
+_KIND_NOUNS = {OutputKind.CHECKPOINT: "a checkpoint", OutputKind.ONNX: "an ONNX file", OutputKind.PLOT: "a plot",
+               OutputKind.REPORT: "a report", OutputKind.DEMO: "a demo file"}
 
 
 def parent_dir(path: Path) -> Path:
@@ -117,23 +127,29 @@ def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None =
     Side effects: creates and removes a probe file in `out`'s directory.
     """
     outputs = Outputs(inputs=[Path(source)] if source is not None else [])
-    outputs.add(out, OutputKind.CHECKPOINT, force=force, in_place=in_place)
+    outputs.add(out, OutputKind.CHECKPOINT, force=force, in_place=in_place, what=param("out"))
     outputs.check()
     return Path(out)
 
 
-def _check_location(out: Path) -> None:
+def output_label(what: str, path: Path | str) -> str:
+    """How messages name an output: its flag or role, then its path ("-o model.pt")."""
+    return f"{what} {path}" if what else str(path)
+
+
+def _check_location(out: Path, what: str) -> None:
+    label = output_label(what, out)
     parent = parent_dir(out)
     if not parent.exists():
-        raise InputError(f"{out}: output directory {parent} does not exist")
+        raise InputError(f"{label}: output directory {parent} does not exist")
     if not parent.is_dir():
-        raise InputError(f"{out}: {parent} is not a directory")
+        raise InputError(f"{label}: {parent} is not a directory")
     limit = name_max(parent)
     if len(os.fsencode(out.name)) > limit:
-        raise InputError(f"{out.name[:40]}…: the file name is {len(os.fsencode(out.name))} bytes long; "
-                         f"this file system allows {limit}")
+        raise InputError(f"{output_label(what, out.name[:40])}…: the file name is {len(os.fsencode(out.name))} "
+                         f"bytes long; this file system allows {limit}")
     if out.is_dir():
-        raise InputError(f"{out}: is a directory; give a file name")
+        raise InputError(f"{label}: is a directory; give a file name")
 
 
 def looks_like_checkpoint(path: Path) -> bool:
@@ -153,9 +169,9 @@ def looks_like_checkpoint(path: Path) -> bool:
     return len(head) >= 10 and head[8:10] == b'{"'  # safetensors: 8-byte header length, then JSON
 
 
-def _probe_writable(out: Path) -> None:
+def _probe_writable(out: Path, label: str) -> None:
     """Create and remove a temp file: the only reliable test (root, read-only mounts, /proc, quotas)."""
-    remove_quietly(new_temp(out, clean=False))
+    remove_quietly(new_temp(out, clean=False, label=label))
 
 
 # ---------------------------------------------------------------- temp files
@@ -165,24 +181,31 @@ def _temp_name() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def new_temp(path: Path, clean: bool = True) -> Path:
+def _temp_suffix(path: Path) -> str:
+    """`path`'s suffix, so writers that choose the format by it (matplotlib's) see the right one; `.tmp` when it
+    has none (or a long one): torch.save names its archive after the file name up to the last dot and refuses
+    an empty name, which a temp name whose only dot leads would give."""
+    return path.suffix if 0 < len(path.suffix) <= 16 else ".tmp"
+
+
+def new_temp(path: Path, clean: bool = True, label: str = "") -> Path:
     """An empty temp file next to `path` (same file system, so the final rename is atomic), with its suffix
-    (writers that choose the format by the suffix, like matplotlib's, see the right one)."""
+    (`_temp_suffix`). `label` names the output in messages (default: its path)."""
     parent = parent_dir(path)
+    label = label or str(path)
     if clean:
         clean_stale_temps(parent)
-    suffix = path.suffix if len(path.suffix) <= 16 else ""
     for _ in range(100):
-        tmp = parent / (_temp_name() + suffix)
+        tmp = parent / (_temp_name() + _temp_suffix(path))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue
         except OSError as e:
-            raise InputError(f"{path}: cannot write to {parent} ({e.strerror or e})") from e
+            raise InputError(f"{label}: cannot write to {parent} ({e.strerror or e})") from e
         os.close(fd)
         return tmp
-    raise InputError(f"{path}: cannot create a temp file in {parent}")
+    raise InputError(f"{label}: cannot create a temp file in {parent}")
 
 
 def new_temp_dir(path: Path) -> Path:
@@ -374,8 +397,8 @@ class Outputs:
         inputs = [FileIdentity.of(p) for p in self.inputs]
         seen: list[tuple[FileIdentity, PlannedOutput]] = []
         for p in self.planned:
-            label = f"{p.what} {p.path}" if p.what else str(p.path)
-            _check_location(p.path)
+            label = output_label(p.what, p.path)
+            _check_location(p.path, p.what)
             me = FileIdentity.of(p.path)
             for other_id, other in seen:
                 if me.same(other_id):
@@ -402,11 +425,11 @@ class Outputs:
                     raise InputError(f"{label}: is inside the input folder {path}; an output never replaces an "
                                      "input (choose another name)")
             if exists and p.kind != OutputKind.CHECKPOINT and looks_like_checkpoint(p.path):
-                raise InputError(f"{label}: is a PyTorch checkpoint; a {p.kind.value} file will not replace it "
+                raise InputError(f"{label}: is a PyTorch checkpoint; {p.kind.noun} will not replace it "
                                  "(choose another name)")
             if exists and not replaces_input and not p.force:
                 raise InputError(f"{label}: already exists; pass {param('force')} to overwrite it", param="force")
-            _probe_writable(p.path)
+            _probe_writable(p.path, label)
             if p.precheck is not None:
                 p.precheck(p.path)
 

@@ -242,7 +242,7 @@ def plan_outputs(path: Path, big: bool, force: bool, keep_failed: bool, protect)
     outputs = Outputs()
     for p in protect:
         outputs.add_input(p, "an input")
-    targets = [(path, "output")] + ([(failed_name(path), "the file kept on failure")] if keep_failed else [])
+    targets = [(path, param("path"))] + ([(failed_name(path), "the file kept on failure")] if keep_failed else [])
     for target, what in targets:
         outputs.add(target, OutputKind.ONNX, force=force, what=what)
         if big:

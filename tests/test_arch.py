@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -107,6 +108,23 @@ def test_cli_typo_is_one_line_with_the_suggestion(user_project, cli):
     result = cli("inspect", "model.pt", "--arch", "mymodels:buld")
     assert_clean_error(result, contains="did you mean 'mymodels:build'")
     sys.modules.pop("mymodels", None)
+
+
+@pytest.mark.parametrize("spec, suggestion", [
+    ("torchvision.models:resnet81", "'torchvision.models:resnet18'"),
+    ("torchvision.modelz:resnet18", "'torchvision.models:resnet18'"),
+])
+def test_torchvision_typos_get_close_matches(tmp_path, spec, suggestion):
+    """A fresh process: where torchvision's C++ ops do not match torch, the import is retried after bntool
+    declares their schemas, and the typo found then once lost its hint."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed")
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "m.pt")
+    result = subprocess.run([sys.executable, "-m", "bntool", "inspect", "m.pt", "--arch", spec], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line
+    assert f"did you mean {suggestion}" in result.stderr, result.stderr
 
 
 def test_timm_name_resolves_through_the_registry(tmp_path, cli):

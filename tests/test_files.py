@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import PYTHON, ROOT, assert_clean_error, files_in
 
-from bntool import zoo
+from bntool import load_model, zoo
+from bntool.errors import InputError
 from bntool.files import TEMP_PREFIX, OutputKind, Outputs, clean_stale_temps, committed, forget_committed
 
 ARCH = ["--arch", "bntool.zoo:resnet"]
@@ -97,6 +98,7 @@ def test_output_conflicts_are_refused_before_any_work(workspace, cli, command, c
     reads_data = command.startswith("recalibrate")
     expected = "--force" if case == "the data file" and not reads_data else CASES[case]  # not an input there
     assert_clean_error(result, contains=expected)
+    assert result.err.startswith(f"error: {flag} "), result.err  # every command names the output by its flag
     assert _snapshot(workspace) == before  # nothing written, nothing changed
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
@@ -110,8 +112,38 @@ def test_a_report_or_onnx_never_replaces_a_checkpoint_even_with_force(workspace,
     if command == "fold -o":  # a checkpoint over a checkpoint is what --force is for
         assert result.code == 0, result.err
         return
-    assert_clean_error(result, contains="is a PyTorch checkpoint")
+    noun = {"export-onnx -o": "an ONNX file", "verify --junit-xml": "a report"}[command]
+    assert_clean_error(result, contains=f"{flag} {victim}: is a PyTorch checkpoint; {noun} will not replace it")
     assert torch.load(victim, weights_only=True).keys() == zoo.build("mlp").state_dict().keys()
+
+
+@pytest.mark.parametrize("kind, noun", [(OutputKind.ONNX, "an ONNX file"), (OutputKind.PLOT, "a plot"),
+                                        (OutputKind.REPORT, "a report"), (OutputKind.DEMO, "a demo file")])
+def test_the_kind_that_will_not_replace_a_checkpoint_reads_naturally(tmp_path, kind, noun):
+    victim = tmp_path / "weights.pt"
+    torch.save(zoo.build("mlp").state_dict(), victim)
+    outputs = Outputs()
+    outputs.add(victim, kind, force=True, what="--out")
+    with pytest.raises(InputError) as e:
+        outputs.check()
+    assert str(e.value) == (f"--out {victim}: is a PyTorch checkpoint; {noun} will not replace it "
+                            "(choose another name)")
+
+
+def test_library_messages_name_the_output_parameter(workspace):
+    """The library names `path=`/`out=` (the CLI renders both as -o), never the CLI's flag or a bare role."""
+    from bntool import export_onnx, load_checkpoint, save_checkpoint
+    from bntool.cli import flag_name
+
+    existing = workspace / "existing.txt"
+    with pytest.raises(InputError) as e:
+        export_onnx(zoo.build("resnet"), torch.zeros(1, 3, 32, 32), existing)
+    assert str(e.value).startswith(f"path {existing}: already exists"), str(e.value)
+    assert e.value.render(flag_name).startswith(f"-o {existing}: already exists")
+    ckpt = load_checkpoint(workspace / "in.pt", arch="bntool.zoo:resnet")
+    with pytest.raises(InputError) as e:
+        save_checkpoint(ckpt, ckpt.model, workspace / "nope" / "out.pt")
+    assert str(e.value) == f"out {workspace / 'nope' / 'out.pt'}: output directory {workspace / 'nope'} does not exist"
 
 
 def test_in_place_only_for_the_checkpoint_output(workspace, cli):
@@ -162,6 +194,45 @@ def test_long_legal_names_work(workspace, cli, length):
     assert result.code == 0, result.err
     assert onnx_out.exists()
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("name", ["noext", "sub/noext", "model.a-suffix-over-16-chars"])
+@pytest.mark.parametrize("command", ["fold -o", "recalibrate -o", "export-onnx -o", "verify --junit-xml"])
+def test_outputs_without_a_suffix_are_written(workspace, cli, command, name):
+    """torch.save names its zip archive after the file name up to the last dot: a suffix-less temp name
+    (`.bntool-tmp-…`) once made it fail with an internal error."""
+    (workspace / "sub").mkdir()
+    out = workspace / name
+    args, flag, extra = _commands(workspace)[command]
+    result = cli(*args, flag, out, *extra)
+    assert result.code == 0, result.err
+    if command == "export-onnx -o":
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(out)))
+    elif command == "verify --junit-xml":
+        assert out.read_text().startswith("<?xml")
+    else:
+        original = load_model(workspace / "in.pt", arch="bntool.zoo:resnet")
+        written = load_model(out, arch="bntool.zoo:resnet")
+        x = torch.randn(2, 3, 32, 32)
+        if command == "fold -o":  # the folded model computes what the original does
+            torch.testing.assert_close(written(x), original(x), rtol=1e-4, atol=1e-4)
+        else:  # recalibration changes BN statistics only
+            torch.testing.assert_close(written.stem[0].weight, original.stem[0].weight, rtol=0, atol=0)
+    assert not [n for n in os.listdir(out.parent) if n.startswith(TEMP_PREFIX)]
+
+
+def test_a_safetensors_output_without_a_suffix_is_written(workspace, cli):
+    from safetensors.torch import load_file, save_file
+
+    model = zoo.build("resnet")
+    source = workspace / "in.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, source)
+    out = workspace / "noext"
+    result = cli("recalibrate", source, *ARCH, "--data", workspace / "x.npy", "--workers", "0", "-o", out)
+    assert result.code == 0, result.err
+    assert load_file(str(out)).keys() == model.state_dict().keys()  # the input's format, as for any other suffix
 
 
 def test_plot_needs_a_known_format_before_any_work(workspace, cli):

@@ -75,7 +75,7 @@ def load_checkpoint(
     """
     path = Path(path)
     check_readable_file(path)
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    if path.suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
         return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind=CheckpointKind.STATE_DICT,
                                 fmt=CheckpointFormat.SAFETENSORS)
     if _is_torchscript(path):
@@ -115,6 +115,15 @@ def check_readable_file(path: Path) -> None:
         raise InputError(f"{path}: not readable (permission denied)")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: file is empty")
+
+
+def _is_safetensors(path: Path) -> bool:
+    """The safetensors layout whatever the name: an 8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

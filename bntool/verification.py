@@ -20,6 +20,7 @@ from torch import nn
 
 from .devices import moved_to, to_device
 from .errors import CheckFailed
+from .utils import plural
 
 # Health flags that make eval-mode outputs wrong; others (near-dead channels) are reported, not failed.
 FATAL_FLAGS = ("NaN/Inf", "never updated", "var <= eps", "no running statistics")
@@ -130,8 +131,9 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
         return Check("fold-equivalence", False, str(e))
     figures = {**r.summary_figures(), "tolerance": r.tolerance.to_dict(), "counts": r.to_dict()["counts"],
                "batch_norm_ops_after": r.batch_norm_ops_after, "inputs": len(r.comparisons)}
-    summary = (f"folded vs original on {len(r.comparisons)} inputs: max abs {r.max_abs:.3g} "
-               f"({r.max_abs_over_scale:.2g} of the output's magnitude; {r.tolerance.describe()}); "
+    summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g}, allowed "
+               f"there {r.allowed_at_worst:.3g} ({r.max_abs_over_scale:.2g} of the output's magnitude; "
+               f"{r.tolerance.describe()}); "
                f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops")
     return Check("fold-equivalence", r.passed, summary, figures)
 
@@ -162,9 +164,9 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
     figures.update(report.summary_figures(), tolerance=tolerance.to_dict(), comparisons=len(report.comparisons),
                    notes=report.notes)
     failing = [c for c in report.comparisons if not c.passed]
-    summary = (f"onnxruntime vs PyTorch on {len(report.comparisons)} input/output pairs: max abs "
-               f"{report.max_abs:.3g} ({report.max_abs_over_scale:.2g} of the output's magnitude; "
-               f"{tolerance.describe()})")
+    summary = (f"onnxruntime vs PyTorch on {plural(len(report.comparisons), 'input/output pair')}: max abs "
+               f"{report.max_abs:.3g}, allowed there {report.allowed_at_worst:.3g} ({report.max_abs_over_scale:.2g} "
+               f"of the output's magnitude; {tolerance.describe()})")
     if failing:
         summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
     return Check("onnx-equivalence", report.passed, summary, figures)

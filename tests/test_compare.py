@@ -121,3 +121,11 @@ def test_health_flags_count_channels_in_words():
     bn.running_var[2:] = 0.0
     flags = health_flags(bn)
     assert "NaN/Inf in running_var (1 channel)" in flags and "var <= eps in 2 channels" in flags, flags
+
+
+def test_allowed_is_the_whole_tolerance_at_the_worst_element():
+    ref, cand = np.array([1.0, -10.0, 0.5]), np.array([1.0, -10.002, 0.5])
+    c = compare_arrays("x", "y", ref, cand, Tolerance(rtol=1e-3, atol=1e-4, atol_relative=False))
+    assert c.worst_index == [1] and c.allowed == pytest.approx(1e-4 + 1e-3 * 10.0)
+    assert c.passed and c.max_abs <= c.allowed
+    assert combine([c, compare_arrays("x", "z", ref, ref, Tolerance(1e-3, 1e-4))]).allowed == c.allowed

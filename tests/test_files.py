@@ -233,6 +233,8 @@ def test_a_safetensors_output_without_a_suffix_is_written(workspace, cli):
     result = cli("recalibrate", source, *ARCH, "--data", workspace / "x.npy", "--workers", "0", "-o", out)
     assert result.code == 0, result.err
     assert load_file(str(out)).keys() == model.state_dict().keys()  # the input's format, as for any other suffix
+    again = cli("inspect", out, *ARCH, "--json")  # and it reads back, whatever its name: the content says
+    assert again.code == 0, again.err
 
 
 def test_plot_needs_a_known_format_before_any_work(workspace, cli):

@@ -333,6 +333,9 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         _tell(display, loaded, source)
     num_samples = settings.num_samples
     total = source.num_samples if num_samples is None else min(num_samples, source.num_samples or num_samples)
+    if settings.num_batches is not None and data.data is not None:  # batches of --batch-size from a file or folder
+        limit = settings.num_batches * data.batch_size
+        total = limit if total is None else min(total, limit)
     progress = _progress(quiet or display.json_output, total)
     with progress as callback:
         report = recalibrate_model(loaded.model, source, mode=settings.mode, momentum=settings.momentum,

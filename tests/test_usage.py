@@ -246,3 +246,23 @@ def test_a_timm_model_gives_the_example_input_shape(cli, tmp_path):
     assert "example input 1,3,224,224 from the model's pretrained_cfg (--input-shape sets another)" in notes
     fold_check = next(c for c in json.loads(result.out)["checks"] if c["name"] == "fold-equivalence")
     assert fold_check["passed"], fold_check
+
+
+@pytest.mark.parametrize("command", ["fold", "recalibrate", "export-onnx", "verify"])
+def test_json_names_the_checkpoint_the_arch_and_the_versions_on_every_command(cli, resnet_sd, tmp_path, command):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32))
+    args = {"fold": ["--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt"],
+            "recalibrate": ["--data", tmp_path / "x.npy", "-o", tmp_path / "r.pt"],
+            "export-onnx": ["--input-shape", "1,3,32,32", "--samples", "1", "-o", tmp_path / "m.onnx"],
+            "verify": ["--input-shape", "1,3,32,32", "--skip-onnx"]}[command]
+    result = cli(command, resnet_sd, *ARCH, *args, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["checkpoint"] == str(resnet_sd) and report["arch"] == "bntool.zoo:resnet"
+    assert set(report["versions"]) == {"bntool", "torch", "onnx", "onnxruntime"}
+
+
+@pytest.mark.parametrize("command", ["fold", "export-onnx", "verify"])
+def test_help_states_the_one_meaning_of_rtol_and_atol(cli, command):
+    text = help_of(cli, command)
+    assert "|Δ| ≤ atol + rtol·|ref|" in text, text

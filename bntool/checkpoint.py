@@ -236,13 +236,14 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
         notes.append(f"took the weights under {submodule!r} (the attribute holding the architecture, as in "
                      f"a LightningModule){kept}")
         sd = {k[len(submodule):]: v for k, v in sd.items() if k.startswith(submodule)}
+    where = f"{path} (the weights under {submodule!r})" if submodule else path
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
         try:
             FoldLayout.from_tensor(layout).apply(model)
         except InputError as e:  # the record is part of the file: name it
-            raise CorruptFileError(f"{path}: {e.message}", param=e.param) from e
-    load_state_dict_checked(model, sd, path, arch)
+            raise CorruptFileError(f"{where}: {e.message}", param=e.param) from e
+    load_state_dict_checked(model, sd, where, arch)
     return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, submodule=submodule,
                       other_entries=others, fmt=fmt, arch=arch, notes=notes)
 
@@ -250,25 +251,39 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
 def _submodule_prefix(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
                       arch: str) -> tuple[str, dict[str, torch.Tensor]]:
     """Where `arch`'s weights sit when the file holds a wrapper's state_dict (a LightningModule keeps the network
-    as `self.model`, so every key reads `model.…`): the one first key component under which the keys are exactly
-    the model's, or under which a fold layout was saved; and the entries outside it. ("", {}) when the keys fit
-    as they are, or no component fits (load_state_dict_checked then names the mismatch)."""
+    as `self.model`, so every key reads `model.…`): the one key prefix under which the keys are exactly the model's,
+    or under which a fold layout was saved; and the entries outside it. ("", {}) when the keys fit as they are.
+    Where no prefix fits exactly, the one under which most of the model's keys are found (at least half), so
+    that load_state_dict_checked names the few that differ there.
+    """
     expected = set(model.state_dict())
     if set(sd) - {LAYOUT_KEY} == expected or LAYOUT_KEY in sd:
         return "", {}
-    prefixes = sorted({k.split(".", 1)[0] + "." for k in sd if "." in k})
-    fitting = []
-    for prefix in prefixes:
-        inner = {k[len(prefix):] for k in sd if k.startswith(prefix)}
-        if inner - {LAYOUT_KEY} == expected or LAYOUT_KEY in inner:
-            fitting.append(prefix)
+    inner = {p: {k[len(p):] for k in sd if k.startswith(p)} for p in _candidate_prefixes(sd)}
+    fitting = sorted(p for p, keys in inner.items() if keys - {LAYOUT_KEY} == expected or LAYOUT_KEY in keys)
     if len(fitting) > 1:
         raise InputError(f"{path}: the weights under {' and '.join(repr(p) for p in fitting)} all fit "
                          f"{param('arch')} {arch}; pass {param('arch')} a factory of the whole wrapper (e.g. the "
                          "LightningModule) to say which")
     if not fitting:
-        return "", {}
-    return fitting[0], {k: v for k, v in sd.items() if not k.startswith(fitting[0])}
+        overlap = {p: len(keys & expected) for p, keys in inner.items()}
+        best = max(overlap, key=lambda p: (overlap[p], -len(p)), default=None)
+        if best is None or overlap[best] <= max(len(set(sd) & expected), len(expected) // 2):
+            return "", {}
+        fitting = [best]
+    prefix = fitting[0]
+    return prefix, {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+def _candidate_prefixes(sd: Mapping[str, torch.Tensor]) -> set[str]:
+    """'a.' and 'a.b.' of every key (a wrapper's attribute, or an attribute of one), each also followed by a
+    DDP/compile prefix where keys carry one (`model._orig_mod.`: Lightning around a compiled network)."""
+    prefixes = set()
+    for k in sd:
+        parts = k.split(".")
+        prefixes.update(".".join(parts[:depth]) + "." for depth in (1, 2) if len(parts) > depth)
+    wrapped = {p + w for p in prefixes for w in STRIPPED_PREFIXES}
+    return prefixes | {p for p in wrapped if any(k.startswith(p) for k in sd)}
 
 
 def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
@@ -291,7 +306,7 @@ def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
     return model
 
 
-def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path | str, arch: str) -> None:
     """load_state_dict, but mismatches are named in one line instead of a torch traceback."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]

@@ -642,11 +642,21 @@ def _usage_error(e, argv: list[str]) -> int:
         return 0
     context = getattr(e, "ctx", None)
     command = context.command_path if context is not None else "bntool"
+    named = _command_named(argv)
+    if command == "bntool" and named is not None:  # click failed before the command's own context existed
+        command = f"bntool {named}"
     message = f"{_one_line(e.format_message())} (see {command} --help)"
     _say(f"error: {message}")
-    if context is not None and context.info_name == "verify":
+    if named == "verify":
         _ci_reports_of_unparsed_verify(argv, message)
     return e.exit_code
+
+
+def _command_named(argv: list[str]) -> str | None:
+    """The subcommand in raw arguments: the first word that is not an option (global options may precede it)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    return word if word in names else None
 
 
 def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
@@ -658,6 +668,8 @@ def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
 
     outputs = Outputs()
     junit_xml, summary_md = _flag_value(argv, "--junit-xml"), _flag_value(argv, "--summary-md")
+    for path in _paths_named(argv, skip_values_of=("--junit-xml", "--summary-md")):
+        outputs.add_input(path, "an input named on the command line")
     for path, what in ((junit_xml, "--junit-xml"), (summary_md, "--summary-md")):
         if path is not None:
             outputs.add(path, OutputKind.REPORT, force="--force" in argv, what=what)
@@ -667,6 +679,21 @@ def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
         outputs, junit_xml, summary_md = Outputs(), None, None
     _write_ci_reports(outputs, junit_xml, junit_error_xml(message), summary_md,
                       os.environ.get("GITHUB_STEP_SUMMARY"), markdown_error(message))
+
+
+def _paths_named(argv: list[str], skip_values_of: tuple[str, ...]) -> list[Path]:
+    """Every existing file or folder the raw arguments name (as a word or after `--flag=`), except as the value of
+    the `skip_values_of` flags: without parsed options, any of them may be the checkpoint, --data or --onnx."""
+    paths = []
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--"):
+            arg = value if flag not in skip_values_of else ""
+        elif i > 0 and argv[i - 1] in skip_values_of:
+            continue
+        if arg and not arg.startswith("-") and os.path.exists(arg):
+            paths.append(Path(arg))
+    return paths
 
 
 def _flag_value(argv: list[str], flag: str) -> Path | None:

@@ -69,8 +69,8 @@ class Comparison:
     `max_abs` is max|Δ|; `max_abs_over_scale` is max|Δ| / max|reference| (the error relative to the output's
     magnitude); `max_rel_elementwise` is max |Δ|/|reference| over elements where |reference| > atol;
     `mismatched_fraction` is the share of elements over tolerance; `worst_index` where |Δ| is largest;
-    `threshold` the absolute tolerance applied; `allowed` the whole tolerance at the worst element,
-    atol + rtol·|reference there|, the figure to read max_abs against. Truthy when it passed.
+    `threshold` the absolute tolerance applied (atol as a number: the rule is |Δ| ≤ threshold + rtol·|reference|).
+    Truthy when it passed.
     """
 
     input: str
@@ -85,7 +85,6 @@ class Comparison:
     scale: float = 0.0
     threshold: float = 0.0
     note: str = ""
-    allowed: float = 0.0
     # Set by the fold check where the float32 figures are over tolerance: the errors of the original and the
     # candidate against the original run in float64.
     float64_error_original: float | None = None
@@ -123,13 +122,19 @@ class ComparedReport:
         return _max(c.mismatched_fraction for c in self.comparisons)
 
     @property
-    def allowed_at_worst(self) -> float:
-        """The tolerance at the element with the largest error, over every comparison (0 without any)."""
+    def first_note(self) -> str:
+        """'input: note' of the first comparison with a note (NaN in the reference, a runner that failed), or ""."""
+        noted = next((c for c in self.comparisons if c.note), None)
+        return f"{noted.input}: {noted.note}" if noted is not None else ""
+
+    @property
+    def atol_at_worst(self) -> float:
+        """The absolute tolerance (a number) of the comparison with the largest error (0 without any)."""
         worst = max(self.comparisons, key=lambda c: c.max_abs, default=None)
-        return worst.allowed if worst is not None else 0.0
+        return worst.threshold if worst is not None else 0.0
 
     def summary_figures(self) -> dict[str, float]:
-        return {"max_abs": self.max_abs, "allowed_at_worst": self.allowed_at_worst,
+        return {"max_abs": self.max_abs, "atol_at_worst": self.atol_at_worst,
                 "max_abs_over_scale": self.max_abs_over_scale,
                 "max_rel_elementwise": self.max_rel_elementwise, "mismatched_fraction": self.mismatched_fraction}
 
@@ -181,14 +186,12 @@ def compare_arrays(input: str, output: str, reference: Any, candidate: Any, tole
         rel = float((diff[significant] / np.abs(r[significant])).max()) if significant.any() else 0.0
     max_abs = float(diff.max())
     worst = [int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape)] if diff.ndim else []
-    at_worst = r[tuple(worst)] if diff.ndim else r
-    allowed = atol + rtol * (abs(float(at_worst)) if np.isfinite(at_worst) else 0.0)
     nans = int(np.isnan(r).sum())
     if nans == r.size:  # NaN everywhere in both: nothing was compared, and no healthy model outputs that
         return Comparison.failure(input, output, "the reference output is NaN everywhere: nothing to compare")
     note = f"{nans} of {r.size} reference elements are NaN" if nans else ""
     return Comparison(input, output, not bool(over.any()), max_abs, max_abs / scale if scale > 0 else max_abs,
-                      rel, float(diff.mean()), float(over.mean()), worst, scale, atol, note=note, allowed=allowed)
+                      rel, float(diff.mean()), float(over.mean()), worst, scale, atol, note=note)
 
 
 def compare_outputs(input: str, reference: Any, candidate: Any, tolerance: Tolerance,
@@ -217,7 +220,7 @@ def combine(comparisons: Sequence[Comparison], output: str = "all") -> Compariso
         _max(c.max_rel_elementwise for c in comparisons), _max(c.mean_abs for c in comparisons),
         _max(c.mismatched_fraction for c in comparisons), worst.worst_index if worst else [],
         _max(c.scale for c in comparisons), worst.threshold if worst else 0.0,
-        "; ".join(c.note for c in comparisons if c.note), worst.allowed if worst else 0.0)
+        "; ".join(c.note for c in comparisons if c.note))
 
 
 def random_like(inputs: Sequence[Any], generator) -> tuple[Any, ...]:

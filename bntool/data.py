@@ -250,11 +250,34 @@ def model_data_config(model: Any) -> dict[str, Any]:
         try:
             from timm.data import resolve_data_config
 
-            return dict(resolve_data_config({}, model=model))
-        except Exception:  # an old or partial timm: read the config directly
+            return _plausible_data_config(resolve_data_config({}, model=model))
+        except Exception:  # an old or partial timm, or a config it cannot read: read the config directly
             pass
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    return _plausible_data_config({k: cfg[k] for k in keys if cfg.get(k) is not None})
+
+
+def _plausible_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a model's data config that have the types and ranges timm gives them; a model's own odd
+    config (a 2-value input_size, crop_pct "abc") is left out rather than fail deep in the preprocessing."""
+    def positive_ints(v, n):
+        return isinstance(v, (tuple, list)) and len(v) == n and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v)
+
+    def numbers(v):
+        return isinstance(v, (tuple, list)) and len(v) > 0 and all(
+            isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) for d in v)
+
+    checks = {"input_size": lambda v: positive_ints(v, 3), "mean": numbers,
+              "std": lambda v: numbers(v) and all(d > 0 for d in v),
+              "crop_pct": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+              "interpolation": lambda v: isinstance(v, str), "crop_mode": lambda v: isinstance(v, str)}
+    plausible = {k: v for k, v in cfg.items() if k not in checks or checks[k](v)}
+    channels = plausible.get("input_size", (None,))[0]
+    for key in ("mean", "std"):  # one value per channel of the declared input
+        if key in plausible and channels is not None and len(plausible[key]) != channels:
+            del plausible[key]
+    return plausible
 
 
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}

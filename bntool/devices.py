@@ -1,4 +1,5 @@
-"""Where the model runs: `--device` checked against this machine, a model moved for one job and put back."""
+"""Where the model runs: `--device` checked against this machine; a model moved (and put in eval mode) for one job,
+then put back as it was."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         InputError: not one of cpu, cuda, cuda:N, mps (the message lists them), or not available here.
     """
     text = str(device).strip()
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
-        raise InputError(f"{param('device')} {str(device)!r}: expected {DEVICES}", param="device")
-    dev = torch.device(text)
+    bad = InputError(f"{param('device')} {str(device)!r}: expected {DEVICES}", param="device")
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?|mps", text):  # ASCII digits, as torch parses them
+        raise bad
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise bad from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -101,3 +106,14 @@ def moved_to(model: nn.Module, device: str | torch.device | None) -> Iterator[to
         yield dev
     finally:
         placement.restore()
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's training flag as it was after a job that puts the model in eval mode (also on error)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -191,8 +191,8 @@ def fold(
     if check and not report.passed:
         raise CheckFailed(
             f"folded model differs from the original: max abs error {report.max_abs:.3g} "
-            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}",
-            report=report)
+            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}"
+            + (f" ({report.first_note})" if report.first_note else ""), report=report)
     return folded, report
 
 

@@ -29,7 +29,7 @@ from .compare import (
     random_stream,
     to_numpy,
 )
-from .devices import moved_to, to_device
+from .devices import modes_kept, moved_to, to_device
 from .errors import CheckFailed, InputError, UnsupportedError, param, user_code
 from .files import OutputKind, Outputs, failed_name, test_point
 from .utils import iter_tensors
@@ -142,9 +142,10 @@ def export_onnx(
         CheckFailed: with `check`, onnxruntime's outputs differ beyond tolerance (`.report` is the report).
 
     Side effects: writes `path` (and its external data) only when the check passed, all files at once at the
-    end; with `keep_failed`, a failed file goes to `failed_name(path)` instead. Puts `model` in eval mode.
+    end; with `keep_failed`, a failed file goes to `failed_name(path)` instead. `model` runs in eval mode; its
+    training flags (and with `device` its placement) are put back afterwards.
     """
-    with moved_to(model, device) as dev:
+    with moved_to(model, device) as dev, modes_kept(model):
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         return _export_and_check(
             model, to_device(inputs, dev) if device is not None else inputs, path, fold=fold, exporter=exporter,
@@ -222,8 +223,8 @@ def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_bat
                  f"nothing written at {path}")
         raise CheckFailed(f"onnxruntime output differs from PyTorch: max abs error {report.max_abs:.3g} "
                           f"({report.max_abs_over_scale:.3g} of the output's magnitude), "
-                          f"{report.mismatched_fraction:.2%} of elements over {tolerance.describe()}; {where}",
-                          report=report)
+                          f"{report.mismatched_fraction:.2%} of elements over {tolerance.describe()}"
+                          + (f" ({report.first_note})" if report.first_note else "") + f"; {where}", report=report)
     return report
 
 

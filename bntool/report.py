@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -284,8 +285,20 @@ def render_fold(report, console: Console) -> None:
                           f"it in float64: folded error {fmt(c.float64_error_candidate)}, original's own "
                           f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
     console.print(f"Check on {plural(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)}, "
-                  f"allowed there {fmt(report.allowed_at_worst)} ({fmt(report.max_abs_over_scale)} of the output's "
+                  f"atol {fmt(report.atol_at_worst)} ({fmt(report.max_abs_over_scale)} of the output's "
                   f"magnitude; rule {report.tolerance.describe()}) {verdict}")
+    _comparison_notes(report, console)
+
+
+def _comparison_notes(report, console: Console) -> None:
+    """What a figure alone does not say (NaN in the reference, a runner that failed), once per distinct note."""
+    seen: dict[str, list[str]] = {}
+    for c in report.comparisons:
+        if c.note:
+            seen.setdefault(c.note, []).append(c.input)
+    for note, inputs in seen.items():
+        where = inputs[0] + (f" and {plural(len(inputs) - 1, 'other')}" if len(inputs) > 1 else "")
+        console.print(f"[yellow]note:[/] {where}: {escape(note)}")
 
 
 def render_recalibrate(report, console: Console) -> None:
@@ -342,17 +355,18 @@ def render_export(report, console: Console) -> None:
     longest_output = max((len(c.output) for c in report.comparisons), default=6)
     table.add_column("input", min_width=min(14, longest_input), overflow="fold")  # text wraps; figures never do
     table.add_column("output", min_width=min(10, longest_output), overflow="fold")
-    for col in ("max abs", "allowed", *(("max rel",) if roomy else ()), *(("mean abs",) if full else ()), "over tol.",
+    for col in ("max abs", "atol", *(("max rel",) if roomy else ()), *(("mean abs",) if full else ()), "over tol.",
                 *(("worst at",) if full else ()), "result"):
         table.add_column(col, no_wrap=True, justify="right" if col != "result" else "left")
     for c in report.comparisons:
-        figures = [fmt(c.max_abs), fmt(c.allowed), *([fmt(c.max_rel_elementwise)] if roomy else []),
+        figures = [fmt(c.max_abs), fmt(c.threshold), *([fmt(c.max_rel_elementwise)] if roomy else []),
                    *([fmt(c.mean_abs)] if full else []),
                    f"{c.mismatched_fraction:.2%}", *([str(c.worst_index)] if full else [])]
         table.add_row(c.input, c.output, *figures, "[green]ok[/]" if c.passed else "[red]FAIL[/]")
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+    _comparison_notes(report, console)
     console.print(f"{verdict} (max error {fmt(report.max_abs_over_scale)} of the output's magnitude; rule "
                   f"{report.tolerance.describe()}); verified in {report.verify_seconds:.1f} s.")
 

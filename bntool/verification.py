@@ -18,7 +18,7 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import nn
 
-from .devices import moved_to, to_device
+from .devices import modes_kept, moved_to, to_device
 from .errors import CheckFailed
 from .utils import plural
 
@@ -80,6 +80,7 @@ def verify(
 
     Returns:
         A VerifyReport; `passed` only if every check passed. A check that fails does not raise.
+        `model` is not changed: its training flags and placement are put back.
 
     Raises:
         InputError: the model does not accept the inputs, or `onnx_path` is not a loadable ONNX file.
@@ -89,7 +90,7 @@ def verify(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
     report = VerifyReport()
-    with moved_to(model, device) as dev:
+    with moved_to(model, device) as dev, modes_kept(model):
         inputs = to_device(inputs, dev) if device is not None else inputs
         report.checks.append(_timed(lambda: check_health(model)))
         report.checks.append(_timed(lambda: check_fold(model, inputs, samples, seed, rtol, atol)))
@@ -131,11 +132,16 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
         return Check("fold-equivalence", False, str(e))
     figures = {**r.summary_figures(), "tolerance": r.tolerance.to_dict(), "counts": r.to_dict()["counts"],
                "batch_norm_ops_after": r.batch_norm_ops_after, "inputs": len(r.comparisons)}
-    summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g}, allowed "
-               f"there {r.allowed_at_worst:.3g} ({r.max_abs_over_scale:.2g} of the output's magnitude; "
+    summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g}, atol "
+               f"{r.atol_at_worst:.3g} ({r.max_abs_over_scale:.2g} of the output's magnitude; "
                f"{r.tolerance.describe()}); "
-               f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops")
+               f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops" + _noted(r))
+    figures["notes"] = [f"{c.input}: {c.note}" for c in r.comparisons if c.note]
     return Check("fold-equivalence", r.passed, summary, figures)
+
+
+def _noted(report) -> str:
+    return f"; {report.first_note}" if report.first_note else ""
 
 
 def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, data) -> Check:
@@ -165,10 +171,12 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
                    notes=report.notes)
     failing = [c for c in report.comparisons if not c.passed]
     summary = (f"onnxruntime vs PyTorch on {plural(len(report.comparisons), 'input/output pair')}: max abs "
-               f"{report.max_abs:.3g}, allowed there {report.allowed_at_worst:.3g} ({report.max_abs_over_scale:.2g} "
+               f"{report.max_abs:.3g}, atol {report.atol_at_worst:.3g} ({report.max_abs_over_scale:.2g} "
                f"of the output's magnitude; {tolerance.describe()})")
     if failing:
         summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
+    summary += _noted(report)
+    figures["notes"] = [*report.notes, *(f"{c.input}: {c.note}" for c in report.comparisons if c.note)]
     return Check("onnx-equivalence", report.passed, summary, figures)
 
 

@@ -340,3 +340,23 @@ def test_ddp_and_compile_prefixes_are_written_back(tmp_path, prefix):
     ckpt = load_checkpoint(tmp_path / "ddp.pt", arch="bntool.zoo:resnet")
     save_checkpoint(ckpt, ckpt.model, tmp_path / "out.pt")
     assert set(torch.load(tmp_path / "out.pt", weights_only=True)) == set(sd)
+
+
+def test_lightning_around_a_compiled_or_nested_network_loads_and_keeps_its_keys(tmp_path):
+    sd = zoo.build("resnet").state_dict()
+    for prefix in ("model._orig_mod.", "model.backbone."):
+        keys = {prefix + k: v for k, v in sd.items()}
+        torch.save({"state_dict": {**keys, "head.weight": torch.ones(3)}, "epoch": 1}, tmp_path / "l.ckpt")
+        ckpt = load_checkpoint(tmp_path / "l.ckpt", arch="bntool.zoo:resnet")
+        assert ckpt.submodule == prefix and same_weights(ckpt.model, zoo.build("resnet"))
+        save_checkpoint(ckpt, ckpt.model, tmp_path / "out.ckpt", force=True)
+        assert set(torch.load(tmp_path / "out.ckpt", weights_only=True)["state_dict"]) == {*keys, "head.weight"}
+
+
+def test_weights_that_almost_fit_under_an_attribute_name_the_keys_that_differ_there(tmp_path, cli):
+    sd = {"model." + k: v for k, v in zoo.build("resnet").state_dict().items()}
+    del sd["model.fc.bias"]
+    torch.save({"state_dict": sd}, tmp_path / "almost.ckpt")
+    result = cli("inspect", tmp_path / "almost.ckpt", "--arch", "bntool.zoo:resnet")
+    assert_clean_error(result, contains="(the weights under 'model.'): does not fit --arch bntool.zoo:resnet: "
+                                        "1 missing keys (fc.bias)")

@@ -123,9 +123,13 @@ def test_health_flags_count_channels_in_words():
     assert "NaN/Inf in running_var (1 channel)" in flags and "var <= eps in 2 channels" in flags, flags
 
 
-def test_allowed_is_the_whole_tolerance_at_the_worst_element():
-    ref, cand = np.array([1.0, -10.0, 0.5]), np.array([1.0, -10.002, 0.5])
-    c = compare_arrays("x", "y", ref, cand, Tolerance(rtol=1e-3, atol=1e-4, atol_relative=False))
-    assert c.worst_index == [1] and c.allowed == pytest.approx(1e-4 + 1e-3 * 10.0)
-    assert c.passed and c.max_abs <= c.allowed
-    assert combine([c, compare_arrays("x", "z", ref, ref, Tolerance(1e-3, 1e-4))]).allowed == c.allowed
+def test_the_atol_shown_is_the_number_the_rule_used_on_the_worst_comparison():
+    from bntool.compare import ComparedReport
+
+    ref = np.array([1.0, -10.0, 0.5])
+    small = compare_arrays("a", "y", ref, ref + 1e-6, Tolerance(rtol=0.0, atol=1e-4))  # atol share of max|ref|
+    large = compare_arrays("b", "y", 10 * ref, 10 * ref + 1e-5, Tolerance(rtol=0.0, atol=1e-4))
+    assert small.threshold == pytest.approx(1e-3) and large.threshold == pytest.approx(1e-2)
+    report = ComparedReport()
+    report.comparisons = [small, large]
+    assert report.atol_at_worst == large.threshold and report.summary_figures()["atol_at_worst"] == large.threshold

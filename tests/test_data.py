@@ -213,3 +213,18 @@ def test_check_fits_allows_another_batch_size():
     check_fits(torch.zeros(5, 3, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(InputError, match="each sample must be"):
         check_fits(torch.zeros(5, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("cfg", [{"input_size": (224, 224)}, {"input_size": (1, 3, 32, 32)},
+                                 {"input_size": (True, 32, 32)}, {"input_size": (3, 32, 32), "crop_pct": "abc"},
+                                 {"input_size": (3, 32, 32), "crop_pct": -1.0}, {"input_size": (3, 32, 32),
+                                                                                 "mean": (0.5, 0.5)}])
+def test_a_models_odd_data_config_is_left_out_not_fatal(cfg):
+    from bntool.data import model_data_config
+
+    model = torch.nn.Conv2d(3, 3, 1)
+    model.pretrained_cfg = cfg
+    plausible = model_data_config(model)
+    p = resolve_preprocessing(None, model=model)
+    assert p.size in ((224, 224), (32, 32)) and len(p.mean) == 3
+    assert all(k not in plausible for k in ("crop_pct", "mean") if k in cfg)

@@ -216,3 +216,24 @@ def test_fold_of_a_model_already_on_cuda_stays_there():
     model = zoo.build("resnet").eval().cuda()
     folded, report = fold(model, zoo.example_input("resnet").cuda(), samples=2)
     assert report.passed and next(folded.parameters()).is_cuda
+
+
+@pytest.mark.parametrize("device", ["cuda:01", "cuda:00", "cuda:99999999999999999999", "cuda:١"])
+def test_device_indexes_torch_would_reject_are_exit_2(cli, resnet_sd, tmp_path, device):
+    result = cli(*command_args("fold", resnet_sd, tmp_path), "--device", device)
+    assert_clean_error(result, contains=f"--device {device!r}: expected cpu, cuda")
+    with pytest.raises(InputError):
+        fold(zoo.build("resnet"), zoo.example_input("resnet"), device=device)
+
+
+@pytest.mark.parametrize("job", ["verify", "export_onnx", "fold", "inspect"])
+def test_a_model_in_training_mode_stays_in_training_mode(job, tmp_path):
+    import bntool
+
+    model = zoo.build("resnet").train()
+    x = zoo.example_input("resnet")
+    kwargs = {"verify": dict(exporter="legacy", samples=1), "export_onnx": dict(path=tmp_path / "m.onnx", samples=1,
+                                                                                exporter="legacy", check=False),
+              "fold": dict(check=False), "inspect": {}}[job]
+    getattr(bntool, job)(model, x, device="cpu", **kwargs)
+    assert all(m.training for m in model.modules())

@@ -47,7 +47,7 @@ def test_export_table_keeps_every_figure_whole_on_an_80_column_terminal(tmp_path
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "…" not in text
     for c in report.comparisons:
-        for figure in (c.max_abs, c.allowed):  # max rel and mean abs need a wider terminal (both are in --json)
+        for figure in (c.max_abs, c.threshold):  # max rel and mean abs need a wider terminal (both are in --json)
             assert fmt(figure) in text, (fmt(figure), text)
     assert "example (ORT_DISABLE_ALL)" in text  # input names whole, not cut letter by letter
     wide = io.StringIO()

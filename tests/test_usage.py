@@ -266,3 +266,38 @@ def test_json_names_the_checkpoint_the_arch_and_the_versions_on_every_command(cl
 def test_help_states_the_one_meaning_of_rtol_and_atol(cli, command):
     text = help_of(cli, command)
     assert "|Δ| ≤ atol + rtol·|ref|" in text, text
+
+
+def test_an_unparsed_verify_never_writes_its_report_over_an_input(cli, resnet_sd, tmp_path):
+    data = tmp_path / "x.npy"
+    np.save(data, np.zeros((2, 3, 32, 32), dtype=np.float32))
+    before = data.read_bytes()
+    result = cli("verify", resnet_sd, *ARCH, "--data", data, "--junit-xml", data, "--force", "--bogus")
+    assert_clean_error(result, contains="No such option: --bogus")
+    assert data.read_bytes() == before
+    pngs = write_pngs(tmp_path / "imgs", 2, 8)
+    image = next(pngs.iterdir())
+    kept = image.read_bytes()
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, "--data", pngs, "--summary-md", image, "--force", "--bogus"))
+    assert image.read_bytes() == kept
+
+
+def test_an_option_missing_its_value_still_gets_the_junit_report(cli, resnet_sd, tmp_path):
+    junit = tmp_path / "a.xml"
+    result = cli("verify", resnet_sd, *ARCH, "--junit-xml", junit, "--samples")
+    assert_clean_error(result, contains="(see bntool verify --help)")
+    assert "requires an argument" in ET.fromstring(junit.read_text()).find("testcase/error").get("message")
+
+
+def test_a_model_whose_output_is_nan_fails_the_fold_check_saying_why(cli, tmp_path):
+    model = zoo.build("resnet")
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "nan.pt")
+    result = cli("fold", tmp_path / "nan.pt", *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt")
+    assert result.code == 1 and "the reference output is NaN everywhere" in result.err
+    assert "note: example and 4 others: the reference output is NaN everywhere" in " ".join(result.out.split())
+    assert not (tmp_path / "f.pt").exists()
+    verify = cli("verify", tmp_path / "nan.pt", *ARCH, "--input-shape", "1,3,32,32", "--skip-onnx", "--json")
+    fold_check = next(c for c in json.loads(verify.out)["checks"] if c["name"] == "fold-equivalence")
+    assert not fold_check["passed"] and "NaN everywhere" in fold_check["summary"]

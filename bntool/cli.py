@@ -9,6 +9,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -586,8 +587,32 @@ def demo(
 # ---------------------------------------------------------------- entry point
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI runner cancelling the job), unwound like Ctrl-C: temp files removed, a commit finished."""
+
+
+_terminated: list[int] = []  # set by the SIGTERM handler: the exit code and message say "terminated"
+
+
+def _on_sigterm(signum, frame) -> None:
+    _terminated.append(signum)
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit code instead of raising (tests call this)."""
+    """Run the CLI; return the exit code instead of raising (tests call this). SIGTERM unwinds like Ctrl-C
+    (exit 143) instead of ending the process where it stands."""
+    _terminated.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
     exit_types, abort_types, usage_types = _click_exception_types()
@@ -624,15 +649,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted() -> int:
-    """Ctrl-C: say truthfully which files were put in place (a commit is never cut short)."""
+    """Ctrl-C or SIGTERM: say truthfully which files were put in place (a commit is never cut short)."""
     from .files import committed
 
+    what = "terminated (SIGTERM)" if _terminated else "interrupted"
     written = committed()
     if written:
-        _say(f"interrupted: wrote {', '.join(str(p) for p in written)} (complete); nothing else written")
+        _say(f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written")
     else:
-        _say("interrupted: nothing written")
-    return 130
+        _say(f"{what}: nothing written")
+    return 143 if _terminated else 130
 
 
 def _usage_error(e, argv: list[str]) -> int:

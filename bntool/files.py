@@ -32,7 +32,10 @@ from .errors import InputError, param
 TEMP_PREFIX = ".bntool-tmp-"
 # Named points where tests inject a real SIGINT (BNTOOL_TEST_INTERRUPT=<point>): "before-commit",
 # "during-commit" (after the first file is in place) and "after-commit"; "check" is used by export_onnx.
+# BNTOOL_TEST_SIGNAL=TERM sends SIGTERM there instead (what CI runners send on cancel).
 TEST_INTERRUPT_ENV = "BNTOOL_TEST_INTERRUPT"
+TEST_SIGNAL_ENV = "BNTOOL_TEST_SIGNAL"
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _committed: list[Path] = []  # files this process put in place, for a truthful message on Ctrl-C
 _cleaned: set[str] = set()  # directories already swept for stale temp files
@@ -72,9 +75,9 @@ def forget_committed() -> None:
 
 
 def test_point(name: str) -> None:
-    """Deliver a real SIGINT here when the test environment asks for it (never set outside tests)."""
+    """Deliver a real SIGINT (or SIGTERM) here when the test environment asks for it (never set outside tests)."""
     if os.environ.get(TEST_INTERRUPT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM if os.environ.get(TEST_SIGNAL_ENV) == "TERM" else signal.SIGINT)
 
 
 # ---------------------------------------------------------------- identity and checks
@@ -289,7 +292,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     tmp = new_temp(path)
     try:
         write(str(tmp))
-        with _sigint_held():
+        with signals_held():
             finish_temp(tmp, path)
             if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing
                 _committed.append(path)
@@ -318,19 +321,22 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_held() -> Iterator[None]:
-    """Hold SIGINT until the block is done, then raise KeyboardInterrupt (only the main thread has signals)."""
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them to the handlers there were (Python's
+    KeyboardInterrupt, the CLI's, or the default that ends the process): a commit is never cut short. Only the
+    main thread has signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+    for signum in dict.fromkeys(received):
+        signal.raise_signal(signum)
 
 
 # ---------------------------------------------------------------- a command's outputs
@@ -468,7 +474,7 @@ class Outputs:
             os.chmod(p.temp, new_file_mode(p.path))
         test_point("before-commit")
         done = []
-        with _sigint_held():
+        with signals_held():
             for p in ready:
                 os.replace(p.temp, p.path)
                 p.temp = None

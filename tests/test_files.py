@@ -300,8 +300,8 @@ def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
 # ---------------------------------------------------------------- Ctrl-C at exact points
 
 
-def _run_interrupted(point: str, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BNTOOL_TEST_INTERRUPT": point}
+def _run_interrupted(point: str, *args, signal_name: str = "INT") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BNTOOL_TEST_INTERRUPT": point, "BNTOOL_TEST_SIGNAL": signal_name}
     return subprocess.run([PYTHON, "-m", "bntool", *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=120)
 
@@ -329,6 +329,26 @@ def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
         if point == "during-commit":
             assert str(plot) in lines[0] and plot.read_bytes().lstrip().startswith(b"<?xml")
             assert TEMP_PREFIX not in lines[0]
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("point", ["before-commit", "during-commit"])
+def test_sigterm_unwinds_like_ctrl_c_and_never_cuts_a_commit_short(workspace, point):
+    """CI runners cancel a job with SIGTERM: Python's default would end the process mid-rename, leaving one
+    output new and one old, and temp files behind."""
+    pytest.importorskip("matplotlib")
+    out, plot = workspace / "r.pt", workspace / "shift.svg"
+    result = _run_interrupted(point, "recalibrate", workspace / "in.pt", *ARCH, "--data", workspace / "x.npy",
+                              "--workers", "0", "-o", out, "--plot", plot, signal_name="TERM")
+    assert result.returncode == 143, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("terminated (SIGTERM): "), result.stderr
+    if point == "before-commit":
+        assert lines[0].endswith("nothing written") and not out.exists() and not plot.exists()
+    else:  # held until both files were in place
+        assert str(out) in lines[0] and str(plot) in lines[0]
+        torch.load(out, weights_only=True)
+        assert plot.read_bytes().lstrip().startswith(b"<?xml")
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
 

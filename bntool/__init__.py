@@ -35,6 +35,8 @@ _EXPORTS = {
     "state_dict_of": "checkpoint",
     "Checkpoint": "checkpoint",
     "ChannelAffine": "layers",
+    "open_source": "data",
+    "ImageOptions": "data",
     "BntoolError": "errors",
     "InputError": "errors",
     "CheckFailed": "errors",
@@ -52,3 +54,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'bntool' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

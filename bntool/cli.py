@@ -176,12 +176,17 @@ def inspect(
 
     where = device.resolve()
     loaded = model.load()
-    _tell(display, loaded)
     inputs = None
-    if example.input_shape and loaded.kind != "torchscript":
-        inputs = example.build(loaded.model)
+    if loaded.kind != "torchscript":  # with --input-shape (or a timm model's own size), what fold would do
+        inputs = example.build(loaded.model, required=False, notes=loaded.notes)
+    _tell(display, loaded)
     report = inspect_model(loaded.model, inputs, device=where)
     _show(report, display, "render_inspect", _context(model, loaded=loaded), wide=wide)
+    if display.quiet and not display.json_output:
+        from .report import few_updates_warning
+
+        if few_updates_warning(report):
+            _say(f"warning: {few_updates_warning(report)}")
 
 
 @app.command(cls=_Command)

@@ -102,10 +102,15 @@ class FoldReport(ComparedReport):
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """BNs per action: {"folded": 6, "folded-forward": 0, "affine": 1, "refused": 0}."""
+        return {getattr(a, "value", a): self.count(a) for a in (FOLDED, FOLDED_FORWARD, AFFINE, REFUSED)}
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tolerance"] = self.tolerance.to_dict()
-        d["counts"] = {a: self.count(a) for a in (FOLDED, FOLDED_FORWARD, AFFINE, REFUSED)}
+        d["counts"] = self.counts
         d.update(self.summary_figures())
         return d
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .devices import as_float64, moved_to, to_device
 from .layers import bn_eps, bn_modules, bn_type_name
+from .layout import layout_of
 from .utils import plural
 
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
@@ -64,6 +65,7 @@ class InspectReport:
     total_params: int
     fold_planned: bool
     batch_norm_calls_unplanned: list[str] = field(default_factory=list)  # F.batch_norm calls fold cannot handle
+    folded: bool = False  # bntool folded this model (it carries a fold layout)
 
     @property
     def unhealthy(self) -> list[BNLayerInfo]:
@@ -142,7 +144,8 @@ def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | Non
 def _inspect(model: nn.Module, example_inputs) -> InspectReport:
     layers = [describe_layer(name, m) for name, m in bn_modules(model)]
     report = InspectReport(layers=layers, total_modules=sum(1 for _ in model.modules()),
-                           total_params=sum(p.numel() for p in model.parameters()), fold_planned=False)
+                           total_params=sum(p.numel() for p in model.parameters()), fold_planned=False,
+                           folded=layout_of(model) is not None)
     if example_inputs is not None and not isinstance(model, torch.jit.ScriptModule):
         from .folding import plan_fold
 

@@ -67,7 +67,7 @@ class ExampleInputs:
 
         from .folding import model_dtype
 
-        if not self.input_shape and required:
+        if not self.input_shape:
             self.input_shape = _declared_input_shape(model, notes)
         if not self.input_shape:
             if required:

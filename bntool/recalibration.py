@@ -27,6 +27,7 @@ from torch import nn
 from .devices import Placement, as_float64, device_of, float64_device, resolve_device
 from .errors import InputError, UserCodeError, user_code
 from .layers import bn_eps, bn_modules, is_frozen_bn
+from .layout import layout_of
 from .segments import SegmentCache, default_cache_budget
 
 MODES = ("cumulative", "ema", "exact")
@@ -182,7 +183,9 @@ def recalibrate(
         raise InputError(f"--momentum {momentum}: must be in (0, 1]")
     layers = [(n, m) for n, m in bn_modules(model)]
     if not layers:
-        raise InputError("the model has no BatchNorm layers: nothing to recalibrate")
+        folded = " (bntool folded it: recalibrate the checkpoint from before the fold, then fold again)"
+        raise InputError("the model has no BatchNorm layers: nothing to recalibrate"
+                         + (folded if layout_of(model) is not None else ""))
     usable = [(n, m) for n, m in layers if _skip_reason(m) == ""]
     if not usable:
         raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
@@ -228,6 +231,7 @@ def recalibrate(
                 _write_all(usable, stats, batches.batches_per_pass, blend)
                 report.passes = 1
         _check_finite(usable, amp)
+        _keep_training_history(usable, saved)
     except BaseException:
         for n, m in usable:
             _restore(m, saved[n])
@@ -540,6 +544,16 @@ def _save(m) -> _Saved:
     tracked = getattr(m, "num_batches_tracked", None)
     return _Saved(m.training, m.momentum, m.running_mean.detach().clone(), m.running_var.detach().clone(),
                   tracked.clone() if tracked is not None else None)
+
+
+def _keep_training_history(layers, saved: dict[str, _Saved]) -> None:
+    """num_batches_tracked: the batches the new statistics summarize, or the checkpoint's own count where that is
+    larger. A trained model keeps its history; inspect and verify read a small count as briefly trained."""
+    with torch.no_grad():
+        for n, m in layers:
+            before = saved[n].tracked
+            if before is not None and getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.copy_(torch.maximum(m.num_batches_tracked, before))
 
 
 def _restore(m, s: _Saved) -> None:

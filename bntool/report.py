@@ -88,7 +88,8 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
     """The BN layers in a table that fits the console: layer, kind, C, health and fold (compact), or every
     column (`wide`). Long names are shortened in the middle, never cut at the end; a legend follows."""
     if not report.layers:
-        console.print("No BatchNorm layers in this model: nothing to recalibrate or fold.")
+        console.print("No BatchNorm layers in this model: nothing to recalibrate or fold"
+                      + (" (bntool folded it already)." if report.folded else "."))
         return
     table = _inspect_wide(report) if wide else _inspect_compact(report, console.width)
     console.print(table)
@@ -96,17 +97,24 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
     bad = [layer for layer in report.layers if _problems(layer.flags)]
     console.print(f"{plural(len(report.layers), 'BN layer')}, {len(bad)} with health problems; "
                   f"{report.total_params:,} parameters.")
-    few = [layer for layer in report.layers if any(f.startswith(FEW_UPDATES_FLAG) for f in layer.flags)]
     if not wide:
         for line in _reasons(report.layers):
             console.print(line)
-    if few:
-        counts = sorted(layer.num_batches_tracked for layer in few)
-        console.print(f"[yellow]warning:[/] {plural(len(few), 'BN layer')} "
-                      f"{'has' if len(few) == 1 else 'have'} averaged only {counts[0]}"
-                      + (f" … {counts[-1]}" if counts[-1] != counts[0] else "")
-                      + " batches (num_batches_tracked): their statistics are noisy. "
-                      "`bntool recalibrate CKPT --data DIR -o OUT` re-estimates them from data.")
+    warning = few_updates_warning(report)
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def few_updates_warning(report) -> str:
+    """The inspect warning about BN layers that averaged few batches ("" when none did); -q shows it too."""
+    few = [layer for layer in report.layers if any(f.startswith(FEW_UPDATES_FLAG) for f in layer.flags)]
+    if not few:
+        return ""
+    counts = sorted(layer.num_batches_tracked for layer in few)
+    return (f"{plural(len(few), 'BN layer')} {'has' if len(few) == 1 else 'have'} averaged only {counts[0]}"
+            + (f" … {counts[-1]}" if counts[-1] != counts[0] else "")
+            + " batches (num_batches_tracked): their statistics are noisy. "
+            "`bntool recalibrate CKPT --data DIR -o OUT` re-estimates them from data.")
 
 
 @dataclasses.dataclass
@@ -284,9 +292,9 @@ def render_fold(report, console: Console) -> None:
             console.print(f"{c.input}: over tolerance against the float32 original, so both were compared with "
                           f"it in float64: folded error {fmt(c.float64_error_candidate)}, original's own "
                           f"{fmt(c.float64_error_original)} ({'within' if c.passed else 'over'} 1.5×)")
-    console.print(f"Check on {plural(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)}, "
-                  f"atol {fmt(report.atol_at_worst)} ({fmt(report.max_abs_over_scale)} of the output's "
-                  f"magnitude; rule {report.tolerance.describe()}) {verdict}")
+    console.print(f"Check on {plural(len(report.comparisons), 'input')}: max abs error {fmt(report.max_abs)} "
+                  f"({fmt(report.max_abs_over_scale)} of the output's magnitude) against atol "
+                  f"{fmt(report.atol_at_worst)} (rule {report.tolerance.describe()}) {verdict}")
     _comparison_notes(report, console)
 
 

@@ -117,9 +117,11 @@ def check_health(model: nn.Module) -> Check:
     warned = {layer.name: layer.flags for layer in report.layers if layer.flags and layer.name not in fatal}
     if fatal:
         first = next(iter(fatal))
-        summary = f"{len(fatal)} of {len(report.layers)} BN layers unhealthy, e.g. {first}: {fatal[first][0]}"
+        summary = f"{len(fatal)} of {plural(len(report.layers), 'BN layer')} unhealthy, e.g. {first}: {fatal[first][0]}"
     else:
-        summary = f"{len(report.layers)} BN layers healthy" + (f" ({len(warned)} with warnings)" if warned else "")
+        first = next(iter(warned), None)
+        summary = f"{plural(len(report.layers), 'BN layer')} healthy" + (
+            f" ({len(warned)} with warnings, e.g. {first}: {warned[first][0]})" if warned else "")
     return Check("bn-health", not fatal, summary, {"layers": len(report.layers), "failed": fatal, "warnings": warned})
 
 
@@ -132,9 +134,9 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
         return Check("fold-equivalence", False, str(e))
     figures = {**r.summary_figures(), "tolerance": r.tolerance.to_dict(), "counts": r.to_dict()["counts"],
                "batch_norm_ops_after": r.batch_norm_ops_after, "inputs": len(r.comparisons)}
-    summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g}, atol "
-               f"{r.atol_at_worst:.3g} ({r.max_abs_over_scale:.2g} of the output's magnitude; "
-               f"{r.tolerance.describe()}); "
+    summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g} "
+               f"({r.max_abs_over_scale:.2g} of the output's magnitude) against atol {r.atol_at_worst:.3g} "
+               f"({r.tolerance.describe()}); "
                f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops" + _noted(r))
     figures["notes"] = [f"{c.input}: {c.note}" for c in r.comparisons if c.note]
     return Check("fold-equivalence", r.passed, summary, figures)
@@ -171,8 +173,8 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
                    notes=report.notes)
     failing = [c for c in report.comparisons if not c.passed]
     summary = (f"onnxruntime vs PyTorch on {plural(len(report.comparisons), 'input/output pair')}: max abs "
-               f"{report.max_abs:.3g}, atol {report.atol_at_worst:.3g} ({report.max_abs_over_scale:.2g} "
-               f"of the output's magnitude; {tolerance.describe()})")
+               f"{report.max_abs:.3g} ({report.max_abs_over_scale:.2g} of the output's magnitude) against atol "
+               f"{report.atol_at_worst:.3g} ({tolerance.describe()})")
     if failing:
         summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
     summary += _noted(report)

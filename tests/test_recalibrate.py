@@ -12,8 +12,9 @@ import torch
 from helpers import assert_clean_error
 from torch import nn
 
-from bntool import zoo
+from bntool import fold, zoo
 from bntool.errors import InputError
+from bntool.layers import bn_modules
 from bntool.recalibration import ChannelStats, recalibrate
 
 
@@ -580,3 +581,19 @@ def test_prior_zero_is_off_and_bad_priors_are_input_errors():
     next(m for m in broken.modules() if isinstance(m, nn.BatchNorm2d)).running_var[0] = float("nan")
     with pytest.raises(InputError, match="no source to blend with"):
         recalibrate(broken, data, prior=8)
+
+
+def test_a_trained_models_batch_count_is_kept_and_a_fresh_one_gets_the_calibration_batches():
+    data = list(data_for("resnet").split(16))
+    trained = zoo.build("resnet")  # randomize_bn marks its statistics as 100 batches old
+    recalibrate(trained, data)
+    assert {int(m.num_batches_tracked) for _, m in bn_modules(trained)} == {100}
+    fresh = zoo.resnet().eval()
+    recalibrate(fresh, data)
+    assert {int(m.num_batches_tracked) for _, m in bn_modules(fresh)} == {len(data)}
+
+
+def test_a_folded_model_is_named_as_such_when_there_is_nothing_to_recalibrate():
+    folded, _ = fold(zoo.build("resnet"), zoo.example_input("resnet"))
+    with pytest.raises(InputError, match="bntool folded it"):
+        recalibrate(folded, list(data_for("resnet").split(16)))

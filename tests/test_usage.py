@@ -12,6 +12,7 @@ import torch
 from helpers import assert_clean_error, write_pngs
 
 from bntool import zoo
+from bntool.layers import bn_modules
 
 ARCH = ["--arch", "bntool.zoo:resnet"]
 DATA_FLAGS = ["--data", "--loader", "--input-shape", "--image-size", "--resize", "--center-crop", "--interpolation",
@@ -246,6 +247,8 @@ def test_a_timm_model_gives_the_example_input_shape(cli, tmp_path):
     assert "example input 1,3,224,224 from the model's pretrained_cfg (--input-shape sets another)" in notes
     fold_check = next(c for c in json.loads(result.out)["checks"] if c["name"] == "fold-equivalence")
     assert fold_check["passed"], fold_check
+    inspected = cli("inspect", path, "--arch", "timm:efficientnet_b0", "--arch-kwargs", '{"num_classes": 10}', "--json")
+    assert json.loads(inspected.out)["fold_planned"] is True  # what fold would do, at the model's own size
 
 
 @pytest.mark.parametrize("command", ["fold", "recalibrate", "export-onnx", "verify"])
@@ -301,3 +304,28 @@ def test_a_model_whose_output_is_nan_fails_the_fold_check_saying_why(cli, tmp_pa
     verify = cli("verify", tmp_path / "nan.pt", *ARCH, "--input-shape", "1,3,32,32", "--skip-onnx", "--json")
     fold_check = next(c for c in json.loads(verify.out)["checks"] if c["name"] == "fold-equivalence")
     assert not fold_check["passed"] and "NaN everywhere" in fold_check["summary"]
+
+
+def test_inspect_quiet_still_warns_and_a_folded_model_says_it_was_folded(cli, tmp_path):
+    model = zoo.build("resnet")
+    for _, bn in bn_modules(model):
+        bn.num_batches_tracked.fill_(12)
+    torch.save(model.state_dict(), tmp_path / "young.pt")
+    result = cli("inspect", tmp_path / "young.pt", *ARCH, "-q")
+    assert result.code == 0 and result.out == ""
+    assert result.err.startswith("warning: 6 BN layers have averaged only 12 batches")
+    verify = cli("verify", tmp_path / "young.pt", *ARCH, "--input-shape", "1,3,32,32", "--skip-onnx", "--json")
+    health = json.loads(verify.out)["checks"][0]["summary"]
+    assert "6 with warnings, e.g. stem.1: few updates" in health, health
+    assert cli("fold", tmp_path / "young.pt", *ARCH, "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt").code == 0
+    folded = cli("inspect", tmp_path / "f.pt", *ARCH)
+    assert "nothing to recalibrate or fold (bntool folded it already)" in " ".join(folded.out.split())
+
+
+def test_the_python_api_lists_itself_and_counts_fold_actions():
+    import bntool
+
+    assert {"fold", "recalibrate", "open_source", "verify"} <= set(dir(bntool))
+    _, report = bntool.fold(zoo.build("resnet"), zoo.example_input("resnet"))
+    assert report.counts == {"folded": 6, "folded-forward": 0, "affine": 0, "refused": 0}
+    assert json.loads(json.dumps(report.to_dict(), default=str))["counts"] == report.counts

@@ -403,7 +403,9 @@ def render_demo(report, console: Console) -> None:
     console.print("[green]Demo passed.[/]" if report.passed else "[red]Demo failed.[/]")
     model = report.files.get("recalibrated.pt")
     if model:
-        console.print(f"Try: bntool inspect {model} --arch bntool.zoo:resnet --input-shape 1,3,32,32")
+        # One line however narrow the terminal (it wraps it visually), so the command pastes whole.
+        console.print(f"Try: bntool inspect {model} --arch bntool.zoo:resnet --input-shape 1,3,32,32",
+                      soft_wrap=True, markup=False)
 
 
 def demo_details(step: dict[str, Any]) -> str:

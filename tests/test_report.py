@@ -249,3 +249,11 @@ def test_markdown_summary_is_a_table_of_the_checks():
     assert lines[2:4] == ["| check | result | details | time |", "|---|---|---|---|"]
     assert lines[4] == "| bn-health | ✅ pass | 6 BN layers healthy | 0.0 s |"
     assert lines[5] == "| onnx-equivalence | ❌ **FAIL** | a \\| b over tolerance | 1.3 s |"
+
+
+def test_the_demos_follow_up_command_stays_one_line_at_80_columns():
+    report = DemoReport(directory="bntool-demo",
+                        files={"recalibrated.pt": "some/rather/long/directory/bntool-demo/recalibrated.pt"})
+    report.steps = [{"step": "inspect", "bn_layers": 6}]
+    line = next(line for line in rendered(render_demo, report, width=80).splitlines() if line.startswith("Try:"))
+    assert line.endswith("--input-shape 1,3,32,32") and len(line) > 80  # the terminal wraps it, not a newline

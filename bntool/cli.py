@@ -185,8 +185,9 @@ def inspect(
     if display.quiet and not display.json_output:
         from .report import few_updates_warning
 
-        if few_updates_warning(report):
-            _say(f"warning: {few_updates_warning(report)}")
+        warning = few_updates_warning(report)
+        if warning:
+            _say(f"warning: {warning}")
 
 
 @app.command(cls=_Command)

@@ -122,10 +122,13 @@ class ComparedReport:
         return _max(c.mismatched_fraction for c in self.comparisons)
 
     @property
+    def comparison_notes(self) -> list[str]:
+        """'input: note' of every comparison with a note (NaN in the reference, a runner that failed)."""
+        return [f"{c.input}: {c.note}" for c in self.comparisons if c.note]
+
+    @property
     def first_note(self) -> str:
-        """'input: note' of the first comparison with a note (NaN in the reference, a runner that failed), or ""."""
-        noted = next((c for c in self.comparisons if c.note), None)
-        return f"{noted.input}: {noted.note}" if noted is not None else ""
+        return next(iter(self.comparison_notes), "")
 
     @property
     def atol_at_worst(self) -> float:

@@ -100,8 +100,8 @@ def _declared_input_shape(model, notes: list[str] | None) -> list[str] | None:
     """--input-shape as the model's own data config gives it (one image), or None."""
     from .data import model_data_config
 
-    size = model_data_config(model).get("input_size")
-    if not (isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size)):
+    size = model_data_config(model).get("input_size")  # checked there: three positive ints, or absent
+    if size is None:
         return None
     shape = ",".join(str(d) for d in (1, *size))
     if notes is not None:

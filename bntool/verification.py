@@ -138,7 +138,7 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
                f"({r.max_abs_over_scale:.2g} of the output's magnitude) against atol {r.atol_at_worst:.3g} "
                f"({r.tolerance.describe()}); "
                f"{r.batch_norm_ops_before} → {r.batch_norm_ops_after} batch_norm ops" + _noted(r))
-    figures["notes"] = [f"{c.input}: {c.note}" for c in r.comparisons if c.note]
+    figures["notes"] = r.comparison_notes
     return Check("fold-equivalence", r.passed, summary, figures)
 
 
@@ -178,7 +178,7 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
     if failing:
         summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
     summary += _noted(report)
-    figures["notes"] = [*report.notes, *(f"{c.input}: {c.note}" for c in report.comparisons if c.note)]
+    figures["notes"] = [*report.notes, *report.comparison_notes]
     return Check("onnx-equivalence", report.passed, summary, figures)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .choices import CheckpointFormat, CheckpointKind
 from .errors import CorruptFileError, InputError, UnsupportedError, param, user_code
-from .files import atomic_write, check_output_path
+from .files import atomic_write, check_input_file, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
 from .utils import first_line, parse_kwargs, short_list
 
@@ -107,13 +107,8 @@ def load_model(path: str | os.PathLike, arch: str | None = None, **kwargs: Any) 
 
 
 def check_readable_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: not readable (permission denied)")
-    if path.stat().st_size == 0:
+    """A regular, readable, non-empty file, or InputError saying what is there instead."""
+    if check_input_file(path, "a checkpoint file").st_size == 0:
         raise InputError(f"{path}: file is empty")
 
 

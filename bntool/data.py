@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, param, passes_through
+from .files import check_input_file
 from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -391,10 +392,11 @@ def open_source(
         raise InputError(f"no calibration data: pass {param('data')} PATH (images folder or .npy/.npz/.pt) or "
                          f"{param('loader')}")
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+    is_folder = os.path.isdir(path)
+    if not is_folder:  # nothing missing, no FIFO or device read as a data file
+        check_input_file(path, "a folder of images or a .npy, .npz or .pt file")
     shard = (rank, world_size)
-    if path.is_dir():
+    if is_folder:
         if not isinstance(image, Preprocessing):
             image = resolve_preprocessing(image, model=model, input_shape=input_shape)
         return _image_folder(path, batch_size, num_workers, image, strict, seed, shard)

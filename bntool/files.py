@@ -104,6 +104,35 @@ class FileIdentity:
         return self.real == other.real or (self.dev_ino is not None and self.dev_ino == other.dev_ino)
 
 
+def shown_path(path: str | os.PathLike, limit: int = 120) -> str:
+    """A path for a one-line message: whole when short, else its start and end around an ellipsis."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}…{text[-(limit // 2):]}"
+
+
+_NON_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path: Path, expected: str) -> os.stat_result:
+    """A regular, readable file at `path`, or InputError saying what is there instead (nothing missing,
+    no directory, device or FIFO read as if it were `expected`, e.g. "a checkpoint file"). Never opens it:
+    opening a FIFO would wait for a writer."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{shown_path(path)}: no such file") from None
+    except OSError as e:  # ENAMETOOLONG, ELOOP, EACCES on a parent: the path cannot be used as given
+        raise InputError(f"{shown_path(path)}: cannot be read ({e.strerror or e})") from e
+    for is_kind, noun in _NON_REGULAR:
+        if is_kind(st.st_mode):
+            raise InputError(f"{shown_path(path)}: is {noun}, not a regular file; expected {expected}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{shown_path(path)}: not readable (permission denied)")
+    return st
+
+
 def name_max(directory: Path) -> int:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return os.pathconf(directory, "PC_NAME_MAX")
@@ -141,12 +170,19 @@ def output_label(what: str, path: Path | str) -> str:
 
 
 def _check_location(out: Path, what: str) -> None:
-    label = output_label(what, out)
+    try:
+        _check_location_of(out, what)
+    except OSError as e:  # a path beyond PATH_MAX (ENAMETOOLONG), a symlink loop, a parent not searchable
+        raise InputError(f"{output_label(what, shown_path(out))}: cannot be written ({e.strerror or e})") from e
+
+
+def _check_location_of(out: Path, what: str) -> None:
+    label = output_label(what, shown_path(out))
     parent = parent_dir(out)
     if not parent.exists():
-        raise InputError(f"{label}: output directory {parent} does not exist")
+        raise InputError(f"{label}: output directory {shown_path(parent)} does not exist")
     if not parent.is_dir():
-        raise InputError(f"{label}: {parent} is not a directory")
+        raise InputError(f"{label}: {shown_path(parent)} is not a directory")
     limit = name_max(parent)
     if len(os.fsencode(out.name)) > limit:
         raise InputError(f"{output_label(what, out.name[:40])}…: the file name is {len(os.fsencode(out.name))} "

@@ -320,6 +320,8 @@ class DataSource:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
             if isinstance(batch, _SkippingBatch):
+                if batch.refused:
+                    raise InputError(f"{batch.refused[0].path}: {batch.refused[0].reason}")
                 self.skipped.extend(f for f in batch.skipped if f not in self.skipped)  # once over all passes
                 if batch.tensor is None:
                     continue
@@ -515,9 +517,40 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.files[i]) as img:
+                refusal = too_large_to_resize(img.size, self.preprocessing)
+                if refusal:
+                    return _RefusedImage(str(self.files[i]), refusal)
                 return image_to_tensor(img, self.preprocessing)
+        except Image.DecompressionBombError as e:
+            return _RefusedImage(str(self.files[i]), first_line(e))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return str(self.files[i])
+
+
+@dataclass(frozen=True)
+class _RefusedImage:
+    """An image that decodes but cannot be used (returned, not raised, so a worker process reports it as
+    this process would: one `InputError` line naming the file)."""
+
+    path: str
+    reason: str
+
+
+def too_large_to_resize(size: tuple[int, int], p: Preprocessing) -> str:
+    """Why an image of `size` (width, height) cannot go through the resize before the center crop: a 100000×1
+    strip would first become 25,600,000×256 pixels (gigabytes). The limit is Pillow's own for decoding
+    (`Image.MAX_IMAGE_PIXELS`); "" when it fits."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if not p.center_crop or not limit:
+        return ""
+    width, height = p.resized_size(*size)
+    if width * height <= limit:
+        return ""
+    return (f"an image of {size[0]}×{size[1]} pixels would be resized to {width:,}×{height:,} before the center "
+            f"crop, more than Pillow's limit of {limit:,} pixels; crop it, remove it, or turn off "
+            f"{param('center_crop')} to resize every image straight to the input size")
 
 
 def image_to_tensor(img, p: Preprocessing) -> torch.Tensor:
@@ -597,12 +630,14 @@ def image_sizes(files: Sequence[Path], limit: int = 64) -> list[tuple[int, int]]
 class _SkippingBatch:
     tensor: torch.Tensor | None
     skipped: list[str]
+    refused: list[_RefusedImage] = field(default_factory=list)
 
 
 def _collate_skipping(items):
     good = [t for t in items if isinstance(t, torch.Tensor)]
     bad = [t for t in items if isinstance(t, str)]
-    return _SkippingBatch(torch.stack(good) if good else None, bad)
+    refused = [t for t in items if isinstance(t, _RefusedImage)]
+    return _SkippingBatch(torch.stack(good) if good else None, bad, refused)
 
 
 class _StrictBatches:

@@ -303,3 +303,21 @@ def test_a_models_odd_data_config_is_left_out_not_fatal(cfg):
     p = resolve_preprocessing(None, model=model)
     assert p.size in ((224, 224), (32, 32)) and len(p.mean) == 3
     assert all(k not in plausible for k in ("crop_pct", "mean") if k in cfg)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_strip_image_too_large_to_resize_is_refused_naming_it(tmp_path, workers):
+    """A 100000×1 PNG would become 25,600,000×256 pixels before the crop: MemoryError (exit 3) without workers,
+    a worker's traceback with them. Now one InputError naming the file, either way."""
+    from PIL import Image
+
+    folder = write_pngs(tmp_path / "imgs", 2, 40)
+    Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(folder / "strip.png")
+    source = open_source(folder, batch_size=4, num_workers=workers)
+    with pytest.raises(InputError) as e:
+        list(source)
+    message = str(e.value)
+    assert message.startswith(f"{folder / 'strip.png'}: an image of 100000×1 pixels would be resized to "
+                              "25,600,000×256 before the center crop"), message
+    squashed = open_source(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
+    assert [tuple(b.shape) for b in squashed] == [(3, 3, 224, 224)]

@@ -208,6 +208,36 @@ def looks_like_checkpoint(path: Path) -> bool:
     return len(head) >= 10 and head[8:10] == b'{"'  # safetensors: 8-byte header length, then JSON
 
 
+def is_junit_xml(path: Path) -> bool:
+    """A JUnit XML report (root element <testsuites> or <testsuite>, as pytest and bntool write), read only up
+    to its first element; False for anything else, a FIFO or a device included (never opened)."""
+    import xml.etree.ElementTree as ET
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            for _event, element in ET.iterparse(f, events=("start",)):
+                return element.tag in ("testsuites", "testsuite")
+    except (OSError, ET.ParseError):
+        return False
+    return False
+
+
+MARKDOWN_REPORT_MARK = "### bntool "  # the first line of every Markdown report bntool writes
+
+
+def is_markdown_report(path: Path) -> bool:
+    """A Markdown report bntool wrote: its first line starts with `MARKDOWN_REPORT_MARK`."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MARKDOWN_REPORT_MARK)) == MARKDOWN_REPORT_MARK.encode()
+    except OSError:
+        return False
+
+
 def _probe_writable(out: Path, label: str) -> None:
     """Create and remove a temp file: the only reliable test (root, read-only mounts, /proc, quotas)."""
     remove_quietly(new_temp(out, clean=False, label=label))
@@ -386,6 +416,8 @@ class PlannedOutput:
     in_place: bool = False
     what: str = ""  # the flag or role, for messages ("--plot", "-o")
     precheck: Callable[[Path], None] | None = None  # what the writer needs (matplotlib for a plot), checked early
+    # an existing file it accepts is an earlier output of the same kind (a JUnit report), replaced without force
+    same_kind: Callable[[Path], bool] | None = None
     temp: Path | None = None  # written, not yet committed
     temp_dir: Path | None = None  # removed after the commit (ONNX: the file and its external data)
 
@@ -419,11 +451,14 @@ class Outputs:
             self.input_names.append(what)
 
     def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False, in_place: bool = False,
-            what: str = "", precheck: Callable[[Path], None] | None = None) -> Path:
+            what: str = "", precheck: Callable[[Path], None] | None = None,
+            same_kind: Callable[[Path], bool] | None = None) -> Path:
         """Plan an output; return its Path. `precheck(path)` raises if the writer cannot produce it (a missing
-        optional dependency, an unknown format); `check` calls it before any work."""
+        optional dependency, an unknown format); `check` calls it before any work. An existing file that
+        `same_kind(path)` accepts (an earlier report of the same kind, by content) is replaced without `force`,
+        as pytest's --junitxml replaces its own file."""
         planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what,
-                                precheck=precheck)
+                                precheck=precheck, same_kind=same_kind)
         self.planned.append(planned)
         return planned.path
 
@@ -469,11 +504,28 @@ class Outputs:
             if exists and p.kind != OutputKind.CHECKPOINT and looks_like_checkpoint(p.path):
                 raise InputError(f"{label}: is a PyTorch checkpoint; {p.kind.noun} will not replace it "
                                  "(choose another name)")
-            if exists and not replaces_input and not p.force:
+            earlier_report = p.same_kind is not None and exists and p.same_kind(p.path)
+            if exists and not replaces_input and not p.force and not earlier_report:
                 raise InputError(f"{label}: already exists; pass {param('force')} to overwrite it", param="force")
             _probe_writable(p.path, label)
             if p.precheck is not None:
                 p.precheck(p.path)
+
+    def role_of(self, path: str | os.PathLike) -> str:
+        """What `path` already is to this command: an input, a file of an input folder or a planned output
+        ("the input checkpoint (m.pt)", "--junit-xml (v.xml)"); "" when none."""
+        me = FileIdentity.of(path)
+        for i, input_path in enumerate(self.inputs):
+            identity = FileIdentity.of(input_path)
+            name = self.input_names[i] if i < len(self.input_names) and self.input_names[i] else "an input"
+            if me.same(identity):
+                return f"{name} ({input_path})"
+            if os.path.isdir(identity.real) and me.real.startswith(identity.real.rstrip(os.sep) + os.sep):
+                return f"a file of {name} ({input_path})"
+        for p in self.planned:
+            if me.same(FileIdentity.of(p.path)):
+                return f"{p.what or 'another output'} ({p.path})"
+        return ""
 
     def _find(self, path: str | os.PathLike) -> PlannedOutput:
         for p in self.planned:

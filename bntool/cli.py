@@ -88,10 +88,14 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=width)
 
 
+_json_printed: list[bool] = []  # a JSON document is on stdout already: an error adds none after it
+
+
 def _print_json(report, context: dict | None = None) -> None:
     from .report import dumps
 
     print(dumps(report, context))
+    _json_printed.append(True)
 
 
 def _context(model: ModelSource | None = None, source=None, loaded=None) -> dict:
@@ -655,8 +659,19 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
     exit_types, abort_types, usage_types = _click_exception_types()
     from .files import forget_committed
-
     forget_committed()
+    _json_printed.clear()
+    code = _run(argv, debug, exit_types, abort_types, usage_types)
+    if code not in (0, None) and _wants_json(argv) and not _json_printed:
+        _print_error_json(argv, code)
+    return code
+
+
+_last_error: list[tuple[str, str]] = []  # (kind, message) of the error just said, for the --json error object
+
+
+def _run(argv: list[str], debug: bool, exit_types, abort_types, usage_types) -> int:
+    _last_error.clear()
     try:
         with warnings.catch_warnings():
             if not debug:  # torch's and the exporters' warnings are for their developers; --debug shows them
@@ -676,14 +691,48 @@ def _main(argv: list[str] | None) -> int:
         if debug:
             traceback.print_exc()
         _say(f"error: {_one_line(e.render(flag_name))}")
+        _last_error.append((_error_kind(e), _one_line(e.render(flag_name))))
         return e.exit_code
     except KeyboardInterrupt:
         return _interrupted()
     except Exception as e:
         if debug:
             traceback.print_exc()
-        _say(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)")
+        message = f"internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)"
+        _say(f"error: {message}")
+        _last_error.append(("internal", message))
         return 3
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json on the command line (before a `--` that ends the options)."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def _error_kind(e: BaseException) -> str:
+    """"input", "user_code", "corrupt_file", "unsupported" or "check_failed": the BntoolError kind, as a word."""
+    from .errors import CorruptFileError, UnsupportedError, UserCodeError
+
+    for kind, name in ((CheckFailed, "check_failed"), (CorruptFileError, "corrupt_file"),
+                       (UserCodeError, "user_code"), (UnsupportedError, "unsupported")):
+        if isinstance(e, kind):
+            return name
+    return "input"
+
+
+def _print_error_json(argv: list[str], code: int) -> None:
+    """With --json, a command that could not run (or was interrupted) still prints one JSON object on stdout:
+    {"error": {"exit_code", "kind", "message"}, "command", "versions"}, so a CI step that parses stdout gets
+    JSON. Not when the command already printed its report (a failed check prints its report)."""
+    import json
+
+    from .report import versions
+
+    kind, message = _last_error[-1] if _last_error else (
+        "interrupted" if code in (130, 143) else "check_failed" if code == 1 else "usage", "")
+    error = {"exit_code": code, "kind": kind, "message": message}
+    print(json.dumps({"error": error, "command": _command_named(argv), "versions": versions()}, indent=2))
 
 
 def _interrupted() -> int:
@@ -693,9 +742,11 @@ def _interrupted() -> int:
     what = "terminated (SIGTERM)" if _terminated else "interrupted"
     written = committed()
     if written:
-        _say(f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written")
+        message = f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written"
     else:
-        _say(f"{what}: nothing written")
+        message = f"{what}: nothing written"
+    _say(message)
+    _last_error.append(("interrupted", message))
     return 143 if _terminated else 130
 
 
@@ -711,6 +762,7 @@ def _usage_error(e, argv: list[str]) -> int:
         command = f"bntool {named}"
     message = f"{_one_line(e.format_message())} (see {command} --help)"
     _say(f"error: {message}")
+    _last_error.append(("usage", message))
     if named == "verify":
         _ci_reports_of_unparsed_verify(argv, message)
     return e.exit_code

@@ -386,3 +386,23 @@ def test_unreadable_images_of_the_check_data_are_counted_in_a_warning(cli, resne
     assert result.code == 0, result.err
     assert f"warning: skipped 1 unreadable image (first: {folder / 'broken.png'})" in result.err
     assert "skipped 1 unreadable image" in " ".join(json.loads(result.out)["data"]["warnings"])
+
+
+def test_with_json_a_command_that_cannot_run_prints_the_error_as_json(cli, resnet_sd, tmp_path):
+    """A CI step that parses stdout always gets JSON (stdout was empty); stderr keeps its one error line."""
+    cases = [
+        (["inspect", tmp_path / "missing.pt", *ARCH, "--json"], 2, "input", "missing.pt: no such file"),
+        (["verify", resnet_sd, *ARCH, "--json", "--bogus"], 2, "usage", "No such option: --bogus"),
+        (["fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--json", "-o", resnet_sd], 2, "input", "-o"),
+    ]
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    cases.append((["inspect", tmp_path / "corrupt.safetensors", *ARCH, "--json"], 2, "corrupt_file", "safetensors"))
+    for args, code, kind, words in cases:
+        result = cli(*args)
+        assert_clean_error(result, code=code)
+        document = json.loads(result.out)
+        assert document["error"]["exit_code"] == code and document["error"]["kind"] == kind, document
+        assert words in document["error"]["message"] and document["command"] == args[0]
+        assert result.err.strip() == "error: " + document["error"]["message"]
+    assert cli("inspect", tmp_path / "missing.pt", *ARCH).out == ""  # without --json, stdout stays empty
+

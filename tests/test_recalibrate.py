@@ -171,8 +171,12 @@ def test_api_errors():
         recalibrate(zoo.build("nobn"), [torch.randn(2, 3, 16, 16)])
     with pytest.raises(InputError, match="re-iterable"):
         recalibrate(zoo.build("resnet"), (x for x in [torch.randn(2, 3, 32, 32)]), mode="exact")
-    with pytest.raises(InputError, match="--mode"):
+    with pytest.raises(InputError, match="^mode 'fast'") as e:
         recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="fast")
+    assert e.value.param == "mode" and e.value.render(lambda p: f"--{p}").startswith("--mode 'fast'")
+    with pytest.raises(InputError, match="^momentum 2") as e:
+        recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="ema", momentum=2)
+    assert e.value.param == "momentum"
     with pytest.raises(InputError, match="one value per channel"):
         recalibrate(zoo.build("mlp"), [torch.randn(1, 20)])
 

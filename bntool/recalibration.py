@@ -478,8 +478,8 @@ class _Observer:
     every call. With `stop_after` (a level pass), each forward ends once every layer has run, and a forward
     that runs one of them twice or not at all (data-dependent control flow) marks the pass as diverged."""
 
-    def __init__(self, model, layers, stop_after=False):
-        self.model, self.layers, self.stop_after = model, layers, stop_after
+    def __init__(self, model, layers, stop_after=False, untraced=()):
+        self.model, self.layers, self.stop_after, self.untraced = model, layers, stop_after, untraced
         self.stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
         self.pending: set[str] = set()
         self.diverged = False
@@ -490,6 +490,7 @@ class _Observer:
         if self.stop_after:
             self.handles.append(self.model.register_forward_pre_hook(self._restart))
             self.handles += [m.register_forward_hook(self._finish(n)) for n, m in self.layers]
+            self.handles += [m.register_forward_pre_hook(self._untraced_ran) for _, m in self.untraced]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -508,6 +509,9 @@ class _Observer:
             self.stats[name].add(n, mean, as_float64(var) * n)
         return hook
 
+    def _untraced_ran(self, module, args):
+        self.diverged = True  # a BN the traced forward did not run, before this level ended: it may feed it
+
     def _restart(self, module, args):
         self.pending.update(n for n, _ in self.layers)
 
@@ -523,11 +527,11 @@ class _Observer:
             self.diverged = True  # a BN of the level never ran in this forward
 
 
-def _observe_pass(run: _Run, layers, pass_number, passes, stop_after=False, cache=None
+def _observe_pass(run: _Run, layers, pass_number, passes, stop_after=False, cache=None, untraced=()
                   ) -> tuple[dict[str, ChannelStats], bool]:
     """One eval-mode pass pooling the input statistics of `layers`; returns them, and whether any rank saw a
-    forward that ran the level's BNs differently from the traced one."""
-    with _Observer(run.model, layers, stop_after) as observer:
+    forward that ran the level's BNs differently from the traced one, or ran one of `untraced`."""
+    with _Observer(run.model, layers, stop_after, untraced) as observer:
         _run_pass(run.model, run.batches, run.progress, pass_number, passes, cache, observer)
     _all_reduce(observer.stats, run.batches)
     return observer.stats, _any_rank(observer.diverged)
@@ -542,7 +546,7 @@ def _exact(run: _Run) -> None:
     (the fixed point of whole eval-mode forwards). Level passes reach it directly when the traced forward shows
     the whole dependency structure; otherwise whole passes are iterated until nothing changes."""
     levels, flow = _agree(lambda: _levels(run.model, run.layers, run.batches))
-    reason = _why_whole_passes(run.layers, levels, flow)
+    reason = _why_whole_passes(run.layers, flow)
     if not reason:
         reason = _level_passes(run, levels, flow)
     del flow
@@ -551,35 +555,43 @@ def _exact(run: _Run) -> None:
         _fixed_point_passes(run, max(levels.values(), default=0))
 
 
-def _why_whole_passes(layers, levels, flow) -> str:
-    """Why one forward of the first batch cannot give the BN levels for every batch, or ""."""
+def _why_whole_passes(layers, flow) -> str:
+    """Why one forward of the first batch cannot give the BN levels, or ""."""
     shared = [f"{n} ({len(flow.calls_of(m))} calls)" for n, m in layers if len(flow.calls_of(m)) > 1]
     if shared:
         return f"{short_list(shared)} run more than once per forward: their statistics pool every call"
-    unreached = [n for n, _ in layers if n not in levels]
-    if unreached:
-        return f"{short_list(unreached)} did not run on the traced batch (data-dependent control flow)"
     return ""
 
 
 def _level_passes(run: _Run, levels: dict[str, int], flow) -> str:
     """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
     are final by then, so each pass measures its level exactly and the forward stops after it. The segment
-    cache (segments.py) lets each pass start from the last final activation before its level. Returns why the
-    levels did not hold (a batch ran the BNs of a level differently from the traced one), or ""."""
-    depth = max(levels.values())
+    cache (segments.py) lets each pass start from the last final activation before its level. BNs the traced
+    forward did not run are measured last, in a whole pass. Returns why the levels did not hold (a batch ran
+    the BNs of a level otherwise than the traced one, or ran an untraced BN before a level ended), or ""."""
+    depth = max(levels.values(), default=0)
+    unreached = [(n, m) for n, m in run.layers if n not in levels]
+    passes = depth + bool(unreached)  # known before the first pass, so progress can say "pass k of n" from the start
     budget = default_cache_budget(run.device) if run.cache_budget is None else int(run.cache_budget)
-    cache = SegmentCache(run.model, flow, {id(m): levels[n] for n, m in run.layers}, [], budget)
+    cache = SegmentCache(run.model, flow, {id(m): levels[n] for n, m in run.layers if n in levels},
+                         [id(m) for _, m in unreached], budget)
     cache.install()
     try:
         for level in range(1, depth + 1):
-            members = [(n, m) for n, m in run.layers if levels[n] == level]
-            cache.begin_pass(level, record=level < depth)
-            stats, diverged = _observe_pass(run, members, level, depth, stop_after=True, cache=cache)
+            members = [(n, m) for n, m in run.layers if levels.get(n) == level]
+            cache.begin_pass(level, record=level < passes)
+            stats, diverged = _observe_pass(run, members, level, passes, stop_after=True, cache=cache,
+                                            untraced=unreached)
             if diverged:
                 return (f"a calibration batch ran the BN layers of level {level} ({short_list(n for n, _ in members)}) "
-                        "otherwise than the traced batch (data-dependent control flow)")
+                        "otherwise than the traced batch, or one the traced batch did not run "
+                        "(data-dependent control flow)")
             _write_all(members, stats, run.batches.batches_per_pass, run.prior)  # before the next level is measured
+            run.report.passes += 1
+        if unreached:  # not run on the traced batch, nor before any level ended: nothing measured depends on them
+            cache.begin_pass(depth + 1, record=False)
+            stats, _ = _observe_pass(run, unreached, depth + 1, passes, cache=cache)
+            _write_all(unreached, stats, run.batches.batches_per_pass, run.prior)
             run.report.passes += 1
     finally:
         cache.remove()
@@ -605,7 +617,7 @@ def _fixed_point_passes(run: _Run, depth: int) -> None:
 
 
 FIXED_POINT_TOLERANCE = 1e-6  # largest change of a mean (in σ) or a variance (relative) that counts as none
-FIXED_POINT_EXTRA_PASSES = 30  # beyond the traced depth, for BNs that feed themselves
+FIXED_POINT_EXTRA_PASSES = 60  # beyond the traced depth, for BNs that feed themselves
 
 
 def _cache_figures(report: RecalibrationReport, stats) -> None:

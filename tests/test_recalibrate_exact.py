@@ -106,6 +106,8 @@ def randomized(model, seed):
             m.running_var.uniform_(0.5, 2)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
+    if getattr(model, "twice", False):  # a small γ where the block feeds itself: converges in a few passes
+        model.block[1].weight.data.uniform_(0.1, 0.3)
     return model.eval()
 
 
@@ -169,7 +171,7 @@ def test_a_bn_only_later_batches_reach_is_final_before_the_bns_after_it():
     assert "data-dependent" in report.whole_passes
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(hook=st.sampled_from(["", "return", "inplace", "pre"]), shared=st.booleans(), twice=st.booleans(),
        data_write=st.booleans(), branch=st.booleans(), seed=st.integers(0, 2**16))
 def test_exact_mode_is_the_float64_fixed_point_cached_or_not(hook, shared, twice, data_write, branch, seed):

@@ -332,7 +332,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
         outputs.add(settings.plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
     outputs.check()
-    budget = None if settings.cache_budget is None else parse_bytes(settings.cache_budget, "--cache-budget")
+    budget = None if settings.cache_budget is None else parse_bytes(settings.cache_budget)
     torch.manual_seed(settings.seed)
     loaded = model.load()
     _require_eager(loaded, "recalibrate")

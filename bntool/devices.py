@@ -54,6 +54,14 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """InputError for a model whose tensors are on the meta device: they have shapes but no values."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise InputError(f"the {param('model')} is on the meta device (its tensors have shapes but no values): "
+                         "load its weights first, e.g. model.to_empty(device='cpu') then "
+                         "model.load_state_dict(torch.load(path))", param="model")
+
+
 def float64_device(device: torch.device) -> torch.device:
     """Where float64 math on `device`'s tensors runs: the device itself, or CPU where it has no float64 (MPS)."""
     return torch.device("cpu") if device.type == "mps" else device

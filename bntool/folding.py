@@ -34,7 +34,7 @@ from .compare import (
     random_like,
     random_stream,
 )
-from .devices import as_float64, device_of, moved_to, to_device
+from .devices import as_float64, check_not_meta, device_of, moved_to, to_device
 from .errors import CheckFailed, InputError, param, user_code
 from .graph import LAYER_OPS, OPAQUE, Dataflow, OpCall, channel_map, channel_probe, is_eval_identity, replay, trace
 from .layers import (
@@ -182,6 +182,7 @@ def fold(
     check); the copy doubles its memory, and the float64 reference of the check doubles it again where it is
     needed.
     """
+    check_not_meta(model)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
     tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))  # before any work
@@ -322,6 +323,7 @@ def plan_fold(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
     Raises:
         InputError: `model` is a TorchScript module (its dataflow cannot be traced).
     """
+    check_not_meta(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

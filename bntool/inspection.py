@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .devices import as_float64, moved_to, to_device
+from .devices import as_float64, check_not_meta, moved_to, to_device
 from .layers import bn_eps, bn_modules, bn_type_name
 from .layout import layout_of
 from .utils import plural
@@ -134,6 +134,7 @@ def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | Non
 
     `device`: run the fold plan's forward there (inputs moved too; the model is put back afterwards).
     Default: where the model is, inputs as given."""
+    check_not_meta(model)
     with moved_to(model, device) as dev:
         if example_inputs is not None and device is not None:
             inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

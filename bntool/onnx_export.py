@@ -29,7 +29,7 @@ from .compare import (
     random_stream,
     to_numpy,
 )
-from .devices import modes_kept, moved_to, to_device
+from .devices import check_not_meta, modes_kept, moved_to, to_device
 from .errors import CheckFailed, InputError, UnsupportedError, param, user_code
 from .files import OutputKind, Outputs, failed_name, test_point
 from .utils import iter_tensors
@@ -145,6 +145,7 @@ def export_onnx(
     end; with `keep_failed`, a failed file goes to `failed_name(path)` instead. `model` runs in eval mode; its
     training flags (and with `device` its placement) are put back afterwards.
     """
+    check_not_meta(model)
     with moved_to(model, device) as dev, modes_kept(model):
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         return _export_and_check(

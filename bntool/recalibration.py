@@ -9,6 +9,8 @@ Modes:
               statistics of the BNs before it, independent of the batch size. Takes one pass per BN level
               (the longest chain of BNs, from the dataflow); each pass stops after its level's last BN and
               starts from the last cached final activation before it (segments.py), within a memory budget.
+              Where one traced forward cannot show every batch's BN dependencies (a BN run more than once per
+              forward, data-dependent control flow), whole passes are iterated to the same fixed point instead.
 Statistics are merged in float64 with Chan's parallel formula; across processes with torch.distributed.
 """
 
@@ -17,20 +19,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .devices import Placement, as_float64, device_of, float64_device, resolve_device
-from .errors import InputError, UserCodeError, user_code
+from .choices import RecalibrationMode
+from .devices import Placement, as_float64, check_not_meta, device_of, float64_device, modes_kept, resolve_device
+from .errors import InputError, UserCodeError, param, user_code
 from .layers import bn_eps, bn_modules, is_frozen_bn
 from .layout import layout_of
 from .segments import SegmentCache, default_cache_budget
+from .utils import plural, short_list
 
-MODES = ("cumulative", "ema", "exact")
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, number of passes)
 
 
@@ -61,6 +64,9 @@ class RecalibrationReport:
     cache_budget_bytes: int = 0
     cache_over_budget: int = 0  # activations left uncached (recomputed) because the budget was full
     cache_note: str = ""
+    cache_bypassed: list[str] = field(default_factory=list)  # "module: why" the cache does not replay around it
+    # exact mode: why whole passes were iterated to the fixed point instead of one pass per BN level ("": not)
+    whole_passes: str = ""
 
     @property
     def samples_per_second(self) -> float:
@@ -121,6 +127,22 @@ class _Saved:
     tracked: torch.Tensor | None
 
 
+@dataclass
+class _Run:
+    """What every mode's passes need: the model, its usable BN layers, the batches, and the settings."""
+
+    model: nn.Module
+    layers: list[tuple[str, nn.Module]]
+    batches: _Batches
+    report: RecalibrationReport
+    progress: ProgressFn | None
+    device: torch.device
+    momentum: float = 0.1
+    reset: bool = True
+    prior: _Prior | None = None
+    cache_budget: int | None = None
+
+
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any],
@@ -159,7 +181,8 @@ def recalibrate(
         cache_budget: `exact` mode: bytes of activations the segment cache may hold (default: half the free
             memory of the device the model runs on; 0: no cache, one whole forward per BN level).
         progress: called as progress(samples done in this pass, pass number, number of passes), with 0 done at
-            the start of each pass; the number of passes is known from the first call (exact: one per BN level).
+            the start of each pass; the number of passes is known from the first call (exact: one per BN level;
+            an estimate where exact mode iterates whole passes to a fixed point).
 
     Returns:
         A RecalibrationReport: per-layer shift of the statistics, samples, batches, passes, seconds.
@@ -177,73 +200,21 @@ def recalibrate(
     """
     from .data import first_input
 
-    if mode not in MODES:
-        raise InputError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "ema" and not (0.0 < momentum <= 1.0):
-        raise InputError(f"--momentum {momentum}: must be in (0, 1]")
-    layers = [(n, m) for n, m in bn_modules(model)]
-    if not layers:
-        folded = " (bntool folded it: recalibrate the checkpoint from before the fold, then fold again)"
-        raise InputError("the model has no BatchNorm layers: nothing to recalibrate"
-                         + (folded if layout_of(model) is not None else ""))
-    usable = [(n, m) for n, m in layers if _skip_reason(m) == ""]
-    if not usable:
-        raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
+    mode = _check_arguments(model, data, mode, momentum, prior, cache_budget)
+    layers, usable = _bn_layers(model, prior)
     dev = device_of(model) if device is None else resolve_device(device)
-    if prior is not None and not (prior >= 0 and math.isfinite(prior)):
-        raise InputError(f"prior {prior}: the pseudo-count of source samples must be a finite number >= 0")
-    if prior and mode == "ema":
-        raise InputError("prior: blending with the source statistics applies to cumulative and exact modes")
-    if cache_budget is not None and cache_budget < 0:
-        raise InputError(f"cache_budget {cache_budget}: must be >= 0 bytes")
-    if mode == "exact" and iter(data) is data:
-        raise InputError("exact mode passes over the data several times: give a re-iterable (list, DataLoader)")
-
-    batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last)
-    saved = {n: _save(m) for n, m in usable}
-    blend = _Prior(prior, saved, batches) if prior else None
-    if blend is not None:
-        for n, s in saved.items():
-            if not (torch.isfinite(s.mean).all() and torch.isfinite(s.var).all()):
-                raise InputError(f"prior: the statistics of {n} contain NaN/Inf, there is no source to blend with; "
-                                 "recalibrate without a prior")
-    old = {n: (as_float64(s.mean).clone(), as_float64(s.var).clone(), bn_eps(m)) for (n, m), s in
-           zip(usable, saved.values())}
-    model_training = [mod.training for mod in model.modules()]
-    report = RecalibrationReport(mode=mode, prior=prior or None)
+    batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last,
+                       same_every_pass=mode == RecalibrationMode.EXACT)
+    report = RecalibrationReport(mode=str(mode), prior=prior or None)
+    old = {n: (as_float64(m.running_mean).clone(), as_float64(m.running_var).clone(), bn_eps(m)) for n, m in usable}
     started = time.perf_counter()
-    placement = Placement(model)
-    local_forwards = _local_sync_bn(usable)
-    try:
-        model.eval()
-        if device is not None:
-            model.to(dev)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+    with _recalibrating(model, usable, dev if device is not None else None, channels_last) as saved:
+        run = _Run(model, usable, batches, report, progress, dev, momentum, reset,
+                   _Prior(prior, saved, batches) if prior else None, cache_budget)
         with torch.no_grad(), _autocast(dev, amp):
-            if mode == "ema":
-                _ema_pass(model, usable, batches, momentum, reset, progress)
-                report.passes = 1
-            elif mode == "exact":
-                _exact_passes(model, usable, batches, progress, report, cache_budget, dev, blend)
-            else:
-                stats = _batch_stats_pass(model, usable, batches, progress)
-                _write_all(usable, stats, batches.batches_per_pass, blend)
-                report.passes = 1
+            _MODES[mode](run)
         _check_finite(usable, amp)
         _keep_training_history(usable, saved)
-    except BaseException:
-        for n, m in usable:
-            _restore(m, saved[n])
-        raise
-    finally:
-        placement.restore()
-        for m in local_forwards:
-            del m.forward
-        for mod, training in zip(model.modules(), model_training):
-            mod.training = training
-        for n, m in usable:
-            m.momentum = saved[n].momentum
     report.seconds = time.perf_counter() - started
     report.samples, report.batches = _global_counts(batches.samples_per_pass, batches.batches_per_pass)
     report.world_size = _world_size()
@@ -252,21 +223,114 @@ def recalibrate(
     return report
 
 
+def _check_arguments(model, data, mode, momentum, prior, cache_budget) -> RecalibrationMode:
+    """The arguments' own checks, before anything runs: InputError naming the parameter."""
+    check_not_meta(model)
+    if mode not in set(RecalibrationMode):
+        raise InputError(f"{param('mode')} {mode!r}: choose one of {', '.join(RecalibrationMode)}", param="mode")
+    mode = RecalibrationMode(mode)
+    if mode == RecalibrationMode.EMA and not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
+        raise InputError(f"{param('momentum')} {momentum}: must be in (0, 1]", param="momentum")
+    if prior is not None and not (isinstance(prior, (int, float)) and prior >= 0 and math.isfinite(prior)):
+        raise InputError(f"{param('prior')} {prior}: the pseudo-count of source samples must be a finite number "
+                         ">= 0", param="prior")
+    if prior and mode == RecalibrationMode.EMA:
+        raise InputError(f"{param('prior')}: blending with the source statistics applies to cumulative and exact "
+                         "modes", param="prior")
+    if cache_budget is not None and not (isinstance(cache_budget, (int, float)) and not isinstance(cache_budget, bool)
+                                         and math.isfinite(cache_budget) and cache_budget >= 0):
+        raise InputError(f"{param('cache_budget')} {cache_budget!r}: must be a finite number of bytes >= 0",
+                         param="cache_budget")
+    if mode == RecalibrationMode.EXACT and iter(data) is data:
+        raise InputError("exact mode passes over the data several times: give a re-iterable (list, DataLoader)")
+    return mode
+
+
+def _bn_layers(model, prior) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """Every BN layer (for the report), and those that can be recalibrated; InputError where none can, or where
+    a prior has no source to blend with."""
+    layers = bn_modules(model)
+    if not layers:
+        folded = " (bntool folded it: recalibrate the checkpoint from before the fold, then fold again)"
+        raise InputError("the model has no BatchNorm layers: nothing to recalibrate"
+                         + (folded if layout_of(model) is not None else ""))
+    usable = [(n, m) for n, m in layers if _skip_reason(m) == ""]
+    if not usable:
+        raise InputError("no BatchNorm layer tracks running statistics: nothing to recalibrate")
+    if prior:
+        _check_prior_source(usable)
+    return layers, usable
+
+
+def _check_prior_source(layers) -> None:
+    """A prior trusts the checkpoint's statistics as N samples. NaN/Inf, or statistics that were never updated
+    (num_batches_tracked 0 with the initial mean 0 and variance 1, a layer added after training), are no
+    source: blending would pull the target statistics toward N(0, 1) without a word, so it is refused."""
+    for n, m in layers:
+        if not (torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()):
+            raise InputError(f"{param('prior')}: the statistics of {n} contain NaN/Inf, there is no source to blend "
+                             "with; recalibrate without a prior", param="prior")
+    fresh = [n for n, m in layers if _never_updated(m)]
+    if fresh:
+        raise InputError(f"{param('prior')}: the statistics of {short_list(fresh)} were never updated "
+                         "(num_batches_tracked 0, mean 0, variance 1), there is no source to blend with; "
+                         "recalibrate without a prior", param="prior")
+
+
+def _never_updated(m: nn.Module) -> bool:
+    tracked = getattr(m, "num_batches_tracked", None)
+    return (tracked is not None and int(tracked) == 0 and not bool(m.running_mean.any())
+            and bool((m.running_var == 1).all()))
+
+
+@contextlib.contextmanager
+def _recalibrating(model: nn.Module, layers, device: torch.device | None, channels_last: bool
+                   ) -> Iterator[dict[str, _Saved]]:
+    """The model in eval mode (on `device`, in channels_last) with SyncBatchNorm normalizing per process;
+    afterwards every module's flag, each BN's momentum, and every tensor's place and format as they were, and on
+    any error or Ctrl-C the statistics too. Yields the statistics as given (the source of a prior)."""
+    saved = {n: _save(m) for n, m in layers}
+    placement = Placement(model)
+    try:
+        with modes_kept(model), _sync_bn_per_process(model):
+            model.eval()
+            if device is not None:
+                model.to(device)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            yield saved
+    except BaseException:
+        for n, m in layers:
+            _restore(m, saved[n])
+        raise
+    finally:
+        placement.restore()
+        for n, m in layers:
+            m.momentum = saved[n].momentum
+
+
 # ---------------------------------------------------------------- passes
 
 
 class _Batches:
-    """Model inputs moved to the device, limited to num_batches/num_samples, checked for NaN/Inf."""
+    """Model inputs moved to the device, limited to num_batches/num_samples, checked for NaN/Inf.
 
-    def __init__(self, data, first_input, input_key, device, num_batches, num_samples, channels_last):
+    With `same_every_pass` (exact mode), every pass must yield as many batches as the first: data that can be
+    read only once (a generator behind a re-iterable wrapper) is refused instead of used in part."""
+
+    def __init__(self, data, first_input, input_key, device, num_batches, num_samples, channels_last,
+                 same_every_pass=False):
         self.data, self.first_input, self.input_key = data, first_input, input_key
         self.device, self.num_batches, self.num_samples = device, num_batches, num_samples
-        self.channels_last = channels_last
+        self.channels_last, self.same_every_pass = channels_last, same_every_pass
         self.samples_per_pass = self.batches_per_pass = 0
+        self.passes = 0
+        self.traced: torch.Tensor | None = None
         self.values_per_channel: dict[str, int] = {}
 
     def __iter__(self):
         seen = batches = 0
+        first = None
         for raw in _reading(self.data):
             if self.num_batches is not None and batches >= self.num_batches:
                 break
@@ -282,10 +346,35 @@ class _Batches:
                 x = x.contiguous(memory_format=torch.channels_last)
             seen += len(x)
             batches += 1
+            first = x if first is None else first
             yield x
+        if self.same_every_pass and self.passes == 0 and self._read_only_once(first):
+            raise InputError("exact mode reads the calibration data several times, and this data can be read only "
+                             "once: give a re-iterable (a list or a DataLoader, not a generator)")
         if batches == 0:
-            raise InputError("the calibration data yielded no batches")
+            raise InputError("the calibration data yielded no batches" + (
+                " in a later pass: exact mode reads the data several times, give a re-iterable (a list or a "
+                "DataLoader, not a generator)" if self.passes and self.same_every_pass else ""))
+        if self.passes and self.same_every_pass and (seen, batches) != (self.samples_per_pass, self.batches_per_pass):
+            raise InputError(f"the calibration data yielded {plural(self.batches_per_pass, 'batch', 'batches')} "
+                             f"({plural(self.samples_per_pass, 'sample')}) in one pass and {batches} ({seen}) in "
+                             "another: exact mode reads the data several times and needs the same batches each "
+                             "time (a list or a DataLoader, not a generator)")
         self.samples_per_pass, self.batches_per_pass = seen, batches
+        self.passes += 1
+
+    def first(self) -> torch.Tensor:
+        """The first batch, read apart from the passes (exact mode's trace)."""
+        self.traced = next(iter(self), None)
+        if self.traced is None:
+            raise InputError("the calibration data yielded no batches")
+        return self.traced
+
+    def _read_only_once(self, first: torch.Tensor | None) -> bool:
+        """After the first pass: its first batch is not the traced one, and the data yields nothing more."""
+        if self.traced is None or first is None or torch.equal(first, self.traced):
+            return False
+        return next(iter(_reading(self.data)), None) is None
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -314,13 +403,21 @@ def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
     except UserCodeError as e:
         if "Expected more than 1 value per channel" in str(e.__cause__):
             raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
-                             "recalibration; use a larger --batch-size or --mode exact") from e.__cause__
+                             f"recalibration; use a larger {param('batch_size')} or {param('mode')} exact"
+                             ) from e.__cause__
         raise
+
+
+def _cumulative(run: _Run) -> None:
+    stats = _batch_stats_pass(run.model, run.layers, run.batches, run.progress)
+    _write_all(run.layers, stats, run.batches.batches_per_pass, run.prior)
+    run.report.passes = 1
 
 
 def _batch_stats_pass(model, layers, batches, progress) -> dict[str, ChannelStats]:
     """BN layers normalize with batch statistics (train mode, momentum 1 so the buffers hold the batch's
-    mean and unbiased variance after each call); those are pooled in float64."""
+    mean and unbiased variance after each call); those are pooled in float64, over every call of a BN
+    that runs more than once per forward."""
     stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
     before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in layers}
 
@@ -354,122 +451,202 @@ def _batch_stats_pass(model, layers, batches, progress) -> dict[str, ChannelStat
     return stats
 
 
-def _observe_pass(model, layers, batches, progress, pass_number, passes, stop_after=False, cache=None
-                  ) -> dict[str, ChannelStats]:
-    """Eval-mode forward (current statistics normalize); the input statistics of `layers` are pooled.
-    With stop_after, each forward ends once all of `layers` have run."""
-    stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
-
-    def collect(name):
-        def hook(module, args):
-            x = args[0]
-            dims = [0, *range(2, x.dim())]
-            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            var, mean = torch.var_mean(xf, dim=dims, correction=0)
-            n = x.numel() // x.shape[1]
-            stats[name].add(n, mean, as_float64(var) * n)
-        return hook
-
-    pending = set()
-
-    def finish(name):
-        def hook(module, args, output):
-            pending.discard(name)
-            if not pending:
-                raise _LevelDone
-        return hook
-
-    def restart(module, args):
-        pending.update(n for n, _ in layers)
-
-    handles = [m.register_forward_pre_hook(collect(n)) for n, m in layers]
-    if stop_after:
-        handles.append(model.register_forward_pre_hook(restart))
-        handles += [m.register_forward_hook(finish(n)) for n, m in layers]
-    try:
-        _run_pass(model, batches, progress, pass_number, passes, cache)
-    finally:
-        for h in handles:
-            h.remove()
-    _all_reduce(stats, batches)
-    return stats
-
-
-class _LevelDone(Exception):
-    """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
-
-
-def _exact_passes(model, layers, batches, progress, report, cache_budget, device, prior=None) -> None:
-    """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
-    are final by then, so each pass measures its level exactly and the forward stops after it. The segment
-    cache (segments.py) lets each pass start from the last final activation before its level."""
-    levels, flow = _agree(lambda: _levels(model, layers, batches))
-    depth = max(levels.values(), default=0)
-    unreached = [(n, m) for n, m in layers if n not in levels]
-    passes = depth + bool(unreached)  # known before the first pass, so progress can say "pass k of n" from the start
-    budget = default_cache_budget(device) if cache_budget is None else int(cache_budget)
-    cache = SegmentCache(model, flow, {id(m): levels[n] for n, m in layers if n in levels},
-                         [id(m) for _, m in unreached], budget)
-    del flow
-    cache.install()
-    try:
-        for level in range(1, depth + 1):
-            members = [(n, m) for n, m in layers if levels.get(n) == level]
-            cache.begin_pass(level, record=level < depth or bool(unreached))
-            stats = _observe_pass(model, members, batches, progress, level, passes, stop_after=True, cache=cache)
-            _write_all(members, stats, batches.batches_per_pass, prior)  # before the next level is measured
-            report.passes += 1
-        if unreached:  # not run on the traced batch (data-dependent branches): measure them last, together
-            cache.begin_pass(depth + 1, record=False)
-            stats = _observe_pass(model, unreached, batches, progress, depth + 1, passes, cache=cache)
-            _write_all(unreached, stats, batches.batches_per_pass, prior)
-            report.passes += 1
-    finally:
-        cache.remove()
-    report.segment_replays = cache.stats.replays
-    report.cache_peak_bytes = cache.stats.peak_bytes
-    report.cache_budget_bytes = cache.stats.budget_bytes
-    report.cache_over_budget = cache.stats.over_budget
-    report.cache_note = cache.stats.note
-
-
-def _levels(model, layers, batches):
-    """BN name → dependency level, and the traced dataflow, from one forward of the first batch's first samples."""
-    from .graph import dependency_levels, trace
-
-    first = next(iter(batches), None)
-    if first is None:
-        raise InputError("the calibration data yielded no batches")
-    with user_code(f"the model's forward on calibration batch 1 of shape {tuple(first.shape)}"):
-        flow, _ = trace(model, (first[:2],))
-    by_id = dependency_levels(flow, [m for _, m in layers])
-    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}, flow
-
-
-def _ema_pass(model, layers, batches, momentum, reset, progress) -> None:
-    for _, m in layers:
-        if reset:
+def _ema(run: _Run) -> None:
+    for _, m in run.layers:
+        if run.reset:
             m.reset_running_stats()
-        m.momentum = momentum
+        m.momentum = run.momentum
         m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
     try:
-        _run_pass(model, batches, progress, 1, passes=1)
+        _run_pass(run.model, run.batches, run.progress, 1, passes=1)
     finally:
-        for _, m in layers:
+        for _, m in run.layers:
             m.training = False
+    run.report.passes = 1
     if _world_size() > 1:  # each rank saw its own shard: average the EMAs
         import torch.distributed as dist
 
-        for _, m in layers:
+        for _, m in run.layers:
             for t in (m.running_mean, m.running_var):
                 t64 = t.double()
                 dist.all_reduce(t64)
                 t.copy_(t64 / _world_size())
 
 
-def _run_pass(model, batches, progress, pass_number, passes, cache=None) -> None:
+class _Observer:
+    """Eval-mode forwards (the current statistics normalize) that pool the input statistics of `layers` over
+    every call. With `stop_after` (a level pass), each forward ends once every layer has run, and a forward
+    that runs one of them twice or not at all (data-dependent control flow) marks the pass as diverged."""
+
+    def __init__(self, model, layers, stop_after=False, untraced=()):
+        self.model, self.layers, self.stop_after, self.untraced = model, layers, stop_after, untraced
+        self.stats = {n: ChannelStats(m.running_mean.numel(), m.running_mean.device) for n, m in layers}
+        self.pending: set[str] = set()
+        self.diverged = False
+        self.handles: list = []
+
+    def __enter__(self) -> _Observer:
+        self.handles = [m.register_forward_pre_hook(self._collect(n)) for n, m in self.layers]
+        if self.stop_after:
+            self.handles.append(self.model.register_forward_pre_hook(self._restart))
+            self.handles += [m.register_forward_hook(self._finish(n)) for n, m in self.layers]
+            self.handles += [m.register_forward_pre_hook(self._untraced_ran) for _, m in self.untraced]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _collect(self, name):
+        def hook(module, args):
+            if self.stop_after and name not in self.pending:
+                self.diverged = True  # a second call where the traced forward made one
+            x = args[0]
+            dims = [0, *range(2, x.dim())]
+            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            n = x.numel() // x.shape[1]
+            self.stats[name].add(n, mean, as_float64(var) * n)
+        return hook
+
+    def _untraced_ran(self, module, args):
+        self.diverged = True  # a BN the traced forward did not run, before this level ended: it may feed it
+
+    def _restart(self, module, args):
+        self.pending.update(n for n, _ in self.layers)
+
+    def _finish(self, name):
+        def hook(module, args, output):
+            self.pending.discard(name)
+            if not self.pending:
+                raise _LevelDone
+        return hook
+
+    def forward_ended(self, level_done: bool) -> None:
+        if self.stop_after and not level_done:
+            self.diverged = True  # a BN of the level never ran in this forward
+
+
+def _observe_pass(run: _Run, layers, pass_number, passes, stop_after=False, cache=None, untraced=()
+                  ) -> tuple[dict[str, ChannelStats], bool]:
+    """One eval-mode pass pooling the input statistics of `layers`; returns them, and whether any rank saw a
+    forward that ran the level's BNs differently from the traced one, or ran one of `untraced`."""
+    with _Observer(run.model, layers, stop_after, untraced) as observer:
+        _run_pass(run.model, run.batches, run.progress, pass_number, passes, cache, observer)
+    _all_reduce(observer.stats, run.batches)
+    return observer.stats, _any_rank(observer.diverged)
+
+
+class _LevelDone(Exception):
+    """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
+
+
+def _exact(run: _Run) -> None:
+    """Eval-mode statistics: each BN's input statistics over the data, given the final statistics of every BN
+    (the fixed point of whole eval-mode forwards). Level passes reach it directly when the traced forward shows
+    the whole dependency structure; otherwise whole passes are iterated until nothing changes."""
+    levels, flow = _agree(lambda: _levels(run.model, run.layers, run.batches))
+    reason = _why_whole_passes(run.layers, flow)
+    if not reason:
+        reason = _level_passes(run, levels, flow)
+    del flow
+    if reason:
+        run.report.whole_passes = reason
+        _fixed_point_passes(run, max(levels.values(), default=0))
+
+
+def _why_whole_passes(layers, flow) -> str:
+    """Why one forward of the first batch cannot give the BN levels, or ""."""
+    shared = [f"{n} ({len(flow.calls_of(m))} calls)" for n, m in layers if len(flow.calls_of(m)) > 1]
+    if shared:
+        return f"{short_list(shared)} run more than once per forward: their statistics pool every call"
+    return ""
+
+
+def _level_passes(run: _Run, levels: dict[str, int], flow) -> str:
+    """One eval-mode pass per BN level: level k's inputs depend only on BNs of levels < k, whose statistics
+    are final by then, so each pass measures its level exactly and the forward stops after it. The segment
+    cache (segments.py) lets each pass start from the last final activation before its level. BNs the traced
+    forward did not run are measured last, in a whole pass. Returns why the levels did not hold (a batch ran
+    the BNs of a level otherwise than the traced one, or ran an untraced BN before a level ended), or ""."""
+    depth = max(levels.values(), default=0)
+    unreached = [(n, m) for n, m in run.layers if n not in levels]
+    passes = depth + bool(unreached)  # known before the first pass, so progress can say "pass k of n" from the start
+    budget = default_cache_budget(run.device) if run.cache_budget is None else int(run.cache_budget)
+    cache = SegmentCache(run.model, flow, {id(m): levels[n] for n, m in run.layers if n in levels},
+                         [id(m) for _, m in unreached], budget)
+    cache.install()
+    try:
+        for level in range(1, depth + 1):
+            members = [(n, m) for n, m in run.layers if levels.get(n) == level]
+            cache.begin_pass(level, record=level < passes)
+            stats, diverged = _observe_pass(run, members, level, passes, stop_after=True, cache=cache,
+                                            untraced=unreached)
+            if diverged:
+                return (f"a calibration batch ran the BN layers of level {level} ({short_list(n for n, _ in members)}) "
+                        "otherwise than the traced batch, or one the traced batch did not run "
+                        "(data-dependent control flow)")
+            _write_all(members, stats, run.batches.batches_per_pass, run.prior)  # before the next level is measured
+            run.report.passes += 1
+        if unreached:  # not run on the traced batch, nor before any level ended: nothing measured depends on them
+            cache.begin_pass(depth + 1, record=False)
+            stats, _ = _observe_pass(run, unreached, depth + 1, passes, cache=cache)
+            _write_all(unreached, stats, run.batches.batches_per_pass, run.prior)
+            run.report.passes += 1
+    finally:
+        cache.remove()
+        _cache_figures(run.report, cache.stats)
+    return ""
+
+
+def _fixed_point_passes(run: _Run, depth: int) -> None:
+    """Whole eval-mode passes, each measuring every BN (pooled over all its calls) under the statistics the
+    previous pass wrote, until a pass changes none: a fixed point, the statistics of whole forwards. Where the
+    BNs feed each other without a cycle, pass k makes every BN k levels deep final, so this ends after the
+    depth + 1 passes; a BN that feeds itself (a block applied twice) converges geometrically, up to a limit."""
+    estimate, limit = depth + 2, depth + FIXED_POINT_EXTRA_PASSES
+    for k in range(1, limit + 1):
+        number = run.report.passes + 1
+        stats, _ = _observe_pass(run, run.layers, number, max(estimate + run.report.passes - k + 1, number))
+        change = _write_all(run.layers, stats, run.batches.batches_per_pass, run.prior)
+        run.report.passes += 1
+        if change <= FIXED_POINT_TOLERANCE:
+            return
+    run.report.whole_passes += (f"; not converged after {plural(limit, 'whole pass', 'whole passes')} "
+                                f"(last change {change:.2g} σ)")
+
+
+FIXED_POINT_TOLERANCE = 1e-6  # largest change of a mean (in σ) or a variance (relative) that counts as none
+FIXED_POINT_EXTRA_PASSES = 60  # beyond the traced depth, for BNs that feed themselves
+
+
+def _cache_figures(report: RecalibrationReport, stats) -> None:
+    report.segment_replays = stats.replays
+    report.cache_peak_bytes = stats.peak_bytes
+    report.cache_budget_bytes = stats.budget_bytes
+    report.cache_over_budget = stats.over_budget
+    report.cache_note = stats.note
+    report.cache_bypassed = list(stats.bypassed)
+
+
+def _levels(model, layers, batches):
+    """BN name → dependency level, and the traced dataflow, from one forward of the first batch's first samples."""
+    from .graph import dependency_levels, trace
+
+    first = batches.first()
+    with user_code(f"the model's forward on calibration batch 1 of shape {tuple(first.shape)}"):
+        flow, _ = trace(model, (first[:2],))
+    by_id = dependency_levels(flow, [m for _, m in layers])
+    return {n: by_id[id(m)] for n, m in layers if id(m) in by_id}, flow
+
+
+_MODES: dict[RecalibrationMode, Callable[[_Run], None]] = {
+    RecalibrationMode.CUMULATIVE: _cumulative, RecalibrationMode.EMA: _ema, RecalibrationMode.EXACT: _exact}
+
+
+def _run_pass(model, batches, progress, pass_number, passes, cache=None, observer=None) -> None:
     """Pass `pass_number` of `passes` over the data; across processes, every rank learns whether another one failed."""
-    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, passes, cache))
+    _agree(lambda: _run_local_pass(model, batches, progress, pass_number, passes, cache, observer))
 
 
 def _agree(run):
@@ -495,17 +672,30 @@ def _agree(run):
     return result
 
 
-def _run_local_pass(model, batches, progress, pass_number, passes, cache=None) -> None:
+def _any_rank(flag: bool) -> bool:
+    if _world_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def _run_local_pass(model, batches, progress, pass_number, passes, cache=None, observer=None) -> None:
     if progress is not None:  # name the pass before its first batch is done (a slow model's first forward)
         progress(0, pass_number, passes)
     done = 0
     for i, x in enumerate(batches):
         if cache is not None:
             cache.begin_batch(i, x)
+        level_done = False
         try:
             _forward(model, x, i)
         except _LevelDone:
-            pass
+            level_done = True
+        if observer is not None:
+            observer.forward_ended(level_done)
         done += len(x)
         if progress is not None:
             progress(done, pass_number, passes)
@@ -516,20 +706,27 @@ def _run_local_pass(model, batches, progress, pass_number, passes, cache=None) -
 # ---------------------------------------------------------------- state
 
 
-def _local_sync_bn(layers) -> list[nn.Module]:
-    """SyncBatchNorm in train mode would normalize over all ranks' batches (and refuses CPU tensors); run it
-    as a plain BatchNorm so each batch is normalized as in a single-process run, then restore it."""
-    import types
-
+@contextlib.contextmanager
+def _sync_bn_per_process(model: nn.Module) -> Iterator[None]:
+    """SyncBatchNorm under torch.distributed would normalize over all ranks' batches in train mode (and refuses
+    CPU tensors); during recalibration each batch is normalized by itself, as in a single-process run, and the
+    statistics are merged exactly afterwards. Swapping an instance's forward would drop what a subclass adds
+    around `super().forward` (timm's SyncBatchNormAct: its activation and drop), so SyncBatchNorm's own forward
+    is replaced for the duration, at the class, by the plain BatchNorm forward. Without an initialized process
+    group, SyncBatchNorm already is a plain BatchNorm: nothing changes."""
+    import torch.distributed as dist
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    patched = []
-    for _, m in layers:
-        if isinstance(m, nn.SyncBatchNorm) and "forward" not in m.__dict__:
-            m.forward = types.MethodType(_BatchNorm.forward, m)
-            patched.append(m)
-    return patched
-
+    if not (dist.is_available() and dist.is_initialized()
+            and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())):
+        yield
+        return
+    original = nn.SyncBatchNorm.__dict__["forward"]
+    nn.SyncBatchNorm.forward = _BatchNorm.forward
+    try:
+        yield
+    finally:
+        nn.SyncBatchNorm.forward = original
 
 
 def _skip_reason(m: nn.Module) -> str:
@@ -573,15 +770,22 @@ def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> Non
             m.num_batches_tracked.fill_(batches)
 
 
-def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None, prior: _Prior | None = None) -> None:
+def _write_all(layers, stats: dict[str, ChannelStats], batches: int | None, prior: _Prior | None = None) -> float:
     """Write the pooled statistics (blended with the source's under a prior); a layer no batch reached (a
-    data-dependent branch) keeps its own."""
+    data-dependent branch) keeps its own. Returns the largest change: of a mean in σ, of a variance relative."""
+    change = 0.0
     for n, m in layers:
         if stats[n].count > 0:
             mean, var = stats[n].mean, stats[n].unbiased_var
             if prior is not None:
                 mean, var = prior.blend(n, mean, var)
+            before_mean, before_var = as_float64(m.running_mean), as_float64(m.running_var)
             _write(m, mean, var, batches)
+            scale = as_float64(m.running_var) + bn_eps(m)
+            step = torch.maximum((as_float64(m.running_mean) - before_mean).abs() / scale.sqrt(),
+                                 (as_float64(m.running_var) - before_var).abs() / scale)
+            change = max(change, float(step.nan_to_num(math.inf).max()))
+    return change
 
 
 class _Prior:

@@ -339,6 +339,11 @@ def render_recalibrate(report, console: Console) -> None:
                       f"{report.cache_peak_bytes / 2**20:,.0f} MiB of {report.cache_budget_bytes / 2**20:,.0f} MiB"
                       + (f", {report.cache_over_budget:,} activations over budget" if report.cache_over_budget else "")
                       + (f"; {report.cache_note}" if report.cache_note else "") + ".")
+    for bypassed in report.cache_bypassed:
+        console.print(f"[yellow]note:[/] the activation cache does not replay around {escape(bypassed)}")
+    if report.whole_passes:
+        console.print(f"[yellow]note:[/] exact mode ran whole passes until the statistics stopped changing, not one "
+                      f"pass per BN level: {escape(report.whole_passes)}")
 
 
 def render_export(report, console: Console) -> None:

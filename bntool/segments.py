@@ -18,16 +18,18 @@ by its version counter and not used again; that module's entries are then copied
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, param
 
 if TYPE_CHECKING:
     from .graph import Dataflow
@@ -42,6 +44,9 @@ class CacheStats:
     replays: int = 0  # forwards (segments) started from a cached activation instead of the model's input
     over_budget: int = 0  # activations not cached because the budget was full
     note: str = ""  # why the cache was switched off, if it was
+    # modules the cache does not replay around, and why (a user's hook on or inside them; an output the model
+    # changed behind the version counter, through `.data`): "name: reason"
+    bypassed: list[str] = field(default_factory=list)
 
 
 def default_cache_budget(device: torch.device) -> int:
@@ -52,17 +57,24 @@ def default_cache_budget(device: torch.device) -> int:
     return _available_host_memory() // 2
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)(?:E\+?([0-9]+))?\s*(?:([KMGT])I?B?|B)?\s*", re.IGNORECASE)
+
+
 def parse_bytes(text: str, option: str = "cache_budget") -> int:
-    """'4G', '512M', '100k', '0' or a plain byte count → bytes (powers of 1024)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(number) * units[unit]
-    except ValueError:
-        raise InputError(f"{option} {text!r}: expected a size like 4G, 512M or 0") from None
-    if not value >= 0:
-        raise InputError(f"{option} {text!r}: must be >= 0")
+    """'4G', '4GiB', '4GB', '512M', '100k', '0' or a plain byte count → bytes (powers of 1024).
+
+    Raises:
+        InputError: anything else ('4ib', 'inf', 'nan', '-1', '1e400'), naming `option` and the accepted units.
+    """
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise InputError(f"{param(option)} {text!r}: expected a size in bytes like 4G, 4GiB, 512M, 100K or 0 "
+                         "(units K, M, G, T: powers of 1024; B for bytes)", param=option)
+    number, exponent, unit = match.groups()
+    value = float(f"{number}e{exponent or 0}") * _UNITS[(unit or "").upper()]
+    if not math.isfinite(value):
+        raise InputError(f"{param(option)} {text!r}: too large", param=option)
     return int(value)
 
 
@@ -118,10 +130,15 @@ class SegmentCache:
         self.stats = CacheStats(budget_bytes=budget)
         self.level = 0
         self.recording = False
+        self.names = {id(m): name for name, m in model.named_modules()}
         self.active = budget > 0
+        if self.active and _global_module_hooks():
+            self.active = False
+            self.stats.note = "a global module hook is set (register_module_forward_hook): activation cache off"
         self.batch = 0
         self.total = 0
-        self.entries: dict[int, dict[int, tuple[torch.Tensor, int]]] = defaultdict(dict)
+        self.entries: dict[int, dict[int, tuple[torch.Tensor, int, float]]] = defaultdict(dict)
+        self.handed_out: list[int] = []  # entries handed out in the current forward, checked when it ends
         self.copy_out: set[int] = set()
         self.fingerprints: dict[int, tuple] = {}
         self.pending: list[int] = []  # recorded in the current forward, not yet settled
@@ -140,8 +157,9 @@ class SegmentCache:
             for c in p.children():
                 parents[id(c)].append(p)
         out_level, obsoletes = {}, {}
+        unsafe = self._unsafe_to_skip(parents) if self.active else set()
         for m in self.model.modules():
-            if m is self.model or len(parents[id(m)]) != 1:
+            if m is self.model or len(parents[id(m)]) != 1 or id(m) in unsafe:
                 continue
             parent = parents[id(m)][0]
             if not (is_plain_chain(m) or is_plain_chain(parent)):
@@ -166,6 +184,28 @@ class SegmentCache:
                     dropped += [id(x) for x in sibling.modules()]
             obsoletes[id(m)] = [i for i in dropped if i in out_level]
         return out_level, obsoletes
+
+    def _unsafe_to_skip(self, parents: dict[int, list[nn.Module]]) -> set[int]:
+        """Modules whose cached output must not be used: a replay from it would skip, or run twice, a user's
+        forward hook or pre-hook (which may change an output, or count calls). That is a hooked module, every
+        module around it, and in a chain every child after one of those."""
+        hooked = [(name, m) for name, m in self.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        self.stats.bypassed += [f"{name or 'the model'}: a forward hook" for name, _ in hooked]
+        unsafe: set[int] = set()
+        todo = [m for _, m in hooked]
+        while todo:  # the hooked modules and all their ancestors
+            m = todo.pop()
+            if id(m) not in unsafe:
+                unsafe.add(id(m))
+                todo += parents[id(m)]
+        for chain in self.model.modules():
+            if is_plain_chain(chain):
+                after = False
+                for child in chain.children():
+                    after = after or id(child) in unsafe
+                    if after:
+                        unsafe.update(id(x) for x in child.modules())
+        return unsafe
 
     # ------------------------------------------------------------ install / remove
 
@@ -228,27 +268,42 @@ class SegmentCache:
         if not shared and self.total + _nbytes(output) > self.budget:
             self.stats.over_budget += 1
             return
-        self.entries[key][self.batch] = (output.detach(), _version(output))
+        self.entries[key][self.batch] = (output.detach(), _version(output), _checksum(output))
         self._hold(output)
         self.pending.append(key)
         for other in self.obsoletes[key]:
             self._drop(other)
 
     def _settle(self) -> None:
-        """After a batch's forward: drop what was changed in place after it was recorded; compact views."""
+        """After a batch's forward: drop what was changed in place after it was recorded or handed out (seen by
+        its version counter, or by its sum where `.data` changed it behind the counter); compact views."""
+        for key in self.handed_out:
+            entry = self.entries[key].get(self.batch)
+            if entry is not None and _checksum(entry[0]) != entry[2]:
+                self._changed_behind_the_counter(key)
         for key in self.pending:
             entry = self.entries[key].get(self.batch)
             if entry is None:
                 continue
-            t, version = entry
+            t, version, checksum = entry
             if _version(t) != version:
                 self._drop(key)
+            elif _checksum(t) != checksum:
+                self._changed_behind_the_counter(key)
             elif t.untyped_storage().nbytes() > t.numel() * t.element_size():  # a view keeps its base alive
                 self._release(t)
                 t = t.clone()
                 self._hold(t)
-                self.entries[key][self.batch] = (t, _version(t))
+                self.entries[key][self.batch] = (t, _version(t), checksum)
         self.pending.clear()
+        self.handed_out.clear()
+
+    def _changed_behind_the_counter(self, key: int) -> None:
+        self._drop(key)
+        if key not in self.copy_out:
+            self.copy_out.add(key)
+            self.stats.bypassed.append(f"{self.names.get(key, '?')}: its output was changed in place through .data "
+                                       "(no version bump); cached copies are handed out")
 
     def _drop(self, key: int) -> None:
         entry = self.entries.get(key, {}).pop(self.batch, None)
@@ -280,13 +335,16 @@ class SegmentCache:
         entry = self.entries[key].get(self.batch)
         if entry is None:
             return None
-        t, version = entry
+        t, version, _ = entry
         if _version(t) != version:  # changed in place downstream after an earlier hand-out
             self._drop(key)
             self.copy_out.add(key)
             return None
         self.stats.replays += 1
-        return t.clone() if key in self.copy_out else t
+        if key in self.copy_out:
+            return t.clone()
+        self.handed_out.append(key)
+        return t
 
     def _chain_forward(self, chain: nn.Sequential):
         children = list(chain)
@@ -306,6 +364,19 @@ class SegmentCache:
             return input
 
         return forward
+
+
+def _checksum(t: torch.Tensor) -> float:
+    """The float64 sum: a change made through `.data` does not bump the version counter, but changes this
+    (NaN compares unequal to itself, so an activation holding NaN is never reused)."""
+    return float(t.detach().sum(dtype=torch.float64))
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return any(getattr(module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
 
 
 def _tensor_levels(flow: Dataflow, bn_levels: dict[int, int]) -> dict[int, int]:

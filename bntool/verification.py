@@ -18,7 +18,7 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import nn
 
-from .devices import modes_kept, moved_to, to_device
+from .devices import check_not_meta, modes_kept, moved_to, to_device
 from .errors import CheckFailed
 from .utils import plural
 
@@ -85,6 +85,7 @@ def verify(
     Raises:
         InputError: the model does not accept the inputs, or `onnx_path` is not a loadable ONNX file.
     """
+    check_not_meta(model)
     from .compare import check_samples
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

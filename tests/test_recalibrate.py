@@ -171,8 +171,12 @@ def test_api_errors():
         recalibrate(zoo.build("nobn"), [torch.randn(2, 3, 16, 16)])
     with pytest.raises(InputError, match="re-iterable"):
         recalibrate(zoo.build("resnet"), (x for x in [torch.randn(2, 3, 32, 32)]), mode="exact")
-    with pytest.raises(InputError, match="--mode"):
+    with pytest.raises(InputError, match="^mode 'fast'") as e:
         recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="fast")
+    assert e.value.param == "mode" and e.value.render(lambda p: f"--{p}").startswith("--mode 'fast'")
+    with pytest.raises(InputError, match="^momentum 2") as e:
+        recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="ema", momentum=2)
+    assert e.value.param == "momentum"
     with pytest.raises(InputError, match="one value per channel"):
         recalibrate(zoo.build("mlp"), [torch.randn(1, 20)])
 
@@ -597,3 +601,61 @@ def test_a_folded_model_is_named_as_such_when_there_is_nothing_to_recalibrate():
     folded, _ = fold(zoo.build("resnet"), zoo.example_input("resnet"))
     with pytest.raises(InputError, match="bntool folded it"):
         recalibrate(folded, list(data_for("resnet").split(16)))
+
+
+def test_prior_refuses_never_updated_source_statistics_and_names_the_parameter(cli, tmp_path):
+    data = list(data_for("resnet", 16).split(8))
+    fresh = zoo.resnet().eval()  # as constructed: num_batches_tracked 0, mean 0, variance 1 everywhere
+    before = bn_stats(fresh)
+    with pytest.raises(InputError, match="never updated") as e:
+        recalibrate(fresh, data, prior=8)
+    assert e.value.param == "prior" and e.value.render(lambda p: f"--{p}").startswith("--prior: the statistics of")
+    assert rel_diff(bn_stats(fresh), before) == 0
+    recalibrate(zoo.build("resnet"), data, prior=8)  # a trained model's statistics are a source
+    with pytest.raises(InputError) as e:
+        recalibrate(zoo.build("resnet"), data, prior=-1)
+    assert e.value.param == "prior"
+    torch.save(zoo.resnet().state_dict(), tmp_path / "fresh.pt")
+    torch.save(torch.cat(data), tmp_path / "x.pt")
+    r = cli("recalibrate", tmp_path / "fresh.pt", "--arch", "bntool.zoo:resnet", "--data", tmp_path / "x.pt",
+            "--prior", "8", "-o", tmp_path / "out.pt")
+    assert r.code == 2 and "error: --prior: the statistics of" in r.err and "never updated" in r.err, r.err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("budget", [float("inf"), float("nan"), -1, "4G", True])
+def test_bad_cache_budgets_are_input_errors(budget):
+    with pytest.raises(InputError, match="cache_budget") as e:
+        recalibrate(zoo.build("resnet"), list(data_for("resnet", 8).split(4)), mode="exact", cache_budget=budget)
+    assert e.value.param == "cache_budget"
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "4ib", "nan", "-1", "4 GX"])
+def test_cli_cache_budget_accepts_sizes_only(cli, tmp_path, resnet_sd, text):
+    torch.save(data_for("resnet", 8), tmp_path / "x.pt")
+    r = cli("recalibrate", resnet_sd, "--arch", "bntool.zoo:resnet", "--data", tmp_path / "x.pt", "--mode", "exact",
+            "--cache-budget", text, "-o", tmp_path / "out.pt")
+    assert r.code == 2 and f"error: --cache-budget {text!r}" in r.err and "units" in r.err.replace("\n", " ") or (
+        r.code == 2 and "too large" in r.err), r.err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cache_budget_sizes():
+    from bntool.segments import parse_bytes
+
+    assert [parse_bytes(t) for t in ("4G", "4GiB", "4gb", "512M", "100k", "0", "123", "1.5K", "2B")] == [
+        4 << 30, 4 << 30, 4 << 30, 512 << 20, 100 << 10, 0, 123, 1536, 2]
+
+
+def test_a_model_on_the_meta_device_is_an_input_error_in_every_api():
+    from bntool import export_onnx, inspect, plan_fold, verify
+
+    with torch.device("meta"):
+        model = zoo.resnet()
+    x = zoo.example_input("resnet")
+    calls = [lambda: recalibrate(model, [x]), lambda: inspect(model), lambda: fold(model, x),
+             lambda: plan_fold(model, x), lambda: export_onnx(model, x, "never.onnx"), lambda: verify(model, x)]
+    for call in calls:
+        with pytest.raises(InputError, match="meta device") as e:
+            call()
+        assert "load_state_dict" in str(e.value)

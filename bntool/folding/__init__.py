@@ -21,7 +21,7 @@ from torch import nn
 
 from ..compare import Tolerance, check_samples
 from ..devices import device_of, model_dtype, moved_to, to_device
-from ..errors import CheckFailed, InputError, user_code
+from ..errors import CheckFailed, InputError, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
 from .check import FoldReport, compare, default_tolerance, eval_copy, ops_left
 from .math import fold_value_range
@@ -38,13 +38,15 @@ from .planner import (
     FunctionalBN,
     OpKind,
 )
-from .surgery import apply_fold_plan
+from .surgery import apply_fold_plan, apply_plan
 from .torch_plan import (
     MAX_FORWARD_FOLD_MEAN,
+    broken_statistics,
     check_skip_patterns,
     keep_what_would_overflow,
     mean_in_stds,
     plan_fold,
+    unwrap_compiled,
 )
 
 __all__ = [
@@ -95,8 +97,13 @@ def fold(
 
     Raises:
         CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
-        InputError: a tolerance is negative or not finite, `model` is a TorchScript module, or `device` is not
-            available.
+        InputError: a tolerance is negative or not finite, `model` is a TorchScript module, `device` is not
+            available, or a BN not skipped has NaN/Inf statistics or affine, or running_var + eps ≤ 0 (the
+            checkpoint is broken: recalibrate first, or skip those layers).
+
+    A `torch.compile`d model is folded through the module it wraps (`_orig_mod`; a note says so): the result
+    is that module folded, in eager mode. Values the fold writes that its dtype holds only as subnormals (slow
+    on many CPU paths) become zero, counted in `report.subnormals_flushed`, unless the check fails that way.
 
     Side effects: none on `model` (its training flags, and with `device` its placement, are restored after the
     check); the copy doubles its memory, and the float64 reference of the check doubles it again where it is
@@ -104,13 +111,20 @@ def fold(
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
+    model, notes = unwrap_compiled(model)
     tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))  # before any work
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
+    if not isinstance(skip, str):
+        _refuse_broken_statistics(model, skip)
     home = device_of(model)
     with moved_to(model, device) as dev:
         inputs = to_device(inputs, dev) if device is not None else inputs
-        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan)
+        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True)
+        if not report.passed and report.subnormals_flushed:  # the flush made the difference: keep them
+            folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=False)
+            report.notes.append("subnormal values were kept: the check failed with them flushed to zero")
+    report.notes = list(dict.fromkeys(notes + report.notes))
     if device is not None:
         folded.to(home)  # the result where the model was, as recalibrate leaves it
     if check and not report.passed:
@@ -121,8 +135,21 @@ def fold(
     return folded, report
 
 
-def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan) -> tuple[nn.Module, FoldReport]:
-    """fold() on the model and inputs where they are: the folded copy and its report (passed or not)."""
+def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str]) -> None:
+    """NaN/Inf or negative running_var: the checkpoint is broken, not the fold (exit 2 before any work)."""
+    broken = broken_statistics(model, skip)
+    if not broken:
+        return
+    names = ", ".join(repr(name) for name, _ in broken[:3])
+    more = f" and {len(broken) - 3} more ({len(broken)} in all)" if len(broken) > 3 else ""
+    raise InputError(f"BatchNorm {names}{more}: {broken[0][1]}; these statistics cannot be folded. Run "
+                     f"`bntool recalibrate` first, or leave them as they are with {param('skip')}", param="skip")
+
+
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool
+                    ) -> tuple[nn.Module, FoldReport]:
+    """fold() on the model and inputs where they are: the folded copy and its report (passed or not).
+    `flush`: the subnormals the fold writes become zero."""
     started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
         folded, by_request = eval_copy(model)
@@ -130,8 +157,9 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan) -> tupl
         plan = plan_fold(folded, inputs, skip=skip)
     keep_what_would_overflow(folded, plan)
     report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
-                        decisions=plan.decisions, opaque=plan.opaque)
-    report.layout = apply_fold_plan(folded, plan)
+                        decisions=plan.decisions, opaque=plan.opaque, notes=list(plan.notes))
+    applied = apply_plan(folded, plan, flush_subnormals=flush)
+    report.layout, report.subnormals_flushed = applied.layout, applied.subnormals_flushed
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.ops_left = ops_left(plan)
     report.fold_seconds = time.perf_counter() - started

@@ -143,7 +143,8 @@ def broken_statistics(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[
     running_var + eps ≤ 0): the checkpoint is broken there, whatever the fold does."""
     broken = []
     for name, bn in bn_modules(model):
-        if not _has_stats(bn) or any(fnmatch.fnmatchcase(name, p) for p in skip):
+        by_request = bn.training and not model.training  # normalizes with batch statistics: these are unused
+        if not _has_stats(bn) or by_request or any(fnmatch.fnmatchcase(name, p) for p in skip):
             continue
         problem = fm.statistics_problem(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
                                         getattr(bn, "bias", None), bn_eps(bn))

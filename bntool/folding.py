@@ -53,6 +53,7 @@ from .layers import (
     norm_act_parts,
 )
 from .layout import FoldLayout, attach_layout, layout_of, named_module, replace_module
+from .merging import MergeDecision, merge_branches
 
 STANDARD_CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
@@ -98,6 +99,7 @@ class FoldReport(ComparedReport):
     layout: FoldLayout = field(default_factory=FoldLayout)
     opaque: list[str] = field(default_factory=list)  # TorchScript submodules run as they are
     ops_left: list[str] = field(default_factory=list)  # batch_norm calls the folded model still makes, and why
+    merges: list[MergeDecision] = field(default_factory=list)  # summed branches merged into one layer, or not
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)
@@ -146,6 +148,7 @@ def fold(
     check: bool = True,
     plan: FoldPlan | None = None,
     device: str | torch.device | None = None,
+    merge: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
@@ -168,6 +171,8 @@ def fold(
             `plan_fold(model, example_inputs, skip=skip)`.
         device: run the trace and the check on this device ("cpu", "cuda", "cuda:1", "mps"); the inputs are
             moved there. Default: where the model is, inputs as given.
+        merge: after folding, merge linear branches that read one tensor and are summed (RepVGG, MobileOne,
+            ACNet, DBB blocks) into one conv/linear where exact (bntool.merging); the report lists each sum.
 
     Returns:
         (folded, report): the folded copy in eval mode on the device `model` was on, carrying its FoldLayout
@@ -190,7 +195,7 @@ def fold(
     home = device_of(model)
     with moved_to(model, device) as dev:
         inputs = to_device(inputs, dev) if device is not None else inputs
-        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan)
+        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, merge)
     if device is not None:
         folded.to(home)  # the result where the model was, as recalibrate leaves it
     if check and not report.passed:
@@ -201,7 +206,7 @@ def fold(
     return folded, report
 
 
-def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan) -> tuple[nn.Module, FoldReport]:
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, merge=True) -> tuple[nn.Module, FoldReport]:
     """fold() on the model and inputs where they are: the folded copy and its report (passed or not)."""
     started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
@@ -212,6 +217,11 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan) -> tupl
     report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
                         decisions=plan.decisions, opaque=plan.opaque)
     report.layout = apply_fold_plan(folded, plan)
+    if merge:
+        with user_code("the folded model's forward (finding branches to merge)"):
+            flow, _ = trace(folded, inputs)
+            records, report.merges = merge_branches(folded, flow, inputs)
+        report.layout.merges = [r.to_json() for r in records]
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.ops_left = _ops_left(plan)
     report.fold_seconds = time.perf_counter() - started

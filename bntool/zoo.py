@@ -342,6 +342,14 @@ class RepNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+def acnet() -> RepNet:
+    return RepNet(ACBlock)
+
+
+def dbb() -> RepNet:
+    return RepNet(DBBlock)
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     factory: Callable[[], nn.Module]
@@ -363,8 +371,8 @@ ZOO: dict[str, ZooEntry] = {
     "reused": ZooEntry(ReusedConv, (2, 3, 16, 16), "one conv module called twice"),
     "subclass": ZooEntry(SubclassNet, (2, 3, 17, 17), "BN+act subclass, Conv2dSame, FrozenBN, SE gate"),
     "nobn": ZooEntry(NoBN, (2, 3, 16, 16), "no BatchNorm at all"),
-    "acnet": ZooEntry(RepNet, (2, 3, 32, 32), "ACNet blocks: 3x3 + 1x3 + 3x1 conv-BN branches summed"),
-    "dbb": ZooEntry(lambda: RepNet(DBBlock), (2, 3, 32, 32),
+    "acnet": ZooEntry(acnet, (2, 3, 32, 32), "ACNet blocks: 3x3 + 1x3 + 3x1 conv-BN branches summed"),
+    "dbb": ZooEntry(dbb, (2, 3, 32, 32),
                     "Diverse Branch Blocks: kxk, 1x1, 1x1→kxk, 1x1→avg-pool and identity branches summed"),
 }
 

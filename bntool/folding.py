@@ -219,8 +219,7 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, merge=T
     report.layout = apply_fold_plan(folded, plan)
     if merge:
         with user_code("the folded model's forward (finding branches to merge)"):
-            flow, _ = trace(folded, inputs)
-            records, report.merges = merge_branches(folded, flow, inputs)
+            records, report.merges = merge_branches(folded, inputs)
         report.layout.merges = [r.to_json() for r in records]
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.ops_left = _ops_left(plan)

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .devices import as_float64
-from .graph import Dataflow
+from .graph import Dataflow, trace
 from .layers import ChannelAffine, affine_of, has_standard_forward, is_bn
 from .rewrite import (
     MergeRecord,
@@ -35,7 +35,9 @@ from .rewrite import (
     sum_roots,
     sum_terms,
     trace_forward,
+    trace_graph,
 )
+from .utils import iter_tensors
 
 SUM_OP_NAMES = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
 POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -277,24 +279,24 @@ def is_pass_through_module(module: nn.Module) -> bool:
 def _chain_map(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> LinearMap | None:
     """A container whose forward calls submodules one after another: the composition of their maps."""
     try:
-        gm = trace_forward(module)
+        graph = trace_graph(module)
     except Exception as e:
         raise _NoMerge(f"{type(module).__name__}'s forward does not trace with torch.fx ({type(e).__name__})") \
             from e
-    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
     current, result = inputs[0] if len(inputs) == 1 else None, None
     for node in nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.args[0] is not current or node.kwargs:
             what = node.target if node.op != "get_attr" else "a parameter"
             raise _NoMerge(f"{type(module).__name__}'s forward is not one chain of layers "
                            f"({getattr(what, '__name__', what)})")
-        step = branch_map(gm.get_submodule(node.target), shape, like)
+        step = branch_map(module.get_submodule(node.target), shape, like)
         if step is not None:
             result = step if result is None else then(result, step)
             shape = _shape_after(step, shape)
         current = node
-    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output = next(n for n in graph.nodes if n.op == "output")
     if output.args[0] is not current:
         raise _NoMerge(f"{type(module).__name__}'s forward does not return its last layer's output")
     return result
@@ -318,61 +320,45 @@ def candidate_modules(flow: Dataflow, model: nn.Module) -> list[tuple[str, nn.Mo
     return [(n, m) for n, m in model.named_modules() if id(m) in adding and next(m.children(), None) is not None]
 
 
-def merge_branches(model: nn.Module, flow: Dataflow, inputs: tuple) -> tuple[list[MergeRecord], list[MergeDecision]]:
+def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], list[MergeDecision]]:
     """Merge, in place, every sum of linear branches of `model` that reads one tensor, where exact.
 
     Args:
         model: a folded model in eval mode (BNs already folded; a branch BN left is merged as its affine).
-        flow: the dataflow of one forward of `model` on `inputs` (which modules add, who is called how often).
-        inputs: the positional inputs of that forward (each candidate module's own inputs are captured from it).
+        inputs: the positional inputs of one forward: its dataflow says which modules add tensors, and each
+            such module's first call (arguments and output) is recorded.
 
     Returns:
-        (records, decisions): what `apply_merges` needs to rebuild the structure, and one decision per sum.
+        (records, decisions): what `rewrite.apply_merges` needs to rebuild the structure, one decision per sum.
     """
-    candidates = [(n, m) for n, m in candidate_modules(flow, model) if n]  # the model itself stays its class
-    captured = _capture_inputs(model, [m for _, m in candidates], inputs)
+    containers = [m for m in model.modules() if next(m.children(), None) is not None]
+    calls: dict[int, tuple] = {}
+
+    def record_call(module, args, kwargs, output):
+        calls.setdefault(id(module), (args, kwargs, output))
+
+    handles = [m.register_forward_hook(record_call, with_kwargs=True) for m in containers]
+    try:
+        flow, _ = trace(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
     names_of: dict[int, list[str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(m), []).append(n)
     records, decisions = [], []
-    for name, module in candidates:
-        if id(module) not in captured:
-            continue
+    for name, module in candidate_modules(flow, model):
+        if not name or id(module) not in calls:
+            continue  # the model itself keeps its class (and its other methods)
         if len(names_of.get(id(module), [])) > 1:
             decisions.append(MergeDecision(name, [], False, reason="the module is reachable under several names"))
             continue
-        new, recs, decs = _merge_in_module(name, module, captured[id(module)], flow)
+        new, recs, decs = _merge_in_module(name, module, calls[id(module)], flow)
         decisions += decs
         if recs:
             replace_submodule(model, name, new)
             records += recs
     return records, decisions
-
-
-def _capture_inputs(model: nn.Module, modules: list[nn.Module], inputs: tuple) -> dict[int, tuple]:
-    """(args, kwargs) of each module's first call in one forward."""
-    captured: dict[int, tuple] = {}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, kwargs: captured.setdefault(id(mod), _detached((args, kwargs))) and None, with_kwargs=True)
-        for m in modules]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
-def _detached(value: Any) -> Any:
-    """A copy of the tensors in a call's arguments: later in-place ops of the forward cannot change them."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
 
 
 def _merge_in_module(name: str, module: nn.Module, call: tuple, flow: Dataflow):
@@ -394,7 +380,7 @@ def _merge_in_module(name: str, module: nn.Module, call: tuple, flow: Dataflow):
             if record is not None:
                 records.append(record)
                 break  # the root node is gone; other sources of this sum are left as they are
-    if records and not _same_outputs(module, gm, call):
+    if records and not _same_outputs(gm, call):
         for d in decisions:
             if d.merged:
                 d.merged, d.into, d.reason = False, "", "the rewritten forward differs from the original"
@@ -416,7 +402,7 @@ def _node_values(gm: fx.GraphModule, call: tuple) -> dict[str, Any]:
             values[n.name] = result
             return result
 
-    args, kwargs = call
+    args, kwargs, _ = call
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     bound = list(args) + [kwargs[p.target] for p in placeholders[len(args):] if p.target in kwargs]
     with torch.no_grad():
@@ -495,16 +481,21 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
                 if (f"{base}_{i}" if i else base) not in taken)
 
 
-def _same_outputs(before: nn.Module, after: nn.Module, call: tuple) -> bool:
-    """The rewritten forward against the original on the captured call: catches what a rewrite might change
-    besides rounding (an in-place op the traced code no longer performs). The whole model is then checked
-    against its float64 original as every fold is."""
-    with torch.no_grad():  # each on its own copy of the inputs: a forward may change them in place
-        ra, rb = (module(*args, **kwargs) for module, (args, kwargs) in
-                  ((before, _detached(call)), (after, _detached(call))))
-    if not (isinstance(ra, torch.Tensor) and isinstance(rb, torch.Tensor)) or ra.shape != rb.shape:
+def _same_outputs(after: nn.Module, call: tuple) -> bool:
+    """The rewritten forward against the original's recorded output: catches what a rewrite might change besides
+    rounding (an in-place op the traced code no longer performs). The whole model is then checked against its
+    float64 original as every fold is."""
+    args, kwargs, before = call
+    with torch.no_grad():
+        result = after(*args, **kwargs)
+    pairs = list(zip(iter_tensors(before), iter_tensors(result)))
+    if len(pairs) != len(list(iter_tensors(before))) or any(a.shape != b.shape for a, b in pairs):
         return False
-    scale = float(ra.abs().max()) if ra.numel() else 0.0
-    return float((ra.double() - rb.double()).abs().max()) <= 1e-4 * scale
+    for a, b in pairs:
+        scale = float(a.abs().max()) if a.numel() and a.is_floating_point() else 0.0
+        if a.numel() and float((a.double() - b.double()).abs().max()) > 1e-4 * scale:
+            return False
+    return True
+
 
 

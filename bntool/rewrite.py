@@ -67,6 +67,11 @@ class _LeafTracer(fx.Tracer):
         return True
 
 
+def trace_graph(module: nn.Module) -> fx.Graph:
+    """The graph of the module's own forward (submodules are leaves), without generating its code."""
+    return _LeafTracer().trace(module)
+
+
 def trace_forward(module: nn.Module) -> fx.GraphModule:
     """The module's forward as a GraphModule of its own code (submodules are leaves). Raises what fx raises
     where the code cannot be traced symbolically (data-dependent control flow, *args, …)."""

@@ -314,10 +314,43 @@ def _shape_after(m: LinearMap, shape: torch.Size) -> torch.Size:
 
 
 def candidate_modules(flow: Dataflow, model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules whose own forward adds or subtracts tensors (from the dataflow), parents first; leaf modules
-    (ChannelAffine) add no branches."""
-    adding = {id(op.module) for op in flow.ops if op.name in SUM_OP_NAMES and op.module is not None}
-    return [(n, m) for n, m in model.named_modules() if id(m) in adding and next(m.children(), None) is not None]
+    """Modules whose own forward sums outputs of two of its children called on one tensor (or one such output
+    and that tensor), from the dataflow; parents first. A residual block whose sum reads a body and a shortcut
+    of different tensors is no candidate (and is never traced with torch.fx)."""
+    return [(n, m) for n, m in model.named_modules() if next(m.children(), None) is not None
+            and _sums_branches(flow, m)]
+
+
+def _sums_branches(flow: Dataflow, module: nn.Module) -> bool:
+    source_of: dict[int, int] = {}  # a child's output tensor → the one tensor that call read
+    for child in module.children():
+        for call in flow.calls_of(child):
+            if len(call.inputs) == 1:
+                for out in call.outputs:
+                    source_of[id(out)] = id(call.inputs[0])
+    for op in flow.ops_in(module):
+        if op.name not in SUM_OP_NAMES:
+            continue
+        terms = _sum_leaves(flow, module, op)
+        sources = [source_of.get(id(t)) for t in terms]
+        ids = [id(t) for t in terms]
+        branch_sources = [src for src in sources if src is not None]
+        if len(set(branch_sources)) < len(branch_sources) or any(src in ids for src in branch_sources):
+            return True
+    return False
+
+
+def _sum_leaves(flow: Dataflow, module: nn.Module, op) -> list[torch.Tensor]:
+    """The tensors a chain of adds/subs in `module`'s own code sums (in-place adds keep their first term)."""
+    leaves = []
+    for t in op.inputs:
+        producer = flow.producer(t)
+        if producer is not None and producer is not op and producer.module is module \
+                and producer.name in SUM_OP_NAMES:
+            leaves += _sum_leaves(flow, module, producer)
+        else:
+            leaves.append(t)
+    return leaves
 
 
 def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], list[MergeDecision]]:
@@ -367,10 +400,9 @@ def _merge_in_module(name: str, module: nn.Module, call: tuple, flow: Dataflow):
         gm = trace_forward(module)
         shapes = _node_values(gm, call)
     except Exception as e:
-        if any(_reads_common_input(flow, module)):
-            return module, [], [MergeDecision(name, [], False, reason=f"its forward does not trace with torch.fx "
-                                              f"({type(e).__name__}); branches kept")]
-        return module, [], []
+        return module, [], [MergeDecision(name, [], False, reason=f"its forward does not trace with torch.fx "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}); "
+                                          "branches kept")]
     records, decisions = [], []
     for root in sum_roots(gm):
         for source, terms in _terms_by_source(gm, root).items():
@@ -386,10 +418,6 @@ def _merge_in_module(name: str, module: nn.Module, call: tuple, flow: Dataflow):
                 d.merged, d.into, d.reason = False, "", "the rewritten forward differs from the original"
         return module, [], decisions
     return gm, records, decisions
-
-
-def _reads_common_input(flow: Dataflow, module: nn.Module):
-    yield from (op for op in flow.ops_in(module) if op.name in SUM_OP_NAMES)
 
 
 def _node_values(gm: fx.GraphModule, call: tuple) -> dict[str, Any]:

@@ -486,8 +486,8 @@ def _merge_one(name, module, gm, root, source, terms, values, flow):
             left_out.append(f"{label}: {e}")
     branches = [label for label, _ in labels]
     if len(maps) < 2 or "layer" not in kinds:
-        if not left_out:
-            return None, None
+        if not left_out or sum(term is not source for term, _ in terms) < 2:
+            return None, None  # nothing to say, or a plain residual x + f(x) with a non-linear f
         return None, MergeDecision(name, branches + [s.split(":")[0] for s in left_out], False,
                                    reason="; ".join(left_out[:3]))
     try:

@@ -240,3 +240,18 @@ def test_timm_reparameterisable_models_merge_like_timm(name):
     folded, report = fold(model, x)
     assert report.passed
     assert layers(folded) <= layers(reparameterize_model(copy.deepcopy(model)))
+
+
+def test_cli_lists_merges_and_no_merge_keeps_branches(cli, tmp_path):
+    import json
+
+    torch.save(zoo.build("acnet").state_dict(), tmp_path / "m.pt")
+    args = ["fold", tmp_path / "m.pt", "--arch", "bntool.zoo:acnet", "--input-shape", "2,3,32,32", "--samples", "0"]
+    shown = cli(*args, "-o", tmp_path / "f.pt")
+    assert shown.code == 0 and "blocks.0: square, hor, ver → reparam" in shown.out
+    merged = json.loads(cli(*args, "-o", tmp_path / "g.pt", "--json").out)
+    assert [m["merged"] for m in merged["merges"]] == [True] * 3
+    kept = json.loads(cli(*args, "-o", tmp_path / "n.pt", "--json", "--no-merge").out)
+    assert kept["merges"] == [] and kept["layout"]["merges"] == []
+    assert layers(load_model(tmp_path / "n.pt", arch="bntool.zoo:acnet")) == 11
+    assert layers(load_model(tmp_path / "g.pt", arch="bntool.zoo:acnet")) == 5

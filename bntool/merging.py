@@ -25,13 +25,12 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .devices import as_float64
 from .graph import Dataflow, trace
-from .layers import ChannelAffine, affine_of, has_standard_forward, is_bn
+from .layers import ChannelAffine, is_bn, replace_module
 from .rewrite import (
     MergeRecord,
     is_pass_through,
     layer_spec,
     merge_in_graph,
-    replace_submodule,
     sum_roots,
     sum_terms,
     trace_forward,
@@ -257,10 +256,8 @@ def branch_map(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> Line
         scale = as_float64(module.scale)
         shift = as_float64(module.shift) - (as_float64(module.center) * scale if module.center is not None else 0)
         return LinearMap.diagonal(scale, shift, dims)
-    if is_bn(module) and has_standard_forward(module) and not module.training \
-            and not isinstance(module, torch.jit.ScriptModule):
-        scale, shift = affine_of(module)
-        return LinearMap.diagonal(scale, shift, dims)
+    if is_bn(module):  # refused or skipped by the fold: merging it would undo that decision
+        raise _NoMerge(f"a BatchNorm the fold left as it is ({type(module).__name__})")
     if isinstance(module, POOLS):
         if len(shape) != {nn.AvgPool1d: 3, nn.AvgPool2d: 4, nn.AvgPool3d: 5}[type(module)]:
             raise _NoMerge("an average pool on an unbatched input")
@@ -322,8 +319,8 @@ def candidate_modules(flow: Dataflow, model: nn.Module) -> list[tuple[str, nn.Mo
 
 
 def _sums_branches(flow: Dataflow, module: nn.Module) -> bool:
-    source_of: dict[int, int] = {}  # a child's output tensor → the one tensor that call read
-    for child in module.children():
+    source_of: dict[int, int] = {}  # a submodule's output tensor → the one tensor that call read
+    for child in list(module.modules())[1:]:  # items of a ModuleList are called, the list is not
         for call in flow.calls_of(child):
             if len(call.inputs) == 1:
                 for out in call.outputs:
@@ -357,7 +354,7 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     """Merge, in place, every sum of linear branches of `model` that reads one tensor, where exact.
 
     Args:
-        model: a folded model in eval mode (BNs already folded; a branch BN left is merged as its affine).
+        model: a folded model in eval mode (BNs already folded; a branch with a BN the fold left is kept).
         inputs: the positional inputs of one forward: its dataflow says which modules add tensors, and each
             such module's first call (arguments and output) is recorded.
 
@@ -389,7 +386,7 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
         new, recs, decs = _merge_in_module(name, module, calls[id(module)], flow)
         decisions += decs
         if recs:
-            replace_submodule(model, name, new)
+            replace_module(model, name, new)
             records += recs
     return records, decisions
 

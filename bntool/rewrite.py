@@ -5,7 +5,7 @@ one new layer. The forward is the user's Python code, so it is rewritten with to
 with every submodule as a leaf (its own code only), and the graph edited. The result is a GraphModule: it
 scripts, traces, exports and compiles. `MergeRecord` says what was merged in names that tracing the same code
 gives again, so `apply_merge` rebuilds the merged structure on a freshly built architecture (load_model).
-Depends only on errors.py.
+Depends only on errors.py and layers.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import InputError
+from .layers import replace_module
 
 ADD_TARGETS = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__", "__radd__")
 SUB_TARGETS = (operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__")
@@ -224,7 +225,7 @@ def apply_merges(model: nn.Module, records: list[MergeRecord]) -> None:
                 raise InputError(f"branch-merge record names {record.module!r}, which this architecture does not "
                                  "have") from e
             gm = rewritten[record.module] = _traced(owner, record.module)
-            replace_submodule(model, record.module, gm)
+            replace_module(model, record.module, gm)
         merge_in_graph(gm, record, build_layer(record.layer))
 
 
@@ -234,9 +235,3 @@ def _traced(module: nn.Module, name: str) -> fx.GraphModule:
     except Exception as e:
         raise InputError(f"branch-merge record for {name!r}: its forward does not trace with torch.fx here "
                          f"({type(e).__name__}: {e})") from e
-
-
-def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)

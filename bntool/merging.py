@@ -14,6 +14,7 @@ changes through torch.fx in that module only (bntool.rewrite).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,10 +26,12 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .devices import as_float64
 from .graph import Dataflow, trace
-from .layers import ChannelAffine, is_bn, replace_module
+from .layers import ChannelAffine, channel_view, is_bn, replace_module
 from .rewrite import (
     MergeRecord,
+    is_add,
     is_pass_through,
+    is_sub,
     layer_spec,
     merge_in_graph,
     sum_roots,
@@ -264,7 +267,39 @@ def branch_map(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> Line
         return pool_map(module, shape[1], like)
     if type(module).__module__.startswith("torch.nn.modules") and not isinstance(module, nn.Sequential):
         raise _NoMerge(f"a nonlinearity or non-linear layer between ({type(module).__name__})")
-    return _chain_map(module, shape, like)
+    try:
+        return _chain_map(module, shape, like)
+    except _NoMerge:
+        probed = _probed_affine(module, shape, like)
+        if probed is None:
+            raise
+        return probed
+
+
+def _probed_affine(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> LinearMap | None:
+    """A parameter-only leaf module (timm's LayerScale: x·γ) that computes a per-channel x·s + t: s and t
+    measured in float64 on zeros and ones, then confirmed on a random input. None where it is anything else."""
+    if next(module.children(), None) is not None or len(shape) < 2 or isinstance(module, torch.jit.ScriptModule):
+        return None
+    try:
+        m64 = copy.deepcopy(module).double()
+        probe = {v: torch.full(shape, float(v), dtype=torch.float64, device=like.device) for v in (0, 1)}
+        r = torch.randn(shape, dtype=torch.float64, device=like.device, generator=None)
+        with torch.no_grad():
+            shift, one, out = m64(probe[0]), m64(probe[1]), m64(r.clone())
+    except Exception:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.shape == shape for t in (shift, one, out)):
+        return None
+    scale = one - shift
+    per_channel = [t.movedim(1, 0).reshape(shape[1], -1) for t in (scale, shift)]
+    if any(bool((t - t[:, :1]).abs().max() > 0) for t in per_channel):
+        return None
+    s, t = per_channel[0][:, 0], per_channel[1][:, 0]
+    expected = r * channel_view(s, len(shape)) + channel_view(t, len(shape))
+    if float((out - expected).abs().max()) > 1e-12 * max(float(expected.abs().max()), 1.0):
+        return None
+    return LinearMap.diagonal(s, t, len(shape) - 2)
 
 
 def is_pass_through_module(module: nn.Module) -> bool:
@@ -284,6 +319,9 @@ def _chain_map(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> Line
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     current, result = inputs[0] if len(inputs) == 1 else None, None
     for node in nodes:
+        if _adds_zero(node, current):  # MobileOne's `0 + identity(x)` where a branch is absent
+            current = node
+            continue
         if node.op != "call_module" or len(node.args) != 1 or node.args[0] is not current or node.kwargs:
             what = node.target if node.op != "get_attr" else "a parameter"
             raise _NoMerge(f"{type(module).__name__}'s forward is not one chain of layers "
@@ -297,6 +335,11 @@ def _chain_map(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> Line
     if output.args[0] is not current:
         raise _NoMerge(f"{type(module).__name__}'s forward does not return its last layer's output")
     return result
+
+
+def _adds_zero(node: fx.Node, current: fx.Node | None) -> bool:
+    return (is_add(node) or is_sub(node)) and current in node.args and any(
+        isinstance(a, (int, float)) and not isinstance(a, bool) and a == 0 for a in node.args)
 
 
 def _shape_after(m: LinearMap, shape: torch.Size) -> torch.Size:
@@ -377,7 +420,8 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     for n, m in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(m), []).append(n)
     records, decisions = [], []
-    for name, module in candidate_modules(flow, model):
+    for name, module in reversed(candidate_modules(flow, model)):  # inner blocks first: merged, they are
+        # linear branches of an outer sum (FastViT's RepMixer: x + γ·(mixer(x) − norm(x)))
         if not name or id(module) not in calls:
             continue  # the model itself keeps its class (and its other methods)
         if len(names_of.get(id(module), [])) > 1:
@@ -436,19 +480,34 @@ def _node_values(gm: fx.GraphModule, call: tuple) -> dict[str, Any]:
 
 
 def _terms_by_source(gm: fx.GraphModule, root: fx.Node) -> dict[fx.Node, list[tuple[Any, int]]]:
-    """The sum's branch terms grouped by the tensor they read: a module call on it, or the tensor itself."""
+    """The sum's branch terms grouped by the tensor they read: a chain of module calls on it (each read only by
+    the next), or the tensor itself."""
     terms, _ = sum_terms(gm, root)
     groups: dict[fx.Node, list[tuple[Any, int]]] = {}
     for term, sign in terms:
-        if not isinstance(term, fx.Node):
+        if not isinstance(term, fx.Node) or not _is_module_call(gm, term):
             continue
-        if term.op == "call_module" and len(term.args) == 1 and isinstance(term.args[0], fx.Node) \
-                and not term.kwargs and not is_pass_through(gm, term):
-            groups.setdefault(term.args[0], []).append((term, sign))
+        first = term
+        while _is_module_call(gm, first.args[0]) and len(first.args[0].users) == 1:
+            first = first.args[0]
+        groups.setdefault(first.args[0], []).append((term, sign))
     for term, sign in terms:  # identity branches: the source itself
         if isinstance(term, fx.Node) and term in groups:
             groups[term].append((term, sign))
     return {s: t for s, t in groups.items() if len(t) >= 2}
+
+
+def _is_module_call(gm: fx.GraphModule, node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
+        and isinstance(node.args[0], fx.Node) and not is_pass_through(gm, node)
+
+
+def _chain(term: fx.Node, source: fx.Node) -> list[fx.Node]:
+    """The module calls from `source` to `term`, in order."""
+    chain = [term]
+    while chain[0].args[0] is not source:
+        chain.insert(0, chain[0].args[0])
+    return chain
 
 
 def _merge_one(name, module, gm, root, source, terms, values, flow):
@@ -464,10 +523,15 @@ def _merge_one(name, module, gm, root, source, terms, values, flow):
             if term is not source:
                 if len(term.users) > 1:
                     raise _NoMerge("its output is also read elsewhere")
-                sub = gm.get_submodule(term.target)
-                if len(flow.calls_of(sub)) > len(flow.calls_of(module)):
-                    raise _NoMerge("the branch module is called more than once per call of its owner")
-                m = branch_map(sub, x.shape, x)
+                m, shape = None, x.shape
+                for node in _chain(term, source):
+                    sub = gm.get_submodule(node.target)
+                    if len(flow.calls_of(sub)) > len(flow.calls_of(module)):
+                        raise _NoMerge("the branch module is called more than once per call of its owner")
+                    step = branch_map(sub, shape, x)
+                    if step is not None:
+                        m = step if m is None else then(m, step)
+                        shape = _shape_after(step, shape)
             else:
                 m = None
             if m is None:

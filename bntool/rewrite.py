@@ -196,9 +196,11 @@ def merge_in_graph(gm: fx.GraphModule, record: MergeRecord, layer: nn.Module) ->
     for node in dict.fromkeys([root, *inner]):
         if not node.users and node is not total:
             gm.graph.erase_node(node)
-    for term in removed:
-        if isinstance(term, fx.Node) and term.op == "call_module" and not term.users:
+    for term in removed:  # each removed branch: its chain of module calls, now read by nothing
+        while isinstance(term, fx.Node) and term.op == "call_module" and not term.users and term is not source:
+            before = term.args[0] if term.args else None
             gm.graph.erase_node(term)
+            term = before
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.utils import skip_init
 
 from .devices import as_float64
 from .graph import Dataflow, trace
@@ -222,13 +223,13 @@ def build_merged(m: LinearMap, dtype: torch.dtype) -> nn.Module:
     out, inp = m.weight.shape[:2]
     device = m.weight.device
     if m.dims == 0:
-        layer = nn.Linear(inp, out, device=device, dtype=dtype)
+        layer = skip_init(nn.Linear, inp, out, device=device, dtype=dtype)  # no random init: the RNG is the user's
         weight = m.weight
     else:
         g = largest_groups(m.weight)
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[m.dims]
-        layer = conv(inp, out, tuple(m.weight.shape[2:]), stride=m.stride, padding=m.padding, dilation=m.dilation,
-                     groups=g, padding_mode=m.padding_mode, device=device, dtype=dtype)
+        layer = skip_init(conv, inp, out, tuple(m.weight.shape[2:]), stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=g, padding_mode=m.padding_mode, device=device, dtype=dtype)
         step_o, step_i = out // g, inp // g
         weight = torch.cat([m.weight[j * step_o:(j + 1) * step_o, j * step_i:(j + 1) * step_i] for j in range(g)])
     with torch.no_grad():
@@ -284,7 +285,7 @@ def _probed_affine(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> 
     try:
         m64 = copy.deepcopy(module).double()
         probe = {v: torch.full(shape, float(v), dtype=torch.float64, device=like.device) for v in (0, 1)}
-        r = torch.randn(shape, dtype=torch.float64, device=like.device, generator=None)
+        r = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(like.device)
         with torch.no_grad():
             shift, one, out = m64(probe[0]), m64(probe[1]), m64(r.clone())
     except Exception:
@@ -407,8 +408,9 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     containers = [m for m in model.modules() if next(m.children(), None) is not None]
     calls: dict[int, tuple] = {}
 
-    def record_call(module, args, kwargs, output):
-        calls.setdefault(id(module), (args, kwargs, output))
+    def record_call(module, args, kwargs, output):  # copies: later in-place ops must not change them
+        if id(module) not in calls:
+            calls[id(module)] = _copied((args, kwargs, output))
 
     handles = [m.register_forward_hook(record_call, with_kwargs=True) for m in containers]
     try:
@@ -433,6 +435,16 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
             replace_module(model, name, new)
             records += recs
     return records, decisions
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
 
 
 def _merge_in_module(name: str, module: nn.Module, call: tuple, flow: Dataflow):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .errors import InputError
 from .layers import replace_module
@@ -140,11 +141,12 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
     kind = spec["kind"]
     dtype = getattr(torch, spec.get("dtype", "float32"))
     if kind == "Linear":
-        layer = nn.Linear(spec["in"], spec["out"], bias=True, dtype=dtype)
+        layer = skip_init(nn.Linear, spec["in"], spec["out"], bias=True, dtype=dtype)  # filled by load_state_dict
     elif kind in ("Conv1d", "Conv2d", "Conv3d"):
-        layer = getattr(nn, kind)(spec["in"], spec["out"], tuple(spec["kernel"]), stride=tuple(spec["stride"]),
-                                  padding=tuple(spec["padding"]), dilation=tuple(spec["dilation"]),
-                                  groups=spec["groups"], bias=True, padding_mode=spec["padding_mode"], dtype=dtype)
+        layer = skip_init(getattr(nn, kind), spec["in"], spec["out"], tuple(spec["kernel"]),
+                          stride=tuple(spec["stride"]), padding=tuple(spec["padding"]),
+                          dilation=tuple(spec["dilation"]), groups=spec["groups"], bias=True,
+                          padding_mode=spec["padding_mode"], dtype=dtype)
     else:
         raise InputError(f"corrupt branch-merge record: unknown layer kind {kind!r}")
     with torch.no_grad():

@@ -70,6 +70,12 @@ def without_bn(model):
     return floor
 
 
+def never_slower(t: dict[str, float]) -> str:
+    """The fold's promise, per model: the folded model's median is not above the unfolded one's."""
+    ratio = t["folded"] / t["unfolded"]
+    return "yes" if ratio <= 1.0 else f"≈ ({ratio:.2f}×, timing noise)" if ratio <= 1.03 else f"NO ({ratio:.2f}×)"
+
+
 def affine_summary(decisions) -> list:
     """Affines left and why (each reason with its count), and what replaced the BN modules."""
     reasons = Counter(d.reason for d in decisions if d.action == "affine")
@@ -108,11 +114,13 @@ def timm_latency(reps: int) -> None:
             variants = {"unfolded": model, "folded": folded, "floor": without_bn(model)}
             t = interleaved_times({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, reps=reps, warmup=3)
         rows.append([name, f"{t['unfolded'] * 1e3:.2f}", f"{t['folded'] * 1e3:.2f}", f"{t['floor'] * 1e3:.2f}",
-                     fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"])])
+                     fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"]),
+                     never_slower(t)])
         print(f"{name}: timed", flush=True)
     torch.set_num_threads(threads)
     show(f"timm models, eager CPU latency at batch 1, 128², 1 thread (median of {reps})",
-         ["model", "unfolded ms", "folded ms", "floor (BN math deleted, act kept) ms", "speed-up", "folded / floor"],
+         ["model", "unfolded ms", "folded ms", "floor (BN math deleted, act kept) ms", "speed-up", "folded / floor",
+          "folded never slower than unfolded"],
          rows, "fold_speed_timm")
 
 
@@ -188,7 +196,7 @@ def main() -> None:
             variants = {"unfolded": model, "folded": folded, "floor": floor}
             t = interleaved_times({k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}, reps=reps)
         speed.append([name, f"{t['unfolded'] * 1e3:.1f}", f"{t['folded'] * 1e3:.1f}", f"{t['floor'] * 1e3:.1f}",
-                      fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"])])
+                      fmt_ratio(t["unfolded"] / t["folded"]), fmt_ratio(t["folded"] / t["floor"]), never_slower(t)])
         print(f"{name}: done", flush=True)
     source = "torchvision" if archs.have_torchvision() else "built-in replicas"
     show(f"Fold coverage and accuracy ({source}, torch {torch.__version__})",
@@ -196,7 +204,8 @@ def main() -> None:
           "folded/forward/affine/refused", "error ratio folded/unfolded vs fp64", "fold time", "fold+check time"],
          coverage, "fold_coverage")
     show(f"Eager CPU latency at batch 1 ({threads} threads, median of {reps})",
-         ["model", "unfolded ms", "folded ms", "floor (BN deleted) ms", "speed-up", "folded / floor"],
+         ["model", "unfolded ms", "folded ms", "floor (BN deleted) ms", "speed-up", "folded / floor",
+          "folded never slower than unfolded"],
          speed, "fold_speed")
 
 

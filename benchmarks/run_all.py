@@ -14,8 +14,8 @@ HERE = Path(__file__).resolve().parent
 
 if __name__ == "__main__":
     extra = sys.argv[1:]
-    for script in ("bench_startup.py", "bench_fold.py", "bench_recalibrate.py", "bench_export.py",
-                   "bench_distributed.py"):
+    for script in ("bench_startup.py", "bench_fold.py", "bench_reparam.py", "bench_recalibrate.py",
+                   "bench_export.py", "bench_distributed.py"):
         print(f"== {script}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *([] if script == "bench_startup.py" else extra)],
                        check=True)

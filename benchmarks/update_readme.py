@@ -24,6 +24,9 @@ TABLES = [
     ("fold_speed_timm", "timm's BN+act models (BatchNormAct2d), one thread: folded vs unfolded vs the floor that "
                         "deletes only the BN math (target: folded within 1.03× of the floor, never slower than "
                         "unfolded)"),
+    ("reparam", "branch merging: fold without and with merging vs timm's own `reparameterize_model`, side by side "
+                "(target: no more layers than timm, latency within 1.05× of it, error within the float32 floor; "
+                "folded never slower than unfolded)"),
     ("recalibrate_speed_cpu", "recalibration cost vs the floor (an eval forward under inference_mode over the same "
                               "data) and vs `update_bn` (target ≤ 1.10× the floor's time and peak memory)"),
     ("recalibrate_exact", "exact mode with its segment cache, as a multiple of one eval pass (target ≤ 5×), next "

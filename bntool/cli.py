@@ -209,6 +209,9 @@ def fold(
     keep_extra: Annotated[bool, typer.Option(
         "--keep-extra", help="Keep a training checkpoint's optimizer/scheduler state (dropped by default: it "
                              "refers to parameters the fold removes, so resuming from it fails).")] = False,
+    merge: Annotated[bool, typer.Option(
+        "--merge/--no-merge", help="After folding, merge summed linear branches that read one tensor (RepVGG, "
+                                   "MobileOne, ACNet, DBB blocks) into one conv where exact.")] = True,
 ) -> None:
     """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
 
@@ -229,7 +232,7 @@ def fold(
     _tell(display, loaded)
     try:
         folded, report = fold_model(loaded.model, inputs, samples=samples, seed=example.seed, rtol=tolerances.rtol,
-                                    atol=tolerances.atol, skip=skip or (), device=where)
+                                    atol=tolerances.atol, skip=skip or (), device=where, merge=merge)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, "render_fold", _context(model, loaded=loaded))

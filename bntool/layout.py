@@ -3,7 +3,7 @@
 A folded state_dict no longer fits `--arch` as built (BNs became Identity or ChannelAffine, some convs gained a
 bias). `FoldLayout` records those changes; it travels inside the state_dict as a uint8 tensor of JSON under
 `LAYOUT_KEY`, and on the folded model itself (`layout_of` / `attach_layout`), so saving cannot forget it.
-Depends only on layers.py.
+Depends only on layers.py and rewrite.py (merged branches are rebuilt from their records).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .layers import (
     norm_act_parts,
     replace_module,
 )
+from .rewrite import MergeRecord, apply_merges
 
 # The state_dict key of the layout record.
 LAYOUT_KEY = "bntool.fold_layout"
@@ -38,16 +39,18 @@ _ATTRIBUTE = "_bntool_fold_layout"
 class FoldLayout:
     """Module names a fold changed: BNs now Identity, BNs now ChannelAffine (some `centered`: subtract the
     mean first), conv/linear layers that gained a bias, and BN+act layers now a FoldedNormAct (`norm_act`:
-    their Identity/ChannelAffine sits inside it, before their own drop and act)."""
+    their Identity/ChannelAffine sits inside it, before their own drop and act). `merges`: summed branches
+    merged into one layer afterwards (MergeRecord JSON, applied in order)."""
 
     identity: list[str] = field(default_factory=list)
     affine: list[str] = field(default_factory=list)
     centered: list[str] = field(default_factory=list)
     bias_added: list[str] = field(default_factory=list)
     norm_act: list[str] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.identity or self.affine or self.bias_added)
+        return bool(self.identity or self.affine or self.bias_added or self.merges)
 
     def merged(self, later: FoldLayout) -> FoldLayout:
         """This layout followed by a later fold of the same model (a BN folded once is no BN the next time)."""
@@ -56,7 +59,7 @@ class FoldLayout:
 
         return FoldLayout(union(self.identity, later.identity), union(self.affine, later.affine),
                           union(self.centered, later.centered), sorted(set(self.bias_added) | set(later.bias_added)),
-                          union(self.norm_act, later.norm_act))
+                          union(self.norm_act, later.norm_act), [*self.merges, *later.merges])
 
     def to_dict(self) -> dict[str, list[str]]:
         return asdict(self)
@@ -75,6 +78,8 @@ class FoldLayout:
         layout = cls(**known)
         if not set(layout.centered) <= set(layout.affine):
             raise InputError("corrupt fold layout record: a 'centered' layer that is not 'affine'")
+        for text in layout.merges:
+            MergeRecord.from_json(text)
         return layout
 
     def to_tensor(self) -> torch.Tensor:
@@ -124,6 +129,7 @@ class FoldLayout:
             else:
                 ones, zeros = like.new_ones(c), like.new_zeros(c)
                 make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
+        apply_merges(model, [MergeRecord.from_json(text) for text in self.merges])
         attach_layout(model, self)
         return model
 

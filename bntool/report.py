@@ -294,6 +294,7 @@ def render_fold(report, console: Console) -> None:
                       "many CPU paths and runtimes compute on them several times slower).")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+    _render_merges(report.merges, console)
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     for c in report.comparisons:
         if c.float64_error_original is not None:
@@ -304,6 +305,30 @@ def render_fold(report, console: Console) -> None:
                   f"({fmt(report.max_abs_over_scale)} of the output's magnitude) against atol "
                   f"{fmt(report.atol_at_worst)} (rule {report.tolerance.describe()}) {verdict}")
     _comparison_notes(report, console)
+
+
+def _render_merges(merges, console: Console) -> None:
+    """One line per sum of branches: what merged into which layer, or why not."""
+    done = [m for m in merges if m.merged]
+    if done:
+        console.print(f"Merged branches: {plural(len(done), 'sum')} of "
+                      f"{plural(sum(len(m.branches) for m in done), 'branch', 'branches')} into one layer each.")
+    shown = 0
+    for m in merges:
+        branches = ", ".join(b.rpartition(".")[2] if m.module else b for b in m.branches)
+        where = m.module or "the model"
+        if m.merged and shown == 6:
+            console.print(f"  … and {len(done) - 6} more (all in --json)")
+        shown += m.merged
+        if m.merged and shown > 6:
+            continue
+        if m.merged:
+            line = f"  {where}: {branches} → {m.into.rpartition('.')[2]}"
+            if m.left_out:
+                line += f" (kept: {'; '.join(m.left_out)})"
+            console.print(escape(line))
+        else:
+            console.print(f"  [yellow]not merged:[/] {escape(where)}: {escape(branches)}: {escape(m.reason)}")
 
 
 def _comparison_notes(report, console: Console) -> None:

@@ -286,6 +286,70 @@ class NoBN(nn.Module):
         return self.body(x)
 
 
+def _conv_only_bn(cin, cout, k, stride=1, groups=1):
+    """conv-BN with no activation (padding centres the kernel): one linear branch of a re-parameterisable block."""
+    k = k if isinstance(k, tuple) else (k, k)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k[0] // 2, k[1] // 2), groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class ACBlock(nn.Module):
+    """ACNet's asymmetric block: 3×3, 1×3 and 3×1 conv-BN branches summed (centres aligned), then ReLU."""
+
+    def __init__(self, cin, cout, stride=1, groups=1):
+        super().__init__()
+        self.square = _conv_only_bn(cin, cout, 3, stride, groups)
+        self.hor = _conv_only_bn(cin, cout, (1, 3), stride, groups)
+        self.ver = _conv_only_bn(cin, cout, (3, 1), stride, groups)
+
+    def forward(self, x):
+        return F.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+class DBBlock(nn.Module):
+    """Diverse Branch Block: k×k conv-BN, 1×1 conv-BN, 1×1 conv → k×k conv-BN, 1×1 conv → average pool-BN and
+    (same shape) an identity BN, summed, then ReLU."""
+
+    def __init__(self, cin, cout, stride=1, groups=1):
+        super().__init__()
+        self.kxk = _conv_only_bn(cin, cout, 3, stride, groups)
+        self.one = _conv_only_bn(cin, cout, 1, stride, groups)
+        self.one_kxk = nn.Sequential(nn.Conv2d(cin, cin, 1, groups=groups, bias=False),
+                                     nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False),
+                                     nn.BatchNorm2d(cout))
+        self.one_avg = nn.Sequential(nn.Conv2d(cin, cout, 1, groups=groups, bias=False),
+                                     nn.AvgPool2d(3, stride, 1), nn.BatchNorm2d(cout))
+        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+
+    def forward(self, x):
+        out = self.kxk(x) + self.one(x) + self.one_kxk(x) + self.one_avg(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return F.relu(out)
+
+
+class RepNet(nn.Module):
+    """A small classifier of re-parameterisable blocks (ACBlock or DBBlock): plain, strided and grouped."""
+
+    def __init__(self, block=ACBlock, width=16):
+        super().__init__()
+        self.stem = conv_bn(3, width, 3, 2)
+        self.blocks = nn.Sequential(block(width, width), block(width, 2 * width, 2),
+                                    block(2 * width, 2 * width, groups=4))
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def acnet() -> RepNet:
+    return RepNet(ACBlock)
+
+
+def dbb() -> RepNet:
+    return RepNet(DBBlock)
+
+
 @dataclass(frozen=True)
 class ZooEntry:
     factory: Callable[[], nn.Module]
@@ -307,6 +371,9 @@ ZOO: dict[str, ZooEntry] = {
     "reused": ZooEntry(ReusedConv, (2, 3, 16, 16), "one conv module called twice"),
     "subclass": ZooEntry(SubclassNet, (2, 3, 17, 17), "BN+act subclass, Conv2dSame, FrozenBN, SE gate"),
     "nobn": ZooEntry(NoBN, (2, 3, 16, 16), "no BatchNorm at all"),
+    "acnet": ZooEntry(acnet, (2, 3, 32, 32), "ACNet blocks: 3x3 + 1x3 + 3x1 conv-BN branches summed"),
+    "dbb": ZooEntry(dbb, (2, 3, 32, 32),
+                    "Diverse Branch Blocks: kxk, 1x1, 1x1→kxk, 1x1→avg-pool and identity branches summed"),
 }
 
 

@@ -214,7 +214,7 @@ EXPECTED_ACTIONS = {
     "resnet": {FOLDED: 6}, "resnext": {FOLDED: 6}, "mobilenet": {FOLDED: 10}, "decoder": {FOLDED: 3},
     "conv1d": {FOLDED: 3}, "conv3d": {FOLDED: 2}, "mlp": {FOLDED: 2, FOLDED_FORWARD: 1}, "tokens": {FOLDED: 2},
     "preact": {FOLDED: 1, FOLDED_FORWARD: 2, AFFINE: 1}, "shared": {AFFINE: 1}, "reused": {FOLDED: 1, AFFINE: 2},
-    "subclass": {FOLDED: 3}, "nobn": {},
+    "subclass": {FOLDED: 3}, "nobn": {}, "acnet": {FOLDED: 10}, "dbb": {FOLDED: 10, AFFINE: 5},
 }
 
 

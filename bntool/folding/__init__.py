@@ -23,6 +23,7 @@ from ..compare import Tolerance, check_samples
 from ..devices import check_not_meta, device_of, model_dtype, moved_to, to_device
 from ..errors import CheckFailed, InputError, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
+from ..merging import merge_branches
 from .check import FoldReport, compare, default_tolerance, eval_copy, ops_left
 from .math import fold_value_range
 from .planner import (
@@ -68,6 +69,7 @@ def fold(
     check: bool = True,
     plan: FoldPlan | None = None,
     device: str | torch.device | None = None,
+    merge: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
@@ -90,6 +92,8 @@ def fold(
             `plan_fold(model, example_inputs, skip=skip)`.
         device: run the trace and the check on this device ("cpu", "cuda", "cuda:1", "mps"); the inputs are
             moved there. Default: where the model is, inputs as given.
+        merge: after folding, merge linear branches that read one tensor and are summed (RepVGG, MobileOne,
+            ACNet, DBB blocks) into one conv/linear where exact (bntool.merging); the report lists each sum.
 
     Returns:
         (folded, report): the folded copy in eval mode on the device `model` was on, carrying its FoldLayout
@@ -121,9 +125,11 @@ def fold(
     home = device_of(model)
     with moved_to(model, device) as dev:
         inputs = to_device(inputs, dev) if device is not None else inputs
-        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True)
+        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True,
+                                         merge=merge)
         if not report.passed and report.subnormals_flushed:  # the flush made the difference: keep them
-            folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=False)
+            folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=False,
+                                             merge=merge)
             report.notes.append("subnormal values were kept: the check failed with them flushed to zero")
     report.notes = list(dict.fromkeys(notes + report.notes))
     if device is not None:
@@ -147,10 +153,10 @@ def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str]) -> None:
                      f"`bntool recalibrate` first, or leave them as they are with {param('skip')}", param="skip")
 
 
-def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool, merge: bool = True
                     ) -> tuple[nn.Module, FoldReport]:
     """fold() on the model and inputs where they are: the folded copy and its report (passed or not).
-    `flush`: the subnormals the fold writes become zero."""
+    `flush`: the subnormals the fold writes become zero. `merge`: then summed linear branches become one layer."""
     started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
         folded, by_request = eval_copy(model)
@@ -161,6 +167,10 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: 
                         decisions=plan.decisions, opaque=plan.opaque, notes=list(plan.notes))
     applied = apply_plan(folded, plan, flush_subnormals=flush)
     report.layout, report.subnormals_flushed = applied.layout, applied.subnormals_flushed
+    if merge:
+        with user_code("the folded model's forward (finding branches to merge)"):
+            records, report.merges = merge_branches(folded, inputs)
+        report.layout.merges = [r.to_json() for r in records]
     attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
     report.ops_left = ops_left(plan)
     report.fold_seconds = time.perf_counter() - started

@@ -24,6 +24,7 @@ from ..compare import (
 from ..graph import OPAQUE, Dataflow, trace
 from ..layers import bn_modules, is_frozen_bn
 from ..layout import FoldLayout
+from ..merging import MergeDecision
 from .planner import AFFINE, FOLDED, FOLDED_FORWARD, REFUSED, BNDecision, FoldPlan
 
 
@@ -60,6 +61,7 @@ class FoldReport(ComparedReport):
     # Values the fold wrote that float32/16/bf16 holds only as subnormals (slow on many CPUs), set to 0.
     subnormals_flushed: int = 0
     notes: list[str] = field(default_factory=list)  # about the model as a whole (a compiled model unwrapped)
+    merges: list[MergeDecision] = field(default_factory=list)  # summed branches merged into one layer, or not
 
     def count(self, action: str) -> int:
         return sum(d.action == action for d in self.decisions)

@@ -236,13 +236,13 @@ class BNNode:
 def batch_norm_nodes(model) -> list[BNNode]:
     """Every BatchNormalization node: the main graph's first (in order), then those in subgraphs (If/Loop/Scan
     bodies) and local functions, with the constant values of their inputs."""
-    constants = constant_values(model.graph)
+    main = Constants(model.graph)
     found = []
     for graph, where in _graphs(model):
+        constants = main if not where else Constants(graph, outer=main)
         for node in graph.node:
             if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-                found.append(_bn_node(node, where, constants if not where else
-                                      {**constants, **constant_values(graph)}))
+                found.append(_bn_node(node, where, constants))
     return found
 
 
@@ -263,31 +263,47 @@ def _subgraphs(graph) -> Iterator[tuple[Any, str]]:
                 yield from _subgraphs(g)
 
 
-def _bn_node(node, where: str, constants: dict[str, Any]) -> BNNode:
+def _bn_node(node, where: str, constants: Constants) -> BNNode:
     import onnx
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     names = dict(zip(_BN_INPUTS, list(node.input)[1:5]))
-    values = {key: (np.asarray(constants[n]) if n in constants else None) for key, n in names.items()}
+    values = {key: constants.get(n) for key, n in names.items()}
     return BNNode(name=node.name or node.output[0], node=node, where=where, x=node.input[0], y=node.output[0],
                   inputs=names, values=values, epsilon=float(attrs.get("epsilon", 1e-5)),
                   momentum=float(attrs.get("momentum", 0.9)), training_mode=int(attrs.get("training_mode", 0)),
                   spatial=int(attrs.get("spatial", 1)), extra_outputs=[o for o in list(node.output)[1:] if o])
 
 
-def constant_values(graph) -> dict[str, np.ndarray]:
-    """Tensors of a graph whose values are fixed: initializers that are not also graph inputs (those can be
-    overridden at run time) and outputs of Constant nodes with a `value` tensor."""
-    from onnx import numpy_helper
+class Constants:
+    """The tensors of a graph whose values are fixed, read on demand (a model's weights are not copied up
+    front): initializers that are not also graph inputs (those can be overridden at run time) and outputs of
+    Constant nodes with a `value` tensor. `outer`: the enclosing graph's, for subgraphs."""
 
-    overridable = {i.name for i in getattr(graph, "input", [])}
-    values = {t.name: numpy_helper.to_array(t) for t in getattr(graph, "initializer", []) if t.name not in overridable}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+    def __init__(self, graph, outer: Constants | None = None):
+        overridable = {i.name for i in getattr(graph, "input", [])}
+        self.tensors = {t.name: t for t in getattr(graph, "initializer", []) if t.name not in overridable}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.tensors[node.output[0]] = attr.t
+        self.outer = outer
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or (self.outer is not None and name in self.outer)
+
+    def proto(self, name: str):
+        """The TensorProto holding `name`'s value (an initializer, or a Constant node's attribute)."""
+        if name in self.tensors:
+            return self.tensors[name]
+        return self.outer.proto(name) if self.outer is not None else None
+
+    def get(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        proto = self.proto(name) if name else None
+        return None if proto is None else numpy_helper.to_array(proto)
 
 
 # ---------------------------------------------------------------- dataflow helpers for graph surgery

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .choices import FoldAction
-from .compare import Tolerance, combine, compare_arrays
+from .compare import Tolerance, compare_arrays
 from .errors import InputError, param
 from .files import Outputs
 from .onnx_model import (
@@ -471,7 +471,6 @@ def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Su
     """y = x·scale + shift per channel (axis 1), exactly the BN in eval mode: Mul and Add with [C, 1, …]
     constants, or one depthwise 1×1 Conv (`affine_as="conv"`)."""
     import onnx
-
     from onnx import helper
 
     rank = graph.ranks[bn.x]
@@ -489,3 +488,256 @@ def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Su
     mid = unique_name(graph.names, f"{base}_scaled")
     return [onnx.helper.make_node("Mul", [bn.x, s], [mid], name=f"{base}_mul"),
             onnx.helper.make_node("Add", [mid, t], [bn.y], name=f"{base}_add")]
+
+
+# ---------------------------------------------------------------- inputs for the check
+
+
+def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: int, path) -> tuple:
+    """Random inputs for the graph's inputs (those that are not initializers): shapes from the graph, symbolic
+    dimensions from `input_shapes` (one full shape per input, in order). Floats are standard normal, integers
+    0 or 1, booleans random.
+
+    Raises:
+        InputError: a symbolic dimension without `input_shapes` (naming the input), or shapes that do not fit.
+    """
+    import torch
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = [i for i in model.graph.input if i.name not in inits]
+    if input_shapes is not None and len(input_shapes) != len(specs):
+        raise InputError(f"{path}: has {len(specs)} inputs {[s.name for s in specs]}, but {param('example_inputs')} "
+                         f"gives {len(input_shapes)} shapes", param="example_inputs")
+    g = torch.Generator().manual_seed(seed)
+    inputs = []
+    for i, spec in enumerate(specs):
+        t = spec.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        shape = _input_shape(spec.name, dims, None if input_shapes is None else tuple(input_shapes[i]), path)
+        dtype = torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(t.elem_type))).dtype
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=g).to(dtype))
+        else:
+            inputs.append(torch.randint(0, 2, shape, generator=g).to(dtype))
+    return tuple(inputs)
+
+
+def _input_shape(name: str, dims: list, given: tuple | None, path) -> tuple[int, ...]:
+    if given is None:
+        symbolic = [d for d in dims if not isinstance(d, int) or d <= 0]
+        if symbolic:
+            raise InputError(f"{path}: input {name!r} has shape {dims} with symbolic dimensions "
+                             f"{', '.join(map(str, symbolic))}; give its shape with {param('example_inputs')}",
+                             param="example_inputs")
+        return tuple(dims)
+    if len(given) != len(dims) or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, given)):
+        raise InputError(f"{path}: input {name!r} has shape {dims}, but {param('example_inputs')} gives "
+                         f"{list(given)}", param="example_inputs")
+    return given
+
+
+# ---------------------------------------------------------------- fold, checked
+
+
+def fold_onnx(
+    source: str | os.PathLike | OnnxFile,
+    out: str | os.PathLike | None = None,
+    *,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    skip: Sequence[str] = (),
+    affine_as: str = "mul",
+    provider: str = "cpu",
+    force: bool = False,
+    check: bool = True,
+):
+    """Fold every BatchNormalization node of an ONNX file it can, check the result in onnxruntime against the
+    original, and write it to `out` only if the check passed.
+
+    Args:
+        source: the ONNX file (a path, or an OnnxFile from load_onnx: its model is changed in place).
+        out: where to write the folded file (its external data beside it when the input had some); None: check
+            only, write nothing.
+        input_shapes: one shape per graph input, for symbolic dimensions (a graph with fixed shapes needs none).
+        samples, seed: random inputs checked besides the example (at several batch sizes when the batch
+            axis is symbolic).
+        rtol, atol: |Δ| ≤ atol + rtol·|original|; default atol 1e-4 of each output's largest magnitude. Where
+            an output is over it, the original run in float64 (onnx.reference) arbitrates: the folded file passes
+            when it is no further from it than 1.5× the original's own float32 error.
+        skip: BN node names or glob patterns left as they are.
+        affine_as: "mul" (Mul + Add) or "conv" (a depthwise 1×1 Conv) for BNs that fold into no neighbour.
+        provider: onnxruntime's: "cpu" or "cuda".
+        force: replace an existing `out`.
+        check: raise CheckFailed when the check fails (else return the failed report).
+
+    Returns:
+        A FoldReport (the PyTorch path's: decisions per BN node, counts, comparisons at both onnxruntime
+        optimisation levels).
+
+    Raises:
+        InputError / CorruptFileError: the file cannot be used (see load_onnx), onnxruntime cannot run it,
+            a symbolic input dimension without `input_shapes`, a bad option, an output that must not be written.
+        CheckFailed: with `check`, the folded file's outputs differ beyond tolerance; nothing written.
+    """
+    from .compare import check_samples
+    from .errors import CheckFailed
+    from .folding import FoldReport
+    from .onnx_export import check_provider
+
+    if affine_as not in AFFINE_AS:
+        raise InputError(f"{param('affine_as')} {affine_as!r}: choose one of {', '.join(AFFINE_AS)}",
+                         param="affine_as")
+    check_samples(samples)
+    check_provider(provider)
+    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
+    onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
+    outputs = Outputs()
+    if out is not None:
+        plan_onnx_output(outputs, out, onnx_file, force=force)
+        outputs.check()
+    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
+    original = OriginalRuns(onnx_file.path, provider, inputs)  # exit 2 here if onnxruntime cannot run the file
+
+    started = time.perf_counter()
+    model = onnx_file.model
+    report = FoldReport(tolerance=tolerance, batch_norm_ops_before=_bn_count(model),
+                        params_before=_param_count(model))
+    from .folding import check_skip_patterns
+
+    plan = plan_onnx_fold(model, skip)
+    check_skip_patterns(skip, [d.name for d in plan.decisions])
+    apply_onnx_fold_plan(model, plan, affine_as)
+    report.decisions = plan.decisions
+    report.batch_norm_ops_after, report.params_after = _bn_count(model), _param_count(model)
+    report.ops_left = [f"{d.name}: {d.reason}" for d in plan.decisions if d.action == FoldAction.REFUSED]
+    with outputs:
+        staged = _stage(model, out, outputs, onnx_file)
+        report.fold_seconds = time.perf_counter() - started
+        del model, onnx_file  # onnxruntime reads the staged file; the proto is not needed any more
+        started = time.perf_counter()
+        result = _check(original, staged, inputs, tolerance, samples, seed, provider)
+        report.comparisons, report.passed = result.comparisons, result.passed
+        report.check_seconds = time.perf_counter() - started
+        if report.passed and out is not None:
+            outputs.commit()
+    if check and not report.passed:
+        raise CheckFailed(f"the folded ONNX file's outputs differ from the original's: max abs error "
+                          f"{report.max_abs:.3g} ({report.max_abs_over_scale:.3g} of the output's magnitude) over "
+                          f"{tolerance.describe()}; nothing written", report=report)
+    return report
+
+
+def _bn_count(model) -> int:
+    from .onnx_export import op_counts
+
+    return op_counts(model).get(BN_TYPE, 0)
+
+
+def _param_count(model) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def _stage(model, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
+    """Write the folded model where the check reads it: the output's temp file (committed after a passing
+    check), or a private temp directory when there is no output."""
+    import tempfile
+
+    if out is None:
+        directory = Path(tempfile.mkdtemp(prefix=".bntool-tmp-"))
+        outputs.staging.append(directory)  # removed with the outputs
+        target = directory / "folded.onnx"
+        plan_onnx_output(outputs, target, None)
+        save_onnx(model, target, outputs, onnx_file)
+    else:
+        save_onnx(model, out, outputs, onnx_file)
+        target = Path(out)
+    return next(p.temp for p in outputs.planned if p.path == target)
+
+
+class OriginalRuns:
+    """The original file in onnxruntime, one optimisation level at a time: the check's reference outputs."""
+
+    def __init__(self, path: Path, provider: str, inputs: tuple):
+        from .onnx_export import OPTIMIZATION_LEVELS, check_signature, ort_session
+
+        self.path, self.provider = path, provider
+        self.level = OPTIMIZATION_LEVELS[0]
+        self.session = ort_session(path, provider, self.level)
+        check_signature(self.session, inputs, path)
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.float64 = None
+
+    def __call__(self, label: str, xs: tuple, level: str) -> list:
+        from .onnx_export import ort_session
+
+        if level != self.level:
+            self.session = None  # release the previous level's session first
+            self.session, self.level = ort_session(self.path, self.provider, level), level
+        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.names, xs)}
+        try:
+            return self.session.run(None, feed)
+        except Exception as e:
+            raise InputError(f"{self.path}: onnxruntime cannot run it on the {label} input "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
+                             ) from e
+
+    def float64_outputs(self, xs: tuple) -> dict[str, np.ndarray]:
+        """The original graph run in float64 (onnx.reference on a copy with every float tensor made double)."""
+        from onnx.reference import ReferenceEvaluator
+
+        if self.float64 is None:
+            self.float64 = ReferenceEvaluator(as_float64(load_onnx(self.path, check=False).model))
+        feed = {n: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
+                for n, x in zip(self.names, xs)}
+        return dict(zip(self.float64.output_names, self.float64.run(None, feed)))
+
+
+def as_float64(model):
+    """The model with float32/float16/bfloat16 tensors, inputs, outputs, casts and constants made float64."""
+    from onnx import TensorProto, numpy_helper
+
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    g = model.graph
+    for info in [*g.input, *g.output, *g.value_info]:
+        if info.type.tensor_type.elem_type in floats:
+            info.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, t in enumerate(g.initializer):
+        if t.data_type in floats:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i in floats:
+                a.i = TensorProto.DOUBLE
+            if a.name == "value" and a.HasField("t") and a.t.data_type in floats:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    return model
+
+
+def _check(original: OriginalRuns, staged: Path, inputs, tolerance, samples, seed, provider):
+    """onnxruntime on the folded file against the original, level by level; a comparison over tolerance is
+    re-judged against the original run in float64."""
+    from .onnx_export import compare_runs
+
+    exact_only = Tolerance(0.0, 0.0, atol_relative=False)
+
+    def arbitrate(c, xs, ref, out, name) -> None:
+        if not math.isfinite(c.max_abs):
+            return
+        exact = original.float64_outputs(xs).get(name)
+        if exact is None:
+            return
+        c.float64_error_original = compare_arrays(c.input, name, exact, ref, exact_only).max_abs
+        c.float64_error_candidate = compare_arrays(c.input, name, exact, out, exact_only).max_abs
+        c.passed = c.float64_error_candidate <= 1.5 * c.float64_error_original + 0.01 * c.threshold
+
+    try:
+        return compare_runs(original, "the original file", staged, inputs, tolerance, samples=samples, seed=seed,
+                            provider=provider, candidate_check=arbitrate)
+    except InputError as e:
+        if str(original.path) in str(e):
+            raise
+        raise RuntimeError(f"the folded file does not load in onnxruntime: {e}") from e  # bntool's bug: exit 3

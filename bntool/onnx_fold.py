@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .choices import FoldAction
+from .choices import AffineAs, FoldAction
 from .compare import Tolerance, compare_arrays
 from .errors import InputError, param
 from .files import Outputs
@@ -38,7 +38,6 @@ from .onnx_model import (
     unique_name,
 )
 
-AFFINE_AS = ("mul", "conv")  # how a BN that folds nowhere is written: Mul+Add, or a depthwise 1×1 Conv
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 BN_TYPE = "BatchNormalization"
 
@@ -588,8 +587,8 @@ def fold_onnx(
     from .folding import FoldReport
     from .onnx_export import check_provider
 
-    if affine_as not in AFFINE_AS:
-        raise InputError(f"{param('affine_as')} {affine_as!r}: choose one of {', '.join(AFFINE_AS)}",
+    if affine_as not in AffineAs.values():
+        raise InputError(f"{param('affine_as')} {affine_as!r}: choose one of {', '.join(AffineAs.values())}",
                          param="affine_as")
     check_samples(samples)
     check_provider(provider)

@@ -120,9 +120,9 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> OnnxFile:
         except Exception as e:
             raise CorruptFileError(f"{path}: cannot read its external data ({type(e).__name__}: {first_line(e)})",
                                    what=str(path)) from e
+    _refuse_spatial_zero(model, path)
     if check:
         _check_model(model, path, external)
-    _refuse_spatial_zero(model, path)
     total = size + sum(p.stat().st_size for p in external)
     return OnnxFile(path=path, model=model, external_data=external, file_bytes=total)
 

@@ -30,6 +30,7 @@ from .onnx_model import (
     OnnxFile,
     all_names,
     batch_norm_nodes,
+    default_opset,
     graph_output_names,
     load_onnx,
     plan_onnx_output,
@@ -66,6 +67,23 @@ class OnnxGraph:
         return cls(model=model, constants=Constants(graph), producer=producer, readers=readers_of(graph),
                    outputs=graph_output_names(graph), ranks=ranks, elem_types=elem_types, names=all_names(model))
 
+    def value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """The constant value of tensor `name`: an initializer, a Constant, or computed from constants alone
+        (a Transpose of a weight, a Pad's pads built by Reshape/Cast/Concat: how exporters write them without
+        constant folding); None when it depends on a graph input."""
+        value = self.constants.get(name) if name else None
+        node = self.producer.get(name) if value is None and name else None
+        if node is None or depth > 16 or node.op_type not in _CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
+            return value
+        inputs = [self.value(i, depth + 1) if i else None for i in node.input]
+        if any(v is None for i, v in zip(node.input, inputs) if i):
+            return None
+        return _run_node(node, inputs, self.model)[list(node.output).index(name)]
+
+    def readers_pad_outputs(self, tensor: str) -> list[str]:
+        """Outputs of Pad nodes that read `tensor` (a consumer fold may look through one)."""
+        return [n.output[0] for n in self.readers.get(tensor, []) if n.op_type == "Pad"]
+
     def only_reader(self, tensor: str, node) -> str:
         """Why `tensor` is read by more than `node` ("" when `node` is its only reader)."""
         others = [n for n in self.readers.get(tensor, []) if n is not node]
@@ -80,6 +98,23 @@ class OnnxGraph:
         """Whether the constant `name` is read by another node than `node` (then it is copied, not changed)."""
         return any(n is not node for n in self.readers.get(name, [])) or name in self.outputs or \
             list(node.input).count(name) > 1
+
+
+# Ops a constant input's value may pass through (computed with onnx.reference when all inputs are constants).
+_CONSTANT_OPS = {"Transpose", "Reshape", "Shape", "Cast", "Concat", "Slice", "Unsqueeze", "Squeeze", "Identity",
+                 "Gather", "ConstantOfShape", "Flatten", "Range", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt"}
+
+
+def _run_node(node, inputs: list, model) -> list:
+    """One node evaluated by onnx's reference implementation on constant inputs."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if name else "" for i, name in enumerate(node.input)]
+    single = helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))], domain=node.domain)
+    single.attribute.extend(node.attribute)
+    evaluator = ReferenceEvaluator(single, opsets={"": default_opset(model) or 13})
+    return evaluator.run(None, {n: v for n, v in zip(names, inputs) if n})
 
 
 def _node_name(node) -> str:
@@ -210,6 +245,14 @@ def plan_onnx_fold(model, skip: Sequence[str] = ()) -> OnnxFoldPlan:
                 decision.action, decision.target = FoldAction.FOLDED, step.targets[0].layer
             except _NoFold as why:
                 decision.reason = f"not folded into its producer: {why}"
+            if decision.action == FoldAction.REFUSED:
+                try:
+                    step.targets = [_consumer_target(bn, graph)]
+                    decision.action, decision.target = FoldAction.FOLDED_FORWARD, step.targets[0].layer
+                    decision.reason = ""
+                except _NoFold as why:
+                    decision.reason += f"; nor into its consumer: {why}"
+            if decision.action == FoldAction.REFUSED:
                 if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
                     decision.reason += "; and its input's rank or type is unknown (no exact affine without it)"
                 else:
@@ -256,7 +299,7 @@ def _producer_target(bn: BNNode, graph: OnnxGraph):
 
 def _weight(node, index: int, graph: OnnxGraph, what: str) -> np.ndarray:
     name = node.input[index] if len(node.input) > index else ""
-    value = graph.constants.get(name) if name else None
+    value = graph.value(name)
     if value is None:
         raise _NoFold(f"{_node_name(node)}'s {what} {name!r} is not a constant")
     if not np.issubdtype(value.dtype, np.floating):
@@ -305,6 +348,77 @@ def _matmul_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
 _PRODUCER_RULES = {"Conv": _conv_rule, "ConvTranspose": _conv_rule, "Gemm": _gemm_rule, "MatMul": _matmul_rule}
 
 
+def _only_reader(tensor: str, graph: OnnxGraph):
+    readers = graph.readers.get(tensor, [])
+    if tensor in graph.outputs:
+        raise _NoFold(f"its output {tensor!r} is a graph output")
+    if len(readers) != 1:
+        raise _NoFold(f"its output is read by {len(readers)} nodes")
+    return readers[0]
+
+
+def _through_copying_pad(pad, graph: OnnxGraph):
+    """The node after a Pad that copies its input's values into the border (reflect, edge, wrap) and pads no
+    channel: every element it passes on is a BN output, so a fold into the next node stays exact."""
+    mode = _attr(pad, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "constant":
+        raise _NoFold(f"{_node_name(pad)} pads with a constant (the shift would not reach the padding)")
+    pads = _attr(pad, "pads", None)
+    if pads is None:
+        pads = graph.value(pad.input[1]) if len(pad.input) > 1 else None
+    axes = graph.value(pad.input[3]) if len(pad.input) > 3 and pad.input[3] else None
+    if pads is None or axes is not None:
+        raise _NoFold(f"{_node_name(pad)}'s pads are not constants over every axis")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    rank = len(pads) // 2
+    if rank < 2 or pads[1] or pads[rank + 1]:
+        raise _NoFold(f"{_node_name(pad)} pads the channel axis")
+    return _only_reader(pad.output[0], graph)
+
+
+def _consumer_target(bn: BNNode, graph: OnnxGraph):
+    """The FoldTarget for folding `bn` into the one node reading its output (BN → Conv without padding, BN →
+    Gemm, BN → 2-D MatMul), or _NoFold saying why not."""
+    from .folding import MAX_FORWARD_FOLD_MEAN, FoldTarget
+
+    v = {k: np.asarray(a, dtype=np.float64).reshape(-1) for k, a in bn.values.items()}
+    mean_in_stds = float((np.abs(v["mean"]) / np.sqrt(v["var"] + bn.epsilon)).max())
+    if mean_in_stds > MAX_FORWARD_FOLD_MEAN:  # the PyTorch path's rule: W·s·x + W·t loses precision
+        raise _NoFold(f"folding forward would lose precision (|mean| is {mean_in_stds:.0f} stds from 0, limit "
+                      f"{MAX_FORWARD_FOLD_MEAN:g})")
+    node = _only_reader(bn.y, graph)
+    if node.op_type == "Pad" and node.domain in ("", "ai.onnx"):
+        node = _through_copying_pad(node, graph)
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        raise _NoFold(f"its reader {_node_name(node)} is a {node.op_type}, not a Conv/Gemm/MatMul")
+    if node.input[0] not in (bn.y, *graph.readers_pad_outputs(bn.y)) or list(node.input)[1:].count(bn.y):
+        raise _NoFold(f"{_node_name(node)} reads it as a weight")
+    w = _weight(node, 1, graph, "weight")
+    if node.op_type == "Conv":
+        # Zero padding would meet the shift where the BN's output has none: exact only without padding.
+        if any(_attr(node, "pads", [])) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET",
+                                                                                      "VALID"):
+            raise _NoFold(f"{_node_name(node)} pads its input (the shift would not reach the padding)")
+        in_channels = w.shape[1] * int(_attr(node, "group", 1))
+    elif node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            raise _NoFold(f"{_node_name(node)} transposes its input")
+        in_channels = w.shape[1] if _attr(node, "transB", 0) else w.shape[0]
+        if len(node.input) > 2 and node.input[2]:
+            _weight(node, 2, graph, "C")
+        if float(_attr(node, "beta", 1.0)) == 0.0:
+            raise _NoFold(f"{_node_name(node)} has beta 0")
+    else:
+        if w.ndim != 2 or graph.ranks.get(bn.y) != 2:
+            raise _NoFold(f"{_node_name(node)} is not a 2-D MatMul with a constant 2-D weight")
+        in_channels = w.shape[0]
+    if in_channels != bn.channels:
+        raise _NoFold(f"{_node_name(node)} has {in_channels} input channels, the BN {bn.channels}")
+    channels = list(range(bn.channels))
+    return FoldTarget(layer=_node_name(node), channels=channels, shift=[True] * len(channels))
+
+
 # ---------------------------------------------------------------- the math (float64, cast once)
 
 
@@ -339,6 +453,31 @@ def fold_into_gemm(b_weight: np.ndarray, c: np.ndarray | None, scale: np.ndarray
     return w, np.broadcast_to(c64, np.broadcast_shapes(c64.shape, scale.shape)) * scale + shift / beta
 
 
+def fold_into_conv_input(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+                         groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Conv(W', b')(x) = Conv(W, b)(x·scale + shift) for a Conv without padding: input channel i of the
+    weights times scale[i]; b' = b + Σ over each output's input channels and kernel of W·shift."""
+    w = weight.astype(np.float64)
+    cout, per_group = w.shape[0], w.shape[1]
+    s = scale.reshape(groups, 1, per_group)  # [g, 1, in/g] against w as [g, out/g, in/g, k…]
+    t = shift.reshape(groups, 1, per_group)
+    wg = w.reshape(groups, cout // groups, per_group, -1)
+    new_w = (wg * s[..., None]).reshape(weight.shape)
+    b = np.zeros(cout) if bias is None else bias.astype(np.float64)
+    return new_w, b + (wg * t[..., None]).sum(axis=(2, 3)).reshape(cout)
+
+
+def fold_into_gemm_input(b_weight: np.ndarray, c: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+                         trans_b: bool, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """α·(A·scale + shift)·B + β·C = α·A·B' + β·C': B's input rows times scale; C' = C + (α/β)·shift·B."""
+    w = b_weight.astype(np.float64)
+    rows = w.T if trans_b else w  # [K, M]
+    new_rows = rows * scale[:, None]
+    c64 = np.zeros(rows.shape[1]) if c is None else c.astype(np.float64)
+    offset = shift @ rows
+    return (new_rows.T if trans_b else new_rows), c64 + (alpha / beta) * offset
+
+
 # ---------------------------------------------------------------- surgery
 
 
@@ -363,7 +502,7 @@ class _Surgery:
             return
         new = unique_name(self.graph.names, base)
         self.model.graph.initializer.append(numpy_helper.from_array(cast, new))
-        self.initializers[new] = self.model.graph.initializer[-1]
+        self.initializers[new] = self.graph.constants.tensors[new] = self.model.graph.initializer[-1]
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = new
@@ -381,9 +520,10 @@ class _Surgery:
         if replacement:
             self.inserted[index] = replacement
 
-    def finish(self, bn_inputs: set[str]) -> None:
-        """Rebuild the node list (replacements where their BN was, order kept), and drop the BNs' constants and
-        value_info that nothing reads any more."""
+    def finish(self) -> None:
+        """Rebuild the node list (replacements where their BN was, order kept); then drop what the fold left
+        unread: constant-only nodes (a weight's Transpose), initializers and value_info. Only what was read
+        before the fold goes: anything the file already carried unread stays."""
         g = self.model.graph
         nodes = []
         for i, node in enumerate(g.node):
@@ -391,17 +531,28 @@ class _Surgery:
                 nodes.extend(self.inserted.get(i, []))
             else:
                 nodes.append(node)
+        outputs = graph_output_names(g)
+        was_read = set(self.graph.readers) | outputs
+        while True:  # nodes whose outputs the fold made unread, until none is left
+            read = _names_read(nodes) | outputs
+            dead = [n for n in nodes if n.op_type in _CONSTANT_OPS | {"Constant"} and
+                    not any(o in read for o in n.output) and any(o in was_read for o in n.output)]
+            if not dead:
+                break
+            nodes = [n for n in nodes if all(n is not d for d in dead)]
         del g.node[:]
         g.node.extend(nodes)
-        read = {name for node in g.node for name in node.input} | graph_output_names(g)
-        read |= {name for node in g.node for name in _subgraph_reads(node)}
-        produced = {o for node in g.node for o in node.output} | {i.name for i in g.input}
-        unused = [t for t in g.initializer if t.name in bn_inputs and t.name not in read]
-        for t in unused:
+        read = _names_read(g.node) | outputs
+        inputs = {i.name for i in g.input}
+        for t in [t for t in g.initializer if t.name in was_read and t.name not in read and t.name not in inputs]:
             g.initializer.remove(t)
-        stale = [v for v in g.value_info if v.name not in produced and v.name not in {t.name for t in g.initializer}]
-        for v in stale:
+        known = {o for node in g.node for o in node.output} | inputs | {t.name for t in g.initializer}
+        for v in [v for v in g.value_info if v.name not in known]:
             g.value_info.remove(v)
+
+
+def _names_read(nodes) -> set[str]:
+    return {name for node in nodes for name in (*node.input, *_subgraph_reads(node))}
 
 
 def _subgraph_reads(node) -> set[str]:
@@ -423,25 +574,27 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> N
     graph = OnnxGraph.of(model)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
-    bn_inputs: set[str] = set()
     for step in plan.steps:
         bn = bns.get(step.decision.name)
         if bn is None or step.decision.action == FoldAction.REFUSED:
             continue
-        bn_inputs |= set(bn.inputs.values())
         scale, shift = bn_scale_shift(bn)
         if step.decision.action == FoldAction.FOLDED:
             _fold_producer(graph.producer[bn.x], bn, scale, shift, surgery)
+        elif step.decision.action == FoldAction.FOLDED_FORWARD:
+            _fold_consumer(_consumer_node(bn, graph), bn, scale, shift, surgery)
         else:
+            step.decision.replaced_by = "depthwise 1x1 Conv" if affine_as == "conv" and \
+                graph.ranks[bn.x] >= 3 else "Mul+Add"
             surgery.remove_bn(bn, _affine_nodes(bn, scale, shift, surgery, affine_as, graph))
-    surgery.finish(bn_inputs)
+    surgery.finish()
 
 
 def _fold_producer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
     graph = surgery.graph
-    w = graph.constants.get(node.input[1])
+    w = graph.value(node.input[1])
     has_bias = len(node.input) > 2 and bool(node.input[2])
-    bias = graph.constants.get(node.input[2]) if has_bias else None
+    bias = graph.value(node.input[2]) if has_bias else None
     base = node.name or node.output[0]
     if node.op_type in ("Conv", "ConvTranspose"):
         new_w, new_b = fold_into_conv(w, bias, scale, shift, node.op_type == "ConvTranspose",
@@ -463,6 +616,39 @@ def _fold_producer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surge
         node.CopyFrom(gemm)
     node.output[0] = bn.y  # the producer now writes the BN's output; the BN goes
     surgery.remove_bn(bn)
+
+
+def _fold_consumer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
+    graph = surgery.graph
+    w = graph.value(node.input[1])
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    bias = graph.value(node.input[2]) if has_bias else None
+    base = node.name or node.output[0]
+    if node.op_type == "Conv":
+        new_w, new_b = fold_into_conv_input(w, bias, scale, shift, int(_attr(node, "group", 1)))
+        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
+        surgery.set_constant(node, 2, new_b, w.dtype if bias is None else bias.dtype, f"{base}.bias_folded")
+    elif node.op_type == "Gemm":
+        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+        new_w, new_c = fold_into_gemm_input(w, bias, scale, shift, bool(_attr(node, "transB", 0)), alpha, beta)
+        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.B_folded")
+        surgery.set_constant(node, 2, new_c, w.dtype if bias is None else bias.dtype, f"{base}.C_folded")
+    else:  # a 2-D MatMul becomes a Gemm carrying the shift's contribution as C
+        import onnx
+
+        new_w, new_c = fold_into_gemm_input(w, None, scale, shift, False, 1.0, 1.0)
+        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
+        c = surgery.new_constant(new_c, w.dtype, f"{base}.bias_folded")
+        node.CopyFrom(onnx.helper.make_node("Gemm", [node.input[0], node.input[1], c], [node.output[0]],
+                                            name=node.name))
+    reader = graph.readers[bn.y][0]  # the consumer, or a Pad in front of it
+    reader.input[0] = bn.x  # it now reads the BN's input; the BN goes
+    surgery.remove_bn(bn)
+
+
+def _consumer_node(bn: BNNode, graph: OnnxGraph):
+    node = graph.readers[bn.y][0]
+    return graph.readers[node.output[0]][0] if node.op_type == "Pad" else node
 
 
 def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery, affine_as: str,

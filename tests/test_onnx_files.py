@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import warnings
@@ -142,11 +143,21 @@ def test_fold_removes_every_bn_and_matches_float64(tmp_path, zoo_files, name):
     assert "BatchNormalization" not in op_types(out)
     x = zoo.example_input(name)
     with torch.no_grad():
-        exact = model.double()(x.double()).numpy()
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
     scale = np.abs(exact).max()
     original_error = np.abs(run_ort(path, x.numpy()) - exact).max()
     folded_error = np.abs(run_ort(out, x.numpy()) - exact).max()
     assert folded_error <= 2 * original_error + 1e-6 * scale, (folded_error, original_error)
+
+
+def test_no_more_affines_than_the_pytorch_path(tmp_path, zoo_files):
+    from bntool.folding import fold
+
+    for name, (model, path) in zoo_files.items():
+        _, torch_report = fold(model, zoo.example_input(name), samples=0)
+        report = fold_onnx(path, None, samples=0)
+        assert report.counts["affine"] <= torch_report.counts["affine"], (name, report.decisions)
+        assert report.counts["refused"] == 0, name
 
 
 def test_fold_keeps_the_file_properties(tmp_path, zoo_files):

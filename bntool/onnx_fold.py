@@ -22,12 +22,13 @@ import numpy as np
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance, compare_arrays
-from .errors import InputError, param
+from .errors import InputError, first_line, param
 from .files import Outputs
 from .onnx_model import (
     BNNode,
     Constants,
     OnnxFile,
+    TensorChanges,
     all_names,
     batch_norm_nodes,
     default_opset,
@@ -486,7 +487,8 @@ class _Surgery:
 
     def __init__(self, model, graph: OnnxGraph):
         self.model, self.graph = model, graph
-        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.initializers = {t.name for t in model.graph.initializer}
+        self.changes = TensorChanges()
         self.removed_nodes: set[int] = set()
         self.inserted: dict[int, list] = {}  # position of a removed BN → nodes in its place
 
@@ -498,11 +500,10 @@ class _Surgery:
         name = node.input[index] if len(node.input) > index else ""
         cast = np.ascontiguousarray(value.astype(dtype))
         if name and name in self.initializers and not self.graph.shared(name, node):
-            self.initializers[name].CopyFrom(numpy_helper.from_array(cast, name))
+            tensor = numpy_helper.from_array(cast, name)
+            self.changes.replaced[name] = self.graph.constants.tensors[name] = tensor
             return
-        new = unique_name(self.graph.names, base)
-        self.model.graph.initializer.append(numpy_helper.from_array(cast, new))
-        self.initializers[new] = self.graph.constants.tensors[new] = self.model.graph.initializer[-1]
+        new = self.new_constant(value, dtype, base)
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = new
@@ -511,7 +512,10 @@ class _Surgery:
         from onnx import numpy_helper
 
         name = unique_name(self.graph.names, base)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name)
+        self.changes.added.append(tensor)
+        self.initializers.add(name)
+        self.graph.constants.tensors[name] = tensor
         return name
 
     def remove_bn(self, bn: BNNode, replacement: list | None = None) -> None:
@@ -544,9 +548,8 @@ class _Surgery:
         g.node.extend(nodes)
         read = _names_read(g.node) | outputs
         inputs = {i.name for i in g.input}
-        for t in [t for t in g.initializer if t.name in was_read and t.name not in read and t.name not in inputs]:
-            g.initializer.remove(t)
-        known = {o for node in g.node for o in node.output} | inputs | {t.name for t in g.initializer}
+        self.changes.removed |= {t for t in self.initializers if t in was_read and t not in read and t not in inputs}
+        known = {o for node in g.node for o in node.output} | inputs | (self.initializers - self.changes.removed)
         for v in [v for v in g.value_info if v.name not in known]:
             g.value_info.remove(v)
 
@@ -568,9 +571,11 @@ def _index_of(graph, node) -> int:
     raise ValueError("node not in graph")
 
 
-def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> None:
-    """Apply `plan` to `model` in place: each folded BN's math into its producer's constants, each affine BN
-    replaced by Mul+Add (or a depthwise 1×1 Conv), float64 math cast once to each tensor's dtype."""
+def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> TensorChanges:
+    """Apply `plan` to `model`: each folded BN's math into its neighbour's constants, each affine BN replaced by
+    Mul+Add (or a depthwise 1×1 Conv), float64 math cast once to each tensor's dtype. Nodes change in place;
+    the initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
+    model in memory; `changes.apply_to(model)` puts them in the model)."""
     graph = OnnxGraph.of(model)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
@@ -588,6 +593,7 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> N
                 graph.ranks[bn.x] >= 3 else "Mul+Add"
             surgery.remove_bn(bn, _affine_nodes(bn, scale, shift, surgery, affine_as, graph))
     surgery.finish()
+    return surgery.changes
 
 
 def _fold_producer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
@@ -785,7 +791,7 @@ def fold_onnx(
         plan_onnx_output(outputs, out, onnx_file, force=force)
         outputs.check()
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
-    original = OriginalRuns(onnx_file.path, provider, inputs)  # exit 2 here if onnxruntime cannot run the file
+    original = OriginalRuns(onnx_file.path, provider, inputs)
 
     started = time.perf_counter()
     model = onnx_file.model
@@ -795,14 +801,15 @@ def fold_onnx(
 
     plan = plan_onnx_fold(model, skip)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    apply_onnx_fold_plan(model, plan, affine_as)
+    changes = apply_onnx_fold_plan(model, plan, affine_as)
     report.decisions = plan.decisions
-    report.batch_norm_ops_after, report.params_after = _bn_count(model), _param_count(model)
+    report.batch_norm_ops_after = _bn_count(model)
+    report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))
     report.ops_left = [f"{d.name}: {d.reason}" for d in plan.decisions if d.action == FoldAction.REFUSED]
     with outputs:
-        staged = _stage(model, out, outputs, onnx_file)
+        staged = _stage(model, changes, out, outputs, onnx_file)
         report.fold_seconds = time.perf_counter() - started
-        del model, onnx_file  # onnxruntime reads the staged file; the proto is not needed any more
+        del model, onnx_file, changes  # onnxruntime reads the staged file; the proto is not needed any more
         started = time.perf_counter()
         result = _check(original, staged, inputs, tolerance, samples, seed, provider)
         report.comparisons, report.passed = result.comparisons, result.passed
@@ -826,7 +833,7 @@ def _param_count(model) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
-def _stage(model, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
+def _stage(model, changes: TensorChanges, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
     """Write the folded model where the check reads it: the output's temp file (committed after a passing
     check), or a private temp directory when there is no output."""
     import tempfile
@@ -835,40 +842,42 @@ def _stage(model, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
         directory = Path(tempfile.mkdtemp(prefix=".bntool-tmp-"))
         outputs.staging.append(directory)  # removed with the outputs
         target = directory / "folded.onnx"
-        plan_onnx_output(outputs, target, None)
-        save_onnx(model, target, outputs, onnx_file)
+        plan_onnx_output(outputs, target, onnx_file)
+        save_onnx(model, target, outputs, onnx_file, changes)
     else:
-        save_onnx(model, out, outputs, onnx_file)
+        save_onnx(model, out, outputs, onnx_file, changes)
         target = Path(out)
     return next(p.temp for p in outputs.planned if p.path == target)
 
 
 class OriginalRuns:
-    """The original file in onnxruntime, one optimisation level at a time: the check's reference outputs."""
+    """The original file in onnxruntime as it is written (ORT_DISABLE_ALL: no fusion of its own): the check's
+    reference outputs. The session is made on first use and given back by `close()`."""
 
     def __init__(self, path: Path, provider: str, inputs: tuple):
-        from .onnx_export import OPTIMIZATION_LEVELS, check_signature, ort_session
-
-        self.path, self.provider = path, provider
-        self.level = OPTIMIZATION_LEVELS[0]
-        self.session = ort_session(path, provider, self.level)
-        check_signature(self.session, inputs, path)
-        self.names = [i.name for i in self.session.get_inputs()]
+        self.path, self.provider, self.inputs = path, provider, inputs
+        self.session = None
         self.float64 = None
 
-    def __call__(self, label: str, xs: tuple, level: str) -> list:
-        from .onnx_export import ort_session
+    def open(self):
+        from .onnx_export import check_signature, ort_session
 
-        if level != self.level:
-            self.session = None  # release the previous level's session first
-            self.session, self.level = ort_session(self.path, self.provider, level), level
-        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.names, xs)}
+        if self.session is None:
+            self.session = ort_session(self.path, self.provider, "ORT_DISABLE_ALL")
+            check_signature(self.session, self.inputs, self.path)
+        return self.session
+
+    def close(self) -> None:
+        self.session = None
+
+    def __call__(self, label: str, xs: tuple) -> list:
+        session = self.open()
+        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), xs)}
         try:
-            return self.session.run(None, feed)
+            return session.run(None, feed)
         except Exception as e:
             raise InputError(f"{self.path}: onnxruntime cannot run it on the {label} input "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
-                             ) from e
+                             f"({type(e).__name__}: {first_line(e)})") from e
 
     def float64_outputs(self, xs: tuple) -> dict[str, np.ndarray]:
         """The original graph run in float64 (onnx.reference on a copy with every float tensor made double)."""
@@ -876,8 +885,8 @@ class OriginalRuns:
 
         if self.float64 is None:
             self.float64 = ReferenceEvaluator(as_float64(load_onnx(self.path, check=False).model))
-        feed = {n: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
-                for n, x in zip(self.names, xs)}
+        feed = {i: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
+                for i, x in zip(self.float64.input_names, xs)}
         return dict(zip(self.float64.output_names, self.float64.run(None, feed)))
 
 

@@ -287,6 +287,11 @@ def render_fold(report, console: Console) -> None:
                   f"fold took {report.fold_seconds:.2f} s.")
     for line in report.ops_left:
         console.print(f"[yellow]batch_norm left:[/] {line}")
+    if report.subnormals_flushed:
+        console.print(f"Subnormal values flushed to zero: {report.subnormals_flushed:,} (the fold made them; "
+                      "many CPU paths and runtimes compute on them several times slower).")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     for c in report.comparisons:
         if c.float64_error_original is not None:

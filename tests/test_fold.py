@@ -324,10 +324,10 @@ def test_refusals(case):
 
 def broken_fold(monkeypatch):
     """Simulate a wrong fold (a 1% scale error) to test the safety net."""
-    import bntool.folding as folding
+    from bntool.folding import surgery
 
-    real = folding.fold_into_producer
-    monkeypatch.setattr(folding, "fold_into_producer", lambda layer, s, t: real(layer, s * 1.01, t))
+    real = surgery.fold_weights_producer
+    monkeypatch.setattr(surgery, "fold_weights_producer", lambda layer, s, t: real(layer, s * 1.01, t))
 
 
 def test_wrong_fold_raises_check_failed(monkeypatch):
@@ -431,10 +431,10 @@ def test_plan_fold_decides_without_changing_the_model():
 
 
 def test_inspect_plans_without_folding(monkeypatch):
-    import bntool.folding as folding
+    from bntool.folding import surgery
     from bntool.inspection import inspect
 
-    monkeypatch.setattr(folding, "apply_fold_plan", lambda *a: pytest.fail("inspect must not fold"))
+    monkeypatch.setattr(surgery, "apply_plan", lambda *a, **k: pytest.fail("inspect must not fold"))
     report = inspect(zoo.build("reused"), zoo.example_input("reused"))
     actions = {layer.name: (layer.fold_action, layer.fold_target) for layer in report.layers}
     assert actions["bn_a"] == (AFFINE, None) and actions["stem.1"] == (FOLDED, "stem.0")

@@ -16,156 +16,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance, compare_arrays
 from .errors import InputError, first_line, param
 from .files import Outputs
+from .onnx_graph import CONSTANT_OPS, OnnxGraph, attr, node_name
 from .onnx_model import (
     BNNode,
-    Constants,
     OnnxFile,
     TensorChanges,
-    all_names,
     batch_norm_nodes,
-    default_opset,
     graph_output_names,
     load_onnx,
     plan_onnx_output,
-    readers_of,
     save_onnx,
     unique_name,
 )
 
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 BN_TYPE = "BatchNormalization"
-
-
-# ---------------------------------------------------------------- the graph, as the fold rules see it
-
-
-@dataclass
-class OnnxGraph:
-    """The main graph's dataflow: who produces and who reads each tensor, the constants, tensor ranks."""
-
-    model: Any
-    constants: Constants
-    producer: dict[str, Any]
-    readers: dict[str, list[Any]]
-    outputs: set[str]
-    ranks: dict[str, int]
-    elem_types: dict[str, int]
-    names: set[str]
-
-    @classmethod
-    def of(cls, model) -> OnnxGraph:
-        graph = model.graph
-        producer = {o: node for node in graph.node for o in node.output if o}
-        ranks, elem_types = tensor_types(model)
-        return cls(model=model, constants=Constants(graph), producer=producer, readers=readers_of(graph),
-                   outputs=graph_output_names(graph), ranks=ranks, elem_types=elem_types, names=all_names(model))
-
-    def value(self, name: str, depth: int = 0) -> np.ndarray | None:
-        """The constant value of tensor `name`: an initializer, a Constant, or computed from constants alone
-        (a Transpose of a weight, a Pad's pads built by Reshape/Cast/Concat: how exporters write them without
-        constant folding); None when it depends on a graph input."""
-        value = self.constants.get(name) if name else None
-        node = self.producer.get(name) if value is None and name else None
-        if node is None or depth > 16 or node.op_type not in _CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
-            return value
-        inputs = [self.value(i, depth + 1) if i else None for i in node.input]
-        if any(v is None for i, v in zip(node.input, inputs) if i):
-            return None
-        return _run_node(node, inputs, self.model)[list(node.output).index(name)]
-
-    def readers_pad_outputs(self, tensor: str) -> list[str]:
-        """Outputs of Pad nodes that read `tensor` (a consumer fold may look through one)."""
-        return [n.output[0] for n in self.readers.get(tensor, []) if n.op_type == "Pad"]
-
-    def only_reader(self, tensor: str, node) -> str:
-        """Why `tensor` is read by more than `node` ("" when `node` is its only reader)."""
-        others = [n for n in self.readers.get(tensor, []) if n is not node]
-        if tensor in self.outputs:
-            return f"{tensor!r} is also a graph output"
-        if others:
-            return f"{tensor!r} is also read by {_node_name(others[0])}" + (
-                f" and {len(others) - 1} more" if len(others) > 1 else "")
-        return ""
-
-    def shared(self, name: str, node) -> bool:
-        """Whether the constant `name` is read by another node than `node` (then it is copied, not changed)."""
-        return any(n is not node for n in self.readers.get(name, [])) or name in self.outputs or \
-            list(node.input).count(name) > 1
-
-
-# Ops a constant input's value may pass through (computed with onnx.reference when all inputs are constants).
-_CONSTANT_OPS = {"Transpose", "Reshape", "Shape", "Cast", "Concat", "Slice", "Unsqueeze", "Squeeze", "Identity",
-                 "Gather", "ConstantOfShape", "Flatten", "Range", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt"}
-
-
-def _run_node(node, inputs: list, model) -> list:
-    """One node evaluated by onnx's reference implementation on constant inputs."""
-    from onnx import helper
-    from onnx.reference import ReferenceEvaluator
-
-    names = [f"in{i}" if name else "" for i, name in enumerate(node.input)]
-    single = helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))], domain=node.domain)
-    single.attribute.extend(node.attribute)
-    evaluator = ReferenceEvaluator(single, opsets={"": default_opset(model) or 13})
-    return evaluator.run(None, {n: v for n, v in zip(names, inputs) if n})
-
-
-def _node_name(node) -> str:
-    return node.name or f"{node.op_type} → {node.output[0]}"
-
-
-def tensor_types(model) -> tuple[dict[str, int], dict[str, int]]:
-    """The rank and element type of every tensor shape inference can tell, from a copy of the graph without
-    its large weights (their shapes suffice; the copy stays small)."""
-    import onnx
-
-    light = onnx.ModelProto()
-    light.CopyFrom(_without_large_tensors(model))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # inference is best effort: a rank it cannot tell makes the fold choose an exact fallback
-        inferred = light
-    ranks, elem_types = {}, {}
-    g = inferred.graph
-    for info in [*g.input, *g.value_info, *g.output]:
-        t = info.type.tensor_type
-        if t.HasField("shape"):
-            ranks[info.name] = len(t.shape.dim)
-        if t.elem_type:
-            elem_types[info.name] = t.elem_type
-    for init in model.graph.initializer:
-        ranks[init.name], elem_types[init.name] = len(init.dims), init.data_type
-    return ranks, elem_types
-
-
-def _without_large_tensors(model):
-    """The model with each initializer over 1 KiB replaced by its shape only (a graph input of that shape)."""
-    import onnx
-
-    small = onnx.ModelProto()
-    small.ir_version, small.producer_name = model.ir_version, model.producer_name
-    small.opset_import.extend(model.opset_import)
-    small.functions.extend(model.functions)
-    g = small.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    inputs = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if len(init.raw_data) <= 1024 and not init.external_data:
-            g.initializer.append(init)
-        elif init.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return small
 
 
 # ---------------------------------------------------------------- inspect
@@ -221,49 +94,64 @@ class OnnxFoldPlan:
         return [s.decision for s in self.steps]
 
 
-class _NoFold(Exception):
-    """Why a BN cannot be folded in the direction tried."""
-
-
-def plan_onnx_fold(model, skip: Sequence[str] = ()) -> OnnxFoldPlan:
-    """Decide, for each BatchNormalization node, where its math goes: into the node that produces its input
-    (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D weight) when nothing else reads that output, else an
-    exact per-channel affine; left as it is with the reason when its statistics are not constants, it runs in
-    training mode, it sits in a subgraph or function, or `skip` names it."""
-    from .folding import BNDecision, FoldStep
-
-    graph = OnnxGraph.of(model)
+def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tuple[int, ...]] | None = None
+                   ) -> OnnxFoldPlan:
+    """Decide, for each BatchNormalization node, where its math goes, with the shared planner's rules
+    (bntool.folding.planner) on the ONNX graph: into the layers producing its input (across Add, Concat,
+    Reshape, Transpose, …), else into the one layer reading its output, else an exact per-channel affine; left
+    as it is, with the reason, when its statistics are not constants or are broken, it runs in training mode, it
+    sits in a subgraph or function, or `skip` names it. `input_shapes`: concrete shapes for symbolic input
+    dimensions (1 where not given), for the planner's channel mappings."""
+    graph = OnnxGraph.of(model, input_shapes)
     plan = OnnxFoldPlan()
     for bn in batch_norm_nodes(model):
-        decision = BNDecision(name=bn.name, type=BN_TYPE, channels=bn.channels, action=FoldAction.REFUSED)
-        step = FoldStep(decision=decision)
-        reason = _refusal(bn, skip)
-        if reason:
-            decision.reason = reason
-        else:
-            try:
-                step.targets = [_producer_target(bn, graph)]
-                decision.action, decision.target = FoldAction.FOLDED, step.targets[0].layer
-            except _NoFold as why:
-                decision.reason = f"not folded into its producer: {why}"
-            if decision.action == FoldAction.REFUSED:
-                try:
-                    step.targets = [_consumer_target(bn, graph)]
-                    decision.action, decision.target = FoldAction.FOLDED_FORWARD, step.targets[0].layer
-                    decision.reason = ""
-                except _NoFold as why:
-                    decision.reason += f"; nor into its consumer: {why}"
-            if decision.action == FoldAction.REFUSED:
-                if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
-                    decision.reason += "; and its input's rank or type is unknown (no exact affine without it)"
-                else:
-                    decision.action, decision.replaced_by = FoldAction.AFFINE, "Mul+Add"
-        plan.steps.append(step)
+        plan.steps.append(_decide(bn, graph, skip))
     return plan
+
+
+def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
+    """One BN's decision, in the PyTorch path's order: refusal → producer → consumer → affine."""
+    from .folding import MAX_FORWARD_FOLD_MEAN
+    from .folding.math import mean_in_stds
+    from .folding.planner import BNDecision, FoldStep, NoFold, consumer_target, producer_targets
+
+    decision = BNDecision(name=bn.name, type=BN_TYPE, channels=bn.channels, action=FoldAction.REFUSED)
+    step = FoldStep(decision=decision)
+    decision.reason = _refusal(bn, skip)
+    if decision.reason:
+        return step
+    try:
+        step.targets = producer_targets(graph, bn.x, lambda node: node is bn.node, bn.channels)
+        decision.action = FoldAction.FOLDED
+        decision.target = ", ".join(t.layer for t in step.targets)
+        return step
+    except NoFold as why:
+        decision.reason = str(why)
+    stats = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    far = mean_in_stds(stats["mean"], stats["var"], bn.epsilon)
+    if far > MAX_FORWARD_FOLD_MEAN:
+        decision.reason += (f"; folding forward would lose precision (|mean| is {far:.0f} stds from 0, limit "
+                            f"{MAX_FORWARD_FOLD_MEAN:g})")
+    elif bn.y in graph.shapes:
+        target, why_not = consumer_target(graph, bn.y)
+        if target is not None:
+            step.targets, decision.reason = [target], ""
+            decision.action, decision.target = FoldAction.FOLDED_FORWARD, target.layer
+            return step
+        if why_not:
+            decision.reason += f"; not forward: {why_not}"
+    if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
+        decision.reason += "; its input's rank or type is unknown (no exact affine without it)"
+        return step
+    decision.action, decision.replaced_by = FoldAction.AFFINE, "Mul+Add"
+    step.centered = far > MAX_FORWARD_FOLD_MEAN  # subtract the mean first: keeps precision far from zero
+    return step
 
 
 def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
     """Why a BN node is left as it is ("" when it can be folded or made an affine)."""
+    from .folding.math import statistics_problem
+
     if any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
         return f"skipped ({param('skip')})"
     if bn.where:
@@ -275,208 +163,17 @@ def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
         return f"{', '.join(missing)} computed at run time (not an initializer or Constant)"
     if len({v.size for v in bn.values.values()}) != 1:
         return "scale, bias, mean and var have different lengths"
-    var = bn.values["var"].astype(np.float64)
-    if not all(np.isfinite(v.astype(np.float64)).all() for v in bn.values.values()) or (var + bn.epsilon < 0).any():
-        return "NaN/Inf or negative variance in its statistics; recalibrate first"
-    return ""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    problem = statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
+    return f"{problem}; recalibrate first" if problem else ""
 
 
-def _producer_target(bn: BNNode, graph: OnnxGraph):
-    """The FoldTarget for folding `bn` into the node producing its input, or _NoFold saying why not."""
-    from .folding import FoldTarget
+def bn_scale_shift(bn: BNNode) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x·scale + shift in float64 (bntool.folding.math.bn_scale_shift on the node's constants)."""
+    from .folding.math import bn_scale_shift as scale_shift
 
-    node = graph.producer.get(bn.x)
-    if node is None:
-        raise _NoFold(f"its input {bn.x!r} is a graph input or a constant")
-    shared = graph.only_reader(bn.x, bn.node)
-    if shared:
-        raise _NoFold(shared)
-    if node.domain not in ("", "ai.onnx") or node.op_type not in _PRODUCER_RULES:
-        raise _NoFold(f"its producer {_node_name(node)} is a {node.op_type}, not a Conv/ConvTranspose/Gemm/MatMul")
-    _PRODUCER_RULES[node.op_type](node, bn, graph)  # raises _NoFold when this node's fold would not be exact
-    channels = list(range(bn.channels))
-    return FoldTarget(layer=_node_name(node), channels=channels, shift=[True] * len(channels))
-
-
-def _weight(node, index: int, graph: OnnxGraph, what: str) -> np.ndarray:
-    name = node.input[index] if len(node.input) > index else ""
-    value = graph.value(name)
-    if value is None:
-        raise _NoFold(f"{_node_name(node)}'s {what} {name!r} is not a constant")
-    if not np.issubdtype(value.dtype, np.floating):
-        raise _NoFold(f"{_node_name(node)}'s {what} is {value.dtype}, not floating point")
-    return value
-
-
-def _attr(node, name: str, default: Any) -> Any:
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _conv_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "weight")
-    if len(node.input) > 2 and node.input[2]:
-        _weight(node, 2, graph, "bias")
-    out_channels = w.shape[0] if node.op_type == "Conv" else w.shape[1] * int(_attr(node, "group", 1))
-    if out_channels != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {out_channels} output channels, the BN {bn.channels}")
-
-
-def _gemm_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "B")
-    columns = w.shape[0] if _attr(node, "transB", 0) else w.shape[-1]
-    if columns != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {columns} outputs, the BN {bn.channels}")
-    if len(node.input) > 2 and node.input[2]:
-        _weight(node, 2, graph, "C")
-    elif float(_attr(node, "beta", 1.0)) == 0.0:
-        raise _NoFold(f"{_node_name(node)} has beta 0 (no place for the BN's shift)")
-
-
-def _matmul_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "weight")
-    # The BN normalises axis 1; a MatMul's weight maps the last axis: the same axis only for 2-D activations.
-    if w.ndim != 2 or graph.ranks.get(node.input[0]) != 2:
-        raise _NoFold(f"{_node_name(node)} is not a 2-D MatMul with a constant 2-D weight")
-    if w.shape[1] != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {w.shape[1]} outputs, the BN {bn.channels}")
-
-
-_PRODUCER_RULES = {"Conv": _conv_rule, "ConvTranspose": _conv_rule, "Gemm": _gemm_rule, "MatMul": _matmul_rule}
-
-
-def _only_reader(tensor: str, graph: OnnxGraph):
-    readers = graph.readers.get(tensor, [])
-    if tensor in graph.outputs:
-        raise _NoFold(f"its output {tensor!r} is a graph output")
-    if len(readers) != 1:
-        raise _NoFold(f"its output is read by {len(readers)} nodes")
-    return readers[0]
-
-
-def _through_copying_pad(pad, graph: OnnxGraph):
-    """The node after a Pad that copies its input's values into the border (reflect, edge, wrap) and pads no
-    channel: every element it passes on is a BN output, so a fold into the next node stays exact."""
-    mode = _attr(pad, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode == "constant":
-        raise _NoFold(f"{_node_name(pad)} pads with a constant (the shift would not reach the padding)")
-    pads = _attr(pad, "pads", None)
-    if pads is None:
-        pads = graph.value(pad.input[1]) if len(pad.input) > 1 else None
-    axes = graph.value(pad.input[3]) if len(pad.input) > 3 and pad.input[3] else None
-    if pads is None or axes is not None:
-        raise _NoFold(f"{_node_name(pad)}'s pads are not constants over every axis")
-    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
-    rank = len(pads) // 2
-    if rank < 2 or pads[1] or pads[rank + 1]:
-        raise _NoFold(f"{_node_name(pad)} pads the channel axis")
-    return _only_reader(pad.output[0], graph)
-
-
-def _consumer_target(bn: BNNode, graph: OnnxGraph):
-    """The FoldTarget for folding `bn` into the one node reading its output (BN → Conv without padding, BN →
-    Gemm, BN → 2-D MatMul), or _NoFold saying why not."""
-    from .folding import MAX_FORWARD_FOLD_MEAN, FoldTarget
-
-    v = {k: np.asarray(a, dtype=np.float64).reshape(-1) for k, a in bn.values.items()}
-    mean_in_stds = float((np.abs(v["mean"]) / np.sqrt(v["var"] + bn.epsilon)).max())
-    if mean_in_stds > MAX_FORWARD_FOLD_MEAN:  # the PyTorch path's rule: W·s·x + W·t loses precision
-        raise _NoFold(f"folding forward would lose precision (|mean| is {mean_in_stds:.0f} stds from 0, limit "
-                      f"{MAX_FORWARD_FOLD_MEAN:g})")
-    node = _only_reader(bn.y, graph)
-    if node.op_type == "Pad" and node.domain in ("", "ai.onnx"):
-        node = _through_copying_pad(node, graph)
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
-        raise _NoFold(f"its reader {_node_name(node)} is a {node.op_type}, not a Conv/Gemm/MatMul")
-    if node.input[0] not in (bn.y, *graph.readers_pad_outputs(bn.y)) or list(node.input)[1:].count(bn.y):
-        raise _NoFold(f"{_node_name(node)} reads it as a weight")
-    w = _weight(node, 1, graph, "weight")
-    if node.op_type == "Conv":
-        # Zero padding would meet the shift where the BN's output has none: exact only without padding.
-        if any(_attr(node, "pads", [])) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET",
-                                                                                      "VALID"):
-            raise _NoFold(f"{_node_name(node)} pads its input (the shift would not reach the padding)")
-        in_channels = w.shape[1] * int(_attr(node, "group", 1))
-    elif node.op_type == "Gemm":
-        if _attr(node, "transA", 0):
-            raise _NoFold(f"{_node_name(node)} transposes its input")
-        in_channels = w.shape[1] if _attr(node, "transB", 0) else w.shape[0]
-        if len(node.input) > 2 and node.input[2]:
-            _weight(node, 2, graph, "C")
-        if float(_attr(node, "beta", 1.0)) == 0.0:
-            raise _NoFold(f"{_node_name(node)} has beta 0")
-    else:
-        if w.ndim != 2 or graph.ranks.get(bn.y) != 2:
-            raise _NoFold(f"{_node_name(node)} is not a 2-D MatMul with a constant 2-D weight")
-        in_channels = w.shape[0]
-    if in_channels != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {in_channels} input channels, the BN {bn.channels}")
-    channels = list(range(bn.channels))
-    return FoldTarget(layer=_node_name(node), channels=channels, shift=[True] * len(channels))
-
-
-# ---------------------------------------------------------------- the math (float64, cast once)
-
-
-def bn_scale_shift(bn: BNNode) -> tuple[np.ndarray, np.ndarray]:
-    """y = x·scale + shift, in float64: scale = γ/√(var+ε), shift = β − mean·scale."""
-    v = {k: np.asarray(a, dtype=np.float64).reshape(-1) for k, a in bn.values.items()}
-    scale = v["scale"] / np.sqrt(v["var"] + bn.epsilon)
-    return scale, v["bias"] - v["mean"] * scale
-
-
-def fold_into_conv(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                   transposed: bool = False, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Conv(W', b') = BN(Conv(W, b)): each output channel's weights times its scale; b' = b·scale + shift.
-    A ConvTranspose's weight is [in, out/groups, k…]: output channel o of group g is column o − g·out/groups."""
-    w = weight.astype(np.float64)
-    if transposed:
-        cin, per_group = w.shape[0], w.shape[1]
-        s = scale.reshape(groups, 1, per_group)  # [g, 1, out/g] against w as [g, in/g, out/g, k…]
-        w = (w.reshape(groups, cin // groups, per_group, -1) * s[..., None]).reshape(weight.shape)
-    else:
-        w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
-    return w, b * scale + shift
-
-
-def fold_into_gemm(b_weight: np.ndarray, c: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                   trans_b: bool, beta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gemm = α·A·B + β·C: scaling B's output columns scales the product; C' = C·scale + shift/β."""
-    w = b_weight.astype(np.float64)
-    w = w * (scale[:, None] if trans_b else scale[None, :])
-    c64 = np.zeros_like(scale) if c is None else c.astype(np.float64)
-    return w, np.broadcast_to(c64, np.broadcast_shapes(c64.shape, scale.shape)) * scale + shift / beta
-
-
-def fold_into_conv_input(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                         groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Conv(W', b')(x) = Conv(W, b)(x·scale + shift) for a Conv without padding: input channel i of the
-    weights times scale[i]; b' = b + Σ over each output's input channels and kernel of W·shift."""
-    w = weight.astype(np.float64)
-    cout, per_group = w.shape[0], w.shape[1]
-    s = scale.reshape(groups, 1, per_group)  # [g, 1, in/g] against w as [g, out/g, in/g, k…]
-    t = shift.reshape(groups, 1, per_group)
-    wg = w.reshape(groups, cout // groups, per_group, -1)
-    new_w = (wg * s[..., None]).reshape(weight.shape)
-    b = np.zeros(cout) if bias is None else bias.astype(np.float64)
-    return new_w, b + (wg * t[..., None]).sum(axis=(2, 3)).reshape(cout)
-
-
-def fold_into_gemm_input(b_weight: np.ndarray, c: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                         trans_b: bool, alpha: float, beta: float) -> tuple[np.ndarray, np.ndarray]:
-    """α·(A·scale + shift)·B + β·C = α·A·B' + β·C': B's input rows times scale; C' = C + (α/β)·shift·B."""
-    w = b_weight.astype(np.float64)
-    rows = w.T if trans_b else w  # [K, M]
-    new_rows = rows * scale[:, None]
-    c64 = np.zeros(rows.shape[1]) if c is None else c.astype(np.float64)
-    offset = shift @ rows
-    return (new_rows.T if trans_b else new_rows), c64 + (alpha / beta) * offset
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    return scale_shift(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
 
 
 # ---------------------------------------------------------------- surgery
@@ -491,6 +188,7 @@ class _Surgery:
         self.changes = TensorChanges()
         self.removed_nodes: set[int] = set()
         self.inserted: dict[int, list] = {}  # position of a removed BN → nodes in its place
+        self.after: dict[int, list] = {}  # id of a node → nodes to put right after it
 
     def set_constant(self, node, index: int, value: np.ndarray, dtype, base: str) -> None:
         """Give input `index` of `node` the value `value` cast once to `dtype`: in place when the tensor is an
@@ -518,6 +216,17 @@ class _Surgery:
         self.graph.constants.tensors[name] = tensor
         return name
 
+    def add_bias_after(self, node, bias: np.ndarray, dtype, base: str) -> None:
+        """node → Add(bias): the node writes a new tensor, the Add writes the node's old output."""
+        import onnx
+
+        b = self.new_constant(bias, dtype, base)
+        out = node.output[0]
+        node.output[0] = unique_name(self.graph.names, f"{out}_unbiased")
+        add = onnx.helper.make_node("Add", [node.output[0], b], [out],
+                                    name=unique_name(self.graph.names, f"{base}_add"))
+        self.after.setdefault(id(node), []).append(add)
+
     def remove_bn(self, bn: BNNode, replacement: list | None = None) -> None:
         index = _index_of(self.model.graph, bn.node)
         self.removed_nodes.add(index)
@@ -535,11 +244,12 @@ class _Surgery:
                 nodes.extend(self.inserted.get(i, []))
             else:
                 nodes.append(node)
+                nodes.extend(self.after.get(id(node), []))
         outputs = graph_output_names(g)
         was_read = set(self.graph.readers) | outputs
         while True:  # nodes whose outputs the fold made unread, until none is left
             read = _names_read(nodes) | outputs
-            dead = [n for n in nodes if n.op_type in _CONSTANT_OPS | {"Constant"} and
+            dead = [n for n in nodes if n.op_type in CONSTANT_OPS | {"Constant"} and
                     not any(o in read for o in n.output) and any(o in was_read for o in n.output)]
             if not dead:
                 break
@@ -571,114 +281,139 @@ def _index_of(graph, node) -> int:
     raise ValueError("node not in graph")
 
 
-def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> TensorChanges:
-    """Apply `plan` to `model`: each folded BN's math into its neighbour's constants, each affine BN replaced by
-    Mul+Add (or a depthwise 1×1 Conv), float64 math cast once to each tensor's dtype. Nodes change in place;
-    the initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
+def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
+                         input_shapes: dict[str, tuple[int, ...]] | None = None) -> TensorChanges:
+    """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
+    (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
+    depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
+    initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
     model in memory; `changes.apply_to(model)` puts them in the model)."""
-    graph = OnnxGraph.of(model)
+    graph = OnnxGraph.of(model, input_shapes)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
+    layers = {node_name(node): node for node in model.graph.node}
     for step in plan.steps:
         bn = bns.get(step.decision.name)
-        if bn is None or step.decision.action == FoldAction.REFUSED:
+        action = step.decision.action
+        if bn is None or action == FoldAction.REFUSED:
             continue
         scale, shift = bn_scale_shift(bn)
-        if step.decision.action == FoldAction.FOLDED:
-            _fold_producer(graph.producer[bn.x], bn, scale, shift, surgery)
-        elif step.decision.action == FoldAction.FOLDED_FORWARD:
-            _fold_consumer(_consumer_node(bn, graph), bn, scale, shift, surgery)
+        if action in (FoldAction.FOLDED, FoldAction.FOLDED_FORWARD):
+            for target in step.targets:
+                _fold_into(layers[target.layer], target, scale, shift, action == FoldAction.FOLDED, surgery)
+            _bypass(bn, surgery, producer_side=action == FoldAction.FOLDED)
+            surgery.remove_bn(bn)
         else:
-            step.decision.replaced_by = "depthwise 1x1 Conv" if affine_as == "conv" and \
-                graph.ranks[bn.x] >= 3 else "Mul+Add"
-            surgery.remove_bn(bn, _affine_nodes(bn, scale, shift, surgery, affine_as, graph))
+            nodes = _affine_nodes(bn, scale, shift, surgery, affine_as, graph, step.centered)
+            step.decision.replaced_by = "+".join(n.op_type for n in nodes)
+            surgery.remove_bn(bn, nodes)
     surgery.finish()
     return surgery.changes
 
 
-def _fold_producer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
+def _fold_into(node, target, scale: torch.Tensor, shift: torch.Tensor, producer: bool, surgery: _Surgery) -> None:
+    """A layer's new weight and bias with the BN's scale and shift on its output (`producer`) or input channels:
+    bntool.folding.math on the weight in (out, in, …) layout; Gemm/MatMul weights turned to it and back."""
+    from .folding.math import fold_into_consumer, fold_into_producer, select_channels
+
     graph = surgery.graph
+    bias_node, bias_index = node, 2
+    if node.op_type == "Add":  # a linear written as MatMul + Add(bias)
+        node, bias_index = graph.linear_parts(bias_node)
     w = graph.value(node.input[1])
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    bias = graph.value(node.input[2]) if has_bias else None
+    bias_name = bias_node.input[bias_index] if bias_node is not node or graph.layer_has_bias(node) else ""
+    bias = graph.value(bias_name) if bias_name else None
+    op = node.op_type
+    out_in = op in ("Conv", "ConvTranspose") or (op == "Gemm" and attr(node, "transB", 0))
+    weight = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    weight = weight if out_in else weight.T
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+    b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float64).reshape(-1))
+    if producer:
+        s, t = select_channels(scale, shift, target.channels, target.shift)
+        if b is not None and b.numel() == 1 < s.numel():
+            b = b.expand(s.numel())
+        if op == "Gemm" and t is not None:
+            t = t / beta  # α·A·B + β·C: the shift enters through β·C
+        new_w, new_b = fold_into_producer(weight, b, s, t, groups=int(attr(node, "group", 1)),
+                                          transposed=op == "ConvTranspose")
+    else:
+        idx = torch.tensor(target.channels)
+        new_w, added = fold_into_consumer(weight, None, scale[idx], shift[idx], groups=int(attr(node, "group", 1)))
+        if op == "Gemm":
+            added = added * (alpha / beta)
+        new_b = added if b is None else b + added
+    new_w = new_w if out_in else new_w.T
     base = node.name or node.output[0]
-    if node.op_type in ("Conv", "ConvTranspose"):
-        new_w, new_b = fold_into_conv(w, bias, scale, shift, node.op_type == "ConvTranspose",
-                                      int(_attr(node, "group", 1)))
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        surgery.set_constant(node, 2, new_b, w.dtype if bias is None else bias.dtype, f"{base}.bias_folded")
-    elif node.op_type == "Gemm":
-        beta = float(_attr(node, "beta", 1.0))
-        new_w, new_c = fold_into_gemm(w, bias, scale, shift, bool(_attr(node, "transB", 0)), beta)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.B_folded")
-        surgery.set_constant(node, 2, new_c, w.dtype if bias is None else bias.dtype, f"{base}.C_folded")
-    else:  # MatMul(A, W) with 2-D A: becomes Gemm(A, W', shift), the same product with the BN's shift as C
-        import onnx
-
-        new_w, new_c = fold_into_gemm(w, None, scale, shift, False, 1.0)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        c = surgery.new_constant(new_c, w.dtype, f"{base}.bias_folded")
-        gemm = onnx.helper.make_node("Gemm", [node.input[0], node.input[1], c], [node.output[0]], name=node.name)
-        node.CopyFrom(gemm)
-    node.output[0] = bn.y  # the producer now writes the BN's output; the BN goes
-    surgery.remove_bn(bn)
+    surgery.set_constant(node, 1, new_w.numpy(), w.dtype, f"{base}.weight_folded")
+    if new_b is None:
+        return
+    dtype = w.dtype if bias is None else bias.dtype
+    if bias is not None and bias.ndim > 1:
+        new_b = new_b.reshape(bias.shape)
+    if op == "MatMul" and bias_node is node:  # no bias input: an Add after it, as a linear layer's export has
+        surgery.add_bias_after(node, new_b.numpy(), dtype, f"{base}.bias_folded")
+    else:
+        surgery.set_constant(bias_node, bias_index, new_b.numpy(), dtype, f"{base}.bias_folded")
 
 
-def _fold_consumer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
+def _bypass(bn: BNNode, surgery: _Surgery, producer_side: bool) -> None:
+    """Take the BN out of the dataflow: folded into its producers, the node writing its input now writes its
+    output (name kept for readers and graph outputs); folded forward, its readers read its input instead."""
     graph = surgery.graph
-    w = graph.value(node.input[1])
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    bias = graph.value(node.input[2]) if has_bias else None
-    base = node.name or node.output[0]
-    if node.op_type == "Conv":
-        new_w, new_b = fold_into_conv_input(w, bias, scale, shift, int(_attr(node, "group", 1)))
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        surgery.set_constant(node, 2, new_b, w.dtype if bias is None else bias.dtype, f"{base}.bias_folded")
-    elif node.op_type == "Gemm":
-        alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-        new_w, new_c = fold_into_gemm_input(w, bias, scale, shift, bool(_attr(node, "transB", 0)), alpha, beta)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.B_folded")
-        surgery.set_constant(node, 2, new_c, w.dtype if bias is None else bias.dtype, f"{base}.C_folded")
-    else:  # a 2-D MatMul becomes a Gemm carrying the shift's contribution as C
-        import onnx
-
-        new_w, new_c = fold_into_gemm_input(w, None, scale, shift, False, 1.0, 1.0)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        c = surgery.new_constant(new_c, w.dtype, f"{base}.bias_folded")
-        node.CopyFrom(onnx.helper.make_node("Gemm", [node.input[0], node.input[1], c], [node.output[0]],
-                                            name=node.name))
-    reader = graph.readers[bn.y][0]  # the consumer, or a Pad in front of it
-    reader.input[0] = bn.x  # it now reads the BN's input; the BN goes
-    surgery.remove_bn(bn)
+    if producer_side:
+        writer = graph.producers[bn.x]
+        if bn.x not in writer.output:  # a MatMul given a bias Add: the Add writes it now
+            writer = next(n for n in surgery.after.get(id(writer), []) if bn.x in n.output)
+        writer.output[list(writer.output).index(bn.x)] = bn.y
+        for reader in graph.readers.get(bn.x, []):  # shape-only readers (Shape) follow the renamed tensor
+            if reader is not bn.node:
+                _rename_input(reader, bn.x, bn.y)
+    else:
+        for reader in graph.readers.get(bn.y, []):
+            _rename_input(reader, bn.y, bn.x)
 
 
-def _consumer_node(bn: BNNode, graph: OnnxGraph):
-    node = graph.readers[bn.y][0]
-    return graph.readers[node.output[0]][0] if node.op_type == "Pad" else node
+def _rename_input(node, old: str, new: str) -> None:
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
 
 
-def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery, affine_as: str,
-                  graph: OnnxGraph) -> list:
+def _affine_nodes(bn: BNNode, scale: torch.Tensor, shift: torch.Tensor, surgery: _Surgery, affine_as: str,
+                  graph: OnnxGraph, centered: bool = False) -> list:
     """y = x·scale + shift per channel (axis 1), exactly the BN in eval mode: Mul and Add with [C, 1, …]
-    constants, or one depthwise 1×1 Conv (`affine_as="conv"`)."""
+    constants; (x − mean)·scale + shift' where the mean is far from zero; or one depthwise 1×1 Conv."""
     import onnx
-    from onnx import helper
 
+    from .folding.math import affine_with_center
+
+    helper = onnx.helper
     rank = graph.ranks[bn.x]
     dtype = helper.tensor_dtype_to_np_dtype(graph.elem_types[bn.x])  # X's type (opset 15 lets γ, β differ)
     base = bn.name
-    if affine_as == "conv" and rank >= 3:
+    scale, shift = scale.numpy(), shift.numpy()
+    if affine_as == "conv" and rank >= 3 and not centered:
         ones = [1] * (rank - 2)
         w = surgery.new_constant(scale.reshape(-1, 1, *ones), dtype, f"{base}.affine_weight")
         b = surgery.new_constant(shift, dtype, f"{base}.affine_bias")
-        return [onnx.helper.make_node("Conv", [bn.x, w, b], [bn.y], name=f"{base}_affine", group=bn.channels,
-                                      kernel_shape=ones)]
+        return [helper.make_node("Conv", [bn.x, w, b], [bn.y], name=f"{base}_affine", group=bn.channels,
+                                 kernel_shape=ones)]
     trailing = [1] * max(rank - 2, 0)
+    nodes, x = [], bn.x
+    if centered:
+        mean = np.asarray(bn.values["mean"], dtype=np.float64).reshape(-1)
+        shift = affine_with_center(torch.from_numpy(scale), torch.from_numpy(shift),
+                                   torch.from_numpy(mean))[1].numpy()
+        m = surgery.new_constant(mean.reshape(-1, *trailing), dtype, f"{base}.affine_mean")
+        x_centered = unique_name(graph.names, f"{base}_centered")
+        nodes.append(helper.make_node("Sub", [x, m], [x_centered], name=f"{base}_sub"))
+        x = x_centered
     s = surgery.new_constant(scale.reshape(-1, *trailing), dtype, f"{base}.affine_scale")
     t = surgery.new_constant(shift.reshape(-1, *trailing), dtype, f"{base}.affine_shift")
     mid = unique_name(graph.names, f"{base}_scaled")
-    return [onnx.helper.make_node("Mul", [bn.x, s], [mid], name=f"{base}_mul"),
-            onnx.helper.make_node("Add", [mid, t], [bn.y], name=f"{base}_add")]
+    return nodes + [helper.make_node("Mul", [x, s], [mid], name=f"{base}_mul"),
+                    helper.make_node("Add", [mid, t], [bn.y], name=f"{base}_add")]
 
 
 # ---------------------------------------------------------------- inputs for the check
@@ -695,8 +430,7 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
     import torch
     from onnx import helper
 
-    inits = {t.name for t in model.graph.initializer}
-    specs = [i for i in model.graph.input if i.name not in inits]
+    specs = _graph_inputs(model)
     if input_shapes is not None and len(input_shapes) != len(specs):
         raise InputError(f"{path}: has {len(specs)} inputs {[s.name for s in specs]}, but {param('example_inputs')} "
                          f"gives {len(input_shapes)} shapes", param="example_inputs")
@@ -712,6 +446,12 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
         else:
             inputs.append(torch.randint(0, 2, shape, generator=g).to(dtype))
     return tuple(inputs)
+
+
+def _graph_inputs(model) -> list:
+    """The graph's inputs that are not initializers (those a caller feeds)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
 
 
 def _input_shape(name: str, dims: list, given: tuple | None, path) -> tuple[int, ...]:
@@ -799,9 +539,10 @@ def fold_onnx(
                         params_before=_param_count(model))
     from .folding import check_skip_patterns
 
-    plan = plan_onnx_fold(model, skip)
+    shapes = {spec.name: tuple(x.shape) for spec, x in zip(_graph_inputs(model), inputs)}
+    plan = plan_onnx_fold(model, skip, shapes)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    changes = apply_onnx_fold_plan(model, plan, affine_as)
+    changes = apply_onnx_fold_plan(model, plan, affine_as, shapes)
     report.decisions = plan.decisions
     report.batch_norm_ops_after = _bn_count(model)
     report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))

@@ -39,6 +39,26 @@ def export_with_bn(model: torch.nn.Module, x: torch.Tensor, path, dynamic: bool 
     return path
 
 
+class ConcatAddTrap(torch.nn.Module):
+    """What the ONNX tools leave (issue #18): a BN after a channel concat of two convs (densenet-like), and a
+    BN after the sum of two convs; then a BN whose concat part is also read elsewhere (an exact affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 6, 1, bias=False)
+        self.bn_cat = torch.nn.BatchNorm2d(10)
+        self.c, self.d = torch.nn.Conv2d(10, 5, 3, padding=1), torch.nn.Conv2d(10, 5, 1)
+        self.bn_sum = torch.nn.BatchNorm2d(5)
+        self.e = torch.nn.Conv2d(5, 5, 1)
+        self.bn_shared = torch.nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        y = self.bn_cat(torch.cat([self.a(x), self.b(x)], 1)).relu()
+        z = self.bn_sum(self.c(y) + self.d(y))
+        e = self.e(z)
+        return self.bn_shared(torch.cat([e, z], 1)) + e.mean()
+
+
 @pytest.fixture(scope="module")
 def zoo_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
@@ -46,7 +66,14 @@ def zoo_files(tmp_path_factory):
     for name in ("resnet", "mobilenet", "mlp", "preact", "shared", "reused"):
         model = zoo.build(name)
         files[name] = (model, export_with_bn(model, zoo.example_input(name), folder / f"{name}.onnx"))
+    trap = zoo.randomize_bn(ConcatAddTrap()).eval()
+    files["trap"] = (trap, export_with_bn(trap, torch.randn(2, 3, 8, 8), folder / "trap.onnx"))
     return files
+
+
+def example(name: str) -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) if name == "trap" else \
+        zoo.example_input(name)
 
 
 def run_ort(path, x: np.ndarray) -> np.ndarray:
@@ -134,14 +161,14 @@ def test_training_mode_bn_is_left_with_its_reason(tmp_path):
 # ---------------------------------------------------------------- fold against a float64 reference
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet", "mlp", "preact", "shared", "reused"])
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "mlp", "preact", "shared", "reused", "trap"])
 def test_fold_removes_every_bn_and_matches_float64(tmp_path, zoo_files, name):
     model, path = zoo_files[name]
     out = tmp_path / "folded.onnx"
     report = fold_onnx(path, out, samples=1)
     assert report.passed and report.batch_norm_ops_after == 0
     assert "BatchNormalization" not in op_types(out)
-    x = zoo.example_input(name)
+    x = example(name)
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double()).numpy()
     scale = np.abs(exact).max()
@@ -157,10 +184,19 @@ def test_no_more_affines_than_the_pytorch_path(tmp_path, zoo_files):
     for name, (model, path) in zoo_files.items():
         if name == "resnet":
             continue  # all folded into convs both ways; the others are the cases that differ
-        torch_actions = [d.action for d in plan_fold(model, zoo.example_input(name)).decisions]
+        torch_actions = [d.action for d in plan_fold(model, example(name)).decisions]
         actions = [d.action for d in plan_onnx_fold(onnx.load(str(path))).decisions]
         assert actions.count("affine") <= torch_actions.count("affine"), (name, actions, torch_actions)
         assert "refused" not in actions, name
+
+
+def test_concat_and_sum_fold_into_every_conv_feeding_them(zoo_files):
+    from bntool.onnx_fold import plan_onnx_fold
+
+    decisions = {d.name.split("/")[1]: d for d in plan_onnx_fold(onnx.load(str(zoo_files["trap"][1]))).decisions}
+    assert decisions["bn_cat"].action == "folded" and decisions["bn_cat"].target.count("Conv") == 2
+    assert decisions["bn_sum"].action == "folded" and decisions["bn_sum"].target.count("Conv") == 2
+    assert decisions["bn_shared"].action == "affine" and "also read" in decisions["bn_shared"].reason
 
 
 def test_fold_keeps_the_file_properties(tmp_path, zoo_files):

@@ -36,6 +36,7 @@ TABLES = [
     ("recalibrate_speed_cuda", "the same on a GPU"),
     ("export_timing", "export + verify, bntool vs by hand (torch.onnx + onnxruntime) and polygraphy"),
     ("export_latency", "onnxruntime latency of the folded vs the unfolded export"),
+    ("verify_timing", "verify (all checks) against export-onnx alone"),
     ("distributed", "recalibration with 1 and 2 processes (torchrun, gloo) on this 2-core machine"),
 ]
 

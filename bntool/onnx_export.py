@@ -107,6 +107,7 @@ def export_onnx(
     keep_failed: bool = False,
     protect: Sequence[str | os.PathLike] = (),
     device: str | torch.device | None = None,
+    folded: tuple[nn.Module, Any] | None = None,
 ) -> ExportReport:
     """Fold (optionally), export to a temp file, check the graph and compare onnxruntime with PyTorch; only a
     file that passed is put at `path`.
@@ -132,6 +133,8 @@ def export_onnx(
         protect: input files the outputs must not replace (the checkpoint the model came from, data files).
         device: where PyTorch runs (fold, export trace, reference outputs): "cpu", "cuda", "cuda:1", "mps"; the
             inputs and `data` are moved there and the model is put back afterwards. Default: where the model is.
+        folded: with `fold`, the (folded model, FoldReport) that `bntool.fold(model, example_inputs)` returned, to
+            export instead of folding again (verify folds once for its fold and ONNX checks).
 
     Returns:
         An ExportReport (graph ops, files, comparisons).
@@ -151,11 +154,12 @@ def export_onnx(
             model, to_device(inputs, dev) if device is not None else inputs, path, fold=fold, exporter=exporter,
             opset=opset, dynamic_batch=dynamic_batch, input_names=input_names, output_names=output_names,
             samples=samples, seed=seed, data=data, rtol=rtol, atol=atol, provider=provider, force=force,
-            check=check, keep_failed=keep_failed, protect=protect)
+            check=check, keep_failed=keep_failed, protect=protect, folded=folded)
 
 
 def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_batch, input_names, output_names,
-                      samples, seed, data, rtol, atol, provider, force, check, keep_failed, protect) -> ExportReport:
+                      samples, seed, data, rtol, atol, provider, force, check, keep_failed, protect,
+                      folded=None) -> ExportReport:
     """export_onnx with the model and inputs where they are."""
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     if exporter not in EXPORTERS:
@@ -179,7 +183,7 @@ def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_bat
         if fold:
             from .folding import fold as fold_model
 
-            to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
+            to_export, fold_report = folded or fold_model(model, inputs, samples=0, seed=seed)
             report.fold_counts = fold_report.to_dict()["counts"]
         with torch.no_grad(), user_code("the model's forward on the example inputs"):
             reference_out = model(*inputs)

@@ -35,7 +35,10 @@ def to_json_data(report: Any, context: dict[str, Any] | None = None) -> dict[str
     Non-finite figures become null, listed under "non_finite" with the value they stand for."""
     data = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
     if context:
+        notes = [*context.get("notes", []), *data.get("notes", [])]  # both say something: keep both
         data = {**context, **data}
+        if notes:
+            data["notes"] = notes
     found: dict[str, str] = {}
     data = _clean(data, "", found)
     if found:

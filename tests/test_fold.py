@@ -14,7 +14,7 @@ from torch import nn
 
 from bntool import zoo
 from bntool.checkpoint import load_checkpoint
-from bntool.errors import CheckFailed
+from bntool.errors import CheckFailed, InputError
 from bntool.folding import (
     AFFINE,
     FOLDED,
@@ -313,9 +313,15 @@ def test_refusals(case):
     elif case == "nan":
         with torch.no_grad():
             bn.running_var[0] = float("nan")
+        # The plan says why; fold itself refuses the checkpoint before any work (the input is broken).
+        decision = {d.name: d for d in plan_fold(model, zoo.example_input("resnet")).decisions}["layer1.bn1"]
+        assert decision.action == REFUSED and "NaN" in decision.reason
+        with pytest.raises(InputError, match="'layer1.bn1'.*recalibrate"):
+            fold(model, zoo.example_input("resnet"), check=False)
+        return
     else:
         skip = ("layer1.*",)
-    folded, report = fold(model, zoo.example_input("resnet"), skip=skip, check=case != "nan")
+    folded, report = fold(model, zoo.example_input("resnet"), skip=skip)
     decision = {d.name: d for d in report.decisions}["layer1.bn1"]
     assert decision.action == REFUSED, decision
     assert isinstance(folded.layer1.bn1, nn.BatchNorm2d)

@@ -119,3 +119,26 @@ def test_compiled_model_folds_what_it_wraps():
     assert report.passed and report.counts["folded"] == 2
     assert not isinstance(folded[1], nn.BatchNorm2d) and isinstance(model[1], nn.BatchNorm2d)
     assert any("torch.compile" in note for note in report.notes)
+
+
+def test_verify_plans_and_folds_once(monkeypatch):
+    """The fold check's folded model is the one the ONNX check exports: one plan trace, one check trace."""
+    from bntool.folding import check, surgery, torch_plan
+    from bntool.verification import verify
+
+    calls = {"trace": 0, "apply": 0}
+
+    def counting(real, key):
+        def run(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(torch_plan, "trace", counting(torch_plan.trace, "trace"))
+    monkeypatch.setattr(check, "trace", counting(check.trace, "trace"))
+    monkeypatch.setattr(surgery, "apply_plan", counting(surgery.apply_plan, "apply"))
+    import bntool.folding as folding
+    monkeypatch.setattr(folding, "apply_plan", surgery.apply_plan)
+    report = verify(pruned_model(), torch.randn(1, 8, 9, 9), samples=0, exporter="legacy")
+    assert report.passed, report.to_dict()
+    assert calls == {"trace": 2, "apply": 1}

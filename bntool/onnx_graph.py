@@ -145,12 +145,11 @@ class OnnxGraph:
             return None
         for i in (0, 1):
             matmul = self.producers.get(node.input[1 - i])
-            bias = self.value(node.input[i])
-            if matmul is None or matmul.op_type != "MatMul" or bias is None or not self._layer_ok(matmul):
+            if matmul is None or matmul.op_type != "MatMul" or not self._layer_ok(matmul):
                 continue
-            w = self.value(matmul.input[1])
-            if bias.shape in ((w.shape[1],), (1, w.shape[1])) and len(self.readers.get(matmul.output[0], [])) == 1 \
-                    and matmul.output[0] not in self.outputs:
+            bias, w = self.constant_spec(node.input[i]), self.constant_spec(matmul.input[1])
+            if bias is not None and bias[1] in ((w[1][1],), (1, w[1][1])) and \
+                    len(self.readers.get(matmul.output[0], [])) == 1 and matmul.output[0] not in self.outputs:
                 return matmul, i
         return None
 
@@ -193,14 +192,24 @@ class OnnxGraph:
     def _layer_ok(self, node) -> bool:
         """A conv/linear the planner may target: a constant floating weight (and bias); Gemm without transA;
         MatMul by a constant 2-D weight."""
-        w = self.value(node.input[1]) if len(node.input) > 1 else None
-        if w is None or not np.issubdtype(w.dtype, np.floating):
+        w = self.constant_spec(node.input[1]) if len(node.input) > 1 else None
+        if w is None or not np.issubdtype(w[0], np.floating):
             return False
-        if self.layer_has_bias(node) and self.value(node.input[2]) is None:
+        if len(node.input) > 2 and node.input[2] and self.constant_spec(node.input[2]) is None:
             return False
         if node.op_type == "Gemm":
             return not attr(node, "transA", 0)
-        return node.op_type != "MatMul" or w.ndim == 2
+        return node.op_type != "MatMul" or len(w[1]) == 2
+
+    def constant_spec(self, name: str) -> tuple[Any, tuple[int, ...]] | None:
+        """(numpy dtype, shape) of a constant tensor, without reading its values where it is stored as one."""
+        from onnx import helper
+
+        proto = self.constants.proto(name) if name else None
+        if proto is not None:
+            return helper.tensor_dtype_to_np_dtype(proto.data_type), tuple(proto.dims)
+        value = self.value(name)
+        return None if value is None else (value.dtype, value.shape)
 
     def _copying_pad(self, node) -> bool:
         """A Pad that copies its input's values into the border (reflect, edge, wrap) and pads no channel."""

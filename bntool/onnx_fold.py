@@ -552,6 +552,7 @@ def fold_onnx(
         staged = _stage(model, changes, out, outputs, onnx_file)
         report.fold_seconds = time.perf_counter() - started
         del model, onnx_file, changes  # onnxruntime reads the staged file; the proto is not needed any more
+        _give_memory_back()
         started = time.perf_counter()
         result = _check(original, staged, inputs, tolerance, samples, seed, provider)
         report.comparisons, report.passed = result.comparisons, result.passed
@@ -563,6 +564,19 @@ def fold_onnx(
                           f"{report.max_abs:.3g} ({report.max_abs_over_scale:.3g} of the output's magnitude) over "
                           f"{tolerance.describe()}; nothing written", report=report)
     return report
+
+
+def _give_memory_back() -> None:
+    """Return freed heap memory to the system before onnxruntime loads the model again (glibc keeps a freed
+    protobuf arena's pages otherwise, and the check would hold the model twice)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def _bn_count(model) -> int:

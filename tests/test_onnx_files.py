@@ -361,3 +361,30 @@ def test_cli_verify_an_onnx_file_and_a_rewrite(cli, tmp_path, zoo_files):
     export_with_bn(zoo.build("resnet", seed=1), zoo.example_input("resnet"), other)
     result = cli("verify", other, "--reference", original)
     assert result.code == 1 and "onnx-equivalence" in result.err
+
+
+def test_float64_arbiter_judges_what_is_over_tolerance(zoo_files):
+    report = fold_onnx(zoo_files["preact"][1], None, samples=1, atol=1e-12, check=False)
+    judged = [c for c in report.comparisons if c.float64_error_original is not None]
+    assert judged and len(judged) == len([c for c in report.comparisons if c.max_abs > 1e-12])
+    for c in judged:  # both runs measured against the float64 original: float32 rounding, nothing more
+        assert 0 < c.float64_error_original < 1e-5 * c.scale and c.float64_error_candidate < 1e-5 * c.scale
+
+
+def test_a_bn_inside_a_subgraph_is_left_with_its_reason(tmp_path):
+    inner = bn_graph(15).graph
+    branch = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                              [1, 4, 6, 6])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])])
+    nodes = [helper.make_node("If", ["flag"], ["out"], then_branch=branch, else_branch=other, name="if")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              list(inner.initializer))
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    layer = inspect_onnx(path).layers[0]
+    assert layer.fold_action == "refused" and "subgraph 'then_branch' of If 'if'" in layer.fold_reason
+    report = fold_onnx(path, tmp_path / "out.onnx", samples=1)
+    assert report.passed and report.counts["refused"] == 1

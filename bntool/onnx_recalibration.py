@@ -113,7 +113,7 @@ def recalibrate_onnx(
     boundaries = _boundaries(graph, input_name, levels, depth)
     for level in range(1, depth + 1):
         members = [b for b in usable if b.level == level]
-        keep = boundaries[level] if level < depth else set()
+        keep = boundaries[level] if level < depth and budget > 0 else set()
         runner.stats = dict(new_stats)
         stats, cache = _measure_level(runner, members, keep, cache, batches, budget, report, level, depth, progress)
         for b in members:
@@ -122,6 +122,7 @@ def recalibrate_onnx(
             batches.values_per_channel[b.name] = int(stats[b.name].count)
         report.passes += 1
     del cache
+    report.cache_note = _cache_note(report, budget, depth)
     _check_finite(usable, new_stats)
     report.layers = [_shift(b, _initializer_array(graph, b.mean), _initializer_array(graph, b.var),
                             new_stats.get(b.name), batches.values_per_channel.get(b.name, 0)) for b in bns]
@@ -371,8 +372,6 @@ def _measure_level(runner, members, keep, cache, batches, budget, report, level,
             if held > budget:
                 new_cache = None
                 report.cache_over_budget += 1
-                report.cache_note = (f"the activations kept after level {level} exceed the cache budget "
-                                     f"({budget:,} bytes): the next level ran from the model input")
             else:
                 new_cache.append(kept)
         if cache:
@@ -385,6 +384,18 @@ def _measure_level(runner, members, keep, cache, batches, budget, report, level,
     if new_cache is not None:
         report.cache_peak_bytes = max(report.cache_peak_bytes, held)
     return stats, new_cache
+
+
+def _cache_note(report: RecalibrationReport, budget: int, depth: int) -> str:
+    """Where passes ran from the model input instead of a cached segment boundary (the fallback), and why."""
+    if depth <= 1:
+        return ""
+    if budget == 0:
+        return "cache budget 0: every level ran from the model input up to its BNs"
+    if report.cache_over_budget:
+        return (f"{report.cache_over_budget} of {depth - 1} levels' activations exceeded the cache budget "
+                f"({budget:,} bytes): the level after each ran from the model input")
+    return ""
 
 
 def _as_input(x: torch.Tensor, runner: _SegmentRunner, index: int) -> np.ndarray:

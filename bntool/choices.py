@@ -40,6 +40,13 @@ class FoldAction(StrEnum):
     REFUSED = "refused"  # left as it was
 
 
+class AffineAs(StrEnum):
+    """How an ONNX fold writes a BN that folds into no neighbour."""
+
+    MUL = "mul"  # a Mul and an Add with per-channel constants
+    CONV = "conv"  # one depthwise 1x1 Conv (for backends without broadcasting Mul)
+
+
 class CheckpointKind(StrEnum):
     """What a checkpoint file held (and how a result is saved back)."""
 

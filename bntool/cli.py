@@ -20,8 +20,8 @@ import typer
 import typer.core
 
 from ._version import __version__
-from .choices import Exporter, Provider, RecalibrationMode
-from .errors import BntoolError, CheckFailed
+from .choices import AffineAs, Exporter, Provider, RecalibrationMode
+from .errors import BntoolError, CheckFailed, InputError
 from .options import (
     DataOptions,
     Device,
@@ -171,9 +171,15 @@ def inspect(
     wide: Annotated[bool, typer.Option("--wide", help="Every column (statistics, γ/β, eps, momentum, tracked "
                                                       "batches), not the view that fits the terminal.")] = False,
 ) -> None:
-    """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do."""
+    """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do.
+
+    An ONNX file (by content) needs no --arch: every BatchNormalization node and what fold would do."""
     from .inspection import inspect as inspect_model
 
+    if _onnx_input(model):
+        from .onnx_fold import inspect_onnx
+
+        return _show(inspect_onnx(model.ckpt), display, "render_inspect", _context(model), wide=wide)
     where = device.resolve()
     loaded = model.load()
     inputs = None
@@ -205,16 +211,26 @@ def fold(
     keep_extra: Annotated[bool, typer.Option(
         "--keep-extra", help="Keep a training checkpoint's optimizer/scheduler state (dropped by default: it "
                              "refers to parameters the fold removes, so resuming from it fails).")] = False,
+    affine_as: Annotated[AffineAs, typer.Option(
+        "--affine-as", help="ONNX files: a BN that folds into no neighbour becomes Mul+Add (mul) or a depthwise "
+                            "1x1 Conv (conv).")] = AffineAs.MUL,
 ) -> None:
     """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
 
     The output is the same kind of file as the input. A folded state_dict loads with
-    bntool.load_model(path, arch=...) (its structure differs from --arch).
+    bntool.load_model(path, arch=...) (its structure differs from --arch). An ONNX file (by content) needs no
+    --arch; it is checked in onnxruntime against the original.
     """
     from .checkpoint import write_checkpoint
     from .files import OutputKind
     from .folding import fold as fold_model
 
+    if _onnx_input(model):
+        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as)
+    _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
+                                  "writes ONNX")
+    if affine_as != AffineAs.MUL:
+        raise InputError("--affine-as: applies to ONNX files only (a PyTorch fold keeps an affine as a module)")
     outputs = _outputs((model.ckpt, "the input checkpoint"))
     outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")
     outputs.check()
@@ -236,6 +252,53 @@ def fold(
         outputs.commit()
     _wrote(display, report, "render_fold", _context(model, loaded=loaded), out.output,
            _left_out(loaded, out.output, keep_training_state=keep_extra))
+
+
+def _onnx_input(model: ModelSource) -> bool:
+    """Whether the command's input is an ONNX file (by content); an ONNX file takes no --arch/--key."""
+    from .onnx_model import is_onnx_file
+
+    if not is_onnx_file(model.ckpt):
+        if model.ckpt.suffix.lower() == ".onnx" and model.ckpt.is_file():
+            from .files import looks_like_checkpoint
+
+            if not looks_like_checkpoint(model.ckpt):
+                raise InputError(f"{model.ckpt}: not an ONNX model (named .onnx, but its content is neither ONNX nor "
+                                 "a PyTorch checkpoint)")
+        return False
+    given = [flag for flag, value in (("--arch", model.arch), ("--arch-kwargs", model.arch_kwargs),
+                                      ("--key", model.key)) if value]
+    if given:
+        raise InputError(f"{given[0]}: {model.ckpt} is an ONNX file, which carries its own graph; drop {given[0]}")
+    return True
+
+
+def _refuse_onnx_name(out: Path, why: str) -> None:
+    if out.suffix.lower() == ".onnx":
+        raise InputError(f"-o {out}: named .onnx, but {why}")
+
+
+def _input_shapes(example: ExampleInputs):
+    from .options import parse_shape
+
+    return [parse_shape(text) for text in example.input_shape] if example.input_shape else None
+
+
+def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as) -> None:
+    from .onnx_fold import fold_onnx
+
+    if out.output.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+        raise InputError(f"-o {out.output}: a PyTorch checkpoint name for the folded ONNX file; name it .onnx")
+    context = _context(model)
+    try:
+        report = fold_onnx(model.ckpt, out.output, input_shapes=_input_shapes(example), samples=samples,
+                           seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, skip=skip or (),
+                           affine_as=affine_as.value, force=out.force)
+    except CheckFailed as e:
+        if e.report is not None:
+            _show(e.report, display, "render_fold", context)
+        raise
+    _wrote(display, report, "render_fold", context, out.output, [])
 
 
 @app.command(cls=_Command)
@@ -452,7 +515,11 @@ def export_onnx(
     """
     from .onnx_export import check_provider, plan_outputs
     from .onnx_export import export_onnx as export_model
+    from .onnx_model import is_onnx_file
 
+    if is_onnx_file(model.ckpt):
+        raise InputError(f"{model.ckpt}: is already an ONNX file; to fold its BatchNorm nodes run "
+                         f"`bntool fold {model.ckpt} -o folded.onnx`")
     protect = [p for p in (model.ckpt, data.data) if p is not None]
     check_provider(provider)
     plan_outputs(out.output, False, out.force, keep_failed, protect)  # before loading; the export plans again
@@ -505,6 +572,9 @@ def verify(
                              "$GITHUB_STEP_SUMMARY when that is set).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml or --summary-md "
                                                         "file.")] = False,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="ONNX files: the ONNX file this one must match in onnxruntime (e.g. the file before "
+                            "a graph rewrite).")] = None,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails.
 
@@ -514,7 +584,8 @@ def verify(
     from .files import OutputKind
     from .verification import junit_error_xml, markdown_error, to_junit_xml, to_markdown
 
-    outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"))
+    outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"),
+                       (reference, "the --reference file"))
     if junit_xml is not None:
         outputs.add(junit_xml, OutputKind.REPORT, force=force, what="--junit-xml")
     if summary_md is not None:
@@ -522,8 +593,14 @@ def verify(
     outputs.check()
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     try:
-        report, context = _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx,
-                                  exporter, samples, num_batches, onnx_rtol, onnx_atol)
+        if _onnx_input(model):
+            report, context = _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol,
+                                           onnx_atol)
+        else:
+            if reference is not None:
+                raise InputError("--reference: compares two ONNX files; for a PyTorch checkpoint use --onnx")
+            report, context = _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx,
+                                      exporter, samples, num_batches, onnx_rtol, onnx_atol)
     except Exception as e:  # the CI dashboard must say why verify could not run
         message = _one_line(e.render(flag_name) if isinstance(e, BntoolError) else
                             f"internal error: {type(e).__name__}: {e}")
@@ -553,6 +630,22 @@ def _verify(model, example, data, images, tolerances, device, display, onnx, ski
         seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
         data=batches, device=where)
     return report, _context(model, source, loaded)
+
+
+def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol, onnx_atol):
+    from .onnx_model import is_onnx_file
+    from .verification import verify_onnx
+
+    if onnx is not None or data.data is not None or data.loader is not None:
+        flag = "--onnx" if onnx is not None else ("--data" if data.data is not None else "--loader")
+        raise InputError(f"{flag}: not used when the input is an ONNX file ({model.ckpt}); "
+                         "--reference compares it with another ONNX file")
+    if reference is not None and not is_onnx_file(reference):
+        raise InputError(f"--reference {reference}: not an ONNX file")
+    report = verify_onnx(model.ckpt, reference=reference, input_shapes=_input_shapes(example), samples=samples,
+                         seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol,
+                         onnx_atol=onnx_atol)
+    return report, _context(model)
 
 
 def _write_ci_reports(outputs, junit_xml: Path | None, xml: str, summary_md: Path | None,

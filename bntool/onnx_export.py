@@ -524,8 +524,39 @@ def compare_with_onnxruntime(
     Raises:
         InputError: onnxruntime cannot load the file, or its inputs do not match `inputs`.
     """
-    sessions = {level: ort_session(path, provider, level) for level in OPTIMIZATION_LEVELS}
-    session = sessions[OPTIMIZATION_LEVELS[0]]
+    outputs: dict[str, list] = {}
+
+    def reference(label: str, xs: tuple, level: str) -> list:
+        if label not in outputs:  # PyTorch runs once per input, whatever the level
+            with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
+                output = model(*xs)
+            outputs[label] = [to_numpy(t) for t in iter_tensors(output)]
+        return outputs[label]
+
+    return compare_runs(reference, "PyTorch", path, inputs, tolerance, samples=samples, seed=seed, data=data,
+                        provider=provider)
+
+
+def compare_runs(
+    reference,
+    reference_name: str,
+    path: str | os.PathLike,
+    inputs: Sequence[torch.Tensor],
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    *,
+    samples: int = 4,
+    seed: int = 0,
+    data: Iterable[torch.Tensor] | None = None,
+    provider: str = "cpu",
+    candidate_check=None,
+) -> OnnxCheck:
+    """onnxruntime on `path`, at each optimisation level, against `reference(label, inputs, level)` (a list of
+    arrays: PyTorch's outputs, or another ONNX file's in onnxruntime at that level) on the example, random and
+    data inputs. `candidate_check(comparison, inputs, reference_array, candidate_array, output_name)` may
+    re-judge a failed comparison (the float64 arbiter of an ONNX fold). Comparisons are listed input by input,
+    the default level first."""
+    # One session at a time, level by level: a large model is held once by onnxruntime, not once per level.
+    session = ort_session(path, provider, OPTIMIZATION_LEVELS[0])
     result = OnnxCheck(provider=session.get_providers()[0])
     check_signature(session, inputs, path)
     names = [i.name for i in session.get_inputs()]
@@ -537,27 +568,41 @@ def compare_with_onnxruntime(
             cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))
-    for label, xs in cases:
-        with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
-            output = model(*xs)
-        expected = [to_numpy(t) for t in iter_tensors(output)]
-        for level, level_session in sessions.items():
-            # Labels of the default level stay as they are; the unoptimised run says so.
-            level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
-            try:
-                got = level_session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
-            except Exception as e:
-                message = f"onnxruntime failed: {_exporter_message(e)}"
-                result.comparisons.append(Comparison.failure(level_label, "*", message))
-                result.notes.append(f"{level_label}: {message}")
-                continue
-            out_names = [o.name for o in level_session.get_outputs()]
-            if len(got) != len(expected):
-                raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
-            for name, ref, out in zip(out_names, expected, got):
-                result.comparisons.append(compare_arrays(level_label, name, ref, out, tolerance))
+    by_case: dict[str, list[Comparison]] = {label: [] for label, _ in cases}
+    for level in OPTIMIZATION_LEVELS:
+        if session is None:
+            session = ort_session(path, provider, level)
+        for label, xs in cases:
+            by_case[label].extend(_compare_case(session, names, label, xs, level, reference, reference_name, path,
+                                                tolerance, candidate_check, result))
+        session = None
+    result.comparisons = [c for label, _ in cases for c in by_case[label]]
     for level in OPTIMIZATION_LEVELS:
         mine = [c for c in result.comparisons if _level_of(c.input) == level]
         failed = sum(not c.passed for c in mine)
         result.notes.append(f"onnxruntime {level}: {len(mine) - failed} of {len(mine)} comparisons passed")
     return result
+
+
+def _compare_case(session, names, label, xs, level, reference, reference_name, path, tolerance, candidate_check,
+                  result: OnnxCheck) -> list[Comparison]:
+    """One input at one optimisation level: each output against the reference's."""
+    expected = reference(label, xs, level)
+    # Labels of the default level stay as they are; the unoptimised run says so.
+    level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
+    try:
+        got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
+    except Exception as e:
+        message = f"onnxruntime failed: {_exporter_message(e)}"
+        result.notes.append(f"{level_label}: {message}")
+        return [Comparison.failure(level_label, "*", message)]
+    out_names = [o.name for o in session.get_outputs()]
+    if len(got) != len(expected):
+        raise CheckFailed(f"{path}: returns {len(got)} outputs, {reference_name} returns {len(expected)}")
+    comparisons = []
+    for name, ref, out in zip(out_names, expected, got):
+        c = compare_arrays(level_label, name, ref, out, tolerance)
+        if not c.passed and candidate_check is not None:
+            candidate_check(c, xs, ref, out, name)
+        comparisons.append(c)
+    return comparisons

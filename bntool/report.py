@@ -253,8 +253,9 @@ def wrap_dotted(name: str, width: int) -> str:
 
 
 def _short_kind(type_name: str) -> str:
-    """BatchNorm2d → BN2d, FrozenBatchNorm2d → FrozenBN2d, SyncBatchNorm → SyncBN."""
-    return type_name.replace("BatchNorm", "BN")
+    """BatchNorm2d → BN2d, FrozenBatchNorm2d → FrozenBN2d, SyncBatchNorm → SyncBN, ONNX's BatchNormalization
+    → BN."""
+    return type_name.replace("BatchNormalization", "BN").replace("BatchNorm", "BN")
 
 
 def _fold_cell(action: str | None, target: str | None, reason: str) -> str:

@@ -111,7 +111,11 @@ def _timed(run) -> Check:
 def check_health(model: nn.Module) -> Check:
     from .inspection import inspect
 
-    report = inspect(model)
+    return health_check(inspect(model))
+
+
+def health_check(report) -> Check:
+    """The bn-health check of an InspectReport (a PyTorch model's or an ONNX file's)."""
     fatal = {layer.name: [f for f in layer.flags if any(k in f for k in FATAL_FLAGS)] for layer in report.layers}
     fatal = {k: v for k, v in fatal.items() if v}
     warned = {layer.name: layer.flags for layer in report.layers if layer.flags and layer.name not in fatal}
@@ -132,6 +136,11 @@ def check_fold(model, inputs, samples, seed, rtol, atol) -> Check:
         _, r = fold(model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, check=False)
     except CheckFailed as e:
         return Check("fold-equivalence", False, str(e))
+    return fold_check(r)
+
+
+def fold_check(r) -> Check:
+    """The fold-equivalence check of a FoldReport (a PyTorch model's or an ONNX file's)."""
     figures = {**r.summary_figures(), "tolerance": r.tolerance.to_dict(), "counts": r.to_dict()["counts"],
                "batch_norm_ops_after": r.batch_norm_ops_after, "inputs": len(r.comparisons)}
     summary = (f"folded vs original on {plural(len(r.comparisons), 'input')}: max abs {r.max_abs:.3g} "
@@ -252,3 +261,73 @@ def markdown_error(message: str, title: str = "bntool verify") -> str:
 
 def _md_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    *,
+    reference: str | os.PathLike | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    onnx_rtol: float | None = None,
+    onnx_atol: float | None = None,
+    provider: str = "cpu",
+) -> VerifyReport:
+    """The CI checks of an ONNX file: BN health (its BatchNormalization nodes' statistics), fold equivalence
+    (bntool.onnx_fold's fold, checked in onnxruntime; nothing written) and, with `reference`, the file against
+    another ONNX file in onnxruntime (what a CI runs after any graph rewrite: `reference` is the file before it).
+
+    Raises:
+        InputError: a file that cannot be used (see bntool.onnx_model.load_onnx), a symbolic input dimension
+            without `input_shapes`, inputs that do not fit `reference`.
+    """
+    from .compare import Tolerance, check_samples
+    from .onnx_export import DEFAULT_TOLERANCE, compare_runs
+    from .onnx_fold import OriginalRuns, example_inputs, fold_onnx, inspect_onnx
+    from .onnx_model import load_onnx
+
+    check_samples(samples)
+    onnx_file = load_onnx(path)
+    reference_file = load_onnx(reference, check=True) if reference is not None else None
+    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
+    report = VerifyReport()
+    report.checks.append(_timed(lambda: health_check(inspect_onnx(onnx_file))))
+
+    def fold() -> Check:
+        try:
+            return fold_check(fold_onnx(onnx_file, None, input_shapes=input_shapes, samples=samples, seed=seed,
+                                        rtol=rtol, atol=atol, provider=provider, check=False))
+        except CheckFailed as e:
+            return Check("fold-equivalence", False, str(e))
+
+    report.checks.append(_timed(fold))
+    if reference_file is not None:
+        del reference_file  # loaded to refuse a bad file before any check; onnxruntime reads it from disk
+        tolerance = Tolerance.resolve(onnx_rtol, onnx_atol, DEFAULT_TOLERANCE)
+
+        def compare() -> Check:
+            runs = OriginalRuns(Path(reference), provider, inputs)
+            try:
+                result = compare_runs(runs, "the reference file", path, inputs, tolerance, samples=samples,
+                                      seed=seed, provider=provider)
+            except CheckFailed as e:
+                return Check("onnx-equivalence", False, str(e))
+            return _onnx_pair_check(result, tolerance, reference)
+
+        report.checks.append(_timed(compare))
+    return report
+
+
+def _onnx_pair_check(result, tolerance, reference) -> Check:
+    failing = [c for c in result.comparisons if not c.passed]
+    summary = (f"onnxruntime: this file vs {reference} on {plural(len(result.comparisons), 'input/output pair')}: "
+               f"max abs {result.max_abs:.3g} ({result.max_abs_over_scale:.2g} of the output's magnitude) against "
+               f"atol {result.atol_at_worst:.3g} ({tolerance.describe()})")
+    if failing:
+        summary += f"; {len(failing)} over tolerance, first: {failing[0].input} {failing[0].output}"
+    figures = {"reference": str(reference), **result.summary_figures(), "tolerance": tolerance.to_dict(),
+               "comparisons": len(result.comparisons), "notes": [*result.notes, *result.comparison_notes]}
+    return Check("onnx-equivalence", result.passed, summary + _noted(result), figures)

@@ -20,7 +20,6 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,8 +61,8 @@ def recalibrate_onnx(
     """Re-estimate the running statistics of every BatchNormalization node of an ONNX model (exact mode).
 
     Args:
-        model: an `onnx.ModelProto` (updated in place, only once every level is measured) or the path of an
-            ONNX file (loaded with its external data).
+        model: an `onnx.ModelProto` or `onnx_model.OnnxFile` (its proto updated in place, only once every level
+            is measured), or the path of an ONNX file (loaded with its external data, checked).
         data: re-iterable batches (tensors, (input, label) tuples or dicts) for the model's one input, the same
             batches on every pass; a graph with a fixed batch size gets them in chunks of that size.
         num_batches, num_samples: use at most this many batches / samples per pass.
@@ -83,9 +82,12 @@ def recalibrate_onnx(
     import onnx
 
     from .data import first_input
+    from .onnx_model import OnnxFile, load_onnx
 
     if isinstance(model, (str, os.PathLike)):
-        model = _load(Path(model))
+        model = load_onnx(model)
+    if isinstance(model, OnnxFile):
+        model = model.model
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or the path of an ONNX file, got {type(model).__name__}")
     if cache_budget is not None and cache_budget < 0:
@@ -136,38 +138,30 @@ def recalibrate_onnx(
 
 
 def find_batchnorms(model) -> list[_BN]:
-    """Every BatchNormalization node of the main graph, with why it cannot be recalibrated where it cannot;
-    BNs inside If/Loop/Scan bodies are listed as skipped."""
-    from onnx import helper
+    """Every BatchNormalization node (onnx_model.batch_norm_nodes), with why it cannot be recalibrated where it
+    cannot: only the main graph's, with statistics stored as initializers, in inference mode."""
+    from .onnx_model import batch_norm_nodes
 
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    initializers = {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}
     bns = []
-    for i, node in enumerate(graph.node):
-        if node.op_type == BN_OP and node.domain in ("", "ai.onnx"):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            name = node.name or f"{BN_OP}_{i}"
-            mean, var = (node.input[3], node.input[4]) if len(node.input) >= 5 else ("", "")
-            bn = _BN(name, node.input[0], mean, var, float(attrs.get("epsilon", 1e-5)))
-            bn.skipped = _skip_reason(node, attrs, inits)
-            if mean in inits:
-                bn.channels = int(np.prod(inits[mean].dims))
-            bns.append(bn)
-        for sub in _subgraphs(node):
-            bns += [_BN(n.name or f"{BN_OP} in {node.name or node.op_type}", "", "", "", 1e-5,
-                        skipped=f"inside a {node.op_type} body: left as it is") for n in _all_nodes(sub)
-                    if n.op_type == BN_OP]
+    for node in batch_norm_nodes(model):
+        bn = _BN(node.name, node.x, node.inputs.get("mean", ""), node.inputs.get("var", ""), node.epsilon,
+                 node.channels)
+        bn.skipped = _skip_reason(node, initializers)
+        bns.append(bn)
     return bns
 
 
-def _skip_reason(node, attrs, inits) -> str:
-    if attrs.get("training_mode", 0):
-        return "training_mode=1: normalizes with batch statistics"
-    if len(node.output) > 1 and any(node.output[1:]):
-        return "outputs running statistics (training mode)"
-    if len(node.input) < 5 or node.input[3] not in inits or node.input[4] not in inits:
+def _skip_reason(node, initializers: set[str]) -> str:
+    if node.where:
+        return f"in {node.where}: left as it is"
+    if node.training_mode or node.extra_outputs:
+        return "training mode: normalizes with batch statistics"
+    if node.values.get("mean") is None or node.values.get("var") is None:
         return "statistics computed at run time, not stored in the file"
-    if attrs.get("spatial", 1) == 0:
+    if node.inputs["mean"] not in initializers or node.inputs["var"] not in initializers:
+        return "statistics held by Constant nodes: left as they are"
+    if node.spatial == 0:
         return "spatial=0 (per-element statistics of an old opset)"
     return ""
 
@@ -235,7 +229,7 @@ def _assign_levels(graph, usable: list[_BN]) -> dict[str, int]:
     usable_by_name = {b.name: b for b in usable}
     for i, node in enumerate(graph.node):
         if node.op_type == BN_OP and node.domain in ("", "ai.onnx"):
-            by_node[i] = usable_by_name.get(node.name or f"{BN_OP}_{i}")
+            by_node[i] = usable_by_name.get(node.name or node.output[0])
     level: dict[str, int] = {}
     for i, node in enumerate(graph.node):
         d = max((level.get(t, 0) for t in _node_inputs(node)), default=0)
@@ -446,40 +440,30 @@ def _accumulate(stats: ChannelStats, x: np.ndarray) -> None:
 
 def write_statistics(model, usable: list[_BN], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """The new statistics as initializers in their own dtype (cast once from float64); an initializer another
-    node also reads gets a copy under a new name for this BN."""
+    node also reads (or a graph output) gets a copy under a new name for this BN."""
     from onnx import numpy_helper
+
+    from .onnx_model import all_names, graph_output_names, readers_of, unique_name
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in _all_nodes(graph):
-        for t in node.input:
-            readers[t] = readers.get(t, 0) + 1
-    graph_outputs = {o.name for o in graph.output}
-    nodes = {(n.name or f"{BN_OP}_{i}"): n for i, n in enumerate(graph.node) if n.op_type == BN_OP}
-    taken = set(inits) | {o for n in _all_nodes(graph) for o in n.output} | {i.name for i in graph.input}
+    readers = {name: len(nodes) for name, nodes in readers_of(graph).items()}
+    outputs = graph_output_names(graph)
+    nodes = {(n.name or n.output[0]): n for n in graph.node if n.op_type == BN_OP}
+    taken = all_names(model)
     for b in usable:
         if b.name not in stats:
             continue
         for slot, name, values in ((3, b.mean, stats[b.name][0]), (4, b.var, stats[b.name][1])):
             old = inits[name]
             array = values.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))
-            if readers.get(name, 0) > 1 or name in graph_outputs:
-                new_name = _unique(f"{name}.recalibrated", taken)
+            if readers.get(name, 0) > 1 or name in outputs:
+                new_name = unique_name(taken, f"{name}.recalibrated")
                 graph.initializer.append(numpy_helper.from_array(array, new_name))
                 nodes[b.name].input[slot] = new_name
                 readers[name] -= 1
             else:
                 old.CopyFrom(numpy_helper.from_array(array, name))
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        i += 1
-        candidate = f"{name}{i}"
-    taken.add(candidate)
-    return candidate
 
 
 def _initializer_array(graph, name: str) -> np.ndarray | None:
@@ -506,17 +490,6 @@ def _shift(b: _BN, old_mean, old_var, new, values: int) -> LayerShift:
     mean_shift = float((np.abs(new_mean - old_mean.reshape(-1)) / np.sqrt(old_var.reshape(-1) + b.eps)).max())
     ratio = (new_var + b.eps) / (old_var.reshape(-1) + b.eps)
     return LayerShift(b.name, b.channels, values, mean_shift, float(ratio.min()), float(ratio.max()))
-
-
-def _load(path: Path):
-    import onnx
-
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return onnx.load(str(path), load_external_data=True)
-    except Exception as e:
-        raise InputError(f"{path}: not a readable ONNX file ({_first_line(e)})") from e
 
 
 def _shape_text(shape) -> str:

@@ -310,9 +310,11 @@ def recalibrate(
     images: ImagePreprocessing,
     device: Device,
     display: Display,
-    mode: Annotated[RecalibrationMode, typer.Option(
-        "--mode", help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
-                       "exact (eval-mode statistics, batch-size independent).")] = RecalibrationMode.CUMULATIVE,
+    mode: Annotated[Optional[RecalibrationMode], typer.Option(
+        "--mode", show_default=False,
+        help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
+             "exact (eval-mode statistics, batch-size independent); an ONNX file: exact only. "
+             "[default: cumulative; exact for an ONNX file]")] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="EMA momentum for --mode ema.")] = 0.1,
     reset: Annotated[bool, typer.Option("--reset/--no-reset", help="--mode ema: start from 0/1 statistics or "
                                                                    "from the current ones.")] = True,
@@ -338,11 +340,23 @@ def recalibrate(
     """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
 
     Under torchrun, each process takes its share of the batches, statistics are merged exactly across
-    processes, and rank 0 alone writes the output.
+    processes, and rank 0 alone writes the output. An ONNX file (by content) needs no --arch: it runs in
+    onnxruntime, exact mode, and the statistics are written back into a copy of the file.
     """
     from .distributed import process_group, rank_device
     from .options import parse_shape
 
+    if _onnx_input(model):
+        given = [flag for flag, on in (("--mode", mode not in (None, RecalibrationMode.EXACT)), ("--amp", amp),
+                                       ("--channels-last", channels_last), ("--prior", prior is not None)) if on]
+        if given:
+            raise InputError(f"{given[0]}: {model.ckpt} is an ONNX file, recalibrated in onnxruntime in exact mode "
+                             f"only; drop {given[0]}")
+        return _recalibrate_onnx(model, out, data, images, device, display, num_batches=num_batches,
+                                 num_samples=num_samples, seed=seed, plot=plot, strict=strict,
+                                 input_shape=parse_shape(input_shape) if input_shape else None,
+                                 cache_budget=cache_budget)
+    mode = mode or RecalibrationMode.CUMULATIVE
     where = str(device.resolve())  # before any work; under torchrun, "cuda" becomes each rank's own GPU
     settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
                                      num_samples=num_samples, device=where, amp=amp, channels_last=channels_last,
@@ -430,6 +444,37 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         outputs.commit()
     _wrote(display, report, "render_recalibrate", _context(model, source, loaded), out.output,
            _left_out(loaded, out.output), quiet=quiet)
+
+
+def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
+                      device: Device, display: Display, *, input_shape, cache_budget, seed, **options) -> None:
+    """recalibrate on an ONNX file: onnxruntime on the device's provider; the image size from --input-shape,
+    else the graph's own fixed input shape."""
+    from .onnx_export import check_provider
+    from .onnx_model import load_onnx
+    from .onnx_recalibration import onnx_input_shape, plan_outputs, recalibrate_onnx_file
+    from .segments import parse_bytes
+
+    where = str(device.resolve())
+    provider = "cuda" if where.startswith("cuda") else "cpu"
+    if where.split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
+    check_provider(provider)
+    budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
+    onnx_file = load_onnx(model.ckpt)
+    outputs = plan_outputs(onnx_file, out.output, force=out.force, plot=options["plot"])
+    shape = input_shape or onnx_input_shape(onnx_file.model)
+    source = data.open(images.image_options(), input_shape=shape, workers=images.workers,
+                       strict=options.pop("strict"), seed=seed)
+    _tell(display, None, source)
+    total, limit = source.num_samples, options["num_samples"]
+    if options["num_batches"] is not None and data.data is not None:  # batches of --batch-size
+        limit = min(limit or options["num_batches"] * data.batch_size, options["num_batches"] * data.batch_size)
+    total = limit if total is None else min(total, limit or total)
+    with _progress(display.quiet or display.json_output, total) as callback:
+        report = recalibrate_onnx_file(onnx_file, out.output, source, outputs=outputs, provider=provider,
+                                       cache_budget=budget, progress=callback, **options)
+    _wrote(display, report, "render_recalibrate", _context(model, source), out.output, [], quiet=display.quiet)
 
 
 def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:

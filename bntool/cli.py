@@ -463,7 +463,9 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
     onnx_file = load_onnx(model.ckpt)
     outputs = plan_outputs(onnx_file, out.output, force=out.force, plot=options["plot"])
-    shape = input_shape or onnx_input_shape(onnx_file.model)
+    shape = input_shape
+    if shape is None and data.data is not None and data.data.is_dir():  # the image size the graph fixes, if any
+        shape = onnx_input_shape(onnx_file.model)
     source = data.open(images.image_options(), input_shape=shape, workers=images.workers,
                        strict=options.pop("strict"), seed=seed)
     _tell(display, None, source)

@@ -338,6 +338,8 @@ class _SegmentRunner:
         model, inputs = self._segment(available, wanted)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # onnxruntime's threads spin after each run, which starves the statistics computed between runs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
         try:
@@ -401,19 +403,21 @@ def _measure_level(runner, members, keep, cache, batches, budget, report, level,
     any (else from the model input); returns them and this pass's cache for the next (None if not kept)."""
     available = {n: (a.dtype, a.ndim) for n, a in cache[0].items()} if cache else {}
     wanted = [t for t in dict.fromkeys([b.x for b in members] + sorted(keep)) if t not in available]
-    session, inputs = runner.session(available, [t for t in wanted if t != runner.input_name])
+    outputs = [t for t in wanted if t != runner.input_name]
+    # a level whose BNs all read the model input itself needs no onnxruntime run at all
+    session, inputs = runner.session(available, outputs) if outputs else (None, [])
     stats = {b.name: ChannelStats(b.channels, torch.device("cpu")) for b in members}
     new_cache: list[dict[str, np.ndarray]] | None = [] if keep else None
     held = done = 0
     if progress is not None:
         progress(0, level, passes)
-    outputs = [t for t in wanted if t != runner.input_name]
     for i, (index, x) in enumerate(_model_batches(batches, runner)):
         feeds = dict(cache[i]) if cache else {}
         if runner.input_name in inputs or runner.input_name in wanted:
             feeds[runner.input_name] = _as_input(x, runner, index)
-        values = {**feeds, **dict(zip(outputs, _run_chunk(session, outputs, {k: feeds[k] for k in inputs}, x,
-                                                          index)))}
+        values = dict(feeds)
+        if session is not None:
+            values.update(zip(outputs, _run_chunk(session, outputs, {k: feeds[k] for k in inputs}, x, index)))
         for b in members:
             _accumulate(stats[b.name], values[b.x])
         if new_cache is not None:

@@ -447,12 +447,14 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
 
 def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
-                      device: Device, display: Display, *, input_shape, cache_budget, seed, **options) -> None:
-    """recalibrate on an ONNX file: onnxruntime on the device's provider; the image size from --input-shape,
-    else the graph's own fixed input shape."""
+                      device: Device, display: Display, *, input_shape, cache_budget, seed, plot, strict,
+                      **options) -> None:
+    """recalibrate on an ONNX file: onnxruntime on the device's provider; an image folder is resized to
+    --input-shape, else to the graph's own fixed input size."""
+    from .files import OutputKind, Outputs
     from .onnx_export import check_provider
-    from .onnx_model import load_onnx
-    from .onnx_recalibration import onnx_input_shape, plan_outputs, recalibrate_onnx_file
+    from .onnx_model import load_onnx, plan_onnx_output, save_onnx
+    from .onnx_recalibration import onnx_input_shape, recalibrate_onnx
     from .segments import parse_bytes
 
     where = str(device.resolve())
@@ -462,20 +464,36 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     check_provider(provider)
     budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
     onnx_file = load_onnx(model.ckpt)
-    outputs = plan_outputs(onnx_file, out.output, force=out.force, plot=options["plot"])
+    outputs = Outputs()
+    plan_onnx_output(outputs, out.output, onnx_file, force=out.force)
+    if plot is not None:
+        from .plot import check_can_plot
+
+        outputs.add(plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
+    outputs.check()
     shape = input_shape
     if shape is None and data.data is not None and data.data.is_dir():  # the image size the graph fixes, if any
         shape = onnx_input_shape(onnx_file.model)
-    source = data.open(images.image_options(), input_shape=shape, workers=images.workers,
-                       strict=options.pop("strict"), seed=seed)
+    source = data.open(images.image_options(), input_shape=shape, workers=images.workers, strict=strict, seed=seed)
     _tell(display, None, source)
     total, limit = source.num_samples, options["num_samples"]
     if options["num_batches"] is not None and data.data is not None:  # batches of --batch-size
         limit = min(limit or options["num_batches"] * data.batch_size, options["num_batches"] * data.batch_size)
     total = limit if total is None else min(total, limit or total)
     with _progress(display.quiet or display.json_output, total) as callback:
-        report = recalibrate_onnx_file(onnx_file, out.output, source, outputs=outputs, provider=provider,
-                                       cache_budget=budget, progress=callback, **options)
+        recalibrated, report = recalibrate_onnx(onnx_file, source, provider=provider, cache_budget=budget,
+                                                progress=callback, **options)
+    if source.skipped:
+        from .utils import plural
+
+        _say(f"warning: skipped {plural(len(source.skipped), 'unreadable image')} (first: {source.skipped[0]})")
+    with outputs:
+        save_onnx(recalibrated, out.output, outputs, onnx_file)
+        if plot is not None:
+            from .plot import plot_recalibration
+
+            outputs.write(plot, lambda tmp: plot_recalibration(report, tmp))
+        outputs.commit()
     _wrote(display, report, "render_recalibrate", _context(model, source), out.output, [], quiet=display.quiet)
 
 

@@ -140,44 +140,23 @@ def recalibrate_onnx_file(
     data: Iterable[Any],
     *,
     force: bool = False,
-    plot: str | os.PathLike | None = None,
-    outputs: Any = None,
     **options: Any,
 ) -> RecalibrationReport:
     """`recalibrate_onnx` from the ONNX file `path` (or its loaded onnx_model.OnnxFile) to the file `out`
-    (external data beside it when the input had some), and the `plot` of the shifts if asked: written atomically
-    once every level is measured, nothing written on any failure. `outputs`: those of `plan_outputs`, when the
-    caller checked them before opening the data. `options` are recalibrate_onnx's."""
-    from .onnx_model import OnnxFile, load_onnx, save_onnx
+    (external data beside it when the input had some): the output path checked before any work, written
+    atomically once every level is measured, nothing written on any failure. `options` are recalibrate_onnx's."""
+    from .files import Outputs
+    from .onnx_model import OnnxFile, load_onnx, plan_onnx_output, save_onnx
 
     source = path if isinstance(path, OnnxFile) else load_onnx(path)
-    if outputs is None:
-        outputs = plan_outputs(source, out, force=force, plot=plot)
+    outputs = Outputs()
+    plan_onnx_output(outputs, out, source, force=force)
+    outputs.check()
     model, report = recalibrate_onnx(source.model, data, **options)
     with outputs:
         save_onnx(model, out, outputs, source)
-        if plot is not None:
-            from .plot import plot_recalibration
-
-            outputs.write(plot, lambda tmp: plot_recalibration(report, tmp))
         outputs.commit()
     return report
-
-
-def plan_outputs(source, out: str | os.PathLike, *, force: bool = False, plot: str | os.PathLike | None = None):
-    """The checked files.Outputs of a recalibrated ONNX file (its external data) and plot: refused paths are
-    found before any work."""
-    from .files import OutputKind, Outputs
-    from .onnx_model import plan_onnx_output
-
-    outputs = Outputs()
-    plan_onnx_output(outputs, out, source, force=force)
-    if plot is not None:
-        from .plot import check_can_plot
-
-        outputs.add(plot, OutputKind.PLOT, force=force, what="--plot", precheck=check_can_plot)
-    outputs.check()
-    return outputs
 
 
 def onnx_input_shape(model) -> tuple[int, ...] | None:

@@ -189,3 +189,19 @@ def test_cli_refusals_write_nothing(tmp_path, cli):
     assert_clean_error(cli("recalibrate", tmp_path / "nobn.onnx", "--data", tmp_path / "x16.pt", "-o", out), 2,
                        "no BatchNormalization")
     assert files_in(tmp_path) == {"model.onnx", "small.pt", "good.pt", "nobn.onnx", "x16.pt"}
+
+
+def test_a_file_with_external_data_is_written_with_its_own(tmp_path):
+    from bntool.onnx_recalibration import recalibrate_onnx_file
+
+    proto = export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"))
+    expected, _ = recalibrate_onnx(copy.deepcopy(proto), batches_for("resnet"))
+    onnx.save(proto, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    report = recalibrate_onnx_file(tmp_path / "model.onnx", tmp_path / "out.onnx", batches_for("resnet"))
+    assert report.passes == 5
+    assert files_in(tmp_path) == {"model.onnx", "weights.bin", "out.onnx", "out.onnx.data"}
+    written = onnx.load(tmp_path / "out.onnx")  # reads out.onnx.data
+    for (m0, v0), (m1, v1) in zip(onnx_statistics(expected), onnx_statistics(written), strict=True):
+        np.testing.assert_allclose(m1, m0, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)

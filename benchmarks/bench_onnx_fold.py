@@ -35,10 +35,12 @@ from common import setup_threads, show
 
 from bntool.zoo import randomize_bn
 
-TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-               "inception_v3", "shufflenet_v2_x1_0", "regnet_y_400mf", "resnext50_32x4d"]
-TIMM = ["dpn68", "repvgg_a0", "mixnet_s", "levit_128s", "resnetv2_50", "mobileone_s0", "fastvit_t8",
-        "efficientnet_b0", "mobilenetv3_large_100", "resnet50d", "regnety_008", "ghostnet_100", "hrnet_w18_small"]
+# The files the issue names first (what the tools leave), then the rest; results are saved after each file.
+FILES = ["densenet121", "timm/dpn68", "timm/repvgg_a0", "timm/mixnet_s", "timm/levit_128s", "timm/resnetv2_50",
+         "timm/mobileone_s0", "timm/fastvit_t8", "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0",
+         "inception_v3", "shufflenet_v2_x1_0", "regnet_y_400mf", "mobilenet_v3_large", "resnext50_32x4d",
+         "timm/efficientnet_b0", "timm/mobilenetv3_large_100", "timm/resnet50d", "timm/regnety_008",
+         "timm/ghostnet_100", "timm/hrnet_w18_small"]
 QUICK = ["resnet18", "mobilenet_v2", "densenet121", "timm/repvgg_a0", "timm/mixnet_s"]
 TOOLS = ["onnxscript rewriter", "onnxoptimizer fuse_bn_into_conv", "onnxsim", "onnxslim",
          "onnxruntime offline (extended)", "bntool fold"]
@@ -243,6 +245,30 @@ def summary(rows: list[list], files: int) -> list[list]:
     return out
 
 
+FILE_COLUMNS = ["file", "tool", "BN nodes left", "affines", "max error", "time", "ORT latency", "vs file"]
+SUMMARY_COLUMNS = ["tool", "BN nodes left", "files with none left", "standalone affines", "crashed/failed"]
+NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
+         "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
+         "ratio to the exported file's. Affines: Muls of an activation by a constant added (a BN left as "
+         "a standalone affine). bntool's time includes its onnxruntime check.")
+
+
+def save_partial(rows: list[list], names: list[str]) -> None:
+    """The tables so far, as show() saves them (a long run cut short still leaves its figures)."""
+    from common import RESULTS
+
+    files = [r[0] for r in rows if r[1] == "(exported file)"]
+    partial = f"Files: {', '.join(files)} (so far: {len(files)} of {len(names)}). "
+    RESULTS.mkdir(exist_ok=True)
+    for name, title, columns, table, notes in (
+            ("onnx_fold_files", "ONNX BatchNorm folding: each tool on the same files", FILE_COLUMNS, rows, NOTES),
+            ("onnx_fold", f"ONNX BatchNorm folding over {len(files)} files", SUMMARY_COLUMNS,
+             summary(rows, len(files)), partial + NOTES)):
+        (RESULTS / f"{name}.json").write_text(json.dumps({"title": title, "columns": columns, "rows": table,
+                                                          "notes": notes, "torch": torch.__version__,
+                                                          "threads": torch.get_num_threads()}, indent=1, default=str))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help=f"five files: {', '.join(QUICK)}")
@@ -251,7 +277,7 @@ def main() -> None:
     setup_threads()
     if not archs.have_torchvision():
         raise SystemExit("this benchmark exports torchvision and timm architectures: install torchvision and timm")
-    names = args.models or (QUICK if args.quick else TORCHVISION + [f"timm/{n}" for n in TIMM])
+    names = args.models or (QUICK if args.quick else FILES)
     if not archs.have_timm():
         names = [n for n in names if not n.startswith("timm/")]
     reps = 5 if args.quick else 10
@@ -265,19 +291,13 @@ def main() -> None:
                 file_rows = [[name, "(export)", f"failed: {' '.join(str(e).split())[:90]}", "", "", "", "", ""]]
             rows += file_rows
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+            save_partial(rows, names)
             for f in Path(tmp).iterdir():
                 os.remove(f)
-    files = sum(r[1] == "(exported file)" for r in rows)
-    notes = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
-             "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
-             "ratio to the exported file's. Affines: Muls of an activation by a constant added (a BN left as "
-             "a standalone affine). bntool's time includes its onnxruntime check.")
-    show("ONNX BatchNorm folding: each tool on the same files", ["file", "tool", "BN nodes left", "affines",
-                                                                "max error", "time", "ORT latency", "vs file"],
-         rows, "onnx_fold_files", notes=notes)
-    show(f"ONNX BatchNorm folding over {files} files", ["tool", "BN nodes left", "files with none left",
-                                                         "standalone affines", "crashed/failed"],
-         summary(rows, files), "onnx_fold", notes=f"Files: {', '.join(names)}. " + notes)
+    files = [r[0] for r in rows if r[1] == "(exported file)"]
+    show("ONNX BatchNorm folding: each tool on the same files", FILE_COLUMNS, rows, "onnx_fold_files", notes=NOTES)
+    show(f"ONNX BatchNorm folding over {len(files)} files", SUMMARY_COLUMNS, summary(rows, len(files)), "onnx_fold",
+         notes=f"Files: {', '.join(files)}. " + NOTES)
 
 
 if __name__ == "__main__":

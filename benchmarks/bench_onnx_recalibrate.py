@@ -1,7 +1,7 @@
 """Recalibration of an ONNX file in onnxruntime (exact mode): its time as a multiple of one onnxruntime eval pass
 over the same data (target ≤ 3×), and its statistics against PyTorch's exact mode on the same model and batches.
 
-    python benchmarks/bench_onnx_recalibrate.py [--quick] [--models resnet50 ...]
+    python benchmarks/bench_onnx_recalibrate.py [--quick] [--models resnet50 ...] [--batches 4 --batch-size 16 --size 224]
 
 The ONNX files are exported from torchvision's architectures (random weights, BN statistics from random data,
 nothing downloaded) with the legacy exporter, BNs kept as BatchNormalization nodes, a dynamic batch. The eval
@@ -117,9 +117,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller images, fewer batches, one repetition")
     parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2", "efficientnet_b0"])
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--batches", type=int, default=None, help="batches of data (default 4; --quick 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 16; --quick 8")
+    parser.add_argument("--size", type=int, default=None, help="image side (default the model's, 224; --quick 128)")
     args = parser.parse_args()
     threads = setup_threads()
     batches, batch, size = (2, 8, 128) if args.quick else (4, 16, None)
+    batches, batch, size = args.batches or batches, args.batch_size or batch, args.size or size
     reps = args.reps or (1 if args.quick else 2)
     rows = [measure(name, batches, batch, size, reps) for name in args.models]
     show("bntool recalibrate model.onnx (onnxruntime, exact mode) vs one onnxruntime eval pass",

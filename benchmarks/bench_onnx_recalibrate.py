@@ -1,7 +1,7 @@
 """Recalibration of an ONNX file in onnxruntime (exact mode): its time as a multiple of one onnxruntime eval pass
 over the same data (target ≤ 3×), and its statistics against PyTorch's exact mode on the same model and batches.
 
-    python benchmarks/bench_onnx_recalibrate.py [--quick] [--models resnet50 ...] [--batches 4 --batch-size 16 --size 224]
+    python benchmarks/bench_onnx_recalibrate.py [--quick] [--models resnet50 ...] [--batches 4 --batch-size 16 --size S]
 
 The ONNX files are exported from torchvision's architectures (random weights, BN statistics from random data,
 nothing downloaded) with the legacy exporter, BNs kept as BatchNormalization nodes, a dynamic batch. The eval

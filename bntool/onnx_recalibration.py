@@ -307,7 +307,8 @@ class _SegmentRunner:
         self.producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
         self.initializers = {i.name: i for i in model.graph.initializer}
         self.bn_inputs = {b.name: (b.mean, b.var) for b in find_batchnorms(model) if not b.skipped}
-        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
+        self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
 
     def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str]):
         """An onnxruntime session computing `wanted` from the `available` tensors (name → dtype, rank), and
@@ -349,25 +350,48 @@ class _SegmentRunner:
             elif t in self.producer and self.producer[t] not in needed:
                 needed.add(self.producer[t])
                 stack.extend(_node_inputs(graph.node[self.producer[t]]))
-        replaced = self._replaced_statistics()
-        initializers = [replaced.get(n) or self.initializers[n] for n in sorted(used)]
+        self._update_replaced()
+        nodes, initializers = [], []
+        for i in sorted(needed):
+            node = graph.node[i]
+            measured = self.replaced.get(node.name or node.output[0]) if node.op_type == BN_OP else None
+            if measured is not None:  # its own copy of the statistics: an initializer may be shared
+                node = _with_inputs(node, {3: measured[0].name, 4: measured[1].name})
+                initializers += measured
+            nodes.append(node)
+        read = {t for node in nodes for t in _node_inputs(node)}
+        initializers += [self.initializers[n] for n in sorted(used & read)]
         value_infos = [_value_info(n, *available[n]) for n in inputs]
-        seg = helper.make_graph([graph.node[i] for i in sorted(needed)], "segment", value_infos,
-                                [onnx.ValueInfoProto(name=w) for w in wanted], initializers)
+        seg = helper.make_graph(nodes, "segment", value_infos, [onnx.ValueInfoProto(name=w) for w in wanted],
+                                initializers)
         model = helper.make_model(seg, opset_imports=self.model.opset_import, functions=self.model.functions)
         model.ir_version = self.model.ir_version
         return model, inputs
 
-    def _replaced_statistics(self):
+    def _update_replaced(self) -> None:
+        """Each measured BN's statistics as initializers of its own (converted once, named apart from the graph's
+        names), so BNs sharing a statistics initializer each see their own in the segments."""
         from onnx import numpy_helper
 
-        replaced = {}
         for name, (mean, var) in self.stats.items():
-            for init_name, values in zip(self.bn_inputs[name], (mean, var)):
+            if name in self.replaced:
+                continue
+            protos = []
+            for init_name, values, what in zip(self.bn_inputs[name], (mean, var), ("mean", "var")):
                 old = self.initializers[init_name]
-                dtype = numpy_helper.to_array(old).dtype
-                replaced[init_name] = numpy_helper.from_array(values.astype(dtype).reshape(tuple(old.dims)), init_name)
-        return replaced
+                array = values.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))
+                protos.append(numpy_helper.from_array(array, f"bntool.measured.{what}.{name}"))
+            self.replaced[name] = tuple(protos)
+
+
+def _with_inputs(node, replace: dict[int, str]):
+    from onnx import NodeProto
+
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    for slot, name in replace.items():
+        copy.input[slot] = name
+    return copy
 
 
 def _value_info(name: str, dtype, rank: int | None):

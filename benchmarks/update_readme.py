@@ -41,6 +41,13 @@ TABLES = [
     ("export_latency", "onnxruntime latency of the folded vs the unfolded export"),
     ("verify_timing", "verify (all checks) against export-onnx alone"),
     ("distributed", "recalibration with 1 and 2 processes (torchrun, gloo) on this 2-core machine"),
+    ("onnx_fold", "ONNX files in: BatchNormalization nodes left by each ONNX tool and by `bntool fold` on the same "
+                  "exported torchvision/timm files (per-file figures in benchmarks/results/onnx_fold_files.json)"),
+    ("onnx_fold_files", "the same, file by file: nodes left, standalone affines, error vs the original in "
+                        "onnxruntime, time, onnxruntime latency"),
+    ("onnx_recalibrate", "`bntool recalibrate model.onnx` in onnxruntime (exact mode) as a multiple of one "
+                         "onnxruntime eval pass (target ≤ 3×), and its statistics vs PyTorch's exact mode "
+                         "(target ≤ 1e-5) next to float32's own floor"),
 ]
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "FoldLayout": "layout",
     "recalibrate": "recalibration",
     "RecalibrationReport": "recalibration",
+    "recalibrate_onnx": "onnx_recalibration",
+    "recalibrate_onnx_file": "onnx_recalibration",
     "export_onnx": "onnx_export",
     "ExportReport": "onnx_export",
     "verify": "verification",

@@ -317,9 +317,11 @@ def recalibrate(
     images: ImagePreprocessing,
     device: Device,
     display: Display,
-    mode: Annotated[RecalibrationMode, typer.Option(
-        "--mode", help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
-                       "exact (eval-mode statistics, batch-size independent).")] = RecalibrationMode.CUMULATIVE,
+    mode: Annotated[Optional[RecalibrationMode], typer.Option(
+        "--mode", show_default=False,
+        help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
+             "exact (eval-mode statistics, batch-size independent); an ONNX file: exact only. "
+             "[default: cumulative; exact for an ONNX file]")] = None,
     momentum: Annotated[float, typer.Option("--momentum", help="EMA momentum for --mode ema.")] = 0.1,
     reset: Annotated[bool, typer.Option("--reset/--no-reset", help="--mode ema: start from 0/1 statistics or "
                                                                    "from the current ones.")] = True,
@@ -345,11 +347,23 @@ def recalibrate(
     """Re-estimate BatchNorm running statistics over calibration data; only BN layers gather statistics.
 
     Under torchrun, each process takes its share of the batches, statistics are merged exactly across
-    processes, and rank 0 alone writes the output.
+    processes, and rank 0 alone writes the output. An ONNX file (by content) needs no --arch: it runs in
+    onnxruntime, exact mode, and the statistics are written back into a copy of the file.
     """
     from .distributed import process_group, rank_device
     from .options import parse_shape
 
+    if _onnx_input(model):
+        given = [flag for flag, on in (("--mode", mode not in (None, RecalibrationMode.EXACT)), ("--amp", amp),
+                                       ("--channels-last", channels_last), ("--prior", prior is not None)) if on]
+        if given:
+            raise InputError(f"{given[0]}: {model.ckpt} is an ONNX file, recalibrated in onnxruntime in exact mode "
+                             f"only; drop {given[0]}")
+        return _recalibrate_onnx(model, out, data, images, device, display, num_batches=num_batches,
+                                 num_samples=num_samples, seed=seed, plot=plot, strict=strict,
+                                 input_shape=parse_shape(input_shape) if input_shape else None,
+                                 cache_budget=cache_budget)
+    mode = mode or RecalibrationMode.CUMULATIVE
     where = str(device.resolve())  # before any work; under torchrun, "cuda" becomes each rank's own GPU
     settings = RecalibrationSettings(mode=mode, momentum=momentum, reset=reset, num_batches=num_batches,
                                      num_samples=num_samples, device=where, amp=amp, channels_last=channels_last,
@@ -446,6 +460,57 @@ def _warn_skipped(source) -> None:
     """Unreadable images met while reading the check data, as a data warning (shown with the others, in JSON)."""
     if source is not None and source.skipped:
         source.warnings.append(_skipped_line(source))
+
+
+def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, images: ImagePreprocessing,
+                      device: Device, display: Display, *, input_shape, cache_budget, seed, plot, strict,
+                      **options) -> None:
+    """recalibrate on an ONNX file: onnxruntime on the device's provider; an image folder is resized to
+    --input-shape, else to the graph's own fixed input size."""
+    from .files import OutputKind, Outputs
+    from .onnx_export import check_provider
+    from .onnx_model import load_onnx, plan_onnx_output, save_onnx
+    from .onnx_recalibration import onnx_input_shape, recalibrate_onnx
+    from .segments import parse_bytes
+
+    where = str(device.resolve())
+    provider = "cuda" if where.startswith("cuda") else "cpu"
+    if where.split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
+    check_provider(provider)
+    budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
+    onnx_file = load_onnx(model.ckpt)
+    outputs = Outputs()
+    plan_onnx_output(outputs, out.output, onnx_file, force=out.force)
+    if plot is not None:
+        from .plot import check_can_plot
+
+        outputs.add(plot, OutputKind.PLOT, force=out.force, what="--plot", precheck=check_can_plot)
+    outputs.check()
+    shape = input_shape
+    if shape is None and data.data is not None and data.data.is_dir():  # the image size the graph fixes, if any
+        shape = onnx_input_shape(onnx_file.model)
+    source = data.open(images.image_options(), input_shape=shape, workers=images.workers, strict=strict, seed=seed)
+    _tell(display, None, source)
+    total, limit = source.num_samples, options["num_samples"]
+    if options["num_batches"] is not None and data.data is not None:  # batches of --batch-size
+        limit = min(limit or options["num_batches"] * data.batch_size, options["num_batches"] * data.batch_size)
+    total = limit if total is None else min(total, limit or total)
+    with _progress(display.quiet or display.json_output, total) as callback:
+        recalibrated, report = recalibrate_onnx(onnx_file, source, provider=provider, cache_budget=budget,
+                                                progress=callback, **options)
+    if source.skipped:
+        from .utils import plural
+
+        _say(f"warning: skipped {plural(len(source.skipped), 'unreadable image')} (first: {source.skipped[0]})")
+    with outputs:
+        save_onnx(recalibrated, out.output, outputs, onnx_file)
+        if plot is not None:
+            from .plot import plot_recalibration
+
+            outputs.write(plot, lambda tmp: plot_recalibration(report, tmp))
+        outputs.commit()
+    _wrote(display, report, "render_recalibrate", _context(model, source), out.output, [], quiet=display.quiet)
 
 
 def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:

@@ -368,7 +368,7 @@ def render_recalibrate(report, console: Console) -> None:
                   f"{plural(report.passes, 'pass', 'passes')}, "
                   f"{report.seconds:.2f} s ({report.samples_per_second:,.0f} samples/s)"
                   + (f", {report.world_size} processes" if report.world_size > 1 else "") + ".")
-    if report.mode == "exact" and report.cache_budget_bytes:
+    if report.mode == "exact" and (report.cache_budget_bytes or report.cache_note):
         console.print(f"Activation cache: {report.segment_replays:,} segment replays, peak "
                       f"{report.cache_peak_bytes / 2**20:,.0f} MiB of {report.cache_budget_bytes / 2**20:,.0f} MiB"
                       + (f", {report.cache_over_budget:,} activations over budget" if report.cache_over_budget else "")

@@ -1,0 +1,208 @@
+"""recalibrate on an ONNX file: onnxruntime gives the statistics PyTorch's exact mode gives, segment by segment."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import assert_clean_error, files_in
+from onnx import numpy_helper
+
+from bntool import zoo
+from bntool.errors import InputError
+from bntool.layers import bn_modules
+from bntool.onnx_recalibration import recalibrate_onnx
+from bntool.recalibration import recalibrate
+
+BN = "BatchNormalization"
+
+
+def export_with_bn(model: torch.nn.Module, example: torch.Tensor, dynamic: bool = True) -> onnx.ModelProto:
+    """The legacy exporter with BN kept as BatchNormalization nodes (no constant folding)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buf, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None)
+    proto = onnx.load_from_string(buf.getvalue())
+    assert sum(n.op_type == BN for n in proto.graph.node) == len(list(bn_modules(model)))  # the BNs are really there
+    return proto
+
+
+def batches_for(name: str, count: int = 3, size: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shape = zoo.example_input(name).shape[1:]
+    return [torch.randn(size, *shape, generator=g) * 1.5 + 0.3 for _ in range(count)]
+
+
+def onnx_statistics(proto) -> list[tuple[np.ndarray, np.ndarray]]:
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in proto.graph.initializer}
+    return [(inits[n.input[3]], inits[n.input[4]]) for n in proto.graph.node if n.op_type == BN]
+
+
+def worst_difference(proto, model) -> float:
+    """Max over BNs and channels of |Δmean|/σ and |Δvar|/var (σ² = var + eps, what BN divides by)."""
+    worst = 0.0
+    for (mean, var), (_, bn) in zip(onnx_statistics(proto), bn_modules(model), strict=True):
+        ref_mean, ref_var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        scale = ref_var + bn.eps
+        worst = max(worst, float((np.abs(mean - ref_mean) / np.sqrt(scale)).max()),
+                    float((np.abs(var - ref_var) / scale).max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "shared", "tokens", "mlp"])
+def test_statistics_match_pytorch_exact_mode(name):
+    model = zoo.build(name)
+    proto = export_with_bn(model, zoo.example_input(name))
+    data = batches_for(name)
+    reference = copy.deepcopy(model)
+    pt = recalibrate(reference, data, mode="exact")
+    before = onnx_statistics(proto)
+    result, report = recalibrate_onnx(proto, data)
+    assert result is proto
+    assert worst_difference(proto, reference) <= 1e-5
+    assert max(abs(m0 - m1).max() for (m0, _), (m1, _) in zip(before, onnx_statistics(proto))) > 1e-2  # it moved
+    assert report.mode == "exact" and report.passes == pt.passes  # the same levels as the PyTorch dataflow
+    assert report.samples == 18 and report.batches == 3
+    assert [round(a.mean_shift, 4) for a in report.layers] == [round(b.mean_shift, 4) for b in pt.layers]
+
+
+def test_segments_from_cached_boundaries_equal_whole_passes():
+    """The default (each level from the previous one's cached tensors), a budget that fits only some levels,
+    and no cache at all (each level from the model input) give the same statistics."""
+    model = zoo.build("resnet")
+    proto = export_with_bn(model, zoo.example_input("resnet"))
+    data = batches_for("resnet")
+    runs = {}
+    for budget in (None, "partly", 0):
+        limit = runs[None][1].cache_peak_bytes - 1 if budget == "partly" else budget  # the largest level misses
+        p, report = recalibrate_onnx(copy.deepcopy(proto), data, cache_budget=limit)
+        runs[budget] = (onnx_statistics(p), report)
+    cached, partly, whole = runs[None][1], runs["partly"][1], runs[0][1]
+    assert cached.segment_replays == (cached.passes - 1) * 3 and cached.cache_over_budget == 0
+    assert cached.cache_note == "" and cached.cache_peak_bytes > 0
+    assert 0 < partly.cache_over_budget < partly.passes - 1 and "exceeded the cache budget" in partly.cache_note
+    assert whole.segment_replays == 0 and "every level ran from the model input" in whole.cache_note
+    for budget in ("partly", 0):
+        for (m0, v0), (m1, v1) in zip(runs[None][0], runs[budget][0], strict=True):
+            np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_batch_size_graph_gets_the_data_in_chunks():
+    model = zoo.build("resnet")
+    fixed = export_with_bn(model, zoo.example_input("resnet")[:2], dynamic=False)  # batch 2 fixed in the graph
+    dynamic = export_with_bn(model, zoo.example_input("resnet"))
+    data = batches_for("resnet")  # batches of 6
+    recalibrate_onnx(fixed, data)
+    recalibrate_onnx(dynamic, data)
+    for (m0, v0), (m1, v1) in zip(onnx_statistics(dynamic), onnx_statistics(fixed), strict=True):
+        np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+    odd = [torch.randn(5, 3, 32, 32)]
+    with pytest.raises(InputError, match="fixed batch size 2.*5 samples"):
+        recalibrate_onnx(fixed, odd)
+
+
+def test_bns_sharing_a_statistics_initializer_each_get_their_own():
+    """Two BNs read one mean and one variance initializer: each is measured with its own statistics (exact mode
+    does not depend on the stored ones, so the result equals the unshared file's) and gets its own copy."""
+    model = zoo.build("resnet")
+    plain = export_with_bn(model, zoo.example_input("resnet"))
+    shared = copy.deepcopy(plain)
+    bns = [n for n in shared.graph.node if n.op_type == BN]
+    bns[1].input[3], bns[1].input[4] = bns[0].input[3], bns[0].input[4]  # same channel count (16)
+    names = (bns[0].input[3], bns[0].input[4])
+    recalibrate_onnx(plain, batches_for("resnet"))
+    recalibrate_onnx(shared, batches_for("resnet"), cache_budget=0)  # each level from the input: BN 0 runs again
+    for (m0, v0), (m1, v1) in zip(onnx_statistics(plain), onnx_statistics(shared), strict=True):
+        np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+    assert (bns[0].input[3], bns[0].input[4]) != (bns[1].input[3], bns[1].input[4])
+    assert {bns[0].input[3], bns[1].input[3]} >= {names[0]} or {bns[0].input[4], bns[1].input[4]} >= {names[1]}
+
+
+def test_bad_data_is_an_input_error_and_changes_nothing():
+    model = zoo.build("resnet")
+    proto = export_with_bn(model, zoo.example_input("resnet"))
+    before = proto.SerializeToString()
+    with pytest.raises(InputError, match=r"shape \(6, 3, 16, 16\).*'x' has shape \(\?, 3, 32, 32\)"):
+        recalibrate_onnx(proto, [torch.randn(6, 3, 16, 16)])
+    nan = batches_for("resnet")
+    nan[2][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="batch 3 contains NaN"):
+        recalibrate_onnx(proto, nan)
+    with pytest.raises(InputError, match="no batches"):
+        recalibrate_onnx(proto, [])
+    assert proto.SerializeToString() == before
+
+
+def test_cli_writes_a_file_that_keeps_the_model_and_only_changes_statistics(tmp_path, cli):
+    model = zoo.build("resnet")
+    proto = export_with_bn(model, zoo.example_input("resnet"))
+    proto.metadata_props.add(key="owner", value="team")
+    proto.doc_string = "exported"
+    src = tmp_path / "model.bin"  # detected by content, not by name
+    onnx.save(proto, src)
+    torch.save(torch.cat(batches_for("resnet")), tmp_path / "data.pt")
+    out = tmp_path / "recalibrated.onnx"
+    result = cli("recalibrate", src, "--data", tmp_path / "data.pt", "--batch-size", "6", "-o", out, "--json")
+    assert result.code == 0, result.err
+    import json
+
+    report = json.loads(result.out)
+    assert report["mode"] == "exact" and report["samples"] == 18 and len(report["layers"]) == 6
+    written = onnx.load(out)
+    assert written.opset_import == proto.opset_import and written.ir_version == proto.ir_version
+    assert {p.key: p.value for p in written.metadata_props} == {"owner": "team"} and written.doc_string == "exported"
+    assert written.graph.input == proto.graph.input and written.graph.output == proto.graph.output  # names, dims
+    assert [n for n in written.graph.node] == [n for n in proto.graph.node]
+    reference = copy.deepcopy(model)
+    recalibrate(reference, batches_for("resnet"), mode="exact")
+    assert worst_difference(written, reference) <= 1e-5
+    changed = {i.name for i, j in zip(written.graph.initializer, proto.graph.initializer, strict=True) if i != j}
+    stats = {n.input[k] for n in proto.graph.node if n.op_type == BN for k in (3, 4)}
+    assert changed == stats  # weights untouched
+
+
+def test_cli_refusals_write_nothing(tmp_path, cli):
+    proto = export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"))
+    src = tmp_path / "model.onnx"
+    onnx.save(proto, src)
+    torch.save(torch.randn(4, 3, 16, 16), tmp_path / "small.pt")
+    torch.save(torch.randn(4, 3, 32, 32), tmp_path / "good.pt")
+    out = tmp_path / "out.onnx"
+    assert_clean_error(cli("recalibrate", src, "--data", tmp_path / "small.pt", "-o", out), 2, "has shape")
+    assert_clean_error(cli("recalibrate", src, "--data", tmp_path / "good.pt", "-o", out, "--mode", "ema"), 2,
+                       "exact mode only")
+    assert_clean_error(cli("recalibrate", src, "--data", tmp_path / "good.pt", "-o", out, "--arch",
+                           "bntool.zoo:resnet"), 2, "--arch")
+    nobn = export_with_bn(zoo.build("nobn"), zoo.example_input("nobn"))
+    onnx.save(nobn, tmp_path / "nobn.onnx")
+    torch.save(torch.randn(4, 3, 16, 16), tmp_path / "x16.pt")
+    assert_clean_error(cli("recalibrate", tmp_path / "nobn.onnx", "--data", tmp_path / "x16.pt", "-o", out), 2,
+                       "no BatchNormalization")
+    assert files_in(tmp_path) == {"model.onnx", "small.pt", "good.pt", "nobn.onnx", "x16.pt"}
+
+
+def test_a_file_with_external_data_is_written_with_its_own(tmp_path):
+    from bntool.onnx_recalibration import recalibrate_onnx_file
+
+    proto = export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"))
+    expected, _ = recalibrate_onnx(copy.deepcopy(proto), batches_for("resnet"))
+    onnx.save(proto, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    report = recalibrate_onnx_file(tmp_path / "model.onnx", tmp_path / "out.onnx", batches_for("resnet"))
+    assert report.passes == 5
+    assert files_in(tmp_path) == {"model.onnx", "weights.bin", "out.onnx", "out.onnx.data"}
+    written = onnx.load(tmp_path / "out.onnx")  # reads out.onnx.data
+    for (m0, v0), (m1, v1) in zip(onnx_statistics(expected), onnx_statistics(written), strict=True):
+        np.testing.assert_allclose(m1, m0, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)

@@ -13,7 +13,12 @@ is simply not cached and recomputed as before; so is everything outside such cha
 Correctness rests on the passes seeing the same batches in the same order: each batch's float64 sum and sum of
 squares are compared with the first pass's, and any difference switches the cache off (nothing cached is used
 for a batch that differs). A cached tensor changed in place by the model after it was handed out is detected
-by its version counter and not used again; that module's entries are then copied on every hand-out.
+by its version counter and not used again; that module's entries are then copied on every hand-out. A change
+made through `.data` (no version bump) is seen by the tensor's sum, checked when a forward that recorded or
+handed it out ends. A user's forward hook or pre-hook on a module keeps the cache off that module, the modules
+around it and the chain children after it (a replay would skip the hook, or run it on a cached output that
+already went through it); a global module hook keeps it off entirely. What it stepped aside for is listed in
+`CacheStats.bypassed`.
 """
 
 from __future__ import annotations
@@ -367,9 +372,10 @@ class SegmentCache:
 
 
 def _checksum(t: torch.Tensor) -> float:
-    """The float64 sum: a change made through `.data` does not bump the version counter, but changes this
-    (NaN compares unequal to itself, so an activation holding NaN is never reused)."""
-    return float(t.detach().sum(dtype=torch.float64))
+    """The sum, in the tensor's own precision (the same reduction order each time, so an unchanged tensor gives
+    the same number): a change made through `.data` does not bump the version counter, but changes this. NaN
+    compares unequal to itself, so an activation holding NaN is never reused."""
+    return float(t.detach().sum())
 
 
 def _global_module_hooks() -> bool:

@@ -144,7 +144,7 @@ def test_a_users_hook_on_a_cached_module_is_run_as_a_whole_forward_runs_it(hook)
 
     model = zoo.build("resnet")
     HOOKS[hook](model.stem)  # a cached chain: its replay would return the cached output, then run the hook again
-    data = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    data = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     report = check_against_reference(model, data)
     assert getattr(report, "cache_bypassed", None) == ["stem: a forward hook"]
     assert not report.whole_passes  # the levels still hold: only the cache steps aside around the hook
@@ -200,7 +200,7 @@ def test_a_bn_only_later_batches_reach_is_final_before_the_bns_after_it():
     assert "data-dependent" in report.whole_passes
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(hook=st.sampled_from(["", "return", "inplace", "pre"]), shared=st.booleans(), twice=st.booleans(),
        data_write=st.booleans(), branch=st.booleans(), seed=st.integers(0, 2**16))
 def test_exact_mode_is_the_float64_fixed_point_cached_or_not(hook, shared, twice, data_write, branch, seed):

@@ -368,7 +368,7 @@ def _sums_branches(flow: Dataflow, module: nn.Module) -> bool:
         for call in flow.calls_of(child):
             if len(call.inputs) == 1:
                 for out in call.outputs:
-                    source_of[id(out)] = id(call.inputs[0])
+                    source_of.setdefault(id(out), id(call.inputs[0]))  # the outermost call decides
     for op in flow.ops_in(module):
         if op.name not in SUM_OP_NAMES:
             continue
@@ -405,7 +405,8 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     Returns:
         (records, decisions): what `rewrite.apply_merges` needs to rebuild the structure, one decision per sum.
     """
-    containers = [m for m in model.modules() if next(m.children(), None) is not None]
+    containers = [m for m in model.modules() if next(m.children(), None) is not None
+                  and not isinstance(m, torch.jit.ScriptModule)]  # TorchScript parts run as they are
     calls: dict[int, tuple] = {}
 
     def record_call(module, args, kwargs, output):  # copies: later in-place ops must not change them

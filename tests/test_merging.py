@@ -255,3 +255,43 @@ def test_cli_lists_merges_and_no_merge_keeps_branches(cli, tmp_path):
     assert kept["merges"] == [] and kept["layout"]["merges"] == []
     assert layers(load_model(tmp_path / "n.pt", arch="bntool.zoo:acnet")) == 11
     assert layers(load_model(tmp_path / "g.pt", arch="bntool.zoo:acnet")) == 5
+
+
+class Summed(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.kxk, self.one = conv_bn(2, c, c, 3, 1, c, False), conv_bn(2, c, c, 1, 1, c, False)
+
+    def forward(self, x):
+        return self.kxk(x) + self.one(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 2.0, c))
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: x + γ·(mixer(x) − norm(x)), its mixer itself a sum of branches."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.mixer, self.norm, self.layer_scale = Summed(c), nn.BatchNorm2d(c), LayerScale(c)
+
+    def forward(self, x):
+        return x + self.layer_scale(self.mixer(x) - self.norm(x))
+
+
+def test_nested_sums_and_a_per_channel_scale_merge_into_one_conv():
+    model = randomized(Net(RepMixer()), 4)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    folded, report = fold(copy.deepcopy(model).double(), x)
+    assert [d.merged for d in report.merges] == [True] * 3 and layers(folded) == 1  # mixer, mixer − norm, x + γ·…
+    assert next(m for m in folded.modules() if isinstance(m, nn.Conv2d)).groups == 4  # still depthwise
+    ref = reference64(model, x)
+    with torch.no_grad():
+        assert (folded(x) - ref).abs().max() <= 1e-10 * ref.abs().max()

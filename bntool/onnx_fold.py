@@ -95,15 +95,16 @@ class OnnxFoldPlan:
         return [s.decision for s in self.steps]
 
 
-def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tuple[int, ...]] | None = None
-                   ) -> OnnxFoldPlan:
+def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tuple[int, ...]] | None = None,
+                   example: dict[str, np.ndarray] | None = None) -> OnnxFoldPlan:
     """Decide, for each BatchNormalization node, where its math goes, with the shared planner's rules
     (bntool.folding.planner) on the ONNX graph: into the layers producing its input (across Add, Concat,
     Reshape, Transpose, …), else into the one layer reading its output, else an exact per-channel affine; left
     as it is, with the reason, when its statistics are not constants or are broken, it runs in training mode, it
     sits in a subgraph or function, or `skip` names it. `input_shapes`: concrete shapes for symbolic input
-    dimensions (1 where not given), for the planner's channel mappings."""
-    graph = OnnxGraph.of(model, input_shapes)
+    dimensions (1 where not given), for the planner's channel mappings; `example` (inputs by name): shapes
+    inference cannot tell come from one onnxruntime run on it."""
+    graph = OnnxGraph.of(model, input_shapes, example)
     plan = OnnxFoldPlan()
     for bn in batch_norm_nodes(model):
         plan.steps.append(_decide(bn, graph, skip))
@@ -283,13 +284,14 @@ def _index_of(graph, node) -> int:
 
 
 def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
-                         input_shapes: dict[str, tuple[int, ...]] | None = None) -> TensorChanges:
+                         input_shapes: dict[str, tuple[int, ...]] | None = None,
+                         example: dict[str, np.ndarray] | None = None) -> TensorChanges:
     """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
     (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
     depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
     initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
     model in memory; `changes.apply_to(model)` puts them in the model)."""
-    graph = OnnxGraph.of(model, input_shapes)
+    graph = OnnxGraph.of(model, input_shapes, example)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
     layers = {node_name(node): node for node in model.graph.node}
@@ -541,9 +543,10 @@ def fold_onnx(
     from .folding import check_skip_patterns
 
     shapes = {spec.name: tuple(x.shape) for spec, x in zip(_graph_inputs(model), inputs)}
-    plan = plan_onnx_fold(model, skip, shapes)
+    feed = {spec.name: x.numpy() for spec, x in zip(_graph_inputs(model), inputs)}
+    plan = plan_onnx_fold(model, skip, shapes, feed)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    changes = apply_onnx_fold_plan(model, plan, affine_as, shapes)
+    changes = apply_onnx_fold_plan(model, plan, affine_as, shapes, feed)
     report.decisions = plan.decisions
     report.batch_norm_ops_after = _bn_count(model)
     report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))

@@ -13,6 +13,8 @@ from .folding.planner import OUTPUT, OpKind
 from .onnx_model import Constants, all_names, default_opset, graph_output_names, readers_of
 
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+# Nodes whose output shapes the planner reads (layers, moves, sums, concats, pads).
+_SHAPED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Concat", "Pad", *_MOVES}
 # Ops a constant input's value may pass through (computed with onnx.reference when all inputs are constants).
 CONSTANT_OPS = {"Transpose", "Reshape", "Shape", "Cast", "Concat", "Slice", "Unsqueeze", "Squeeze", "Identity",
                 "Gather", "ConstantOfShape", "Flatten", "Range", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt"}
@@ -48,10 +50,22 @@ class OnnxGraph:
     names: set[str]
 
     @classmethod
-    def of(cls, model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> OnnxGraph:
+    def of(cls, model, input_shapes: dict[str, tuple[int, ...]] | None = None,
+           example: dict[str, np.ndarray] | None = None) -> OnnxGraph:
+        """`example`: graph inputs by name; where shape inference leaves the shapes the rules need unknown
+        (Slice bounds computed at run time, common without constant folding), one onnxruntime run on it
+        tells them."""
         graph = model.graph
         producers = {o: node for node in graph.node for o in node.output if o}
         shapes, ranks, elem_types = tensor_types(model, input_shapes or {})
+        if example is not None:
+            missing = [o for node in graph.node if node.op_type in _SHAPED for o in node.output[:1]
+                       if o and o not in shapes]
+            missing += [n.input[0] for n in graph.node
+                        if n.op_type == "BatchNormalization" and n.input[0] not in shapes]
+            if missing:
+                shapes.update(run_shapes(model, sorted(set(missing)), example))
+                ranks.update({name: len(shape) for name, shape in shapes.items()})
         return cls(model=model, constants=Constants(graph), producers=producers, readers=readers_of(graph),
                    outputs=graph_output_names(graph), shapes=shapes, ranks=ranks, elem_types=elem_types,
                    names=all_names(model))
@@ -223,6 +237,32 @@ class OnnxGraph:
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
         rank = len(pads) // 2
         return rank >= 2 and not pads[1] and not pads[rank + 1]
+
+
+def run_shapes(model, names: list[str], example: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shapes of tensors `names` in one onnxruntime run of `model` on `example` (graph outputs added to a
+    copy of the graph's structure; the weights are shared through the serialized model)."""
+    import onnx
+    import onnxruntime as ort
+
+    g = model.graph
+    extra = [onnx.helper.make_empty_tensor_value_info(name) for name in names]
+    g.output.extend(extra)
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        for _ in extra:
+            g.output.pop()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        del serialized
+        results = session.run(names, example)
+    except Exception:  # the check will say what onnxruntime thinks of the file; here shapes stay unknown
+        return {}
+    return {name: tuple(r.shape) for name, r in zip(names, results) if r.ndim and all(d > 0 for d in r.shape)}
 
 
 def _run_node(node, inputs: list, model) -> list:

@@ -264,7 +264,7 @@ def conv_bn_float64(values, x, groups, transposed, bias, shared_output) -> np.nd
     return (n + c if shared_output else n).numpy()
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(groups=st.sampled_from([1, 2]), transposed=st.booleans(), bias=st.booleans(), shared=st.booleans(),
        seed=st.integers(0, 1000))
 def test_conv_bn_graphs_fold_exactly(tmp_path_factory, groups, transposed, bias, shared, seed):

@@ -9,9 +9,10 @@ Each pass runs a segment, not the whole graph: pass k's graph takes as inputs th
 boundary, which replaces the cache. Every node thus runs about once over all passes. What does not fit the byte
 budget is not cached, and the next pass starts from the model input instead (said in the report).
 
-The statistics are pooled in float64 as in PyTorch (per batch `var_mean` in the activation's dtype, merged with
-Chan's formula), written back as initializers of the file's own dtype; an initializer another node also reads is
-copied, not changed. The given ModelProto changes only once every level is measured.
+Each batch's per-channel mean and variance are computed in onnxruntime next to the tensor (two passes, as
+torch.var_mean: float32, or float64 for a float64 model) and pooled in float64 with Chan's formula, as PyTorch's
+exact mode pools them; written back as initializers of the file's own dtype; an initializer another node also
+reads is copied, not changed. The given ModelProto changes only once every level is measured.
 """
 
 from __future__ import annotations

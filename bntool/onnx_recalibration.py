@@ -404,8 +404,8 @@ STATS = "bntool.statistics"
 
 
 def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, list, list[str]]:
-    """Nodes that give each measured tensor's per-channel mean and biased variance over the batch and every
-    position (two passes, as torch.var_mean: the mean, then the mean squared deviation from it), and its shape
+    """Nodes that give each measured tensor's per-channel mean and sum of squared deviations from it over the
+    batch and every position (two passes, as torch.var_mean: no E[x²] - E[x]² cancellation), and its shape
     as (N, C, positions); in float32, or float64 for a float64 model. Computed in onnxruntime, next to the
     tensor: no copy of it comes out unless the cache keeps it."""
     from onnx import TensorProto, helper
@@ -416,10 +416,10 @@ def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, lis
     if axes_as_input:
         inits.append(helper.make_tensor(f"{STATS}.axes", TensorProto.INT64, [2], [0, 2]))
 
-    def reduce_mean(x, y):
+    def reduce(op, x, y):
         if axes_as_input:
-            return helper.make_node("ReduceMean", [x, f"{STATS}.axes"], [y], keepdims=1)
-        return helper.make_node("ReduceMean", [x], [y], axes=[0, 2], keepdims=1)
+            return helper.make_node(op, [x, f"{STATS}.axes"], [y], keepdims=1)
+        return helper.make_node(op, [x], [y], axes=[0, 2], keepdims=1)
 
     wide = np.dtype(dtype) == np.float64
     for i, x in enumerate(measured):
@@ -428,10 +428,10 @@ def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, lis
         if not wide:  # half-precision activations are measured in float32
             nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
         xf = f"{p}.x" if wide else f"{p}.xf"
-        nodes += [reduce_mean(xf, f"{p}.mean"), helper.make_node("Sub", [xf, f"{p}.mean"], [f"{p}.d"]),
-                  helper.make_node("Mul", [f"{p}.d", f"{p}.d"], [f"{p}.d2"]), reduce_mean(f"{p}.d2", f"{p}.var"),
+        nodes += [reduce("ReduceMean", xf, f"{p}.mean"), helper.make_node("Sub", [xf, f"{p}.mean"], [f"{p}.d"]),
+                  reduce("ReduceSumSquare", f"{p}.d", f"{p}.m2"),
                   helper.make_node("Shape", [f"{p}.x"], [f"{p}.shape"])]
-        outputs += [f"{p}.mean", f"{p}.var", f"{p}.shape"]
+        outputs += [f"{p}.mean", f"{p}.m2", f"{p}.shape"]
     return nodes, inits, outputs
 
 
@@ -527,12 +527,12 @@ def _run_chunk(session, wanted, feeds, x, index) -> list[np.ndarray]:
 
 
 def _accumulate(stats: ChannelStats, values: dict[str, np.ndarray], prefix: str) -> None:
-    """One batch's per-channel mean and biased variance (from `_statistics_nodes`), merged in float64."""
+    """One batch's per-channel count, mean and sum of squared deviations (from `_statistics_nodes`), merged in
+    float64."""
     n_batch, _, positions = (int(v) for v in values[f"{prefix}.shape"])
-    n = n_batch * positions
     mean = torch.from_numpy(values[f"{prefix}.mean"].reshape(-1))
-    var = torch.from_numpy(values[f"{prefix}.var"].reshape(-1))
-    stats.add(n, mean, var.double() * n)
+    m2 = torch.from_numpy(values[f"{prefix}.m2"].reshape(-1))
+    stats.add(n_batch * positions, mean, m2.double())
 
 
 # ---------------------------------------------------------------- writing back

@@ -20,6 +20,7 @@ import torch
 from common import interleaved_times, setup_threads, show
 
 from bntool.onnx_export import export_onnx, ort_session
+from bntool.verification import verify
 
 
 def by_hand(model, x, path: Path) -> float:
@@ -56,6 +57,19 @@ def polygraphy_time(path: Path, shape) -> str:
     return f"{time.perf_counter() - start:.1f} s" if out.returncode == 0 else "fails"
 
 
+def verify_vs_export(model, x, tmp: Path, reps: int) -> list:
+    """`verify` (health, fold and ONNX checks) against `export-onnx` alone, interleaved, as the CLI runs them
+    (4 random inputs; export without dynamic batch). verify plans and folds once and exports that fold."""
+    def run_verify():
+        assert verify(model, x, samples=4).passed
+
+    def run_export():
+        export_onnx(model, x, tmp / "verify-vs-export.onnx", samples=4, force=True)
+
+    t = interleaved_times({"verify": run_verify, "export": run_export}, reps=reps, warmup=1)
+    return [f"{t['export']:.1f} s", f"{t['verify']:.1f} s", f"{t['verify'] / t['export']:.2f}×"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -63,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_threads()
     reps = 5 if args.quick else 20
-    timing, latency = [], []
+    timing, latency, verifying = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models:
@@ -90,6 +104,8 @@ def main() -> None:
             t = interleaved_times({k: (lambda s=s, feed=feed: s.run(None, feed)) for k, s in sessions.items()},
                                   reps=reps)
             latency.append([name, f"{t[False] * 1e3:.1f}", f"{t[True] * 1e3:.1f}", f"{t[False] / t[True]:.2f}×"])
+            if name == "resnet50" or args.quick:
+                verifying.append([name, *verify_vs_export(model, x, tmp, 1 if args.quick else 3)])
             print(f"{name}: done", flush=True)
     show("export-onnx + verify (CPU, batch 1 example; checks at batch 1, 1, 4 and 2 random inputs each)",
          ["model", "what", "exporter", "time", "inputs compared", "ORT vs PyTorch: max error / max |output|",
@@ -99,6 +115,9 @@ def main() -> None:
                "a second runner); bntool's time includes folding, export, onnx.checker and the comparisons.")
     show(f"onnxruntime CPU latency at batch 1 (median of {reps})",
          ["model", "unfolded export ms", "folded export ms", "speed-up"], latency, "export_latency")
+    show("verify vs export-onnx alone (CPU, medians, interleaved)",
+         ["model", "export-onnx", "verify (health + fold + ONNX checks)", "verify / export-onnx"], verifying,
+         "verify_timing", notes="verify plans and folds once; its ONNX check exports the fold its fold check made.")
 
 
 if __name__ == "__main__":

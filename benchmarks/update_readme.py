@@ -36,6 +36,7 @@ TABLES = [
     ("recalibrate_speed_cuda", "the same on a GPU"),
     ("export_timing", "export + verify, bntool vs by hand (torch.onnx + onnxruntime) and polygraphy"),
     ("export_latency", "onnxruntime latency of the folded vs the unfolded export"),
+    ("verify_timing", "verify (all checks) against export-onnx alone"),
     ("distributed", "recalibration with 1 and 2 processes (torchrun, gloo) on this 2-core machine"),
     ("onnx_fold", "ONNX files in: BatchNormalization nodes left by each ONNX tool and by `bntool fold` on the same "
                   "exported torchvision/timm files (per-file figures in benchmarks/results/onnx_fold_files.json)"),

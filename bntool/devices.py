@@ -52,6 +52,14 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype `model` computes in: its first floating parameter's (or buffer's); float32 for none."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def float64_device(device: torch.device) -> torch.device:
     """Where float64 math on `device`'s tensors runs: the device itself, or CPU where it has no float64 (MPS)."""
     return torch.device("cpu") if device.type == "mps" else device

@@ -8,8 +8,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .devices import as_float64
-
 # Forwards whose eval-mode output is exactly the BN affine of the input and nothing else.
 _STANDARD_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -53,25 +51,6 @@ def bn_eps(module: nn.Module) -> float:
 
 def bn_num_features(module: nn.Module) -> int:
     return int(module.running_mean.numel())
-
-
-def affine_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in float64 such that eval-mode BN(x) == x * scale + shift per channel."""
-    return affine_from(module.running_mean, module.running_var, getattr(module, "weight", None),
-                       getattr(module, "bias", None), bn_eps(module))
-
-
-def affine_from(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) in float64: F.batch_norm(x, mean, var, weight, bias, False, _, eps) == x·scale + shift."""
-    mean, var = as_float64(mean), as_float64(var)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * as_float64(weight)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + as_float64(bias)
-    return scale, shift
 
 
 def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -183,3 +162,10 @@ def make_custom_bn_folded(module: nn.Module, scale: torch.Tensor | None, shift: 
         module.register_buffer("folded_scale", scale.clone())
         module.register_buffer("folded_shift", shift.clone())
     module.forward = FoldedNormForward(module)
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` ("layer1.0.bn1") of `root` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -25,6 +25,7 @@ from .layers import (
     is_bn,
     make_custom_bn_folded,
     norm_act_parts,
+    replace_module,
 )
 
 # The state_dict key of the layout record.
@@ -135,12 +136,6 @@ def layout_of(model: nn.Module) -> FoldLayout | None:
 def attach_layout(model: nn.Module, layout: FoldLayout) -> None:
     """Record on `model` that it has `layout`'s folded structure (kept by deepcopy and by save_checkpoint)."""
     object.__setattr__(model, _ATTRIBUTE, layout)
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def named_module(modules: dict[str, nn.Module], name: str) -> nn.Module:

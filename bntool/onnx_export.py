@@ -107,6 +107,7 @@ def export_onnx(
     keep_failed: bool = False,
     protect: Sequence[str | os.PathLike] = (),
     device: str | torch.device | None = None,
+    folded: tuple[nn.Module, Any] | None = None,
 ) -> ExportReport:
     """Fold (optionally), export to a temp file, check the graph and compare onnxruntime with PyTorch; only a
     file that passed is put at `path`.
@@ -132,6 +133,8 @@ def export_onnx(
         protect: input files the outputs must not replace (the checkpoint the model came from, data files).
         device: where PyTorch runs (fold, export trace, reference outputs): "cpu", "cuda", "cuda:1", "mps"; the
             inputs and `data` are moved there and the model is put back afterwards. Default: where the model is.
+        folded: with `fold`, the (folded model, FoldReport) that `bntool.fold(model, example_inputs)` returned, to
+            export instead of folding again (verify folds once for its fold and ONNX checks).
 
     Returns:
         An ExportReport (graph ops, files, comparisons).
@@ -151,11 +154,12 @@ def export_onnx(
             model, to_device(inputs, dev) if device is not None else inputs, path, fold=fold, exporter=exporter,
             opset=opset, dynamic_batch=dynamic_batch, input_names=input_names, output_names=output_names,
             samples=samples, seed=seed, data=data, rtol=rtol, atol=atol, provider=provider, force=force,
-            check=check, keep_failed=keep_failed, protect=protect)
+            check=check, keep_failed=keep_failed, protect=protect, folded=folded)
 
 
 def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_batch, input_names, output_names,
-                      samples, seed, data, rtol, atol, provider, force, check, keep_failed, protect) -> ExportReport:
+                      samples, seed, data, rtol, atol, provider, force, check, keep_failed, protect,
+                      folded=None) -> ExportReport:
     """export_onnx with the model and inputs where they are."""
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     if exporter not in EXPORTERS:
@@ -179,7 +183,7 @@ def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_bat
         if fold:
             from .folding import fold as fold_model
 
-            to_export, fold_report = fold_model(model, inputs, samples=0, seed=seed)
+            to_export, fold_report = folded or fold_model(model, inputs, samples=0, seed=seed)
             report.fold_counts = fold_report.to_dict()["counts"]
         with torch.no_grad(), user_code("the model's forward on the example inputs"):
             reference_out = model(*inputs)
@@ -524,14 +528,10 @@ def compare_with_onnxruntime(
     Raises:
         InputError: onnxruntime cannot load the file, or its inputs do not match `inputs`.
     """
-    outputs: dict[str, list] = {}
-
-    def reference(label: str, xs: tuple, level: str) -> list:
-        if label not in outputs:  # PyTorch runs once per input, whatever the level
-            with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
-                output = model(*xs)
-            outputs[label] = [to_numpy(t) for t in iter_tensors(output)]
-        return outputs[label]
+    def reference(label: str, xs: tuple) -> list:
+        with torch.no_grad(), user_code(f"the model's forward on the {label} input"):
+            output = model(*xs)
+        return [to_numpy(t) for t in iter_tensors(output)]
 
     return compare_runs(reference, "PyTorch", path, inputs, tolerance, samples=samples, seed=seed, data=data,
                         provider=provider)
@@ -550,11 +550,12 @@ def compare_runs(
     provider: str = "cpu",
     candidate_check=None,
 ) -> OnnxCheck:
-    """onnxruntime on `path`, at each optimisation level, against `reference(label, inputs, level)` (a list of
-    arrays: PyTorch's outputs, or another ONNX file's in onnxruntime at that level) on the example, random and
-    data inputs. `candidate_check(comparison, inputs, reference_array, candidate_array, output_name)` may
-    re-judge a failed comparison (the float64 arbiter of an ONNX fold). Comparisons are listed input by input,
-    the default level first."""
+    """onnxruntime on `path`, at each optimisation level, against `reference(label, inputs)` (a list of arrays:
+    PyTorch's outputs, or another ONNX file's in onnxruntime) on the example, random and data inputs. The
+    reference runs once per input, before the levels; then `reference.close()`, if it has one (an onnxruntime
+    reference gives its memory back before the candidate's sessions are made). `candidate_check(comparison,
+    inputs, reference_array, candidate_array, output_name)` may re-judge a failed comparison (the float64 arbiter
+    of an ONNX fold). Comparisons are listed input by input, the default level first."""
     # One session at a time, level by level: a large model is held once by onnxruntime, not once per level.
     session = ort_session(path, provider, OPTIMIZATION_LEVELS[0])
     result = OnnxCheck(provider=session.get_providers()[0])
@@ -568,13 +569,18 @@ def compare_runs(
             cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))
+    if hasattr(reference, "close"):  # another onnxruntime model: hold one model at a time, not two
+        session = None
+    expected = {label: reference(label, xs) for label, xs in cases}
+    if hasattr(reference, "close"):
+        reference.close()
     by_case: dict[str, list[Comparison]] = {label: [] for label, _ in cases}
     for level in OPTIMIZATION_LEVELS:
         if session is None:
             session = ort_session(path, provider, level)
         for label, xs in cases:
-            by_case[label].extend(_compare_case(session, names, label, xs, level, reference, reference_name, path,
-                                                tolerance, candidate_check, result))
+            by_case[label].extend(_compare_case(session, names, label, xs, level, expected[label], reference_name,
+                                                path, tolerance, candidate_check, result))
         session = None
     result.comparisons = [c for label, _ in cases for c in by_case[label]]
     for level in OPTIMIZATION_LEVELS:
@@ -584,10 +590,9 @@ def compare_runs(
     return result
 
 
-def _compare_case(session, names, label, xs, level, reference, reference_name, path, tolerance, candidate_check,
+def _compare_case(session, names, label, xs, level, expected, reference_name, path, tolerance, candidate_check,
                   result: OnnxCheck) -> list[Comparison]:
     """One input at one optimisation level: each output against the reference's."""
-    expected = reference(label, xs, level)
     # Labels of the default level stay as they are; the unoptimised run says so.
     level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
     try:

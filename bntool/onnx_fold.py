@@ -16,120 +16,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance, compare_arrays
-from .errors import InputError, param
+from .errors import InputError, first_line, param
 from .files import Outputs
+from .onnx_graph import CONSTANT_OPS, OnnxGraph, attr, node_name
 from .onnx_model import (
     BNNode,
-    Constants,
     OnnxFile,
-    all_names,
+    TensorChanges,
     batch_norm_nodes,
     graph_output_names,
     load_onnx,
     plan_onnx_output,
-    readers_of,
     save_onnx,
     unique_name,
 )
 
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 BN_TYPE = "BatchNormalization"
-
-
-# ---------------------------------------------------------------- the graph, as the fold rules see it
-
-
-@dataclass
-class OnnxGraph:
-    """The main graph's dataflow: who produces and who reads each tensor, the constants, tensor ranks."""
-
-    model: Any
-    constants: Constants
-    producer: dict[str, Any]
-    readers: dict[str, list[Any]]
-    outputs: set[str]
-    ranks: dict[str, int]
-    elem_types: dict[str, int]
-    names: set[str]
-
-    @classmethod
-    def of(cls, model) -> OnnxGraph:
-        graph = model.graph
-        producer = {o: node for node in graph.node for o in node.output if o}
-        ranks, elem_types = tensor_types(model)
-        return cls(model=model, constants=Constants(graph), producer=producer, readers=readers_of(graph),
-                   outputs=graph_output_names(graph), ranks=ranks, elem_types=elem_types, names=all_names(model))
-
-    def only_reader(self, tensor: str, node) -> str:
-        """Why `tensor` is read by more than `node` ("" when `node` is its only reader)."""
-        others = [n for n in self.readers.get(tensor, []) if n is not node]
-        if tensor in self.outputs:
-            return f"{tensor!r} is also a graph output"
-        if others:
-            return f"{tensor!r} is also read by {_node_name(others[0])}" + (
-                f" and {len(others) - 1} more" if len(others) > 1 else "")
-        return ""
-
-    def shared(self, name: str, node) -> bool:
-        """Whether the constant `name` is read by another node than `node` (then it is copied, not changed)."""
-        return any(n is not node for n in self.readers.get(name, [])) or name in self.outputs or \
-            list(node.input).count(name) > 1
-
-
-def _node_name(node) -> str:
-    return node.name or f"{node.op_type} → {node.output[0]}"
-
-
-def tensor_types(model) -> tuple[dict[str, int], dict[str, int]]:
-    """The rank and element type of every tensor shape inference can tell, from a copy of the graph without
-    its large weights (their shapes suffice; the copy stays small)."""
-    import onnx
-
-    light = onnx.ModelProto()
-    light.CopyFrom(_without_large_tensors(model))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # inference is best effort: a rank it cannot tell makes the fold choose an exact fallback
-        inferred = light
-    ranks, elem_types = {}, {}
-    g = inferred.graph
-    for info in [*g.input, *g.value_info, *g.output]:
-        t = info.type.tensor_type
-        if t.HasField("shape"):
-            ranks[info.name] = len(t.shape.dim)
-        if t.elem_type:
-            elem_types[info.name] = t.elem_type
-    for init in model.graph.initializer:
-        ranks[init.name], elem_types[init.name] = len(init.dims), init.data_type
-    return ranks, elem_types
-
-
-def _without_large_tensors(model):
-    """The model with each initializer over 1 KiB replaced by its shape only (a graph input of that shape)."""
-    import onnx
-
-    small = onnx.ModelProto()
-    small.ir_version, small.producer_name = model.ir_version, model.producer_name
-    small.opset_import.extend(model.opset_import)
-    small.functions.extend(model.functions)
-    g = small.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    inputs = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if len(init.raw_data) <= 1024 and not init.external_data:
-            g.initializer.append(init)
-        elif init.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return small
 
 
 # ---------------------------------------------------------------- inspect
@@ -155,7 +64,8 @@ def inspect_onnx(source: str | os.PathLike | OnnxFile):
 
 
 def describe_bn_node(bn: BNNode):
-    """A BNLayerInfo for one node, its health from the same rules as a PyTorch BN (inspection.health_flags)."""
+    """A BNLayerInfo for one node, its health from the same rules as a PyTorch BN (inspection.health_flags);
+    momentum in PyTorch's sense (ONNX's 0.9 keeps 90% of the old statistics: PyTorch's 0.1)."""
     from .inspection import BNLayerInfo, TensorSummary, health_flags
 
     values = bn.as_module_values()
@@ -164,7 +74,7 @@ def describe_bn_node(bn: BNNode):
     else:
         flags = health_flags(values)
     return BNLayerInfo(
-        name=bn.name, type=BN_TYPE, channels=bn.channels, eps=bn.epsilon, momentum=bn.momentum, affine=True,
+        name=bn.name, type=BN_TYPE, channels=bn.channels, eps=bn.epsilon, momentum=1.0 - bn.momentum, affine=True,
         track_running_stats=values.running_mean is not None, training=bool(bn.training_mode),
         num_batches_tracked=None, running_mean=TensorSummary.of(values.running_mean),
         running_var=TensorSummary.of(values.running_var), weight=TensorSummary.of(values.weight),
@@ -185,41 +95,64 @@ class OnnxFoldPlan:
         return [s.decision for s in self.steps]
 
 
-class _NoFold(Exception):
-    """Why a BN cannot be folded in the direction tried."""
-
-
-def plan_onnx_fold(model, skip: Sequence[str] = ()) -> OnnxFoldPlan:
-    """Decide, for each BatchNormalization node, where its math goes: into the node that produces its input
-    (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D weight) when nothing else reads that output, else an
-    exact per-channel affine; left as it is with the reason when its statistics are not constants, it runs in
-    training mode, it sits in a subgraph or function, or `skip` names it."""
-    from .folding import BNDecision, FoldStep
-
-    graph = OnnxGraph.of(model)
+def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tuple[int, ...]] | None = None
+                   ) -> OnnxFoldPlan:
+    """Decide, for each BatchNormalization node, where its math goes, with the shared planner's rules
+    (bntool.folding.planner) on the ONNX graph: into the layers producing its input (across Add, Concat,
+    Reshape, Transpose, …), else into the one layer reading its output, else an exact per-channel affine; left
+    as it is, with the reason, when its statistics are not constants or are broken, it runs in training mode, it
+    sits in a subgraph or function, or `skip` names it. `input_shapes`: concrete shapes for symbolic input
+    dimensions (1 where not given), for the planner's channel mappings."""
+    graph = OnnxGraph.of(model, input_shapes)
     plan = OnnxFoldPlan()
     for bn in batch_norm_nodes(model):
-        decision = BNDecision(name=bn.name, type=BN_TYPE, channels=bn.channels, action=FoldAction.REFUSED)
-        step = FoldStep(decision=decision)
-        reason = _refusal(bn, skip)
-        if reason:
-            decision.reason = reason
-        else:
-            try:
-                step.targets = [_producer_target(bn, graph)]
-                decision.action, decision.target = FoldAction.FOLDED, step.targets[0].layer
-            except _NoFold as why:
-                decision.reason = f"not folded into its producer: {why}"
-                if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
-                    decision.reason += "; and its input's rank or type is unknown (no exact affine without it)"
-                else:
-                    decision.action, decision.replaced_by = FoldAction.AFFINE, "Mul+Add"
-        plan.steps.append(step)
+        plan.steps.append(_decide(bn, graph, skip))
     return plan
+
+
+def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
+    """One BN's decision, in the PyTorch path's order: refusal → producer → consumer → affine."""
+    from .folding import MAX_FORWARD_FOLD_MEAN
+    from .folding.math import mean_in_stds
+    from .folding.planner import BNDecision, FoldStep, NoFold, consumer_target, producer_targets
+
+    decision = BNDecision(name=bn.name, type=BN_TYPE, channels=bn.channels, action=FoldAction.REFUSED)
+    step = FoldStep(decision=decision)
+    decision.reason = _refusal(bn, skip)
+    if decision.reason:
+        return step
+    try:
+        step.targets = producer_targets(graph, bn.x, lambda node: node is bn.node, bn.channels)
+        decision.action = FoldAction.FOLDED
+        decision.target = ", ".join(t.layer for t in step.targets)
+        return step
+    except NoFold as why:
+        decision.reason = str(why)
+    stats = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    far = mean_in_stds(stats["mean"], stats["var"], bn.epsilon)
+    if far > MAX_FORWARD_FOLD_MEAN:
+        decision.reason += (f"; folding forward would lose precision (|mean| is {far:.0f} stds from 0, limit "
+                            f"{MAX_FORWARD_FOLD_MEAN:g})")
+    elif bn.y in graph.shapes:
+        target, why_not = consumer_target(graph, bn.y)
+        if target is not None:
+            step.targets, decision.reason = [target], ""
+            decision.action, decision.target = FoldAction.FOLDED_FORWARD, target.layer
+            return step
+        if why_not:
+            decision.reason += f"; not forward: {why_not}"
+    if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
+        decision.reason += "; its input's rank or type is unknown (no exact affine without it)"
+        return step
+    decision.action, decision.replaced_by = FoldAction.AFFINE, "Mul+Add"
+    step.centered = far > MAX_FORWARD_FOLD_MEAN  # subtract the mean first: keeps precision far from zero
+    return step
 
 
 def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
     """Why a BN node is left as it is ("" when it can be folded or made an affine)."""
+    from .folding.math import statistics_problem
+
     if any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
         return f"skipped ({param('skip')})"
     if bn.where:
@@ -231,112 +164,17 @@ def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
         return f"{', '.join(missing)} computed at run time (not an initializer or Constant)"
     if len({v.size for v in bn.values.values()}) != 1:
         return "scale, bias, mean and var have different lengths"
-    var = bn.values["var"].astype(np.float64)
-    if not all(np.isfinite(v.astype(np.float64)).all() for v in bn.values.values()) or (var + bn.epsilon < 0).any():
-        return "NaN/Inf or negative variance in its statistics; recalibrate first"
-    return ""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    problem = statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
+    return f"{problem}; recalibrate first" if problem else ""
 
 
-def _producer_target(bn: BNNode, graph: OnnxGraph):
-    """The FoldTarget for folding `bn` into the node producing its input, or _NoFold saying why not."""
-    from .folding import FoldTarget
+def bn_scale_shift(bn: BNNode) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x·scale + shift in float64 (bntool.folding.math.bn_scale_shift on the node's constants)."""
+    from .folding.math import bn_scale_shift as scale_shift
 
-    node = graph.producer.get(bn.x)
-    if node is None:
-        raise _NoFold(f"its input {bn.x!r} is a graph input or a constant")
-    shared = graph.only_reader(bn.x, bn.node)
-    if shared:
-        raise _NoFold(shared)
-    if node.domain not in ("", "ai.onnx") or node.op_type not in _PRODUCER_RULES:
-        raise _NoFold(f"its producer {_node_name(node)} is a {node.op_type}, not a Conv/ConvTranspose/Gemm/MatMul")
-    _PRODUCER_RULES[node.op_type](node, bn, graph)  # raises _NoFold when this node's fold would not be exact
-    channels = list(range(bn.channels))
-    return FoldTarget(layer=_node_name(node), channels=channels, shift=[True] * len(channels))
-
-
-def _weight(node, index: int, graph: OnnxGraph, what: str) -> np.ndarray:
-    name = node.input[index] if len(node.input) > index else ""
-    value = graph.constants.get(name) if name else None
-    if value is None:
-        raise _NoFold(f"{_node_name(node)}'s {what} {name!r} is not a constant")
-    if not np.issubdtype(value.dtype, np.floating):
-        raise _NoFold(f"{_node_name(node)}'s {what} is {value.dtype}, not floating point")
-    return value
-
-
-def _attr(node, name: str, default: Any) -> Any:
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _conv_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "weight")
-    if len(node.input) > 2 and node.input[2]:
-        _weight(node, 2, graph, "bias")
-    out_channels = w.shape[0] if node.op_type == "Conv" else w.shape[1] * int(_attr(node, "group", 1))
-    if out_channels != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {out_channels} output channels, the BN {bn.channels}")
-
-
-def _gemm_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "B")
-    columns = w.shape[0] if _attr(node, "transB", 0) else w.shape[-1]
-    if columns != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {columns} outputs, the BN {bn.channels}")
-    if len(node.input) > 2 and node.input[2]:
-        _weight(node, 2, graph, "C")
-    elif float(_attr(node, "beta", 1.0)) == 0.0:
-        raise _NoFold(f"{_node_name(node)} has beta 0 (no place for the BN's shift)")
-
-
-def _matmul_rule(node, bn: BNNode, graph: OnnxGraph) -> None:
-    w = _weight(node, 1, graph, "weight")
-    # The BN normalises axis 1; a MatMul's weight maps the last axis: the same axis only for 2-D activations.
-    if w.ndim != 2 or graph.ranks.get(node.input[0]) != 2:
-        raise _NoFold(f"{_node_name(node)} is not a 2-D MatMul with a constant 2-D weight")
-    if w.shape[1] != bn.channels:
-        raise _NoFold(f"{_node_name(node)} has {w.shape[1]} outputs, the BN {bn.channels}")
-
-
-_PRODUCER_RULES = {"Conv": _conv_rule, "ConvTranspose": _conv_rule, "Gemm": _gemm_rule, "MatMul": _matmul_rule}
-
-
-# ---------------------------------------------------------------- the math (float64, cast once)
-
-
-def bn_scale_shift(bn: BNNode) -> tuple[np.ndarray, np.ndarray]:
-    """y = x·scale + shift, in float64: scale = γ/√(var+ε), shift = β − mean·scale."""
-    v = {k: np.asarray(a, dtype=np.float64).reshape(-1) for k, a in bn.values.items()}
-    scale = v["scale"] / np.sqrt(v["var"] + bn.epsilon)
-    return scale, v["bias"] - v["mean"] * scale
-
-
-def fold_into_conv(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                   transposed: bool = False, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Conv(W', b') = BN(Conv(W, b)): each output channel's weights times its scale; b' = b·scale + shift.
-    A ConvTranspose's weight is [in, out/groups, k…]: output channel o of group g is column o − g·out/groups."""
-    w = weight.astype(np.float64)
-    if transposed:
-        cin, per_group = w.shape[0], w.shape[1]
-        s = scale.reshape(groups, 1, per_group)  # [g, 1, out/g] against w as [g, in/g, out/g, k…]
-        w = (w.reshape(groups, cin // groups, per_group, -1) * s[..., None]).reshape(weight.shape)
-    else:
-        w = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    b = np.zeros_like(scale) if bias is None else bias.astype(np.float64)
-    return w, b * scale + shift
-
-
-def fold_into_gemm(b_weight: np.ndarray, c: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                   trans_b: bool, beta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gemm = α·A·B + β·C: scaling B's output columns scales the product; C' = C·scale + shift/β."""
-    w = b_weight.astype(np.float64)
-    w = w * (scale[:, None] if trans_b else scale[None, :])
-    c64 = np.zeros_like(scale) if c is None else c.astype(np.float64)
-    return w, np.broadcast_to(c64, np.broadcast_shapes(c64.shape, scale.shape)) * scale + shift / beta
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    return scale_shift(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
 
 
 # ---------------------------------------------------------------- surgery
@@ -347,9 +185,11 @@ class _Surgery:
 
     def __init__(self, model, graph: OnnxGraph):
         self.model, self.graph = model, graph
-        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.initializers = {t.name for t in model.graph.initializer}
+        self.changes = TensorChanges()
         self.removed_nodes: set[int] = set()
         self.inserted: dict[int, list] = {}  # position of a removed BN → nodes in its place
+        self.after: dict[int, list] = {}  # id of a node → nodes to put right after it
 
     def set_constant(self, node, index: int, value: np.ndarray, dtype, base: str) -> None:
         """Give input `index` of `node` the value `value` cast once to `dtype`: in place when the tensor is an
@@ -359,11 +199,10 @@ class _Surgery:
         name = node.input[index] if len(node.input) > index else ""
         cast = np.ascontiguousarray(value.astype(dtype))
         if name and name in self.initializers and not self.graph.shared(name, node):
-            self.initializers[name].CopyFrom(numpy_helper.from_array(cast, name))
+            tensor = numpy_helper.from_array(cast, name)
+            self.changes.replaced[name] = self.graph.constants.tensors[name] = tensor
             return
-        new = unique_name(self.graph.names, base)
-        self.model.graph.initializer.append(numpy_helper.from_array(cast, new))
-        self.initializers[new] = self.model.graph.initializer[-1]
+        new = self.new_constant(value, dtype, base)
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = new
@@ -372,8 +211,22 @@ class _Surgery:
         from onnx import numpy_helper
 
         name = unique_name(self.graph.names, base)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name)
+        self.changes.added.append(tensor)
+        self.initializers.add(name)
+        self.graph.constants.tensors[name] = tensor
         return name
+
+    def add_bias_after(self, node, bias: np.ndarray, dtype, base: str) -> None:
+        """node → Add(bias): the node writes a new tensor, the Add writes the node's old output."""
+        import onnx
+
+        b = self.new_constant(bias, dtype, base)
+        out = node.output[0]
+        node.output[0] = unique_name(self.graph.names, f"{out}_unbiased")
+        add = onnx.helper.make_node("Add", [node.output[0], b], [out],
+                                    name=unique_name(self.graph.names, f"{base}_add"))
+        self.after.setdefault(id(node), []).append(add)
 
     def remove_bn(self, bn: BNNode, replacement: list | None = None) -> None:
         index = _index_of(self.model.graph, bn.node)
@@ -381,9 +234,10 @@ class _Surgery:
         if replacement:
             self.inserted[index] = replacement
 
-    def finish(self, bn_inputs: set[str]) -> None:
-        """Rebuild the node list (replacements where their BN was, order kept), and drop the BNs' constants and
-        value_info that nothing reads any more."""
+    def finish(self) -> None:
+        """Rebuild the node list (replacements where their BN was, order kept); then drop what the fold left
+        unread: constant-only nodes (a weight's Transpose), initializers and value_info. Only what was read
+        before the fold goes: anything the file already carried unread stays."""
         g = self.model.graph
         nodes = []
         for i, node in enumerate(g.node):
@@ -391,17 +245,28 @@ class _Surgery:
                 nodes.extend(self.inserted.get(i, []))
             else:
                 nodes.append(node)
+                nodes.extend(self.after.get(id(node), []))
+        outputs = graph_output_names(g)
+        was_read = set(self.graph.readers) | outputs
+        while True:  # nodes whose outputs the fold made unread, until none is left
+            read = _names_read(nodes) | outputs
+            dead = [n for n in nodes if n.op_type in CONSTANT_OPS | {"Constant"} and
+                    not any(o in read for o in n.output) and any(o in was_read for o in n.output)]
+            if not dead:
+                break
+            nodes = [n for n in nodes if all(n is not d for d in dead)]
         del g.node[:]
         g.node.extend(nodes)
-        read = {name for node in g.node for name in node.input} | graph_output_names(g)
-        read |= {name for node in g.node for name in _subgraph_reads(node)}
-        produced = {o for node in g.node for o in node.output} | {i.name for i in g.input}
-        unused = [t for t in g.initializer if t.name in bn_inputs and t.name not in read]
-        for t in unused:
-            g.initializer.remove(t)
-        stale = [v for v in g.value_info if v.name not in produced and v.name not in {t.name for t in g.initializer}]
-        for v in stale:
+        read = _names_read(g.node) | outputs
+        inputs = {i.name for i in g.input}
+        self.changes.removed |= {t for t in self.initializers if t in was_read and t not in read and t not in inputs}
+        known = {o for node in g.node for o in node.output} | inputs | (self.initializers - self.changes.removed)
+        for v in [v for v in g.value_info if v.name not in known]:
             g.value_info.remove(v)
+
+
+def _names_read(nodes) -> set[str]:
+    return {name for node in nodes for name in (*node.input, *_subgraph_reads(node))}
 
 
 def _subgraph_reads(node) -> set[str]:
@@ -417,76 +282,139 @@ def _index_of(graph, node) -> int:
     raise ValueError("node not in graph")
 
 
-def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul") -> None:
-    """Apply `plan` to `model` in place: each folded BN's math into its producer's constants, each affine BN
-    replaced by Mul+Add (or a depthwise 1×1 Conv), float64 math cast once to each tensor's dtype."""
-    graph = OnnxGraph.of(model)
+def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
+                         input_shapes: dict[str, tuple[int, ...]] | None = None) -> TensorChanges:
+    """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
+    (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
+    depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
+    initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
+    model in memory; `changes.apply_to(model)` puts them in the model)."""
+    graph = OnnxGraph.of(model, input_shapes)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
-    bn_inputs: set[str] = set()
+    layers = {node_name(node): node for node in model.graph.node}
     for step in plan.steps:
         bn = bns.get(step.decision.name)
-        if bn is None or step.decision.action == FoldAction.REFUSED:
+        action = step.decision.action
+        if bn is None or action == FoldAction.REFUSED:
             continue
-        bn_inputs |= set(bn.inputs.values())
         scale, shift = bn_scale_shift(bn)
-        if step.decision.action == FoldAction.FOLDED:
-            _fold_producer(graph.producer[bn.x], bn, scale, shift, surgery)
+        if action in (FoldAction.FOLDED, FoldAction.FOLDED_FORWARD):
+            for target in step.targets:
+                _fold_into(layers[target.layer], target, scale, shift, action == FoldAction.FOLDED, surgery)
+            _bypass(bn, surgery, producer_side=action == FoldAction.FOLDED)
+            surgery.remove_bn(bn)
         else:
-            surgery.remove_bn(bn, _affine_nodes(bn, scale, shift, surgery, affine_as, graph))
-    surgery.finish(bn_inputs)
+            nodes = _affine_nodes(bn, scale, shift, surgery, affine_as, graph, step.centered)
+            step.decision.replaced_by = "+".join(n.op_type for n in nodes)
+            surgery.remove_bn(bn, nodes)
+    surgery.finish()
+    return surgery.changes
 
 
-def _fold_producer(node, bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery) -> None:
+def _fold_into(node, target, scale: torch.Tensor, shift: torch.Tensor, producer: bool, surgery: _Surgery) -> None:
+    """A layer's new weight and bias with the BN's scale and shift on its output (`producer`) or input channels:
+    bntool.folding.math on the weight in (out, in, …) layout; Gemm/MatMul weights turned to it and back."""
+    from .folding.math import fold_into_consumer, fold_into_producer, select_channels
+
     graph = surgery.graph
-    w = graph.constants.get(node.input[1])
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    bias = graph.constants.get(node.input[2]) if has_bias else None
+    bias_node, bias_index = node, 2
+    if node.op_type == "Add":  # a linear written as MatMul + Add(bias)
+        node, bias_index = graph.linear_parts(bias_node)
+    w = graph.value(node.input[1])
+    bias_name = bias_node.input[bias_index] if bias_node is not node or graph.layer_has_bias(node) else ""
+    bias = graph.value(bias_name) if bias_name else None
+    op = node.op_type
+    out_in = op in ("Conv", "ConvTranspose") or (op == "Gemm" and attr(node, "transB", 0))
+    weight = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    weight = weight if out_in else weight.T
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+    b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float64).reshape(-1))
+    if producer:
+        s, t = select_channels(scale, shift, target.channels, target.shift)
+        if b is not None and b.numel() == 1 < s.numel():
+            b = b.expand(s.numel())
+        if op == "Gemm" and t is not None:
+            t = t / beta  # α·A·B + β·C: the shift enters through β·C
+        new_w, new_b = fold_into_producer(weight, b, s, t, groups=int(attr(node, "group", 1)),
+                                          transposed=op == "ConvTranspose")
+    else:
+        idx = torch.tensor(target.channels)
+        new_w, added = fold_into_consumer(weight, None, scale[idx], shift[idx], groups=int(attr(node, "group", 1)))
+        if op == "Gemm":
+            added = added * (alpha / beta)
+        new_b = added if b is None else b + added
+    new_w = new_w if out_in else new_w.T
     base = node.name or node.output[0]
-    if node.op_type in ("Conv", "ConvTranspose"):
-        new_w, new_b = fold_into_conv(w, bias, scale, shift, node.op_type == "ConvTranspose",
-                                      int(_attr(node, "group", 1)))
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        surgery.set_constant(node, 2, new_b, w.dtype if bias is None else bias.dtype, f"{base}.bias_folded")
-    elif node.op_type == "Gemm":
-        beta = float(_attr(node, "beta", 1.0))
-        new_w, new_c = fold_into_gemm(w, bias, scale, shift, bool(_attr(node, "transB", 0)), beta)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.B_folded")
-        surgery.set_constant(node, 2, new_c, w.dtype if bias is None else bias.dtype, f"{base}.C_folded")
-    else:  # MatMul(A, W) with 2-D A: becomes Gemm(A, W', shift), the same product with the BN's shift as C
-        import onnx
-
-        new_w, new_c = fold_into_gemm(w, None, scale, shift, False, 1.0)
-        surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
-        c = surgery.new_constant(new_c, w.dtype, f"{base}.bias_folded")
-        gemm = onnx.helper.make_node("Gemm", [node.input[0], node.input[1], c], [node.output[0]], name=node.name)
-        node.CopyFrom(gemm)
-    node.output[0] = bn.y  # the producer now writes the BN's output; the BN goes
-    surgery.remove_bn(bn)
+    surgery.set_constant(node, 1, new_w.numpy(), w.dtype, f"{base}.weight_folded")
+    if new_b is None:
+        return
+    dtype = w.dtype if bias is None else bias.dtype
+    if bias is not None and bias.ndim > 1:
+        new_b = new_b.reshape(bias.shape)
+    if op == "MatMul" and bias_node is node:  # no bias input: an Add after it, as a linear layer's export has
+        surgery.add_bias_after(node, new_b.numpy(), dtype, f"{base}.bias_folded")
+    else:
+        surgery.set_constant(bias_node, bias_index, new_b.numpy(), dtype, f"{base}.bias_folded")
 
 
-def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery, affine_as: str,
-                  graph: OnnxGraph) -> list:
+def _bypass(bn: BNNode, surgery: _Surgery, producer_side: bool) -> None:
+    """Take the BN out of the dataflow: folded into its producers, the node writing its input now writes its
+    output (name kept for readers and graph outputs); folded forward, its readers read its input instead."""
+    graph = surgery.graph
+    if producer_side:
+        writer = graph.producers[bn.x]
+        if bn.x not in writer.output:  # a MatMul given a bias Add: the Add writes it now
+            writer = next(n for n in surgery.after.get(id(writer), []) if bn.x in n.output)
+        writer.output[list(writer.output).index(bn.x)] = bn.y
+        for reader in graph.readers.get(bn.x, []):  # shape-only readers (Shape) follow the renamed tensor
+            if reader is not bn.node:
+                _rename_input(reader, bn.x, bn.y)
+    else:
+        for reader in graph.readers.get(bn.y, []):
+            _rename_input(reader, bn.y, bn.x)
+
+
+def _rename_input(node, old: str, new: str) -> None:
+    for i, name in enumerate(node.input):
+        if name == old:
+            node.input[i] = new
+
+
+def _affine_nodes(bn: BNNode, scale: torch.Tensor, shift: torch.Tensor, surgery: _Surgery, affine_as: str,
+                  graph: OnnxGraph, centered: bool = False) -> list:
     """y = x·scale + shift per channel (axis 1), exactly the BN in eval mode: Mul and Add with [C, 1, …]
-    constants, or one depthwise 1×1 Conv (`affine_as="conv"`)."""
+    constants; (x − mean)·scale + shift' where the mean is far from zero; or one depthwise 1×1 Conv."""
     import onnx
-    from onnx import helper
 
+    from .folding.math import affine_with_center
+
+    helper = onnx.helper
     rank = graph.ranks[bn.x]
     dtype = helper.tensor_dtype_to_np_dtype(graph.elem_types[bn.x])  # X's type (opset 15 lets γ, β differ)
     base = bn.name
-    if affine_as == "conv" and rank >= 3:
+    scale, shift = scale.numpy(), shift.numpy()
+    if affine_as == "conv" and rank >= 3 and not centered:
         ones = [1] * (rank - 2)
         w = surgery.new_constant(scale.reshape(-1, 1, *ones), dtype, f"{base}.affine_weight")
         b = surgery.new_constant(shift, dtype, f"{base}.affine_bias")
-        return [onnx.helper.make_node("Conv", [bn.x, w, b], [bn.y], name=f"{base}_affine", group=bn.channels,
-                                      kernel_shape=ones)]
+        return [helper.make_node("Conv", [bn.x, w, b], [bn.y], name=f"{base}_affine", group=bn.channels,
+                                 kernel_shape=ones)]
     trailing = [1] * max(rank - 2, 0)
+    nodes, x = [], bn.x
+    if centered:
+        mean = np.asarray(bn.values["mean"], dtype=np.float64).reshape(-1)
+        shift = affine_with_center(torch.from_numpy(scale), torch.from_numpy(shift),
+                                   torch.from_numpy(mean))[1].numpy()
+        m = surgery.new_constant(mean.reshape(-1, *trailing), dtype, f"{base}.affine_mean")
+        x_centered = unique_name(graph.names, f"{base}_centered")
+        nodes.append(helper.make_node("Sub", [x, m], [x_centered], name=f"{base}_sub"))
+        x = x_centered
     s = surgery.new_constant(scale.reshape(-1, *trailing), dtype, f"{base}.affine_scale")
     t = surgery.new_constant(shift.reshape(-1, *trailing), dtype, f"{base}.affine_shift")
     mid = unique_name(graph.names, f"{base}_scaled")
-    return [onnx.helper.make_node("Mul", [bn.x, s], [mid], name=f"{base}_mul"),
-            onnx.helper.make_node("Add", [mid, t], [bn.y], name=f"{base}_add")]
+    return nodes + [helper.make_node("Mul", [x, s], [mid], name=f"{base}_mul"),
+                    helper.make_node("Add", [mid, t], [bn.y], name=f"{base}_add")]
 
 
 # ---------------------------------------------------------------- inputs for the check
@@ -503,8 +431,7 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
     import torch
     from onnx import helper
 
-    inits = {t.name for t in model.graph.initializer}
-    specs = [i for i in model.graph.input if i.name not in inits]
+    specs = _graph_inputs(model)
     if input_shapes is not None and len(input_shapes) != len(specs):
         raise InputError(f"{path}: has {len(specs)} inputs {[s.name for s in specs]}, but {param('example_inputs')} "
                          f"gives {len(input_shapes)} shapes", param="example_inputs")
@@ -520,6 +447,12 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
         else:
             inputs.append(torch.randint(0, 2, shape, generator=g).to(dtype))
     return tuple(inputs)
+
+
+def _graph_inputs(model) -> list:
+    """The graph's inputs that are not initializers (those a caller feeds)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
 
 
 def _input_shape(name: str, dims: list, given: tuple | None, path) -> tuple[int, ...]:
@@ -599,7 +532,7 @@ def fold_onnx(
         plan_onnx_output(outputs, out, onnx_file, force=force)
         outputs.check()
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
-    original = OriginalRuns(onnx_file.path, provider, inputs)  # exit 2 here if onnxruntime cannot run the file
+    original = OriginalRuns(onnx_file.path, provider, inputs)
 
     started = time.perf_counter()
     model = onnx_file.model
@@ -607,16 +540,19 @@ def fold_onnx(
                         params_before=_param_count(model))
     from .folding import check_skip_patterns
 
-    plan = plan_onnx_fold(model, skip)
+    shapes = {spec.name: tuple(x.shape) for spec, x in zip(_graph_inputs(model), inputs)}
+    plan = plan_onnx_fold(model, skip, shapes)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    apply_onnx_fold_plan(model, plan, affine_as)
+    changes = apply_onnx_fold_plan(model, plan, affine_as, shapes)
     report.decisions = plan.decisions
-    report.batch_norm_ops_after, report.params_after = _bn_count(model), _param_count(model)
+    report.batch_norm_ops_after = _bn_count(model)
+    report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))
     report.ops_left = [f"{d.name}: {d.reason}" for d in plan.decisions if d.action == FoldAction.REFUSED]
     with outputs:
-        staged = _stage(model, out, outputs, onnx_file)
+        staged = _stage(model, changes, out, outputs, onnx_file)
         report.fold_seconds = time.perf_counter() - started
-        del model, onnx_file  # onnxruntime reads the staged file; the proto is not needed any more
+        del model, onnx_file, changes  # onnxruntime reads the staged file; the proto is not needed any more
+        _give_memory_back()
         started = time.perf_counter()
         result = _check(original, staged, inputs, tolerance, samples, seed, provider)
         report.comparisons, report.passed = result.comparisons, result.passed
@@ -630,6 +566,19 @@ def fold_onnx(
     return report
 
 
+def _give_memory_back() -> None:
+    """Return freed heap memory to the system before onnxruntime loads the model again (glibc keeps a freed
+    protobuf arena's pages otherwise, and the check would hold the model twice)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def _bn_count(model) -> int:
     from .onnx_export import op_counts
 
@@ -640,7 +589,7 @@ def _param_count(model) -> int:
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
-def _stage(model, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
+def _stage(model, changes: TensorChanges, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
     """Write the folded model where the check reads it: the output's temp file (committed after a passing
     check), or a private temp directory when there is no output."""
     import tempfile
@@ -649,40 +598,42 @@ def _stage(model, out, outputs: Outputs, onnx_file: OnnxFile) -> Path:
         directory = Path(tempfile.mkdtemp(prefix=".bntool-tmp-"))
         outputs.staging.append(directory)  # removed with the outputs
         target = directory / "folded.onnx"
-        plan_onnx_output(outputs, target, None)
-        save_onnx(model, target, outputs, onnx_file)
+        plan_onnx_output(outputs, target, onnx_file)
+        save_onnx(model, target, outputs, onnx_file, changes)
     else:
-        save_onnx(model, out, outputs, onnx_file)
+        save_onnx(model, out, outputs, onnx_file, changes)
         target = Path(out)
     return next(p.temp for p in outputs.planned if p.path == target)
 
 
 class OriginalRuns:
-    """The original file in onnxruntime, one optimisation level at a time: the check's reference outputs."""
+    """The original file in onnxruntime as it is written (ORT_DISABLE_ALL: no fusion of its own): the check's
+    reference outputs. The session is made on first use and given back by `close()`."""
 
     def __init__(self, path: Path, provider: str, inputs: tuple):
-        from .onnx_export import OPTIMIZATION_LEVELS, check_signature, ort_session
-
-        self.path, self.provider = path, provider
-        self.level = OPTIMIZATION_LEVELS[0]
-        self.session = ort_session(path, provider, self.level)
-        check_signature(self.session, inputs, path)
-        self.names = [i.name for i in self.session.get_inputs()]
+        self.path, self.provider, self.inputs = path, provider, inputs
+        self.session = None
         self.float64 = None
 
-    def __call__(self, label: str, xs: tuple, level: str) -> list:
-        from .onnx_export import ort_session
+    def open(self):
+        from .onnx_export import check_signature, ort_session
 
-        if level != self.level:
-            self.session = None  # release the previous level's session first
-            self.session, self.level = ort_session(self.path, self.provider, level), level
-        feed = {n: x.detach().cpu().numpy() for n, x in zip(self.names, xs)}
+        if self.session is None:
+            self.session = ort_session(self.path, self.provider, "ORT_DISABLE_ALL")
+            check_signature(self.session, self.inputs, self.path)
+        return self.session
+
+    def close(self) -> None:
+        self.session = None
+
+    def __call__(self, label: str, xs: tuple) -> list:
+        session = self.open()
+        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), xs)}
         try:
-            return self.session.run(None, feed)
+            return session.run(None, feed)
         except Exception as e:
             raise InputError(f"{self.path}: onnxruntime cannot run it on the {label} input "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})"
-                             ) from e
+                             f"({type(e).__name__}: {first_line(e)})") from e
 
     def float64_outputs(self, xs: tuple) -> dict[str, np.ndarray]:
         """The original graph run in float64 (onnx.reference on a copy with every float tensor made double)."""
@@ -690,8 +641,8 @@ class OriginalRuns:
 
         if self.float64 is None:
             self.float64 = ReferenceEvaluator(as_float64(load_onnx(self.path, check=False).model))
-        feed = {n: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
-                for n, x in zip(self.names, xs)}
+        feed = {i: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
+                for i, x in zip(self.float64.input_names, xs)}
         return dict(zip(self.float64.output_names, self.float64.run(None, feed)))
 
 

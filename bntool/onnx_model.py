@@ -9,6 +9,7 @@ tensors a caller changed differ. A file that came with external data is written 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> OnnxFile:
 
     path = Path(path)
     size = _checked_size(path)
+    invalid = _checker_error(path) if check else None  # first, so that two copies are never held at once
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: the bytes are not a whole ModelProto
@@ -120,9 +122,9 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> OnnxFile:
         except Exception as e:
             raise CorruptFileError(f"{path}: cannot read its external data ({type(e).__name__}: {first_line(e)})",
                                    what=str(path)) from e
-    if check:
-        _check_model(model, path, external)
     _refuse_spatial_zero(model, path)
+    if invalid is not None:
+        raise InputError(f"{path}: invalid ONNX model ({type(invalid).__name__}: {first_line(invalid)})") from invalid
     total = size + sum(p.stat().st_size for p in external)
     return OnnxFile(path=path, model=model, external_data=external, file_bytes=total)
 
@@ -168,16 +170,16 @@ def _external_data_files(model, path: Path) -> list[Path]:
     return sorted(needed)
 
 
-def _check_model(model, path: Path, external: list[Path]) -> None:
+def _checker_error(path: Path) -> Exception | None:
+    """onnx.checker's complaint about the file, if any (by path: it reads external data itself, and no copy
+    of the model is made in Python)."""
     import onnx
 
     try:
-        if external or model.ByteSize() >= TWO_GB:
-            onnx.checker.check_model(str(path))  # by path: the checker reads external data itself
-        else:
-            onnx.checker.check_model(model)
-    except Exception as e:
-        raise InputError(f"{path}: invalid ONNX model ({type(e).__name__}: {first_line(e)})") from e
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # ValidationError, or a parse error that load_onnx reports as corruption
+        return e
+    return None
 
 
 def _refuse_spatial_zero(model, path: Path) -> None:
@@ -383,30 +385,126 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
 
 def needs_external_data(model, source: OnnxFile | None) -> bool:
     """Written with external data: the input had it, or the tensors would not fit protobuf's 2 GB."""
-    return (source is not None and source.has_external_data) or model.ByteSize() >= int(TWO_GB * 0.9)
+    if source is not None:  # the fold changes a model's size by a few bias vectors at most
+        return source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)
+    return model.ByteSize() >= int(TWO_GB * 0.9)
 
 
-def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile | None = None) -> list[Path]:
-    """Write `model` to the planned output `path` through `outputs` (temp files, committed by the caller's
-    `outputs.commit()`), with external data in `<name>.data` when `needs_external_data`. The model proto is not
-    changed. Returns the files it will put in place."""
-    import onnx
+@dataclass
+class TensorChanges:
+    """Initializers changed by a graph rewrite, kept beside the model instead of in it: protobuf's arena would
+    keep a replaced tensor's old bytes until the whole model is freed, doubling a large model's memory.
+    `save_onnx` writes the model with them; `apply_to` puts them into the model itself."""
 
+    replaced: dict[str, Any] = field(default_factory=dict)  # name → new TensorProto (same name)
+    added: list[Any] = field(default_factory=list)  # new TensorProtos, after the model's own
+    removed: set[str] = field(default_factory=set)
+
+    def apply_to(self, model) -> None:
+        g = model.graph
+        kept = [t for t in g.initializer if t.name not in self.removed]
+        for t in kept:
+            if t.name in self.replaced:
+                t.CopyFrom(self.replaced[t.name])
+        del g.initializer[:]
+        g.initializer.extend([*kept, *self.added])
+        self.replaced, self.added, self.removed = {}, [], set()
+
+    def initializers(self, model) -> Iterator[Any]:
+        """The model's initializers as they are after the changes, in order."""
+        for t in model.graph.initializer:
+            if t.name not in self.removed:
+                yield self.replaced.get(t.name, t)
+        yield from self.added
+
+
+def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile | None = None,
+              changes: TensorChanges | None = None) -> list[Path]:
+    """Write `model` (with `changes` to its initializers) to the planned output `path` through `outputs` (temp
+    files, committed by the caller's `outputs.commit()`), with external data in `<name>.data` when
+    `needs_external_data`. Neither the model nor `changes` is modified, and no second copy of the model is
+    made: it is written piece by piece (protobuf merges a repeated field written in several pieces). Returns
+    the files it will put in place."""
     path = Path(path)
     staging = outputs.staging_dir(path)
     staged = staging / path.name  # external data is referred to by name: the file gets its final name here
+    changes = changes or TensorChanges()
+    files = [path]
+    data_name = None
     if needs_external_data(model, source):
         data_name = data_file_name(path)
         if path.with_name(data_name) not in {p.path for p in outputs.planned}:
             raise RuntimeError(f"{path.with_name(data_name)} was not planned (plan_onnx_output)")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        outputs.adopt(path, staged, staging)
-        outputs.adopt(path.with_name(data_name), staging / data_name, staging)
-        return [path, path.with_name(data_name)]
-    with open(staged, "wb") as f:
-        f.write(model.SerializeToString())
+        files.append(path.with_name(data_name))
+    with open(staged, "wb") as f, (open(staging / data_name, "wb") if data_name else _no_file()) as data:
+        f.write(_without_initializers(model).SerializeToString())
+        for tensor in changes.initializers(model):
+            if data is not None and _tensor_bytes(tensor) >= 1024:
+                tensor = _external(tensor, data, data_name)
+            # ModelProto.graph (field 7) holding GraphProto.initializer (field 5): merged into the graph above.
+            f.write(_length_delimited(7, _length_delimited(5, tensor.SerializeToString())))
     outputs.adopt(path, staged, staging)
-    return [path]
+    if data_name:
+        outputs.adopt(files[1], staging / data_name, staging)
+    return files
+
+
+@contextlib.contextmanager
+def _no_file():
+    yield None
+
+
+def _without_initializers(model):
+    """A copy of the model without its graph's initializers (small: nodes, names, types, metadata)."""
+    import onnx
+
+    header = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(header, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(header.graph, fd, value)
+    header.graph.SetInParent()
+    return header
+
+
+def _copy_field(target, fd, value) -> None:
+    if fd.is_repeated:
+        getattr(target, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)
+
+
+def _tensor_bytes(tensor) -> int:
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+
+
+def _external(tensor, data, location: str):
+    """A copy of `tensor` whose values are appended to the open external data file `data`."""
+    from onnx import TensorProto, numpy_helper
+
+    raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+    offset = data.tell()
+    data.write(raw)
+    out = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, doc_string=tensor.doc_string)
+    out.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = out.external_data.add()
+        entry.key, entry.value = key, value
+    return out
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint_bytes(field_number << 3 | 2) + _varint_bytes(len(payload)) + payload
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

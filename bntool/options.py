@@ -65,7 +65,7 @@ class ExampleInputs:
         size, and `notes` says so."""
         import torch
 
-        from .folding import model_dtype
+        from .devices import model_dtype
 
         if not self.input_shape:
             self.input_shape = _declared_input_shape(model, notes)

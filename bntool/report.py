@@ -35,7 +35,10 @@ def to_json_data(report: Any, context: dict[str, Any] | None = None) -> dict[str
     Non-finite figures become null, listed under "non_finite" with the value they stand for."""
     data = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
     if context:
+        notes = [*context.get("notes", []), *data.get("notes", [])]  # both say something: keep both
         data = {**context, **data}
+        if notes:
+            data["notes"] = notes
     found: dict[str, str] = {}
     data = _clean(data, "", found)
     if found:
@@ -287,6 +290,11 @@ def render_fold(report, console: Console) -> None:
                   f"fold took {report.fold_seconds:.2f} s.")
     for line in report.ops_left:
         console.print(f"[yellow]batch_norm left:[/] {line}")
+    if report.subnormals_flushed:
+        console.print(f"Subnormal values flushed to zero: {report.subnormals_flushed:,} (the fold made them; "
+                      "many CPU paths and runtimes compute on them several times slower).")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
     verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
     for c in report.comparisons:
         if c.float64_error_original is not None:

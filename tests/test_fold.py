@@ -14,7 +14,7 @@ from torch import nn
 
 from bntool import zoo
 from bntool.checkpoint import load_checkpoint
-from bntool.errors import CheckFailed
+from bntool.errors import CheckFailed, InputError
 from bntool.folding import (
     AFFINE,
     FOLDED,
@@ -313,9 +313,15 @@ def test_refusals(case):
     elif case == "nan":
         with torch.no_grad():
             bn.running_var[0] = float("nan")
+        # The plan says why; fold itself refuses the checkpoint before any work (the input is broken).
+        decision = {d.name: d for d in plan_fold(model, zoo.example_input("resnet")).decisions}["layer1.bn1"]
+        assert decision.action == REFUSED and "NaN" in decision.reason
+        with pytest.raises(InputError, match="'layer1.bn1'.*recalibrate"):
+            fold(model, zoo.example_input("resnet"), check=False)
+        return
     else:
         skip = ("layer1.*",)
-    folded, report = fold(model, zoo.example_input("resnet"), skip=skip, check=case != "nan")
+    folded, report = fold(model, zoo.example_input("resnet"), skip=skip)
     decision = {d.name: d for d in report.decisions}["layer1.bn1"]
     assert decision.action == REFUSED, decision
     assert isinstance(folded.layer1.bn1, nn.BatchNorm2d)
@@ -324,10 +330,10 @@ def test_refusals(case):
 
 def broken_fold(monkeypatch):
     """Simulate a wrong fold (a 1% scale error) to test the safety net."""
-    import bntool.folding as folding
+    from bntool.folding import surgery
 
-    real = folding.fold_into_producer
-    monkeypatch.setattr(folding, "fold_into_producer", lambda layer, s, t: real(layer, s * 1.01, t))
+    real = surgery.fold_weights_producer
+    monkeypatch.setattr(surgery, "fold_weights_producer", lambda layer, s, t: real(layer, s * 1.01, t))
 
 
 def test_wrong_fold_raises_check_failed(monkeypatch):
@@ -431,10 +437,10 @@ def test_plan_fold_decides_without_changing_the_model():
 
 
 def test_inspect_plans_without_folding(monkeypatch):
-    import bntool.folding as folding
+    from bntool.folding import surgery
     from bntool.inspection import inspect
 
-    monkeypatch.setattr(folding, "apply_fold_plan", lambda *a: pytest.fail("inspect must not fold"))
+    monkeypatch.setattr(surgery, "apply_plan", lambda *a, **k: pytest.fail("inspect must not fold"))
     report = inspect(zoo.build("reused"), zoo.example_input("reused"))
     actions = {layer.name: (layer.fold_action, layer.fold_target) for layer in report.layers}
     assert actions["bn_a"] == (AFFINE, None) and actions["stem.1"] == (FOLDED, "stem.0")

@@ -1,0 +1,173 @@
+"""Fold BatchNorm into the conv/linear that feeds it (or that it feeds), from the model's real dataflow.
+
+The package, top to bottom (imports point down):
+    __init__.py     the public API: fold, plan_fold, FoldPlan, FoldReport, apply_fold_plan
+    torch_plan.py   a PyTorch model's fold decisions (plan_fold): BN modules, functional calls, target dtypes
+    check.py        the fold check (folded vs original, float64 arbiter) and FoldReport
+    surgery.py      applies a plan to a module, casting once
+    torch_graph.py  a traced forward as the planner's graph (TorchGraph)
+    planner.py      the rules against an abstract graph (FoldGraph), shared with the ONNX path
+    math.py         pure float64 fold math on tensors (BN → scale/shift, producer, consumer, affine, ranges)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compare import Tolerance, check_samples
+from ..devices import device_of, model_dtype, moved_to, to_device
+from ..errors import CheckFailed, InputError, param, user_code
+from ..layout import FoldLayout, attach_layout, layout_of
+from .check import FoldReport, compare, default_tolerance, eval_copy, ops_left
+from .math import fold_value_range
+from .planner import (
+    AFFINE,
+    FOLDED,
+    FOLDED_FORWARD,
+    REFUSED,
+    BNDecision,
+    FoldGraph,
+    FoldPlan,
+    FoldStep,
+    FoldTarget,
+    FunctionalBN,
+    OpKind,
+)
+from .surgery import apply_fold_plan, apply_plan
+from .torch_plan import (
+    MAX_FORWARD_FOLD_MEAN,
+    broken_statistics,
+    check_skip_patterns,
+    keep_what_would_overflow,
+    mean_in_stds,
+    plan_fold,
+    unwrap_compiled,
+)
+
+__all__ = [
+    "AFFINE", "FOLDED", "FOLDED_FORWARD", "MAX_FORWARD_FOLD_MEAN", "REFUSED", "BNDecision", "FoldGraph", "FoldPlan",
+    "FoldReport", "FoldStep", "FoldTarget", "FunctionalBN", "OpKind", "apply_fold_plan", "check_skip_patterns",
+    "default_tolerance", "fold", "fold_value_range", "mean_in_stds", "plan_fold",
+]
+
+
+def fold(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    *,
+    samples: int = 0,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    skip: Sequence[str] = (),
+    check: bool = True,
+    plan: FoldPlan | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
+
+    Each BN is folded into the layer that feeds it, else into the one it feeds, else replaced by an exact
+    per-channel affine (ChannelAffine), else left as it is; the report says which and why. Folding is computed
+    in float64 and cast once to each layer's dtype.
+
+    Args:
+        model: the model; BNs in training mode inside an eval-mode model are left as they are.
+        example_inputs: one tensor or a sequence of the model's positional inputs; one forward on them
+            traces who feeds each BN.
+        samples: random inputs of the example's shapes checked besides the example.
+        seed: seed of the random inputs.
+        rtol, atol: the check's tolerance, elementwise |Δ| ≤ atol + rtol·|original| (bntool.compare.Tolerance);
+            by default rtol 0 and atol a share of each output's largest magnitude by dtype (1e-4 for float32);
+            an atol given here is absolute.
+        skip: BN names or glob patterns to leave as they are.
+        check: raise CheckFailed when the folded outputs differ beyond tolerance.
+        plan: the decisions to apply, from `plan_fold(model, example_inputs)` (possibly edited); by default
+            `plan_fold(model, example_inputs, skip=skip)`.
+        device: run the trace and the check on this device ("cpu", "cuda", "cuda:1", "mps"); the inputs are
+            moved there. Default: where the model is, inputs as given.
+
+    Returns:
+        (folded, report): the folded copy in eval mode on the device `model` was on, carrying its FoldLayout
+        (saved with it by save_checkpoint / state_dict_of), and a FoldReport.
+
+    Raises:
+        CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
+        InputError: a tolerance is negative or not finite, `model` is a TorchScript module, `device` is not
+            available, or a BN not skipped has NaN/Inf statistics or affine, or running_var + eps ≤ 0 (the
+            checkpoint is broken: recalibrate first, or skip those layers).
+
+    A `torch.compile`d model is folded through the module it wraps (`_orig_mod`; a note says so): the result
+    is that module folded, in eager mode. Values the fold writes that its dtype holds only as subnormals (slow
+    on many CPU paths) become zero, counted in `report.subnormals_flushed`, unless the check fails that way.
+
+    Side effects: none on `model` (its training flags, and with `device` its placement, are restored after the
+    check); the copy doubles its memory, and the float64 reference of the check doubles it again where it is
+    needed.
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    check_samples(samples)
+    model, notes = unwrap_compiled(model)
+    tolerance = Tolerance.resolve(rtol, atol, default_tolerance(model_dtype(model)))  # before any work
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
+    if not isinstance(skip, str):
+        _refuse_broken_statistics(model, skip)
+    home = device_of(model)
+    with moved_to(model, device) as dev:
+        inputs = to_device(inputs, dev) if device is not None else inputs
+        folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True)
+        if not report.passed and report.subnormals_flushed:  # the flush made the difference: keep them
+            folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=False)
+            report.notes.append("subnormal values were kept: the check failed with them flushed to zero")
+    report.notes = list(dict.fromkeys(notes + report.notes))
+    if device is not None:
+        folded.to(home)  # the result where the model was, as recalibrate leaves it
+    if check and not report.passed:
+        raise CheckFailed(
+            f"folded model differs from the original: max abs error {report.max_abs:.3g} "
+            f"({report.max_abs_over_scale:.3g} of the output's magnitude) exceeds {report.tolerance.describe()}"
+            + (f" ({report.first_note})" if report.first_note else ""), report=report)
+    return folded, report
+
+
+def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str]) -> None:
+    """NaN/Inf or negative running_var: the checkpoint is broken, not the fold (exit 2 before any work)."""
+    broken = broken_statistics(model, skip)
+    if not broken:
+        return
+    names = ", ".join(repr(name) for name, _ in broken[:3])
+    more = f" and {len(broken) - 3} more ({len(broken)} in all)" if len(broken) > 3 else ""
+    raise InputError(f"BatchNorm {names}{more}: {broken[0][1]}; these statistics cannot be folded. Run "
+                     f"`bntool recalibrate` first, or leave them as they are with {param('skip')}", param="skip")
+
+
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool
+                    ) -> tuple[nn.Module, FoldReport]:
+    """fold() on the model and inputs where they are: the folded copy and its report (passed or not).
+    `flush`: the subnormals the fold writes become zero."""
+    started = time.perf_counter()
+    with user_code("copying the model (copy.deepcopy)"):
+        folded, by_request = eval_copy(model)
+    if plan is None:
+        plan = plan_fold(folded, inputs, skip=skip)
+    keep_what_would_overflow(folded, plan)
+    report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
+                        decisions=plan.decisions, opaque=plan.opaque, notes=list(plan.notes))
+    applied = apply_plan(folded, plan, flush_subnormals=flush)
+    report.layout, report.subnormals_flushed = applied.layout, applied.subnormals_flushed
+    attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
+    report.ops_left = ops_left(plan)
+    report.fold_seconds = time.perf_counter() - started
+    report.params_after = sum(p.numel() for p in folded.parameters())
+
+    started = time.perf_counter()
+    report.tolerance = tolerance
+    report.batch_norm_ops_after = compare(model, folded, inputs, samples, seed, by_request, report)
+    report.passed = all(c.passed for c in report.comparisons)
+    report.check_seconds = time.perf_counter() - started
+    return folded, report

@@ -1,0 +1,191 @@
+"""The fold math: pure float64 functions from tensors to tensors, touching no module (like torch's
+`fuse_conv_bn_weights`), so a PyTorch model and an ONNX graph fold with the same numbers.
+
+An eval-mode BN is y = (x - μ)·γ/√(σ²+ε) + β = x·s + t per channel. Folded into the layer that produces x:
+    W'[o] = W[o]·s[o]        b'[o] = b[o]·s[o] + t[o]
+and into a layer that consumes y (no zero padding in between, so every input element is a BN output):
+    W'[:, i] = W[:, i]·s[i]  b' = b + Σ_i,k W[:, i, k]·t[i]
+Every function takes any float dtype and returns float64; the caller casts once (`cast_flushing_subnormals`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def float64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 with F.batch_norm(x, mean, var, weight, bias, False, _, eps) == x·scale + shift.
+
+    Args:
+        mean, var: the running statistics, one value per channel.
+        weight, bias: γ and β, or None where the BN has no affine (γ = 1, β = 0).
+        eps: added to var before the square root.
+    """
+    mean, var = float64(mean), float64(var)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * float64(weight)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + float64(bias)
+    return scale, shift
+
+
+def mean_in_stds(mean: torch.Tensor, var: torch.Tensor, eps: float) -> float:
+    """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations."""
+    mean, var = float64(mean), float64(var)
+    return float((mean.abs() / (var + eps).sqrt()).max()) if mean.numel() else 0.0
+
+
+def statistics_problem(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float) -> str:
+    """Why these BN tensors cannot be folded ("" where they can): NaN/Inf anywhere, or σ² + ε ≤ 0."""
+    tensors = [mean, var] + [t for t in (weight, bias) if t is not None]
+    if any(not torch.isfinite(t).all() for t in tensors):
+        return "statistics or affine parameters contain NaN/Inf"
+    if (float64(var) + float(eps) <= 0).any():
+        return "running_var + eps <= 0"
+    return ""
+
+
+def select_channels(scale: torch.Tensor, shift: torch.Tensor, channels: list[int], takes_shift: list[bool]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The BN's scale and shift in a target layer's channel order (`channels[c]`: the BN channel of the layer's
+    channel c); the shift only where `takes_shift[c]` (the terms of a sum share one shift), None where no
+    channel takes it."""
+    idx = torch.tensor(channels, dtype=torch.long, device=scale.device)
+    if not any(takes_shift):
+        return scale[idx], None
+    mask = torch.tensor(takes_shift, dtype=torch.bool, device=scale.device)
+    return scale[idx], torch.where(mask, shift[idx], torch.zeros_like(shift[idx]))
+
+
+def fold_into_producer(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                       shift: torch.Tensor | None, *, groups: int = 1, transposed: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """layer(x)·scale + shift per output channel, as the layer's new (weight, bias) in float64.
+
+    Args:
+        weight: conv (out, in/groups, *k), linear (out, in), or transposed conv (in, out/groups, *k).
+        bias: the layer's bias, or None.
+        scale, shift: per output channel; `shift` None: scale only (another term of a sum takes the shift).
+        groups: the conv's groups (depthwise: groups == channels).
+        transposed: `weight` is a transposed conv's, whose output channel g·(out/groups)+j sits in dim 1.
+
+    Returns:
+        (weight, bias): bias None only where both `bias` and `shift` are None.
+    """
+    w = float64(weight)
+    if transposed:
+        grouped = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        new_w = (grouped * scale.view(groups, 1, w.shape[1], *[1] * (w.dim() - 2))).reshape(w.shape)
+    else:
+        new_w = w * scale.view(-1, *[1] * (w.dim() - 1))
+    if bias is None and shift is None:
+        return new_w, None
+    b = float64(bias) if bias is not None else torch.zeros_like(scale)
+    return new_w, b * scale + (shift if shift is not None else 0)
+
+
+def fold_into_consumer(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+                       *, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """layer(x·scale + shift) with scale/shift per input channel, as the layer's new (weight, bias) in float64.
+
+    Args:
+        weight: conv (out, in/groups, *k) or linear (out, in). The layer must not zero-pad its input (a
+            padded zero would take the shift too).
+        bias: the layer's bias, or None (one is returned in any case).
+        scale, shift: per input channel.
+        groups: the conv's groups.
+    """
+    w = float64(weight)
+    b = float64(bias) if bias is not None else w.new_zeros(w.shape[0])
+    if w.dim() == 2:  # linear
+        return w * scale.view(1, -1), b + w @ shift
+    out, per_group = w.shape[0], w.shape[1]
+    grouped = w.reshape(groups, out // groups, per_group, *w.shape[2:])
+    ones = [1] * (w.dim() - 2)
+    new_w = (grouped * scale.view(groups, 1, per_group, *ones)).reshape(w.shape)
+    # A constant input t per channel contributes Σ_i,k W[o,i,k]·t[i] to every output (no padding).
+    added = (grouped * shift.view(groups, 1, per_group, *ones)).sum(dim=tuple(range(2, grouped.dim()))).reshape(out)
+    return new_w, b + added
+
+
+def affine_with_center(scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - μ)·s + shift' == x·s + shift: the shift of an affine that subtracts the mean first, which keeps full
+    precision when μ sits far from zero (x·s + t would cancel two large terms)."""
+    return scale, shift + float64(mean) * scale
+
+
+# ---------------------------------------------------------------- casting and value ranges
+
+
+def is_subnormal(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise: nonzero and below the smallest normal number of t's own (floating) dtype."""
+    return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
+
+
+def cast_flushing_subnormals(value: torch.Tensor, dtype: torch.dtype, before: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, int]:
+    """`value` cast once to `dtype`, with the subnormals the fold made set to zero; and how many there were.
+
+    A subnormal is nonzero and below `dtype`'s smallest normal (float32 1.2e-38, float16 6.1e-5): many CPU
+    paths and runtimes compute on them several times slower. Only what the fold made subnormal is flushed:
+    an element of `before` (the tensor as it was, same shape) that was already subnormal stays.
+    """
+    cast = value.to(dtype)
+    if not cast.is_floating_point() or dtype == torch.float64:
+        return cast, 0
+    made = is_subnormal(cast)
+    if before is not None:
+        made &= ~is_subnormal(before.to(dtype))
+    count = int(made.sum())
+    return (cast.masked_fill(made, 0) if count else cast), count
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The smallest nonzero and the largest magnitude among a fold's values, in float64."""
+
+    smallest: float  # inf where every value is zero
+    largest: float
+
+    def subnormal_in(self, dtype: torch.dtype) -> bool:
+        """Some nonzero value would be subnormal (or underflow) once cast to `dtype`."""
+        return self.smallest < torch.finfo(dtype).tiny
+
+    def overflows(self, dtype: torch.dtype) -> bool:
+        """Some value would be ±inf once cast to `dtype` (float16 max 65504)."""
+        return not self.largest <= torch.finfo(dtype).max
+
+
+def fold_value_range(scale: torch.Tensor, shift: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> ValueRange:
+    """The range of values a fold would write, for a check before folding (inspect's subnormal/overflow flags).
+
+    Args:
+        scale, shift: the BN's (from `bn_scale_shift`), per channel.
+        weight, bias: the producer layer's (out channels first, as a conv or linear weight); without them, the
+            range of the scale and shift themselves (what an affine replacement holds).
+
+    Returns:
+        ValueRange over W·s (or s) and b·s + t (or t); NaN-free inputs assumed.
+    """
+    if weight is not None:
+        w, b = fold_into_producer(weight, bias, float64(scale), None if shift is None else float64(shift))
+        values = [w.flatten()] + ([b] if b is not None else [])
+    else:
+        values = [float64(scale).flatten()] + ([float64(shift).flatten()] if shift is not None else [])
+    flat = torch.cat(values).abs()
+    nonzero = flat[flat != 0]
+    smallest = float(nonzero.min()) if nonzero.numel() else float("inf")
+    largest = float(flat.max()) if flat.numel() else 0.0
+    return ValueRange(smallest, largest)

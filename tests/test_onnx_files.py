@@ -1,0 +1,390 @@
+"""ONNX files as input: detection by content, bad input, inspect, fold (vs a float64 reference), verify, CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import assert_clean_error, files_in
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from bntool import zoo
+from bntool.errors import CorruptFileError, InputError
+from bntool.onnx_fold import fold_onnx, inspect_onnx
+from bntool.onnx_model import batch_norm_nodes, is_onnx_file, load_onnx
+
+# ---------------------------------------------------------------- files
+
+
+def export_with_bn(model: torch.nn.Module, x: torch.Tensor, path, dynamic: bool = False):
+    """The legacy exporter with BatchNormalization nodes kept (as the deployment files of issue #18)."""
+    axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
+                          dynamic_axes=axes)
+    nodes = batch_norm_nodes(onnx.load(str(path)))
+    assert nodes, "the export kept no BatchNormalization node: the test would test nothing"
+    return path
+
+
+class ConcatAddTrap(torch.nn.Module):
+    """What the ONNX tools leave (issue #18): a BN after a channel concat of two convs (densenet-like), and a
+    BN after the sum of two convs; then a BN whose concat part is also read elsewhere (an exact affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 6, 1, bias=False)
+        self.bn_cat = torch.nn.BatchNorm2d(10)
+        self.c, self.d = torch.nn.Conv2d(10, 5, 3, padding=1), torch.nn.Conv2d(10, 5, 1)
+        self.bn_sum = torch.nn.BatchNorm2d(5)
+        self.e = torch.nn.Conv2d(5, 5, 1)
+        self.bn_shared = torch.nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        y = self.bn_cat(torch.cat([self.a(x), self.b(x)], 1)).relu()
+        z = self.bn_sum(self.c(y) + self.d(y))
+        e = self.e(z)
+        return self.bn_shared(torch.cat([e, z], 1)) + e.mean()
+
+
+@pytest.fixture(scope="module")
+def zoo_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for name in ("resnet", "mobilenet", "mlp", "preact", "shared", "reused"):
+        model = zoo.build(name)
+        files[name] = (model, export_with_bn(model, zoo.example_input(name), folder / f"{name}.onnx"))
+    trap = zoo.randomize_bn(ConcatAddTrap()).eval()
+    files["trap"] = (trap, export_with_bn(trap, torch.randn(2, 3, 8, 8), folder / "trap.onnx"))
+    return files
+
+
+def example(name: str) -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) if name == "trap" else \
+        zoo.example_input(name)
+
+
+def run_ort(path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def op_types(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+# ---------------------------------------------------------------- detection and bad input
+
+
+def test_detection_is_by_content(tmp_path, zoo_files, resnet_sd):
+    onnx_named_pt = tmp_path / "model.pt"
+    onnx_named_pt.write_bytes(zoo_files["resnet"][1].read_bytes())
+    torch_named_onnx = tmp_path / "model.onnx"
+    torch_named_onnx.write_bytes(resnet_sd.read_bytes())
+    assert is_onnx_file(onnx_named_pt) and not is_onnx_file(torch_named_onnx)
+    assert not is_onnx_file(resnet_sd) and is_onnx_file(zoo_files["resnet"][1])
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(zoo_files["resnet"][1].read_bytes()[:3000])
+    assert is_onnx_file(truncated)  # still ONNX by content: refused as corrupt, not as "not a checkpoint"
+    with pytest.raises(CorruptFileError, match="truncated or corrupt ONNX"):
+        load_onnx(truncated)
+
+
+def test_missing_external_data_and_over_two_gb(tmp_path, zoo_files):
+    model = onnx.load(str(zoo_files["resnet"][1]))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert load_onnx(path).has_external_data
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(InputError, match="missing external data file"):
+        load_onnx(path)
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:  # a sparse file: the size check must refuse it before protobuf reads it
+        f.write(zoo_files["resnet"][1].read_bytes()[:64])
+        f.truncate(2 * 1024**3 + 10)
+    assert is_onnx_file(big)
+    with pytest.raises(InputError, match="over 2 GB"):
+        load_onnx(big)
+
+
+def bn_graph(opset: int, spatial: int | None = None, training_mode: int | None = None):
+    """x → Conv → BatchNormalization → y, built by hand (for attributes no exporter writes today)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+    for name, value in (("g", rng.random(4) + 0.5), ("b", rng.standard_normal(4)), ("m", rng.standard_normal(4)),
+                        ("v", rng.random(4) + 0.5)):
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name))
+    attrs = {} if spatial is None else {"spatial": spatial}
+    if training_mode is not None:
+        attrs["training_mode"] = training_mode
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"],
+                              ["y", "rm", "rv"] if training_mode else ["y"], name="bn", **attrs)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_spatial_zero_is_refused(tmp_path):
+    path = tmp_path / "old.onnx"
+    model = bn_graph(7, spatial=0)
+    model.ir_version = 3  # IR 3: initializers are graph inputs too
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer)
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="spatial=0"):
+        load_onnx(path)
+
+
+def test_training_mode_bn_is_left_with_its_reason(tmp_path):
+    path = tmp_path / "train.onnx"
+    onnx.save(bn_graph(15, training_mode=1), str(path))
+    report = fold_onnx(path, tmp_path / "out.onnx")
+    assert report.counts["refused"] == 1 and "training mode" in report.decisions[0].reason
+    assert "BatchNormalization" in op_types(tmp_path / "out.onnx")
+
+
+# ---------------------------------------------------------------- fold against a float64 reference
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "mlp", "preact", "shared", "reused", "trap"])
+def test_fold_removes_every_bn_and_matches_float64(tmp_path, zoo_files, name):
+    model, path = zoo_files[name]
+    out = tmp_path / "folded.onnx"
+    report = fold_onnx(path, out, samples=1)
+    assert report.passed and report.batch_norm_ops_after == 0
+    assert "BatchNormalization" not in op_types(out)
+    x = example(name)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    scale = np.abs(exact).max()
+    original_error = np.abs(run_ort(path, x.numpy()) - exact).max()
+    folded_error = np.abs(run_ort(out, x.numpy()) - exact).max()
+    assert folded_error <= 2 * original_error + 1e-6 * scale, (folded_error, original_error)
+
+
+def test_no_more_affines_than_the_pytorch_path(tmp_path, zoo_files):
+    from bntool.folding import plan_fold
+    from bntool.onnx_fold import plan_onnx_fold
+
+    for name, (model, path) in zoo_files.items():
+        if name == "resnet":
+            continue  # all folded into convs both ways; the others are the cases that differ
+        torch_actions = [d.action for d in plan_fold(model, example(name)).decisions]
+        actions = [d.action for d in plan_onnx_fold(onnx.load(str(path))).decisions]
+        assert actions.count("affine") <= torch_actions.count("affine"), (name, actions, torch_actions)
+        assert "refused" not in actions, name
+
+
+def test_concat_and_sum_fold_into_every_conv_feeding_them(zoo_files):
+    from bntool.onnx_fold import plan_onnx_fold
+
+    decisions = {d.name.split("/")[1]: d for d in plan_onnx_fold(onnx.load(str(zoo_files["trap"][1]))).decisions}
+    assert decisions["bn_cat"].action == "folded" and decisions["bn_cat"].target.count("Conv") == 2
+    assert decisions["bn_sum"].action == "folded" and decisions["bn_sum"].target.count("Conv") == 2
+    assert decisions["bn_shared"].action == "affine" and "also read" in decisions["bn_shared"].reason
+
+
+def test_fold_keeps_the_file_properties(tmp_path, zoo_files):
+    model = onnx.load(str(zoo_files["resnet"][1]))
+    export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "dyn.onnx", dynamic=True)
+    model = onnx.load(str(tmp_path / "dyn.onnx"))
+    helper.set_model_props(model, {"author": "team", "license": "mine"})
+    path = tmp_path / "in.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    report = fold_onnx(path, tmp_path / "out.onnx", input_shapes=[(2, 3, 32, 32)], samples=1)
+    assert report.passed
+    assert files_in(tmp_path) >= {"out.onnx", "out.onnx.data"}
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert (out.ir_version, list(out.opset_import)) == (model.ir_version, list(model.opset_import))
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "team", "license": "mine"}
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [c.input for c in report.comparisons if "b=5" in c.input], "the dynamic batch was not checked"
+
+
+def test_a_shared_weight_is_copied_not_changed(tmp_path, zoo_files):
+    path = zoo_files["reused"][1]
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    reads = {}
+    for node in onnx.load(str(path)).graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    shared = [n for n, count in reads.items() if count > 1 and n in before]
+    assert shared, "the model has no shared initializer"
+    fold_onnx(path, tmp_path / "out.onnx", samples=0)
+    after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    for name in shared:
+        if name in after:
+            np.testing.assert_array_equal(after[name], before[name])
+
+
+def conv_bn_values(groups: int, transposed: bool, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cin, cout = 2 * groups, 3 * groups
+    w_shape = (cin, cout // groups, 3, 3) if transposed else (cout, cin // groups, 3, 3)
+    return {"w": rng.standard_normal(w_shape), "cb": rng.standard_normal(cout), "g": rng.standard_normal(cout),
+            "b": rng.standard_normal(cout), "m": rng.standard_normal(cout) * 2, "v": rng.random(cout) * 3 + 0.01}
+
+
+def conv_bn_graph(values, groups: int, transposed: bool, bias: bool, shared_output: bool):
+    """x → Conv/ConvTranspose (groups, bias) → BN → y, optionally with the conv output also read by an Add."""
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items() if bias or k != "cb"]
+    op = "ConvTranspose" if transposed else "Conv"
+    nodes = [helper.make_node(op, ["x", "w", "cb"] if bias else ["x", "w"], ["c"], group=groups, pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], epsilon=1e-3)]
+    nodes.append(helper.make_node("Add", ["n", "c"], ["y"]) if shared_output else
+                 helper.make_node("Identity", ["n"], ["y"]))
+    cin, cout = 2 * groups, 3 * groups
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, cin, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, cout, "h", "w"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+
+
+def conv_bn_float64(values, x, groups, transposed, bias, shared_output) -> np.ndarray:
+    """The same graph in float64 with torch's functional ops: the independent reference."""
+    t = {k: torch.from_numpy(v) for k, v in values.items()}
+    conv = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+    c = conv(torch.from_numpy(x), t["w"], t["cb"] if bias else None, padding=1, groups=groups)
+    n = torch.nn.functional.batch_norm(c, t["m"], t["v"], t["g"], t["b"], training=False, eps=1e-3)
+    return (n + c if shared_output else n).numpy()
+
+
+@settings(max_examples=20, deadline=None)
+@given(groups=st.sampled_from([1, 2]), transposed=st.booleans(), bias=st.booleans(), shared=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_conv_bn_graphs_fold_exactly(tmp_path_factory, groups, transposed, bias, shared, seed):
+    folder = tmp_path_factory.mktemp("h")
+    path = folder / "m.onnx"
+    values = conv_bn_values(groups, transposed, seed)
+    onnx.save(conv_bn_graph(values, groups, transposed, bias, shared), str(path))
+    report = fold_onnx(path, folder / "f.onnx", samples=0)
+    assert report.counts == {"folded": int(not shared), "folded-forward": 0, "affine": int(shared), "refused": 0}
+    x = np.random.default_rng(seed).standard_normal((2, 2 * groups, 5, 5))
+    exact = conv_bn_float64(values, x, groups, transposed, bias, shared)
+    got = run_ort(folder / "f.onnx", x.astype(np.float32))
+    original = run_ort(path, x.astype(np.float32))
+    scale = np.abs(exact).max()
+    assert np.abs(got - exact).max() <= 2 * np.abs(original - exact).max() + 1e-6 * scale
+
+
+# ---------------------------------------------------------------- inspect, verify and the CLI
+
+
+def test_inspect_json_has_the_pytorch_shape(cli, zoo_files):
+    result = cli("inspect", zoo_files["preact"][1], "--json")
+    assert result.code == 0, result.err
+    layers = json.loads(result.out)["layers"]
+    assert len(layers) == 4 and {"name", "channels", "flags", "fold_action", "fold_reason"} <= set(layers[0])
+    assert [layer["fold_action"] for layer in layers].count("folded-forward") == 2
+    assert all(layer["fold_reason"] or layer["fold_action"] != "affine" for layer in layers)
+
+
+def test_inspect_flags_unhealthy_statistics(tmp_path):
+    model = bn_graph(15)
+    for t in model.graph.initializer:
+        if t.name == "v":
+            t.CopyFrom(numpy_helper.from_array(np.array([1.0, 0.0, np.nan, 1.0], np.float32), "v"))
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    flags = inspect_onnx(path).layers[0].flags
+    assert any("NaN/Inf in running_var" in f for f in flags) and any("var <= eps" in f for f in flags)
+
+
+def test_cli_fold_writes_a_checked_file(cli, tmp_path, zoo_files):
+    out = tmp_path / "folded.onnx"
+    result = cli("fold", zoo_files["mobilenet"][1], "-o", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["passed"] and report["batch_norm_ops_after"] == 0 and report["counts"]["folded"] == 10
+    assert "BatchNormalization" not in op_types(out)
+
+
+def test_cli_affine_as_conv(cli, tmp_path, zoo_files):
+    out = tmp_path / "folded.onnx"
+    path = zoo_files["shared"][1]
+    assert cli("fold", path, "-o", out, "--affine-as", "conv").code == 0
+    assert op_types(out).count("Conv") == op_types(path).count("Conv") + 1 and "Mul" not in op_types(out)
+
+
+def test_cli_bad_onnx_inputs_exit_2_and_write_nothing(cli, tmp_path, zoo_files, resnet_sd):
+    export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "dyn.onnx", dynamic=True)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(zoo_files["resnet"][1].read_bytes()[:5000])
+    torch_named_onnx = tmp_path / "weights.onnx"
+    torch_named_onnx.write_bytes(resnet_sd.read_bytes())
+    before = files_in(tmp_path)
+    out = tmp_path / "out.onnx"
+    assert_clean_error(cli("fold", cut, "-o", out), contains="truncated or corrupt ONNX")
+    assert_clean_error(cli("fold", tmp_path / "dyn.onnx", "-o", out), contains="'x'")
+    assert_clean_error(cli("fold", tmp_path / "dyn.onnx", "-o", out, "--input-shape", "1,3,32"),
+                       contains="--input-shape")
+    assert_clean_error(cli("fold", zoo_files["resnet"][1], "-o", tmp_path / "out.pt"), contains="name it .onnx")
+    assert_clean_error(cli("fold", zoo_files["resnet"][1], "-o", out, "--arch", "bntool.zoo:resnet"),
+                       contains="drop --arch")
+    assert_clean_error(cli("fold", torch_named_onnx, "--arch", "bntool.zoo:resnet", "--input-shape", "1,3,32,32",
+                           "-o", out), contains="export-onnx")
+    assert_clean_error(cli("export-onnx", zoo_files["resnet"][1], "-o", out), contains="bntool fold")
+    assert files_in(tmp_path) == before
+
+
+def test_cli_verify_an_onnx_file_and_a_rewrite(cli, tmp_path, zoo_files):
+    original = zoo_files["resnet"][1]
+    folded = tmp_path / "folded.onnx"
+    assert cli("fold", original, "-o", folded).code == 0
+    junit = tmp_path / "verify.xml"
+    result = cli("verify", original, "--json", "--junit-xml", junit)
+    assert result.code == 0, result.err
+    checks = {c["name"]: c["passed"] for c in json.loads(result.out)["checks"]}
+    assert checks == {"bn-health": True, "fold-equivalence": True}
+    assert "testcase" in junit.read_text()
+    result = cli("verify", folded, "--reference", original, "--json")
+    assert result.code == 0, result.err
+    assert {c["name"] for c in json.loads(result.out)["checks"]} == {"bn-health", "fold-equivalence",
+                                                                     "onnx-equivalence"}
+    # A rewrite that changed the numbers fails: another model's weights, the same graph.
+    other = tmp_path / "other.onnx"
+    export_with_bn(zoo.build("resnet", seed=1), zoo.example_input("resnet"), other)
+    result = cli("verify", other, "--reference", original)
+    assert result.code == 1 and "onnx-equivalence" in result.err
+
+
+def test_float64_arbiter_judges_what_is_over_tolerance(zoo_files):
+    report = fold_onnx(zoo_files["preact"][1], None, samples=1, atol=1e-12, check=False)
+    judged = [c for c in report.comparisons if c.float64_error_original is not None]
+    assert judged and len(judged) == len([c for c in report.comparisons if c.max_abs > 1e-12])
+    for c in judged:  # both runs measured against the float64 original: float32 rounding, nothing more
+        assert 0 < c.float64_error_original < 1e-5 * c.scale and c.float64_error_candidate < 1e-5 * c.scale
+
+
+def test_a_bn_inside_a_subgraph_is_left_with_its_reason(tmp_path):
+    inner = bn_graph(15).graph
+    branch = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                              [1, 4, 6, 6])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])])
+    nodes = [helper.make_node("If", ["flag"], ["out"], then_branch=branch, else_branch=other, name="if")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              list(inner.initializer))
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    layer = inspect_onnx(path).layers[0]
+    assert layer.fold_action == "refused" and "subgraph 'then_branch' of If 'if'" in layer.fold_reason
+    report = fold_onnx(path, tmp_path / "out.onnx", samples=1)
+    assert report.passed and report.counts["refused"] == 1

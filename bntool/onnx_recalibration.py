@@ -9,9 +9,10 @@ Each pass runs a segment, not the whole graph: pass k's graph takes as inputs th
 boundary, which replaces the cache. Every node thus runs about once over all passes. What does not fit the byte
 budget is not cached, and the next pass starts from the model input instead (said in the report).
 
-The statistics are pooled in float64 as in PyTorch (per batch `var_mean` in the activation's dtype, merged with
-Chan's formula), written back as initializers of the file's own dtype; an initializer another node also reads is
-copied, not changed. The given ModelProto changes only once every level is measured.
+Each batch's per-channel mean and variance are computed in onnxruntime next to the tensor (two passes, as
+torch.var_mean: float32, or float64 for a float64 model) and pooled in float64 with Chan's formula, as PyTorch's
+exact mode pools them; written back as initializers of the file's own dtype; an initializer another node also
+reads is copied, not changed. The given ModelProto changes only once every level is measured.
 """
 
 from __future__ import annotations
@@ -309,13 +310,14 @@ class _SegmentRunner:
         self.bn_inputs = {b.name: (b.mean, b.var) for b in find_batchnorms(model) if not b.skipped}
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
-    def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str]):
-        """An onnxruntime session computing `wanted` from the `available` tensors (name → dtype, rank), and
-        the names of the inputs it takes."""
+    def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str], measured: list[str]):
+        """An onnxruntime session computing `wanted` and the statistics of `measured` (`_statistics_nodes`) from
+        the `available` tensors (name → dtype, rank); the names of the inputs it takes and of its outputs."""
         import onnxruntime as ort
 
-        model, inputs = self._segment(available, wanted)
+        model, inputs = self._segment(available, wanted, measured)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # onnxruntime's threads spin after each run, which starves the statistics computed between runs
@@ -323,12 +325,14 @@ class _SegmentRunner:
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
         try:
-            return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers), inputs
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
         except Exception as e:
             raise InputError(f"onnxruntime cannot run the model: {_first_line(e)}") from e
+        return session, inputs, [o.name for o in model.graph.output]
 
-    def _segment(self, available, wanted: list[str]):
-        """The nodes between `available` and `wanted` (in the graph's topological order), as a model of its own."""
+    def _segment(self, available, wanted: list[str], measured: list[str]):
+        """The nodes between `available` and `wanted`/`measured` (in the graph's topological order), and the
+        statistics of `measured`, as a model of its own."""
         import onnx
         from onnx import helper
 
@@ -337,7 +341,7 @@ class _SegmentRunner:
         needed: set[int] = set()
         inputs: list[str] = []
         used: set[str] = set()
-        stack, seen = list(wanted), set()
+        stack, seen = list(wanted) + list(measured), set()
         while stack:
             t = stack.pop()
             if t in seen:
@@ -354,16 +358,18 @@ class _SegmentRunner:
         nodes, initializers = [], []
         for i in sorted(needed):
             node = graph.node[i]
-            measured = self.replaced.get(node.name or node.output[0]) if node.op_type == BN_OP else None
-            if measured is not None:  # its own copy of the statistics: an initializer may be shared
-                node = _with_inputs(node, {3: measured[0].name, 4: measured[1].name})
-                initializers += measured
+            own = self.replaced.get(node.name or node.output[0]) if node.op_type == BN_OP else None
+            if own is not None:  # its own copy of the statistics: an initializer may be shared
+                node = _with_inputs(node, {3: own[0].name, 4: own[1].name})
+                initializers += own
             nodes.append(node)
         read = {t for node in nodes for t in _node_inputs(node)}
         initializers += [self.initializers[n] for n in sorted(used & read)]
         value_infos = [_value_info(n, *available[n]) for n in inputs]
-        seg = helper.make_graph(nodes, "segment", value_infos, [onnx.ValueInfoProto(name=w) for w in wanted],
-                                initializers)
+        stat_nodes, stat_inits, stat_outputs = _statistics_nodes(measured, self.opset, self.dtype)
+        seg = helper.make_graph(nodes + stat_nodes, "segment", value_infos,
+                                [onnx.ValueInfoProto(name=w) for w in wanted + stat_outputs],
+                                initializers + stat_inits)
         model = helper.make_model(seg, opset_imports=self.model.opset_import, functions=self.model.functions)
         model.ir_version = self.model.ir_version
         return model, inputs
@@ -394,6 +400,41 @@ def _with_inputs(node, replace: dict[int, str]):
     return copy
 
 
+STATS = "bntool.statistics"
+
+
+def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, list, list[str]]:
+    """Nodes that give each measured tensor's per-channel mean and sum of squared deviations from it over the
+    batch and every position (two passes, as torch.var_mean: no E[x²] - E[x]² cancellation), and its shape
+    as (N, C, positions); in float32, or float64 for a float64 model. Computed in onnxruntime, next to the
+    tensor: no copy of it comes out unless the cache keeps it."""
+    from onnx import TensorProto, helper
+
+    flat = helper.make_tensor(f"{STATS}.flat", TensorProto.INT64, [3], [0, 0, -1])  # (N, C, everything else)
+    inits, nodes, outputs = [flat], [], []
+    axes_as_input = opset >= 18
+    if axes_as_input:
+        inits.append(helper.make_tensor(f"{STATS}.axes", TensorProto.INT64, [2], [0, 2]))
+
+    def reduce(op, x, y):
+        if axes_as_input:
+            return helper.make_node(op, [x, f"{STATS}.axes"], [y], keepdims=1)
+        return helper.make_node(op, [x], [y], axes=[0, 2], keepdims=1)
+
+    wide = np.dtype(dtype) == np.float64
+    for i, x in enumerate(measured):
+        p = f"{STATS}.{i}"
+        nodes.append(helper.make_node("Reshape", [x, f"{STATS}.flat"], [f"{p}.x"]))
+        if not wide:  # half-precision activations are measured in float32
+            nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
+        xf = f"{p}.x" if wide else f"{p}.xf"
+        nodes += [reduce("ReduceMean", xf, f"{p}.mean"), helper.make_node("Sub", [xf, f"{p}.mean"], [f"{p}.d"]),
+                  reduce("ReduceSumSquare", f"{p}.d", f"{p}.m2"),
+                  helper.make_node("Shape", [f"{p}.x"], [f"{p}.shape"])]
+        outputs += [f"{p}.mean", f"{p}.m2", f"{p}.shape"]
+    return nodes, inits, outputs
+
+
 def _value_info(name: str, dtype, rank: int | None):
     from onnx import helper
 
@@ -405,10 +446,9 @@ def _measure_level(runner, members, keep, cache, batches, budget, report, level,
     """Pass `level`: the input statistics of `members`, from the previous pass's cached tensors where there are
     any (else from the model input); returns them and this pass's cache for the next (None if not kept)."""
     available = {n: (a.dtype, a.ndim) for n, a in cache[0].items()} if cache else {}
-    wanted = [t for t in dict.fromkeys([b.x for b in members] + sorted(keep)) if t not in available]
-    outputs = [t for t in wanted if t != runner.input_name]
-    # a level whose BNs all read the model input itself needs no onnxruntime run at all
-    session, inputs = runner.session(available, outputs) if outputs else (None, [])
+    measured = list(dict.fromkeys(b.x for b in members))
+    outputs = [t for t in sorted(keep) if t not in available and t != runner.input_name]
+    session, inputs, names = runner.session(available, outputs, measured)
     stats = {b.name: ChannelStats(b.channels, torch.device("cpu")) for b in members}
     new_cache: list[dict[str, np.ndarray]] | None = [] if keep else None
     held = done = 0
@@ -416,13 +456,12 @@ def _measure_level(runner, members, keep, cache, batches, budget, report, level,
         progress(0, level, passes)
     for i, (index, x) in enumerate(_model_batches(batches, runner)):
         feeds = dict(cache[i]) if cache else {}
-        if runner.input_name in inputs or runner.input_name in wanted:
+        if runner.input_name in inputs or runner.input_name in keep:
             feeds[runner.input_name] = _as_input(x, runner, index)
         values = dict(feeds)
-        if session is not None:
-            values.update(zip(outputs, _run_chunk(session, outputs, {k: feeds[k] for k in inputs}, x, index)))
+        values.update(zip(names, _run_chunk(session, names, {k: feeds[k] for k in inputs}, x, index)))
         for b in members:
-            _accumulate(stats[b.name], values[b.x])
+            _accumulate(stats[b.name], values, f"{STATS}.{measured.index(b.x)}")
         if new_cache is not None:
             kept = {t: values[t] for t in keep}
             held += sum(a.nbytes for a in kept.values())
@@ -487,15 +526,13 @@ def _run_chunk(session, wanted, feeds, x, index) -> list[np.ndarray]:
                          f"{_first_line(e)}") from e
 
 
-def _accumulate(stats: ChannelStats, x: np.ndarray) -> None:
-    """As PyTorch exact mode does: the batch's per-channel mean and biased variance in the activation's dtype,
-    merged in float64."""
-    t = torch.from_numpy(x)
-    t = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    dims = [0, *range(2, t.dim())]
-    var, mean = torch.var_mean(t, dim=dims, correction=0)
-    n = t.numel() // t.shape[1]
-    stats.add(n, mean, var.double() * n)
+def _accumulate(stats: ChannelStats, values: dict[str, np.ndarray], prefix: str) -> None:
+    """One batch's per-channel count, mean and sum of squared deviations (from `_statistics_nodes`), merged in
+    float64."""
+    n_batch, _, positions = (int(v) for v in values[f"{prefix}.shape"])
+    mean = torch.from_numpy(values[f"{prefix}.mean"].reshape(-1))
+    m2 = torch.from_numpy(values[f"{prefix}.m2"].reshape(-1))
+    stats.add(n_batch * positions, mean, m2.double())
 
 
 # ---------------------------------------------------------------- writing back

@@ -456,10 +456,7 @@ def check_provider(provider: str) -> None:
 # onnxruntime's default level fuses Conv+BN and more when it loads a file; with optimisations off it runs the graph
 # as written, as TensorRT, OpenVINO or a mobile converter receive it. The check runs both.
 OPTIMIZATION_LEVELS = ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL")
-
-
-def _level_of(label: str) -> str:
-    return next((level for level in OPTIMIZATION_LEVELS[1:] if label.endswith(f"({level})")), OPTIMIZATION_LEVELS[0])
+UNOPTIMIZED_LABEL = "{} ({})"  # an input's label at a level other than the default: words only, never parsed
 
 
 def ort_session(path: str | os.PathLike, provider: str = "cpu", optimization: str = "ORT_ENABLE_ALL"):
@@ -543,21 +540,24 @@ def compare_with_onnxruntime(
         expected = [to_numpy(t) for t in iter_tensors(output)]
         for level, level_session in sessions.items():
             # Labels of the default level stay as they are; the unoptimised run says so.
-            level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
+            level_label = label if level == OPTIMIZATION_LEVELS[0] else UNOPTIMIZED_LABEL.format(label, level)
             try:
                 got = level_session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
             except Exception as e:
                 message = f"onnxruntime failed: {_exporter_message(e)}"
-                result.comparisons.append(Comparison.failure(level_label, "*", message))
+                comparisons = [Comparison.failure(level_label, "*", message)]
                 result.notes.append(f"{level_label}: {message}")
-                continue
-            out_names = [o.name for o in level_session.get_outputs()]
-            if len(got) != len(expected):
-                raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
-            for name, ref, out in zip(out_names, expected, got):
-                result.comparisons.append(compare_arrays(level_label, name, ref, out, tolerance))
+            else:
+                out_names = [o.name for o in level_session.get_outputs()]
+                if len(got) != len(expected):
+                    raise CheckFailed(f"{path}: returns {len(got)} outputs, PyTorch returns {len(expected)}")
+                comparisons = [compare_arrays(level_label, name, ref, out, tolerance)
+                               for name, ref, out in zip(out_names, expected, got)]
+            for comparison in comparisons:
+                comparison.optimization = level
+            result.comparisons.extend(comparisons)
     for level in OPTIMIZATION_LEVELS:
-        mine = [c for c in result.comparisons if _level_of(c.input) == level]
+        mine = [c for c in result.comparisons if c.optimization == level]
         failed = sum(not c.passed for c in mine)
         result.notes.append(f"onnxruntime {level}: {len(mine) - failed} of {len(mine)} comparisons passed")
     return result

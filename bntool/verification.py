@@ -22,9 +22,6 @@ from .devices import modes_kept, moved_to, to_device
 from .errors import CheckFailed
 from .utils import plural
 
-# Health flags that make eval-mode outputs wrong; others (near-dead channels) are reported, not failed.
-FATAL_FLAGS = ("NaN/Inf", "never updated", "var <= eps", "no running statistics")
-
 
 @dataclass
 class Check:
@@ -112,9 +109,9 @@ def check_health(model: nn.Module) -> Check:
     from .inspection import inspect
 
     report = inspect(model)
-    fatal = {layer.name: [f for f in layer.flags if any(k in f for k in FATAL_FLAGS)] for layer in report.layers}
-    fatal = {k: v for k, v in fatal.items() if v}
-    warned = {layer.name: layer.flags for layer in report.layers if layer.flags and layer.name not in fatal}
+    # The verdict reads each flag's kind (HealthFlag.fatal), never its words.
+    fatal = {layer.name: [f.message for f in layer.health if f.fatal] for layer in report.layers if layer.fatal}
+    warned = {layer.name: layer.flags for layer in report.layers if layer.health and not layer.fatal}
     if fatal:
         first = next(iter(fatal))
         summary = f"{len(fatal)} of {plural(len(report.layers), 'BN layer')} unhealthy, e.g. {first}: {fatal[first][0]}"

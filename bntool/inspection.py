@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -145,12 +145,12 @@ class InspectReport:
         return {**asdict(self), "layers": [layer.to_dict() for layer in self.layers]}
 
 
-def health_flags(module: nn.Module) -> list[str]:
+def health_flags(module: Any) -> list[str]:
     """The messages of `health(module)`."""
     return [f.message for f in health(module)]
 
 
-def health(module: nn.Module) -> list[HealthFlag]:
+def health(module: Any) -> list[HealthFlag]:
     """Problems that make a BN produce wrong or degenerate outputs in eval mode, and folds that would give
     subnormal or half-precision-overflowing values (judged from the BN alone: weights of magnitude 1)."""
     mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
@@ -231,11 +231,11 @@ def _weight_bounds(step, modules: dict[str, nn.Module], channels: int, forward: 
 def _rows_per_channel(layer: nn.Module, forward: bool) -> torch.Tensor:
     """The layer's weight as one row per channel the BN's scale multiplies: output channels when the BN folds
     into its producer, input channels when it folds forward (grouped convolutions: per group)."""
-    w = as_float64(layer.weight).cpu()
+    w = as_float64(cast(torch.Tensor, layer.weight)).cpu()
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     if isinstance(layer, nn.Linear):
         return w.t() if forward else w
-    g = layer.groups
+    g = cast(int, layer.groups)
     if transposed != forward:  # channels along the weight's second axis, per group
         grouped = w.reshape(g, w.shape[0] // g, w.shape[1], -1)
         return grouped.permute(0, 2, 1, 3).reshape(g * w.shape[1], -1)
@@ -308,7 +308,7 @@ def _inspect(model: nn.Module, example_inputs) -> InspectReport:
         from .folding import plan_fold
 
         plan = plan_fold(model, example_inputs)
-        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
         # F.batch_norm calls on a module's own tensors are BN layers too, found only by running the forward.
         layers += [describe_functional(s.decision.name, s.functional, tensors) for s in plan.steps

@@ -213,7 +213,7 @@ def bn_table(title: str, names: list[str], types: list[str], channels: list[int]
         if healths is not None:
             row.append(healths[i])
         if actions_text is not None:
-            action, target = actions_text[i], targets_text[i]
+            action, target = actions_text[i], targets_text[i] if targets_text is not None else ""
             style = ACTION_STYLE.get(action, "")
             cell = f"[{style}]{action}[/]" if style else action
             if target:
@@ -467,7 +467,6 @@ class RecalibrationProgress:
         self.bar.update(self.task, total=total, completed=completed, description=f"pass {pass_number}{of}",
                         rate=rate)
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
-        return False

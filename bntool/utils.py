@@ -78,7 +78,7 @@ class StrEnum(str, Enum):
     """A str Enum whose members print and format as their value (enum.StrEnum is Python ≥ 3.11 only)."""
 
     __str__ = str.__str__
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]
 
     @classmethod
     def values(cls) -> tuple[str, ...]:

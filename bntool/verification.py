@@ -116,9 +116,9 @@ def check_health(model: nn.Module) -> Check:
         first = next(iter(fatal))
         summary = f"{len(fatal)} of {plural(len(report.layers), 'BN layer')} unhealthy, e.g. {first}: {fatal[first][0]}"
     else:
-        first = next(iter(warned), None)
+        warned_first = next(iter(warned), "")
         summary = f"{plural(len(report.layers), 'BN layer')} healthy" + (
-            f" ({len(warned)} with warnings, e.g. {first}: {warned[first][0]})" if warned else "")
+            f" ({len(warned)} with warnings, e.g. {warned_first}: {warned[warned_first][0]})" if warned else "")
     return Check("bn-health", not fatal, summary, {"layers": len(report.layers), "failed": fatal, "warnings": warned})
 
 
@@ -149,6 +149,7 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
 
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     figures: dict[str, Any]
+    report: Any  # an OnnxCheck or an ExportReport: both hold comparisons and notes
     if onnx_path is not None:
         graph = load_checked(onnx_path)
         try:
@@ -207,7 +208,7 @@ def junit_error_xml(message: str, name: str = "verify") -> str:
 
 
 def _xml(suite: ET.Element) -> str:
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
 def figures_text(figures: dict[str, Any], indent: str = "") -> str:

@@ -254,6 +254,7 @@ def test_huge_example_input_is_an_input_error(tmp_path, cli, resnet_sd):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_library_warnings_only_with_debug(tmp_path, resnet_sd):
     # A subprocess: in-process, pytest's own warning capture would swallow what --debug shows.
     (tmp_path / "noisy_arch.py").write_text(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import heapq
 import importlib
 import os
 import pkgutil
@@ -123,7 +124,7 @@ def _timm_factory(spec: str, what: str, notes: list[str]) -> Factory | None:
         return Factory(spec, functools.partial(timm.create_model, name, pretrained=False), "timm registry", notes)
     if hasattr(timm, name):
         return None
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    close = close_matches(name, timm.list_models())
     hint = f"; did you mean {_quoted(close, TIMM_PREFIX)}?" if close else (
         f"; list them with python -c \"import timm; print(timm.list_models('*{name[:4]}*'))\"")
     raise InputError(f"{what} {spec!r}: timm has no model {name!r} ({len(timm.list_models())} models "
@@ -187,17 +188,40 @@ def _close_matches_hint(spec: str) -> str:
             importlib.import_module(".".join(parts[:i + 1]))
         except Exception:
             candidates = _submodules(prefix)
-            close = difflib.get_close_matches(parts[i], candidates, n=3, cutoff=0.6)
+            close = close_matches(parts[i], candidates)
             full = [".".join([*parts[:i], c]) + ":" + attr_path for c in close]
             return _quoted(full)
     obj: Any = sys.modules[module_name]
     attrs = attr_path.split(".")
     for i, part in enumerate(attrs):
         if not hasattr(obj, part):
-            close = difflib.get_close_matches(part, _public_names(obj), n=3, cutoff=0.6)
+            close = close_matches(part, _public_names(obj))
             return _quoted(f"{module_name}:{'.'.join([*attrs[:i], c])}" for c in close)
         obj = getattr(obj, part)
     return ""
+
+
+# Characters a reader or a keyboard confuses (O and 0, l, I and 1, S and 5, Z and 2, B and 8), and case: names
+# are compared with each group written as one character, so a confusion costs nothing in the ranking.
+_CONFUSABLE = str.maketrans({"o": "0", "l": "1", "i": "1", "s": "5", "z": "2", "b": "8"})
+
+
+def _canonical(name: str) -> str:
+    return name.lower().translate(_CONFUSABLE)
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The `n` candidates closest to `word` (difflib's ratio, at least `cutoff`), confusable characters and case
+    counting as equal: `efficientnet_bO` ranks `efficientnet_b0` first (plain difflib put b8 and b7 ahead).
+    Ties go to the plain similarity."""
+    key = _canonical(word)
+    scored = []
+    for candidate in candidates:
+        matcher = difflib.SequenceMatcher(None, key, _canonical(candidate))
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff and matcher.ratio() >= cutoff:
+            plain = difflib.SequenceMatcher(None, word, candidate).ratio()
+            scored.append((matcher.ratio(), plain, candidate))
+    return [candidate for *_, candidate in heapq.nlargest(n, scored)]
 
 
 def _submodules(package: str) -> list[str]:

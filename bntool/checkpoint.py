@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -16,7 +17,7 @@ from torch import nn
 
 from .choices import CheckpointFormat, CheckpointKind
 from .errors import CorruptFileError, InputError, UnsupportedError, param, user_code
-from .files import atomic_write, check_output_path
+from .files import atomic_write, check_input_file, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
 from .utils import first_line, parse_kwargs, short_list
 
@@ -63,7 +64,8 @@ def load_checkpoint(
         path: the file (.pt/.pth/.bin/.safetensors, or a TorchScript archive).
         arch: 'module.path:callable' building the architecture, needed for state_dicts.
         arch_kwargs: keyword arguments for `arch`, a mapping or a JSON object.
-        key: where the state_dict sits inside a training checkpoint (default: the usual keys).
+        key: where the state_dict sits inside a training checkpoint (default: the usual keys), or the prefix of
+            the weights to take inside a state_dict ("ema": the keys under 'ema.', e.g. an EMA copy).
         trust_pickle: allow unpickling arbitrary objects (runs code from the file).
 
     Returns:
@@ -77,7 +79,7 @@ def load_checkpoint(
     check_readable_file(path)
     if path.suffix in SAFETENSORS_SUFFIXES or _is_safetensors(path):
         return _from_state_dict(path, _read_safetensors(path), arch, arch_kwargs, kind=CheckpointKind.STATE_DICT,
-                                fmt=CheckpointFormat.SAFETENSORS)
+                                fmt=CheckpointFormat.SAFETENSORS, prefix=key)
     if _is_torchscript(path):
         return Checkpoint(model=_read_torchscript(path), kind=CheckpointKind.TORCHSCRIPT, path=path)
     obj = _torch_load(path, trust_pickle)
@@ -86,15 +88,15 @@ def load_checkpoint(
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state_dict, checkpoint dict or module")
     if _is_state_dict(obj):
-        return _from_state_dict(path, obj, arch, arch_kwargs, kind=CheckpointKind.STATE_DICT)
-    found_key, inner = _find_wrapped(path, obj, key)
+        return _from_state_dict(path, obj, arch, arch_kwargs, kind=CheckpointKind.STATE_DICT, prefix=key)
+    found_key, inner, prefix = _find_wrapped_or_prefixed(path, obj, key)
     if isinstance(inner, nn.Module):
         if not trust_pickle:  # unreachable with weights_only, kept for clarity
             raise InputError(f"{path}: key {found_key!r} holds a pickled module; pass {param('trust_pickle')}",
                              param="trust_pickle")
         return Checkpoint(model=inner, kind=CheckpointKind.MODULE, path=path,
                           notes=[f"module taken from key {found_key!r}"])
-    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind=CheckpointKind.WRAPPED)
+    ckpt = _from_state_dict(path, inner, arch, arch_kwargs, kind=CheckpointKind.WRAPPED, prefix=prefix)
     ckpt.container, ckpt.key = dict(obj), found_key
     return ckpt
 
@@ -107,13 +109,8 @@ def load_model(path: str | os.PathLike, arch: str | None = None, **kwargs: Any) 
 
 
 def check_readable_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: not readable (permission denied)")
-    if path.stat().st_size == 0:
+    """A regular, readable, non-empty file, or InputError saying what is there instead."""
+    if check_input_file(path, "a checkpoint file").st_size == 0:
         raise InputError(f"{path}: file is empty")
 
 
@@ -190,6 +187,18 @@ def _is_state_dict(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _find_wrapped_or_prefixed(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any, str | None]:
+    """`_find_wrapped`, where `key` may also name a prefix inside the state_dict found under the usual keys
+    (--key ema: the 'ema.' weights of a Lightning state_dict); the prefix is returned third."""
+    if key is None or key in obj:
+        return (*_find_wrapped(path, obj, key), None)
+    with contextlib.suppress(InputError):
+        found_key, inner = _find_wrapped(path, obj, None)
+        if isinstance(inner, Mapping) and any(k.startswith(key.rstrip(".") + ".") for k in inner):
+            return found_key, inner, key
+    raise InputError(f"{path}: no key {key!r}; top-level keys: {short_list(obj.keys())}")
+
+
 def _find_wrapped(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any]:
     if key is not None:
         if key not in obj:
@@ -222,20 +231,30 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, to
     return sd, removed
 
 
-def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFormat.TORCH) -> Checkpoint:
+def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFormat.TORCH,
+                     prefix: str | None = None) -> Checkpoint:
     if arch is None:
         raise InputError(f"{path}: is a state_dict; name the architecture with {param('arch')} module.path:callable",
                          param="arch")
     sd, removed = strip_prefixes(state_dict)
     notes: list[str] = []
     model = build_arch(arch, arch_kwargs, notes)
-    submodule, others = _submodule_prefix(model, sd, path, arch)
+    if prefix is not None:
+        submodule, copies = _named_prefix(sd, prefix, path), []
+        others = {k: v for k, v in sd.items() if not k.startswith(submodule)}
+    else:
+        submodule, others, copies = _submodule_prefix(model, sd, path, arch)
+    kept = (f"; {len(others)} other {'entry is' if len(others) == 1 else 'entries are'} written back unchanged"
+            if others else "")
     if submodule:
-        kept = (f"; {len(others)} other {'entry is' if len(others) == 1 else 'entries are'} written back unchanged"
-                if others else "")
-        notes.append(f"took the weights under {submodule!r} (the attribute holding the architecture, as in "
-                     f"a LightningModule){kept}")
+        why = "as asked" if prefix is not None else "the attribute holding the architecture, as in a LightningModule"
+        notes.append(f"took the weights under {submodule!r} ({why}){kept}")
         sd = {k[len(submodule):]: v for k, v in sd.items() if k.startswith(submodule)}
+    elif copies:
+        named = " and ".join(repr(c) for c in copies)
+        notes.append(f"took the top-level weights; the copy under {named} (an EMA?) also fits; pass --key "
+                     f"{copies[0].rstrip('.')} to use it instead{kept}")
+        sd = {k: v for k, v in sd.items() if k not in others}
     where = f"{path} (the weights under {submodule!r})" if submodule else path
     layout = sd.pop(LAYOUT_KEY, None)
     if layout is not None:
@@ -249,30 +268,47 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
 
 
 def _submodule_prefix(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path,
-                      arch: str) -> tuple[str, dict[str, torch.Tensor]]:
+                      arch: str) -> tuple[str, dict[str, torch.Tensor], list[str]]:
     """Where `arch`'s weights sit when the file holds a wrapper's state_dict (a LightningModule keeps the network
     as `self.model`, so every key reads `model.…`): the one key prefix under which the keys are exactly the model's,
-    or under which a fold layout was saved; and the entries outside it. ("", {}) when the keys fit as they are.
+    or under which a fold layout was saved; the entries outside it; and the prefixes of copies that also fit when
+    the top-level keys fit (then "" and the entries outside the top-level ones). ("", {}, []) when the keys fit
+    as they are.
     Where no prefix fits exactly, the one under which most of the model's keys are found (at least half), so
     that load_state_dict_checked names the few that differ there.
     """
     expected = set(model.state_dict())
     if set(sd) - {LAYOUT_KEY} == expected or LAYOUT_KEY in sd:
-        return "", {}
+        return "", {}, []
     inner = {p: {k[len(p):] for k in sd if k.startswith(p)} for p in _candidate_prefixes(sd)}
     fitting = sorted(p for p, keys in inner.items() if keys - {LAYOUT_KEY} == expected or LAYOUT_KEY in keys)
+    if fitting and expected <= set(sd) and all(k in expected or k.startswith(tuple(fitting)) for k in sd):
+        # The top-level keys fit too (a model saved with its EMA copy as an attribute): the top-level weights are
+        # the model's own; a copy is a choice the user makes with --key.
+        return "", {k: v for k, v in sd.items() if k not in expected}, fitting
     if len(fitting) > 1:
         raise InputError(f"{path}: the weights under {' and '.join(repr(p) for p in fitting)} all fit "
-                         f"{param('arch')} {arch}; pass {param('arch')} a factory of the whole wrapper (e.g. the "
-                         "LightningModule) to say which")
+                         f"{param('arch')} {arch}; say which with {param('key')} (e.g. {param('key')} "
+                         f"{fitting[0].split('.')[0]}), or pass {param('arch')} a factory of the whole wrapper "
+                         "(e.g. the LightningModule)", param="key")
     if not fitting:
         overlap = {p: len(keys & expected) for p, keys in inner.items()}
         best = max(overlap, key=lambda p: (overlap[p], -len(p)), default=None)
         if best is None or overlap[best] <= max(len(set(sd) & expected), len(expected) // 2):
-            return "", {}
+            return "", {}, []
         fitting = [best]
     prefix = fitting[0]
-    return prefix, {k: v for k, v in sd.items() if not k.startswith(prefix)}
+    return prefix, {k: v for k, v in sd.items() if not k.startswith(prefix)}, []
+
+
+def _named_prefix(sd: Mapping[str, torch.Tensor], key: str, path: Path) -> str:
+    """The prefix `key` names ("ema" → 'ema.'), or InputError listing the prefixes there are."""
+    prefix = key.rstrip(".") + "."
+    if any(k.startswith(prefix) for k in sd):
+        return prefix
+    tops = sorted({k.split(".")[0] for k in sd if "." in k})
+    raise InputError(f"{path}: no key {key!r} and no weights under {prefix!r}; the weights' first names: "
+                     f"{short_list(tops, 6)}", param="key")
 
 
 def _candidate_prefixes(sd: Mapping[str, torch.Tensor]) -> set[str]:
@@ -391,7 +427,7 @@ def training_state_keys(ckpt: Checkpoint) -> list[str]:
 def _keys_as_they_came(ckpt: Checkpoint, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's state_dict under the key names the input used: its submodule prefix with the wrapper's other
     entries, and its DDP/compile prefix, so the training script that wrote it loads the result."""
-    if not ckpt.submodule and not ckpt.stripped_prefix:
+    if not ckpt.submodule and not ckpt.stripped_prefix and not ckpt.other_entries:
         return sd
     named = {ckpt.submodule + k: v for k, v in sd.items()}
     named.update(ckpt.other_entries)

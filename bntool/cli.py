@@ -88,10 +88,14 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=width)
 
 
+_json_printed: list[bool] = []  # a JSON document is on stdout already: an error adds none after it
+
+
 def _print_json(report, context: dict | None = None) -> None:
     from .report import dumps
 
     print(dumps(report, context))
+    _json_printed.append(True)
 
 
 def _context(model: ModelSource | None = None, source=None, loaded=None) -> dict:
@@ -350,11 +354,8 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
                                    device=settings.device, amp=settings.amp, channels_last=settings.channels_last,
                                    prior=settings.prior, cache_budget=budget, progress=callback)
     if source.skipped:
-        from .utils import plural
-
         whose = f"rank {rank.rank}: " if rank.world_size > 1 else ""
-        _say(f"warning: {whose}skipped {plural(len(source.skipped), 'unreadable image')} "
-             f"(first: {source.skipped[0]})")
+        _say(f"warning: {whose}{_skipped_line(source)}")
     if not rank.is_main:
         return
     recalibrated = loaded.model  # recalibrate put it back on its device and in its memory format
@@ -367,6 +368,18 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
         outputs.commit()
     _wrote(display, report, "render_recalibrate", _context(model, source, loaded), out.output,
            _left_out(loaded, out.output), quiet=quiet)
+
+
+def _skipped_line(source) -> str:
+    from .utils import plural
+
+    return f"skipped {plural(len(source.skipped), 'unreadable image')} (first: {source.skipped[0]})"
+
+
+def _warn_skipped(source) -> None:
+    """Unreadable images met while reading the check data, as a data warning (shown with the others, in JSON)."""
+    if source is not None and source.skipped:
+        source.warnings.append(_skipped_line(source))
 
 
 def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:
@@ -463,6 +476,7 @@ def export_onnx(
     inputs = example.build(loaded.model, notes=loaded.notes)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
                                    workers=images.workers, fixed_batch=not dynamic_batch)
+    _warn_skipped(source)
     _tell(display, loaded, source)
     context = _context(model, source, loaded)
     try:
@@ -503,22 +517,19 @@ def verify(
     summary_md: Annotated[Optional[Path], typer.Option(
         "--summary-md", help="Also write a Markdown table of the checks here (it is also appended to "
                              "$GITHUB_STEP_SUMMARY when that is set).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml or --summary-md "
-                                                        "file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --junit-xml or --summary-md file "
+                                                        "that is not an earlier report of its kind (those are "
+                                                        "replaced, as pytest's --junitxml does).")] = False,
 ) -> None:
     """CI checks: BN health, folded vs original, ONNX vs PyTorch. Exit 0 only if all pass, 1 if any fails.
 
     --rtol/--atol apply to the fold check, --onnx-rtol/--onnx-atol to the ONNX check; both mean: an element
     passes when |Δ| ≤ atol + rtol·|reference|.
     """
-    from .files import OutputKind
     from .verification import junit_error_xml, markdown_error, to_junit_xml, to_markdown
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"))
-    if junit_xml is not None:
-        outputs.add(junit_xml, OutputKind.REPORT, force=force, what="--junit-xml")
-    if summary_md is not None:
-        outputs.add(summary_md, OutputKind.REPORT, force=force, what="--summary-md")
+    _plan_ci_reports(outputs, junit_xml, summary_md, force)
     outputs.check()
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     try:
@@ -537,6 +548,16 @@ def verify(
         raise CheckFailed(f"verification failed: {failed}")
 
 
+def _plan_ci_reports(outputs, junit_xml: Path | None, summary_md: Path | None, force: bool) -> None:
+    """Plan verify's report files; an earlier report of the same kind (by content) is replaced without --force."""
+    from .files import OutputKind, is_junit_xml, is_markdown_report
+
+    if junit_xml is not None:
+        outputs.add(junit_xml, OutputKind.REPORT, force=force, what="--junit-xml", same_kind=is_junit_xml)
+    if summary_md is not None:
+        outputs.add(summary_md, OutputKind.REPORT, force=force, what="--summary-md", same_kind=is_markdown_report)
+
+
 def _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx, exporter, samples,
             num_batches, onnx_rtol, onnx_atol):
     from .verification import verify as verify_model
@@ -547,6 +568,7 @@ def _verify(model, example, data, images, tolerances, device, display, onnx, ski
     inputs = example.build(loaded.model, notes=loaded.notes)
     batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
                                    workers=images.workers, fixed_batch=onnx is not None)  # a given file may be fixed
+    _warn_skipped(source)
     _tell(display, loaded, source)
     report = verify_model(
         loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
@@ -565,11 +587,25 @@ def _write_ci_reports(outputs, junit_xml: Path | None, xml: str, summary_md: Pat
             outputs.write(summary_md, lambda tmp: Path(tmp).write_text(markdown))
         outputs.commit()
     if step_summary:
-        try:
-            with open(step_summary, "a") as f:
-                f.write(markdown + "\n")
-        except OSError as e:
-            _say(f"warning: cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): {e.strerror or e}")
+        _append_step_summary(outputs, step_summary, markdown)
+
+
+def _append_step_summary(outputs, step_summary: str, markdown: str) -> None:
+    """Append to $GITHUB_STEP_SUMMARY, an output like any other: never when it is an input, a file of an input
+    folder, another output or a checkpoint (a warning says so; the run's verdict stands)."""
+    from .files import looks_like_checkpoint
+
+    role = outputs.role_of(step_summary)
+    if not role and looks_like_checkpoint(Path(step_summary)):
+        role = "a PyTorch checkpoint"
+    if role:
+        _say(f"warning: $GITHUB_STEP_SUMMARY ({step_summary}) is {role}; the summary is not appended to it")
+        return
+    try:
+        with open(step_summary, "a") as f:
+            f.write(markdown + "\n")
+    except OSError as e:
+        _say(f"warning: cannot append to $GITHUB_STEP_SUMMARY ({step_summary}): {e.strerror or e}")
 
 
 @app.command(cls=_Command)
@@ -623,8 +659,19 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
     exit_types, abort_types, usage_types = _click_exception_types()
     from .files import forget_committed
-
     forget_committed()
+    _json_printed.clear()
+    code = _run(argv, debug, exit_types, abort_types, usage_types)
+    if code not in (0, None) and _wants_json(argv) and not _json_printed:
+        _print_error_json(argv, code)
+    return code
+
+
+_last_error: list[tuple[str, str]] = []  # (kind, message) of the error just said, for the --json error object
+
+
+def _run(argv: list[str], debug: bool, exit_types, abort_types, usage_types) -> int:
+    _last_error.clear()
     try:
         with warnings.catch_warnings():
             if not debug:  # torch's and the exporters' warnings are for their developers; --debug shows them
@@ -644,14 +691,48 @@ def _main(argv: list[str] | None) -> int:
         if debug:
             traceback.print_exc()
         _say(f"error: {_one_line(e.render(flag_name))}")
+        _last_error.append((_error_kind(e), _one_line(e.render(flag_name))))
         return e.exit_code
     except KeyboardInterrupt:
         return _interrupted()
     except Exception as e:
         if debug:
             traceback.print_exc()
-        _say(f"error: internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)")
+        message = f"internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)"
+        _say(f"error: {message}")
+        _last_error.append(("internal", message))
         return 3
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """--json on the command line (before a `--` that ends the options)."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def _error_kind(e: BaseException) -> str:
+    """"input", "user_code", "corrupt_file", "unsupported" or "check_failed": the BntoolError kind, as a word."""
+    from .errors import CorruptFileError, UnsupportedError, UserCodeError
+
+    for kind, name in ((CheckFailed, "check_failed"), (CorruptFileError, "corrupt_file"),
+                       (UserCodeError, "user_code"), (UnsupportedError, "unsupported")):
+        if isinstance(e, kind):
+            return name
+    return "input"
+
+
+def _print_error_json(argv: list[str], code: int) -> None:
+    """With --json, a command that could not run (or was interrupted) still prints one JSON object on stdout:
+    {"error": {"exit_code", "kind", "message"}, "command", "versions"}, so a CI step that parses stdout gets
+    JSON. Not when the command already printed its report (a failed check prints its report)."""
+    import json
+
+    from .report import versions
+
+    kind, message = _last_error[-1] if _last_error else (
+        "interrupted" if code in (130, 143) else "check_failed" if code == 1 else "usage", "")
+    error = {"exit_code": code, "kind": kind, "message": message}
+    print(json.dumps({"error": error, "command": _command_named(argv), "versions": versions()}, indent=2))
 
 
 def _interrupted() -> int:
@@ -661,9 +742,11 @@ def _interrupted() -> int:
     what = "terminated (SIGTERM)" if _terminated else "interrupted"
     written = committed()
     if written:
-        _say(f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written")
+        message = f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written"
     else:
-        _say(f"{what}: nothing written")
+        message = f"{what}: nothing written"
+    _say(message)
+    _last_error.append(("interrupted", message))
     return 143 if _terminated else 130
 
 
@@ -679,6 +762,7 @@ def _usage_error(e, argv: list[str]) -> int:
         command = f"bntool {named}"
     message = f"{_one_line(e.format_message())} (see {command} --help)"
     _say(f"error: {message}")
+    _last_error.append(("usage", message))
     if named == "verify":
         _ci_reports_of_unparsed_verify(argv, message)
     return e.exit_code
@@ -695,20 +779,18 @@ def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
     """A verify whose options did not parse still leaves its errored JUnit case and Markdown summary for the
     CI dashboard, read from the arguments as given; a report that may not be written (exists without --force,
     would replace a checkpoint, ...) is left out: the error line has been said."""
-    from .files import OutputKind, Outputs
+    from .files import Outputs
     from .verification import junit_error_xml, markdown_error
 
     outputs = Outputs()
     junit_xml, summary_md = _flag_value(argv, "--junit-xml"), _flag_value(argv, "--summary-md")
     for path in _paths_named(argv, skip_values_of=("--junit-xml", "--summary-md")):
         outputs.add_input(path, "an input named on the command line")
-    for path, what in ((junit_xml, "--junit-xml"), (summary_md, "--summary-md")):
-        if path is not None:
-            outputs.add(path, OutputKind.REPORT, force="--force" in argv, what=what)
+    _plan_ci_reports(outputs, junit_xml, summary_md, "--force" in argv)
     try:
         outputs.check()
-    except BntoolError:
-        outputs, junit_xml, summary_md = Outputs(), None, None
+    except BntoolError:  # no report then; the step summary is still checked against the inputs and reports
+        outputs, junit_xml, summary_md = Outputs(outputs.inputs, outputs.planned, outputs.input_names), None, None
     _write_ci_reports(outputs, junit_xml, junit_error_xml(message), summary_md,
                       os.environ.get("GITHUB_STEP_SUMMARY"), markdown_error(message))
 

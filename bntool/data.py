@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, param, passes_through
+from .files import check_input_file
 from .utils import first_line, import_object, parse_kwargs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -64,7 +65,9 @@ class Preprocessing:
     each value came from ("given", "the input shape", "the model's pretrained_cfg" or "default")."""
 
     size: tuple[int, int]  # (height, width) of the model input
-    resize: int  # shorter image side before the center crop (unused without the crop)
+    # before the center crop (unused without it): the shorter image side (torchvision's Resize(int)), or for a
+    # non-square crop the (height, width) the image is scaled to cover, aspect kept (timm's ResizeKeepRatio)
+    resize: int | tuple[int, int]
     center_crop: bool
     interpolation: str
     mean: tuple[float, ...]
@@ -78,13 +81,25 @@ class Preprocessing:
     def upscale(self, width: int, height: int) -> float:
         """How much an image of this size is enlarged on its way to the model input."""
         if self.center_crop:
-            return self.resize / min(width, height)
+            new_width, new_height = self.resized_size(width, height)
+            return max(new_width / width, new_height / height)
         return max(self.size[0] / height, self.size[1] / width)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image after the resize that precedes the center crop, computed as timm's eval
+        transform does: torchvision's Resize(int) for one side, timm's ResizeKeepRatio for (height, width)."""
+        if isinstance(self.resize, int):
+            short, long = sorted((width, height))
+            new_long = int(self.resize * long / short)
+            return (self.resize, new_long) if width <= height else (new_long, self.resize)
+        ratio = min(height / self.resize[0], width / self.resize[1])  # the smaller scale that covers both sides
+        return (round(width / ratio), round(height / ratio))
 
     def describe(self) -> str:
         """'resize 73 → center crop 64×64 (bicubic), mean 0.485,0.456,0.406, std 0.229,0.224,0.225'."""
         h, w = self.size
-        steps = (f"resize {self.resize} → center crop {h}×{w}" if self.center_crop else f"resize to {h}×{w}")
+        resize = self.resize if isinstance(self.resize, int) else f"to cover {_hw(self.resize)}"
+        steps = (f"resize {resize} → center crop {h}×{w}" if self.center_crop else f"resize to {h}×{w}")
         return f"{steps} ({self.interpolation}), mean {_numbers(self.mean)}, std {_numbers(self.std)}"
 
     def describe_sources(self) -> str:
@@ -108,7 +123,8 @@ class Preprocessing:
         return setting
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "resize": self.resize if self.center_crop else None,
+        resize = self.resize if isinstance(self.resize, int) else list(self.resize)
+        return {"size": list(self.size), "resize": resize if self.center_crop else None,
                 "center_crop": self.center_crop, "interpolation": self.interpolation, "mean": list(self.mean),
                 "std": list(self.std), "sources": dict(self.sources)}
 
@@ -214,7 +230,7 @@ def _resolve_stat(name, given, cfg, channels, imagenet, sources) -> tuple[float,
     return values
 
 
-def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int:
+def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int | tuple[int, int]:
     if not center_crop:
         if o.resize is not None:
             raise InputError(f"{param('resize')} is the shorter side before the center crop: it needs "
@@ -229,7 +245,9 @@ def _resolve_resize(o: ImageOptions, size, center_crop, cfg, sources) -> int:
     if cfg.get("crop_pct"):
         fraction, source = float(cfg["crop_pct"]), f"{MODEL_CONFIG} (crop_pct {float(cfg['crop_pct']):g})"
     sources["resize"] = source
-    return max(max(size), math.floor(max(size) / fraction))
+    scaled = tuple(max(side, math.floor(side / fraction)) for side in size)
+    # timm's eval transform: one shorter side when both agree, else the (height, width) to cover, aspect kept
+    return scaled[0] if scaled[0] == scaled[1] else scaled
 
 
 def _shape(shape) -> str:
@@ -302,6 +320,8 @@ class DataSource:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for batch in self.batches:
             if isinstance(batch, _SkippingBatch):
+                if batch.refused:
+                    raise InputError(f"{batch.refused[0].path}: {batch.refused[0].reason}")
                 self.skipped.extend(f for f in batch.skipped if f not in self.skipped)  # once over all passes
                 if batch.tensor is None:
                     continue
@@ -374,10 +394,11 @@ def open_data(
         raise InputError(f"no calibration data: pass {param('data')} PATH (images folder or .npy/.npz/.pt) or "
                          f"{param('loader')}")
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+    is_folder = os.path.isdir(path)
+    if not is_folder:  # nothing missing, no FIFO or device read as a data file
+        check_input_file(path, "a folder of images or a .npy, .npz or .pt file")
     shard = (rank, world_size)
-    if path.is_dir():
+    if is_folder:
         if not isinstance(image, Preprocessing):
             image = resolve_preprocessing(image, model=model, input_shape=input_shape)
         return _image_folder(path, batch_size, num_workers, image, strict, seed, shard)
@@ -496,34 +517,98 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.files[i]) as img:
+                refusal = too_large_to_resize(img.size, self.preprocessing)
+                if refusal:
+                    return _RefusedImage(str(self.files[i]), refusal)
                 return image_to_tensor(img, self.preprocessing)
+        except Image.DecompressionBombError as e:
+            return _RefusedImage(str(self.files[i]), first_line(e))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return str(self.files[i])
 
 
-def image_to_tensor(img, p: Preprocessing) -> torch.Tensor:
-    """Resize (shorter side, keeping the aspect) and center-crop, or resize straight to the size; scale to
-    [0, 1]; normalize. Float32, (C, H, W)."""
-    import numpy as np
+@dataclass(frozen=True)
+class _RefusedImage:
+    """An image that decodes but cannot be used (returned, not raised, so a worker process reports it as
+    this process would: one `InputError` line naming the file)."""
+
+    path: str
+    reason: str
+
+
+def too_large_to_resize(size: tuple[int, int], p: Preprocessing) -> str:
+    """Why an image of `size` (width, height) cannot go through the resize before the center crop: a 100000×1
+    strip would first become 25,600,000×256 pixels (gigabytes). The limit is Pillow's own for decoding
+    (`Image.MAX_IMAGE_PIXELS`); "" when it fits."""
     from PIL import Image
 
-    img = img.convert(_PIL_MODES[p.channels])
-    resample = getattr(Image.Resampling, p.interpolation.upper())
+    limit = Image.MAX_IMAGE_PIXELS
+    if not p.center_crop or not limit:
+        return ""
+    width, height = p.resized_size(*size)
+    if width * height <= limit:
+        return ""
+    return (f"an image of {size[0]}×{size[1]} pixels would be resized to {width:,}×{height:,} before the center "
+            f"crop, more than Pillow's limit of {limit:,} pixels; crop it, remove it, or turn off "
+            f"{param('center_crop')} to resize every image straight to the input size")
+
+
+def image_to_tensor(img, p: Preprocessing) -> torch.Tensor:
+    """Resize (keeping the aspect) and center-crop as timm's eval transform does, or resize straight to the size;
+    scale to [0, 1] by the image's range; normalize. Float32, (C, H, W).
+
+    8-bit images are divided by 255; 16-bit ones (Pillow's modes I;16 and I, as 16-bit PNGs open) by 65535 and
+    float ones (mode F, e.g. float TIFFs) are taken as they are, as torchvision's `read_image` + `to_dtype(...,
+    scale=True)` and `ToTensor` read them (integer pixels are kept in [0, 1] after resizing, as 8-bit resizing keeps
+    them in 0…255); these greyscale images fill every colour channel (alpha 1)."""
+    import numpy as np
+
     h, w = p.size
-    if p.center_crop:  # the sizes and offsets torchvision's Resize(int) and CenterCrop compute (timm uses them)
-        short, long = sorted(img.size)
-        new_long = int(p.resize * long / short)
-        size = (p.resize, new_long) if img.size[0] <= img.size[1] else (new_long, p.resize)
-        img = img.resize((max(w, size[0]), max(h, size[1])), resample)
-        left, top = int(round((img.size[0] - w) / 2.0)), int(round((img.size[1] - h) / 2.0))
-        img = img.crop((left, top, left + w, top + h))
+    if img.mode in _HIGH_DEPTH_SCALE:
+        grey = _resize_and_crop(_high_depth_as_float(img), p)
+        plane = np.asarray(grey, dtype=np.float32).reshape(h, w, 1)
+        if _HIGH_DEPTH_SCALE[img.mode] != 1.0:  # integer pixels stay in their range, as 8-bit resizing keeps them
+            plane = np.clip(plane, 0.0, 1.0)
+        planes = [plane] * min(p.channels, 3) + [np.ones_like(plane)] * (p.channels == 4)
+        array, scale = np.concatenate(planes, axis=2), 1.0
     else:
-        img = img.resize((w, h), resample)
-    array = np.asarray(img, dtype=np.float32)
-    t = torch.from_numpy(array.reshape(h, w, -1).copy()).permute(2, 0, 1) / 255.0
+        img = _resize_and_crop(img.convert(_PIL_MODES[p.channels]), p)
+        array, scale = np.asarray(img, dtype=np.float32).reshape(h, w, -1).copy(), 255.0
+    t = torch.from_numpy(array).permute(2, 0, 1) / scale
     mean = torch.tensor(p.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(p.std, dtype=torch.float32).view(-1, 1, 1)
     return (t - mean) / std
+
+
+# Pillow's single-channel modes of more than 8 bits and the full-scale value of each (mode I is how Pillow opens
+# 16-bit greyscale PNGs; its values are clipped to 16 bits).
+_HIGH_DEPTH_SCALE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def _high_depth_as_float(img):
+    """A 16-bit or float image as a mode-F image of values in its own range scaled to [0, 1] (float: as is)."""
+    import numpy as np
+    from PIL import Image
+
+    scale = _HIGH_DEPTH_SCALE[img.mode]
+    array = np.asarray(img).astype(np.float32)
+    if scale != 1.0:
+        array = np.clip(array, 0, scale) / np.float32(scale)
+    return Image.fromarray(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _resize_and_crop(img, p: Preprocessing):
+    """The resize (and center crop) of `p`, with the sizes and offsets timm's eval transform computes."""
+    from PIL import Image
+
+    resample = getattr(Image.Resampling, p.interpolation.upper())
+    h, w = p.size
+    if not p.center_crop:
+        return img.resize((w, h), resample)
+    new_w, new_h = p.resized_size(*img.size)
+    img = img.resize((max(w, new_w), max(h, new_h)), resample)
+    left, top = int(round((img.size[0] - w) / 2.0)), int(round((img.size[1] - h) / 2.0))
+    return img.crop((left, top, left + w, top + h))
 
 
 def image_sizes(files: Sequence[Path], limit: int = 64) -> list[tuple[int, int]]:
@@ -545,12 +630,14 @@ def image_sizes(files: Sequence[Path], limit: int = 64) -> list[tuple[int, int]]
 class _SkippingBatch:
     tensor: torch.Tensor | None
     skipped: list[str]
+    refused: list[_RefusedImage] = field(default_factory=list)
 
 
 def _collate_skipping(items):
     good = [t for t in items if isinstance(t, torch.Tensor)]
     bad = [t for t in items if isinstance(t, str)]
-    return _SkippingBatch(torch.stack(good) if good else None, bad)
+    refused = [t for t in items if isinstance(t, _RefusedImage)]
+    return _SkippingBatch(torch.stack(good) if good else None, bad, refused)
 
 
 class _StrictBatches:

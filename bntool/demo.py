@@ -60,7 +60,10 @@ def run_demo(directory: str | Path, force: bool = False, exporter: str = "auto")
     created = not directory.exists()
     if created and not directory.parent.is_dir():
         raise InputError(f"{directory}: parent directory {directory.parent} does not exist")
-    directory.mkdir(exist_ok=True)
+    try:
+        directory.mkdir(exist_ok=True)
+    except OSError as e:  # /proc, a read-only mount, a name too long: where the user asked for it
+        raise InputError(f"{directory}: cannot create the demo's directory ({e.strerror or e})") from e
     try:
         return _run_demo(directory, force, exporter, fold, inspect, export_onnx, recalibrate, verify)
     except BaseException:

@@ -104,6 +104,35 @@ class FileIdentity:
         return self.real == other.real or (self.dev_ino is not None and self.dev_ino == other.dev_ino)
 
 
+def shown_path(path: str | os.PathLike, limit: int = 120) -> str:
+    """A path for a one-line message: whole when short, else its start and end around an ellipsis."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}…{text[-(limit // 2):]}"
+
+
+_NON_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def check_input_file(path: Path, expected: str) -> os.stat_result:
+    """A regular, readable file at `path`, or InputError saying what is there instead (nothing missing,
+    no directory, device or FIFO read as if it were `expected`, e.g. "a checkpoint file"). Never opens it:
+    opening a FIFO would wait for a writer."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{shown_path(path)}: no such file") from None
+    except OSError as e:  # ENAMETOOLONG, ELOOP, EACCES on a parent: the path cannot be used as given
+        raise InputError(f"{shown_path(path)}: cannot be read ({e.strerror or e})") from e
+    for is_kind, noun in _NON_REGULAR:
+        if is_kind(st.st_mode):
+            raise InputError(f"{shown_path(path)}: is {noun}, not a regular file; expected {expected}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{shown_path(path)}: not readable (permission denied)")
+    return st
+
+
 def name_max(directory: Path) -> int:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         return os.pathconf(directory, "PC_NAME_MAX")
@@ -141,12 +170,19 @@ def output_label(what: str, path: Path | str) -> str:
 
 
 def _check_location(out: Path, what: str) -> None:
-    label = output_label(what, out)
+    try:
+        _check_location_of(out, what)
+    except OSError as e:  # a path beyond PATH_MAX (ENAMETOOLONG), a symlink loop, a parent not searchable
+        raise InputError(f"{output_label(what, shown_path(out))}: cannot be written ({e.strerror or e})") from e
+
+
+def _check_location_of(out: Path, what: str) -> None:
+    label = output_label(what, shown_path(out))
     parent = parent_dir(out)
     if not parent.exists():
-        raise InputError(f"{label}: output directory {parent} does not exist")
+        raise InputError(f"{label}: output directory {shown_path(parent)} does not exist")
     if not parent.is_dir():
-        raise InputError(f"{label}: {parent} is not a directory")
+        raise InputError(f"{label}: {shown_path(parent)} is not a directory")
     limit = name_max(parent)
     if len(os.fsencode(out.name)) > limit:
         raise InputError(f"{output_label(what, out.name[:40])}…: the file name is {len(os.fsencode(out.name))} "
@@ -170,6 +206,36 @@ def looks_like_checkpoint(path: Path) -> bool:
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return True
     return len(head) >= 10 and head[8:10] == b'{"'  # safetensors: 8-byte header length, then JSON
+
+
+def is_junit_xml(path: Path) -> bool:
+    """A JUnit XML report (root element <testsuites> or <testsuite>, as pytest and bntool write), read only up
+    to its first element; False for anything else, a FIFO or a device included (never opened)."""
+    import xml.etree.ElementTree as ET
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            for _event, element in ET.iterparse(f, events=("start",)):
+                return element.tag in ("testsuites", "testsuite")
+    except (OSError, ET.ParseError):
+        return False
+    return False
+
+
+MARKDOWN_REPORT_MARK = "### bntool "  # the first line of every Markdown report bntool writes
+
+
+def is_markdown_report(path: Path) -> bool:
+    """A Markdown report bntool wrote: its first line starts with `MARKDOWN_REPORT_MARK`."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MARKDOWN_REPORT_MARK)) == MARKDOWN_REPORT_MARK.encode()
+    except OSError:
+        return False
 
 
 def _probe_writable(out: Path, label: str) -> None:
@@ -350,6 +416,8 @@ class PlannedOutput:
     in_place: bool = False
     what: str = ""  # the flag or role, for messages ("--plot", "-o")
     precheck: Callable[[Path], None] | None = None  # what the writer needs (matplotlib for a plot), checked early
+    # an existing file it accepts is an earlier output of the same kind (a JUnit report), replaced without force
+    same_kind: Callable[[Path], bool] | None = None
     temp: Path | None = None  # written, not yet committed
     temp_dir: Path | None = None  # removed after the commit (ONNX: the file and its external data)
 
@@ -383,11 +451,14 @@ class Outputs:
             self.input_names.append(what)
 
     def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False, in_place: bool = False,
-            what: str = "", precheck: Callable[[Path], None] | None = None) -> Path:
+            what: str = "", precheck: Callable[[Path], None] | None = None,
+            same_kind: Callable[[Path], bool] | None = None) -> Path:
         """Plan an output; return its Path. `precheck(path)` raises if the writer cannot produce it (a missing
-        optional dependency, an unknown format); `check` calls it before any work."""
+        optional dependency, an unknown format); `check` calls it before any work. An existing file that
+        `same_kind(path)` accepts (an earlier report of the same kind, by content) is replaced without `force`,
+        as pytest's --junitxml replaces its own file."""
         planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what,
-                                precheck=precheck)
+                                precheck=precheck, same_kind=same_kind)
         self.planned.append(planned)
         return planned.path
 
@@ -433,11 +504,28 @@ class Outputs:
             if exists and p.kind != OutputKind.CHECKPOINT and looks_like_checkpoint(p.path):
                 raise InputError(f"{label}: is a PyTorch checkpoint; {p.kind.noun} will not replace it "
                                  "(choose another name)")
-            if exists and not replaces_input and not p.force:
+            earlier_report = p.same_kind is not None and exists and p.same_kind(p.path)
+            if exists and not replaces_input and not p.force and not earlier_report:
                 raise InputError(f"{label}: already exists; pass {param('force')} to overwrite it", param="force")
             _probe_writable(p.path, label)
             if p.precheck is not None:
                 p.precheck(p.path)
+
+    def role_of(self, path: str | os.PathLike) -> str:
+        """What `path` already is to this command: an input, a file of an input folder or a planned output
+        ("the input checkpoint (m.pt)", "--junit-xml (v.xml)"); "" when none."""
+        me = FileIdentity.of(path)
+        for i, input_path in enumerate(self.inputs):
+            identity = FileIdentity.of(input_path)
+            name = self.input_names[i] if i < len(self.input_names) and self.input_names[i] else "an input"
+            if me.same(identity):
+                return f"{name} ({input_path})"
+            if os.path.isdir(identity.real) and me.real.startswith(identity.real.rstrip(os.sep) + os.sep):
+                return f"a file of {name} ({input_path})"
+        for p in self.planned:
+            if me.same(FileIdentity.of(p.path)):
+                return f"{p.what or 'another output'} ({p.path})"
+        return ""
 
     def _find(self, path: str | os.PathLike) -> PlannedOutput:
         for p in self.planned:

@@ -35,7 +35,8 @@ class ModelSource:
     arch_kwargs: Annotated[Optional[str], typer.Option(
         "--arch-kwargs", help="JSON object of keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.")] = None
     key: Annotated[Optional[str], typer.Option("--key", help="Key of the state_dict inside a training "
-                                                             "checkpoint.")] = None
+                                                             "checkpoint, or the prefix of the weights to take "
+                                                             "inside a state_dict (ema: the 'ema.' copy).")] = None
     trust_pickle: Annotated[bool, typer.Option(
         "--trust-pickle", help="Allow loading pickled modules (runs code from the file: only for files you "
                                "trust).")] = False

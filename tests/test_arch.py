@@ -179,3 +179,21 @@ def test_timm_model_preprocessing_matches_timms_own_transform(tmp_path):
     config = resolve_data_config({"input_size": (3, 64, 64)}, model=model)
     expected = create_transform(**config)(Image.open(folder / "wide.png").convert("RGB"))
     assert torch.allclose(batch[0], expected, atol=1e-5), float((batch[0] - expected).abs().max())
+
+
+def test_confusable_characters_rank_first_in_close_matches():
+    from bntool.arch import close_matches
+
+    names = [f"efficientnet_b{i}" for i in range(9)] + ["resnet18", "resnet101", "ResNet"]
+    assert close_matches("efficientnet_bO", names)[0] == "efficientnet_b0"
+    assert close_matches("resnetl8", names)[0] == "resnet18"
+    assert close_matches("resnet1O1", names)[0] == "resnet101"
+    assert close_matches("RESNET", names)[0] == "ResNet"
+    assert close_matches("efficientnet_b9", names)[0] == "efficientnet_b8"  # a real typo keeps its neighbour
+
+
+def test_timm_typo_with_a_letter_o_for_a_zero_suggests_the_zero_first():
+    timm_or_skip()
+    with pytest.raises(InputError) as e:
+        resolve_factory("timm:efficientnet_bO")
+    assert "did you mean 'timm:efficientnet_b0'" in str(e.value), str(e.value)

@@ -361,3 +361,33 @@ def test_weights_that_almost_fit_under_an_attribute_name_the_keys_that_differ_th
     result = cli("inspect", tmp_path / "almost.ckpt", "--arch", "bntool.zoo:resnet")
     assert_clean_error(result, contains="(the weights under 'model.'): does not fit --arch bntool.zoo:resnet: "
                                         "1 missing keys (fc.bias)")
+
+
+def test_top_level_weights_with_an_ema_copy_that_also_fits_take_the_top_level_ones(tmp_path, cli):
+    """A model saved with its EMA copy as an attribute: both the top-level keys and the 'ema.' ones fit the
+    architecture. The top-level weights are the model's own (what load_state_dict of the wrapper restores), so
+    they are taken, with a note naming --key ema; the EMA weights were taken silently (with a note) before."""
+    own, ema = zoo.build("resnet", seed=0).state_dict(), zoo.build("resnet", seed=1).state_dict()
+    sd = {**own, **{"ema." + k: v for k, v in ema.items()}}
+    torch.save(sd, tmp_path / "with_ema.pt")
+    ckpt = load_checkpoint(tmp_path / "with_ema.pt", arch="bntool.zoo:resnet")
+    assert ckpt.submodule == "" and same_weights(ckpt.model, zoo.build("resnet", seed=0))
+    assert any("top-level weights" in n and "--key ema" in n for n in ckpt.notes), ckpt.notes
+    save_checkpoint(ckpt, ckpt.model, tmp_path / "out.pt")
+    saved = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(saved) == set(sd) and torch.equal(saved["ema.stem.1.running_mean"], ema["stem.1.running_mean"])
+
+    chosen = load_checkpoint(tmp_path / "with_ema.pt", arch="bntool.zoo:resnet", key="ema")
+    assert chosen.submodule == "ema." and same_weights(chosen.model, zoo.build("resnet", seed=1))
+    result = cli("inspect", tmp_path / "with_ema.pt", "--arch", "bntool.zoo:resnet")
+    assert result.code == 0 and "note: took the top-level weights; the copy under 'ema.'" in result.out
+    assert_clean_error(cli("inspect", tmp_path / "with_ema.pt", "--arch", "bntool.zoo:resnet", "--key", "swa"),
+                       contains="no key 'swa' and no weights under 'swa.'")
+
+
+def test_key_names_one_of_two_attributes_that_both_fit(tmp_path):
+    sd = zoo.build("resnet").state_dict()
+    both = {**{"model." + k: v for k, v in sd.items()}, **{"ema." + k: v * 0 for k, v in sd.items()}}
+    torch.save({"state_dict": both, "epoch": 2}, tmp_path / "last.ckpt")
+    ckpt = load_checkpoint(tmp_path / "last.ckpt", arch="bntool.zoo:resnet", key="model")
+    assert ckpt.key == "state_dict" and ckpt.submodule == "model." and same_weights(ckpt.model, zoo.build("resnet"))

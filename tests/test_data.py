@@ -103,7 +103,82 @@ def test_model_config_then_overrides():
                                   model=WithConfig(CLIP_CFG), input_shape=(2, 3, 96, 128))
     assert given.size == (96, 128) and given.mean == (0.5, 0.5, 0.5) and given.std == CLIP_CFG["std"]
     assert given.interpolation == "nearest" and given.sources["interpolation"] == "given"
-    assert given.resize == int(128 / 0.95)
+    assert given.resize == (int(96 / 0.95), int(128 / 0.95))  # each side, as timm's eval transform scales them
+
+
+@pytest.mark.parametrize("cfg", [EFFNET_CFG, CLIP_CFG])
+@pytest.mark.parametrize("size", [(96, 128), (128, 96), (64, 200), (112, 112)])
+def test_images_match_timms_own_eval_transform(cfg, size):
+    """Non-square input shapes too (they were up to 4.4 apart): timm's create_transform is the reference."""
+    from PIL import Image
+    from test_arch import timm_or_skip
+
+    timm = timm_or_skip()
+    model = WithConfig(cfg)
+    reference = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, *size)}, model=model))
+    p = resolve_preprocessing(model=model, input_shape=(1, 3, *size))
+    rng = np.random.default_rng(0)
+    for width, height in [(200, 150), (150, 220), (100, 100), (333, 97)]:
+        img = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+        ours, theirs = image_to_tensor(img, p), reference(img)
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-5, rtol=0), (width, height)
+
+
+def _torchvision_scaled(path, channels=3) -> torch.Tensor:
+    """What torchvision reads: `decode_png` (uint16 for 16-bit files) scaled by the dtype's range, grey repeated."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        array = np.asarray(img)
+    scale = 65535.0 if array.dtype in (np.uint16, np.int32) else (255.0 if array.dtype == np.uint8 else 1.0)
+    t = torch.from_numpy(array.astype(np.float32) / np.float32(scale))
+    return t.expand(channels, *t.shape) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("kind", ["png16", "tiff_float"])
+def test_16_bit_and_float_images_keep_their_values(tmp_path, kind):
+    """A 16-bit PNG (Pillow mode I;16) and a float TIFF (mode F) are scaled by their range, not saturated by a
+    conversion to 8-bit RGB (the normalised mean was 2.4 for a mid-grey image)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    values = rng.random((24, 32))  # in [0, 1)
+    if kind == "png16":
+        path = tmp_path / "grey16.png"
+        Image.fromarray((values * 65535).astype(np.uint16)).save(path)
+        try:
+            from torchvision.io import decode_png, read_file
+
+            decoded = decode_png(read_file(str(path)))
+            assert decoded.dtype == torch.uint16 and torch.equal(
+                decoded[0].to(torch.int32), torch.from_numpy((values * 65535).astype(np.int32)))
+        except (ImportError, RuntimeError):  # torchvision's compiled image ops may not load on this torch
+            pass
+    else:
+        path = tmp_path / "grey.tif"
+        Image.fromarray(values.astype(np.float32)).save(path)
+    p = Preprocessing(size=(24, 32), resize=32, center_crop=False, interpolation="bilinear",
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I", "F")
+        ours = image_to_tensor(img, p)
+    expected = (_torchvision_scaled(path) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert abs(float(ours.mean())) < 0.6  # mid-grey, not saturated white (≈ 2.4)
+
+
+def test_a_16_bit_image_resizes_as_its_8_bit_twin(tmp_path):
+    """The same picture in 8 and 16 bits (v·257) gives the same inputs after a resize and a crop, up to the
+    8-bit resize's rounding to whole levels (after each of its two passes: at most one level in all)."""
+    from PIL import Image
+
+    eight = (np.random.default_rng(1).random((50, 70)) * 255).astype(np.uint8)
+    p = Preprocessing(size=(32, 32), resize=36, center_crop=True, interpolation="bilinear", mean=(0.5,), std=(0.25,))
+    ours = image_to_tensor(Image.fromarray(eight.astype(np.uint16) * 257), p)
+    twin = image_to_tensor(Image.fromarray(eight), p)
+    assert ours.shape == twin.shape == (1, 32, 32)
+    assert float((ours - twin).abs().max()) <= 1.01 / 255 / 0.25
 
 
 def test_squash_crop_mode_resizes_straight():
@@ -228,3 +303,21 @@ def test_a_models_odd_data_config_is_left_out_not_fatal(cfg):
     p = resolve_preprocessing(None, model=model)
     assert p.size in ((224, 224), (32, 32)) and len(p.mean) == 3
     assert all(k not in plausible for k in ("crop_pct", "mean") if k in cfg)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_strip_image_too_large_to_resize_is_refused_naming_it(tmp_path, workers):
+    """A 100000×1 PNG would become 25,600,000×256 pixels before the crop: MemoryError (exit 3) without workers,
+    a worker's traceback with them. Now one InputError naming the file, either way."""
+    from PIL import Image
+
+    folder = write_pngs(tmp_path / "imgs", 2, 40)
+    Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(folder / "strip.png")
+    source = open_source(folder, batch_size=4, num_workers=workers)
+    with pytest.raises(InputError) as e:
+        list(source)
+    message = str(e.value)
+    assert message.startswith(f"{folder / 'strip.png'}: an image of 100000×1 pixels would be resized to "
+                              "25,600,000×256 before the center crop"), message
+    squashed = open_source(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
+    assert [tuple(b.shape) for b in squashed] == [(3, 3, 224, 224)]

@@ -401,3 +401,57 @@ def test_outputs_commit_records_what_was_written(tmp_path):
         outputs.write(c, lambda tmp: open(tmp, "w").write("c"))
         # leaving without commit (an error, a failed check) discards the temp file
     assert files_in(tmp_path) == {"a.txt", "b.txt"}
+
+
+def test_names_too_long_for_the_system_are_exit_2_in_one_line(workspace, cli):
+    """A 303-character checkpoint name and a 4,300-character -o (real folders, beyond PATH_MAX) were exit 3
+    (OSError: File name too long)."""
+    long_ckpt = workspace / ("a" * 300 + ".pt")
+    result = cli("inspect", long_ckpt, *ARCH)
+    assert_clean_error(result, contains="cannot be read (File name too long)")
+    assert len(result.err) < 400  # the path is shortened in the message
+    deep = _deep_folder(workspace, 22)  # 22 × 201 characters: each folder legal, the whole path beyond 4,096
+    before = _snapshot(workspace)
+    result = cli("fold", workspace / "in.pt", *ARCH, *SHAPE, "-o", os.path.join(deep, "x.pt"))
+    assert_clean_error(result, contains="cannot be written (File name too long)")
+    assert _snapshot(workspace) == before
+
+
+def _deep_folder(root, depth: int) -> str:
+    """Create `depth` nested folders of 200 characters under `root` (through relative paths: the whole one is
+    too long for the system) and return the whole path."""
+    here = os.getcwd()
+    try:
+        os.chdir(root)
+        for _ in range(depth):
+            os.mkdir("d" * 200)
+            os.chdir("d" * 200)
+    finally:
+        os.chdir(here)
+    return os.path.join(str(root), *["d" * 200] * depth)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_demo_where_no_directory_can_be_made_is_exit_2(cli):
+    assert_clean_error(cli("demo", "/proc/bntool-demo"), contains="/proc/bntool-demo: cannot create")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "directory"])
+def test_a_checkpoint_that_is_not_a_regular_file_says_what_it_is(tmp_path, cli, kind):
+    """/dev/urandom read as "file is empty"; a FIFO is never opened (that would wait for a writer)."""
+    if kind == "fifo":
+        path, noun = tmp_path / "pipe.pt", "a named pipe (FIFO)"
+        os.mkfifo(path)
+    elif kind == "char device":
+        path, noun = "/dev/urandom", "a character device"
+        if not os.path.exists(path):
+            pytest.skip("no /dev/urandom")
+    else:
+        path, noun = tmp_path, "a directory"
+    assert_clean_error(cli("inspect", path, *ARCH), contains=f"{path}: is {noun}, not a regular file")
+    assert_clean_error(cli("recalibrate", tmp_path / "missing.pt", *ARCH, "--data", path, "-o", tmp_path / "o.pt"))
+    if kind != "directory":
+        in_pt = tmp_path / "in.pt"
+        torch.save(zoo.build("resnet").state_dict(), in_pt)
+        assert_clean_error(cli("recalibrate", in_pt, *ARCH, "--data", path, "-o", tmp_path / "o.pt"),
+                           contains=f"{path}: is {noun}, not a regular file")

@@ -329,3 +329,80 @@ def test_the_python_api_lists_itself_and_counts_fold_actions():
     _, report = bntool.fold(zoo.build("resnet"), zoo.example_input("resnet"))
     assert report.counts == {"folded": 6, "folded-forward": 0, "affine": 0, "refused": 0}
     assert json.loads(json.dumps(report.to_dict(), default=str))["counts"] == report.counts
+
+
+VERIFY = ["--input-shape", "1,3,32,32", "--skip-onnx", "--samples", "1"]
+
+
+@pytest.mark.parametrize("target", ["the checkpoint", "the --data file", "a file of the --data folder",
+                                    "the --junit-xml file"])
+def test_the_github_step_summary_is_never_an_input_or_another_output(cli, resnet_sd, tmp_path, monkeypatch,
+                                                                    target):
+    """Pointed at the checkpoint, verify appended Markdown to it and exited 0 (the checkpoint no longer
+    loaded); at the JUnit file, the XML stopped parsing. Now a warning, the file untouched, the verdict kept."""
+    npy, folder = tmp_path / "x.npy", write_pngs(tmp_path / "imgs", 2, 32)
+    np.save(npy, np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    junit = tmp_path / "v.xml"
+    data = ["--data", folder if target == "a file of the --data folder" else npy]
+    path = {"the checkpoint": resnet_sd, "the --data file": npy, "a file of the --data folder": folder / "00.png",
+            "the --junit-xml file": junit}[target]
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(path))
+    before = path.read_bytes() if path.exists() else None
+    result = cli("verify", resnet_sd, *ARCH, *VERIFY, *data, "--junit-xml", junit, "--workers", "0")
+    assert result.code == 0, result.err
+    assert "warning: $GITHUB_STEP_SUMMARY" in result.err and "the summary is not appended to it" in result.err
+    if before is not None:
+        assert path.read_bytes() == before
+    assert ET.parse(junit).getroot().get("failures") == "0"
+
+
+def test_a_rerun_replaces_its_own_reports_but_never_another_kind_of_file(cli, resnet_sd, tmp_path):
+    """As pytest's --junitxml: a rerun in the same workspace (was exit 2 without --force)."""
+    junit, summary = tmp_path / "v.xml", tmp_path / "v.md"
+    pytest_junit = tmp_path / "pytest.xml"
+    pytest_junit.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest"/></testsuites>')
+    for _ in range(2):
+        result = cli("verify", resnet_sd, *ARCH, *VERIFY, "--junit-xml", junit, "--summary-md", summary, "-q")
+        assert result.code == 0, result.err
+    assert ET.parse(junit).getroot().get("name") == "bntool.verify"
+    assert summary.read_text().count("### bntool verify") == 1
+    assert cli("verify", resnet_sd, *ARCH, *VERIFY, "--junit-xml", pytest_junit, "-q").code == 0
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, *VERIFY, "--summary-md", notes), contains="--force")
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, *VERIFY, "--junit-xml", summary), contains="--force")
+    assert_clean_error(cli("verify", resnet_sd, *ARCH, *VERIFY, "--junit-xml", resnet_sd), contains="input")
+    assert notes.read_text() == "# my notes\n"
+
+
+@pytest.mark.parametrize("command", ["verify", "export-onnx"])
+def test_unreadable_images_of_the_check_data_are_counted_in_a_warning(cli, resnet_sd, tmp_path, command):
+    """As recalibrate does (verify and export-onnx skipped them silently)."""
+    folder = write_pngs(tmp_path / "imgs", 3, 32)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    extra = ["--skip-onnx"] if command == "verify" else ["-o", tmp_path / "m.onnx", "--exporter", "legacy"]
+    result = cli(command, resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--samples", "1", "--data", folder,
+                 "--workers", "0", *extra, "--json")
+    assert result.code == 0, result.err
+    assert f"warning: skipped 1 unreadable image (first: {folder / 'broken.png'})" in result.err
+    assert "skipped 1 unreadable image" in " ".join(json.loads(result.out)["data"]["warnings"])
+
+
+def test_with_json_a_command_that_cannot_run_prints_the_error_as_json(cli, resnet_sd, tmp_path):
+    """A CI step that parses stdout always gets JSON (stdout was empty); stderr keeps its one error line."""
+    cases = [
+        (["inspect", tmp_path / "missing.pt", *ARCH, "--json"], 2, "input", "missing.pt: no such file"),
+        (["verify", resnet_sd, *ARCH, "--json", "--bogus"], 2, "usage", "No such option: --bogus"),
+        (["fold", resnet_sd, *ARCH, "--input-shape", "1,3,32,32", "--json", "-o", resnet_sd], 2, "input", "-o"),
+    ]
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    cases.append((["inspect", tmp_path / "corrupt.safetensors", *ARCH, "--json"], 2, "corrupt_file", "safetensors"))
+    for args, code, kind, words in cases:
+        result = cli(*args)
+        assert_clean_error(result, code=code)
+        document = json.loads(result.out)
+        assert document["error"]["exit_code"] == code and document["error"]["kind"] == kind, document
+        assert words in document["error"]["message"] and document["command"] == args[0]
+        assert result.err.strip() == "error: " + document["error"]["message"]
+    assert cli("inspect", tmp_path / "missing.pt", *ARCH).out == ""  # without --json, stdout stays empty
+

@@ -313,11 +313,11 @@ def test_a_strip_image_too_large_to_resize_is_refused_naming_it(tmp_path, worker
 
     folder = write_pngs(tmp_path / "imgs", 2, 40)
     Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(folder / "strip.png")
-    source = open_source(folder, batch_size=4, num_workers=workers)
+    source = open_data(folder, batch_size=4, num_workers=workers)
     with pytest.raises(InputError) as e:
         list(source)
     message = str(e.value)
     assert message.startswith(f"{folder / 'strip.png'}: an image of 100000×1 pixels would be resized to "
                               "25,600,000×256 before the center crop"), message
-    squashed = open_source(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
+    squashed = open_data(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
     assert [tuple(b.shape) for b in squashed] == [(3, 3, 224, 224)]

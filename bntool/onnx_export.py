@@ -101,7 +101,6 @@ def export_onnx(
     rtol: float | None = None,
     atol: float | None = None,
     provider: str = "cpu",
-    strict: bool = False,
     force: bool = False,
     check: bool = True,
     keep_failed: bool = False,
@@ -125,7 +124,6 @@ def export_onnx(
         rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
             atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
         provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
-        strict: kept for compatibility: a file that fails the check is never left at `path`.
         force: replace an existing file at `path` (never a PyTorch checkpoint).
         check: raise CheckFailed when the check fails (else return the failed report).
         keep_failed: keep a file that failed the check as `model.FAILED.onnx` (planned and checked up front).

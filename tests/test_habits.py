@@ -27,3 +27,9 @@ def test_lazy_names_are_declared_for_editors_and_all_resolve():
     assert declared == bntool._EXPORTS
     assert all(getattr(bntool, name) is not None for name in bntool.__all__)
     assert not hasattr(bntool, "open_source") and callable(bntool.open_data)
+
+
+def test_export_onnx_takes_no_option_that_does_nothing():
+    import inspect
+
+    assert "strict" not in inspect.signature(bntool.export_onnx).parameters

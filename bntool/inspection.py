@@ -47,8 +47,10 @@ HEALTH_MESSAGES = {
     HealthKind.NEVER_UPDATED: "never updated: running stats are exactly 0/1",
     HealthKind.NEAR_DEAD: "near-dead: |gamma| ~ 0 in {channels}",
     HealthKind.FEW_UPDATES: "few updates: num_batches_tracked {tracked} < {few}; recalibrate",
-    HealthKind.FOLD_SUBNORMAL: "fold gives subnormal float32 weights in {channels} (|γ/√(var+eps)| {smallest:.2g})",
-    HealthKind.FOLD_OVERFLOWS_HALF: "fold overflows {dtypes} in {channels} (largest value {largest:.3g})",
+    HealthKind.FOLD_SUBNORMAL: "subnormal fold: folding writes subnormal float32 values in {channels} "
+                               "(|γ/√(var+eps)| down to {smallest:.2g})",
+    HealthKind.FOLD_OVERFLOWS_HALF: "{dtypes} overflow: folding writes values beyond {dtypes} in {channels} "
+                                    "(largest {largest:.3g})",
 }
 
 

@@ -64,11 +64,19 @@ __all__ = [  # literal, so that linters and editors see the names imported under
     "BntoolError", "InputError", "CheckFailed", "UnsupportedError", "UserCodeError", "CorruptFileError",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
+# Entry points whose arguments are checked against their type hints (utils.checked_arguments): a wrong type is an
+# InputError naming the parameter, not a TypeError from deep inside.
+_CHECKED = {"inspect", "fold", "plan_fold", "recalibrate", "export_onnx", "verify", "load_checkpoint", "load_model",
+            "save_checkpoint", "open_data"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        if name in _CHECKED:
+            from .utils import checked_arguments
+
+            value = checked_arguments(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'bntool' has no attribute {name!r}")

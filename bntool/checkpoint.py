@@ -19,7 +19,7 @@ from .choices import CheckpointFormat, CheckpointKind
 from .errors import CorruptFileError, InputError, UnsupportedError, param, user_code
 from .files import atomic_write, check_input_file, check_output_path
 from .layout import LAYOUT_KEY, FoldLayout, layout_of
-from .utils import first_line, parse_kwargs, short_list
+from .utils import a_type, first_line, parse_kwargs, plural, short_list
 
 # Keys under which training scripts (Lightning, timm, DeiT, SWA/EMA scripts, ...) keep the weights.
 WRAPPER_KEYS = (
@@ -86,7 +86,7 @@ def load_checkpoint(
     if isinstance(obj, nn.Module):
         return Checkpoint(model=obj, kind=CheckpointKind.MODULE, path=path)
     if not isinstance(obj, Mapping):
-        raise InputError(f"{path}: holds a {type(obj).__name__}, not a state_dict, checkpoint dict or module")
+        raise InputError(f"{path}: holds {a_type(obj)}, not a state_dict, checkpoint dict or module")
     if _is_state_dict(obj):
         return _from_state_dict(path, obj, arch, arch_kwargs, kind=CheckpointKind.STATE_DICT, prefix=key)
     found_key, inner, prefix = _find_wrapped_or_prefixed(path, obj, key)
@@ -206,7 +206,7 @@ def _find_wrapped(path: Path, obj: Mapping, key: str | None) -> tuple[str, Any]:
         inner = obj[key]
         if isinstance(inner, nn.Module) or (isinstance(inner, Mapping) and _is_state_dict(inner)):
             return key, inner
-        raise InputError(f"{path}: key {key!r} holds a {type(inner).__name__}, not a state_dict")
+        raise InputError(f"{path}: key {key!r} holds {a_type(inner)}, not a state_dict")
     for candidate in WRAPPER_KEYS:
         inner = obj.get(candidate)
         if isinstance(inner, Mapping) and _is_state_dict(inner):
@@ -333,12 +333,12 @@ def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
         notes.extend(resolved.notes)
     factory = resolved.build
     if not callable(factory):
-        raise InputError(f"{param('arch')} {arch!r}: is a {type(factory).__name__}, not callable")
+        raise InputError(f"{param('arch')} {arch!r}: is {a_type(factory)}, not callable")
     kwargs = parse_kwargs(arch_kwargs)
     with user_code(f"{param('arch')} {arch!r}: calling it with {kwargs}", param="arch"):
         model = factory(**kwargs)
     if not isinstance(model, nn.Module):
-        raise InputError(f"{param('arch')} {arch!r}: returned a {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{param('arch')} {arch!r}: returned {a_type(model)}, not a torch.nn.Module")
     return model
 
 
@@ -354,11 +354,11 @@ def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], pa
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({short_list(missing)})")
+        problems.append(f"{plural(len(missing), 'missing key')} ({short_list(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({short_list(unexpected)})")
+        problems.append(f"{plural(len(unexpected), 'unexpected key')} ({short_list(unexpected)})")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({short_list(shapes)})")
+        problems.append(f"{plural(len(shapes), 'shape mismatch', 'shape mismatches')} ({short_list(shapes)})")
     if problems:
         raise InputError(f"{path}: does not fit {param('arch')} {arch}: " + "; ".join(problems))
     with user_code(f"{path}: the model's load_state_dict"):

@@ -18,7 +18,7 @@ import torch
 
 from .errors import InputError, param, passes_through
 from .files import check_input_file
-from .utils import first_line, import_object, parse_kwargs
+from .utils import a_type, first_line, import_object, parse_kwargs, plural
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,6 +35,9 @@ def first_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
         for k in keys:
             if k in batch:
                 return first_input(batch[k])
+        if input_key:  # the named key is not there: say which are, not "name the input"
+            raise InputError(f"{param('input_key')} {input_key!r}: the batch is a dict without it; its keys are "
+                             f"{sorted(map(str, batch))}", param="input_key")
         raise InputError(f"batch is a dict with keys {sorted(batch)}; name the input with {param('input_key')}")
     if isinstance(batch, (list, tuple)) and batch:
         return first_input(batch[0], input_key)
@@ -159,7 +162,7 @@ def resolve_preprocessing(
     mean = _resolve_stat("mean", o.mean, cfg, channels, IMAGENET_MEAN, sources)
     std = _resolve_stat("std", o.std, cfg, channels, IMAGENET_STD, sources)
     if len(mean) != len(std):
-        raise InputError(f"{param('mean')} has {len(mean)} values but {param('std')} has {len(std)}: "
+        raise InputError(f"{param('mean')} has {plural(len(mean), 'value')} but {param('std')} has {len(std)}: "
                          "give one per channel")
     if any(v <= 0 for v in std):
         raise InputError(f"{param('std')} {_numbers(std)}: every value must be positive")
@@ -225,8 +228,8 @@ def _resolve_stat(name, given, cfg, channels, imagenet, sources) -> tuple[float,
     else:
         values, sources[name] = tuple(imagenet), DEFAULT + " (ImageNet)"
     if channels is not None and len(values) != channels:
-        raise InputError(f"{param(name)} {_numbers(values)} has {len(values)} values, but {param('input_shape')} has "
-                         f"{channels} channels: give one value per channel")
+        raise InputError(f"{param(name)} {_numbers(values)} has {plural(len(values), 'value')}, but "
+                         f"{param('input_shape')} has {plural(channels, 'channel')}: give one value per channel")
     return values
 
 
@@ -491,7 +494,7 @@ def _user_loader(spec: str, loader_kwargs, input_key) -> DataSource:
             raise InputError(f"{param('loader')} {spec!r}: calling it failed "
                              f"({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(obj, Iterable):
-        raise InputError(f"{param('loader')} {spec!r}: returned a {type(obj).__name__}, not an iterable of batches")
+        raise InputError(f"{param('loader')} {spec!r}: returned {a_type(obj)}, not an iterable of batches")
     n = len(obj.dataset) if hasattr(obj, "dataset") and hasattr(obj.dataset, "__len__") else None
     return DataSource(obj, f"--loader {spec}", n, input_key=input_key)
 

@@ -24,7 +24,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """
     text = str(device).strip()
     bad = InputError(f"{param('device')} {str(device)!r}: expected {DEVICES}", param="device")
-    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?|mps", text):  # ASCII digits, as torch parses them
+    if re.fullmatch(r"cpu(:(0|[1-9][0-9]{0,3}))?", text):  # torch.device("cpu", 0) is the CPU too (one device)
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:(0|[1-9][0-9]{0,3}))?|mps", text):  # ASCII digits, as torch parses them
         raise bad
     try:
         dev = torch.device(text)

@@ -88,3 +88,94 @@ class StrEnum(str, Enum):
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """'1 channel', '3 channels', '1,200 samples' (`nouns` for an irregular plural: plural(2, "pass", "passes"))."""
     return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def a_type(obj: object) -> str:
+    """'an int', 'a list': the type of `obj` with its article, for messages."""
+    name = type(obj).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def checked_arguments(function):
+    """`function` with its arguments checked against its type hints first: a wrong type raises InputError naming
+    the parameter ("example_inputs: expected a tensor or a sequence, got a str") instead of a TypeError or
+    AttributeError deep inside. Used on the public API's entry points (bntool.fold, bntool.recalibrate, …).
+
+    Only the outer types are checked (a Sequence, not its items); a str counts as a Sequence or Iterable only
+    where the hint names str somewhere (`Sequence[str]`); hints that cannot be read are not checked."""
+    import functools
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # a hint that names what is not importable at run time: check nothing rather than fail
+        return function
+    signature = inspect.signature(function)
+    allowed = {name: _runtime_classes(hint) for name, hint in hints.items() if name != "return"}
+    takes_str = {name for name, hint in hints.items() if _mentions_str(hint)}
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"{getattr(function, '__name__', 'call')}: {e}") from None
+        for name, value in bound.arguments.items():
+            classes = allowed.get(name)
+            if classes and signature.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                   inspect.Parameter.VAR_KEYWORD):
+                _check_argument(name, value, classes, name in takes_str)
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def _runtime_classes(hint) -> tuple[type, ...] | None:
+    """The classes an isinstance check accepts for a type hint; None when it cannot be checked (Any, Literal…)."""
+    import collections.abc
+    import numbers
+    import types
+    import typing
+
+    if hint is type(None):
+        return (type(None),)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_runtime_classes(h) for h in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(c for p in parts if p is not None for c in p)
+    if origin is not None:
+        hint = origin
+    if hint is float:
+        return (numbers.Real,)
+    if hint is int or hint is bool:
+        return (numbers.Integral,)
+    if hint is collections.abc.Callable:
+        return (collections.abc.Callable,)
+    return (hint,) if isinstance(hint, type) else None
+
+
+def _mentions_str(hint) -> bool:
+    """Whether str appears anywhere in a hint (`Sequence[str]`: the function judges a lone string itself)."""
+    import typing
+
+    return hint is str or any(_mentions_str(arg) for arg in typing.get_args(hint))
+
+
+def _check_argument(name: str, value: Any, classes: tuple[type, ...], takes_str: bool) -> None:
+    if isinstance(value, str) and not takes_str:
+        ok = False  # a string is not the tensors, batches or module a hint asks for, though it is a Sequence
+    else:
+        ok = isinstance(value, classes)
+    if not ok:
+        names = " or ".join(dict.fromkeys(_class_name(c) for c in classes))
+        raise InputError(f"{param(name)}: expected {names}, got {a_type(value)}", param=name)
+
+
+_CLASS_NAMES = {"Real": "a number", "Integral": "an integer", "NoneType": "None", "Sequence": "a sequence",
+                "Iterable": "an iterable", "Mapping": "a mapping", "Callable": "a callable", "PathLike": "a path",
+                "str": "a str", "Tensor": "a tensor", "Module": "a torch.nn.Module", "device": "a torch.device"}
+
+
+def _class_name(cls: type) -> str:
+    return _CLASS_NAMES.get(cls.__name__, f"a {cls.__name__}")

@@ -360,7 +360,7 @@ def test_weights_that_almost_fit_under_an_attribute_name_the_keys_that_differ_th
     torch.save({"state_dict": sd}, tmp_path / "almost.ckpt")
     result = cli("inspect", tmp_path / "almost.ckpt", "--arch", "bntool.zoo:resnet")
     assert_clean_error(result, contains="(the weights under 'model.'): does not fit --arch bntool.zoo:resnet: "
-                                        "1 missing keys (fc.bias)")
+                                        "1 missing key (fc.bias)")
 
 
 def test_top_level_weights_with_an_ema_copy_that_also_fits_take_the_top_level_ones(tmp_path, cli):

@@ -279,3 +279,54 @@ def test_demo_into_a_file(tmp_path, cli):
     target.write_text("mine")
     assert_clean_error(cli("demo", target), contains="not a directory")
     assert target.read_text() == "mine"
+
+
+# ---------------------------------------------------------------- API arguments and message wording
+
+
+@pytest.mark.parametrize("call, parameter", [
+    (lambda m, x: bntool.fold(m, "notatensor"), "example_inputs"),
+    (lambda m, x: bntool.recalibrate(m, data=5), "data"),
+    (lambda m, x: bntool.load_model("model.pt", arch=3), "arch"),
+    (lambda m, x: bntool.inspect("model.pt"), "model"),
+    (lambda m, x: bntool.recalibrate(m, [x], momentum="0.1"), "momentum"),
+    (lambda m, x: bntool.verify(m, x, samples=1.5, onnx=False), "samples"),
+    (lambda m, x: bntool.open_data(5), "source"),
+])
+def test_wrong_typed_api_arguments_are_input_errors_naming_the_parameter(call, parameter):
+    """Were raw TypeError/AttributeError from deep inside."""
+    model, x = zoo.build("resnet"), zoo.example_input("resnet")
+    with pytest.raises(InputError) as info:
+        call(model, x)
+    assert info.value.param == parameter and str(info.value).startswith(f"{parameter}: expected "), str(info.value)
+
+
+def test_the_cpu_with_an_index_is_the_cpu():
+    """torch.device("cpu", 0) (what `torch.device(kind, local_rank)` gives) was refused."""
+    model = zoo.build("resnet")
+    report = bntool.recalibrate(model, [zoo.example_input("resnet")], device=torch.device("cpu", 0))
+    assert report.samples == 2 and next(model.parameters()).device == torch.device("cpu")
+
+
+def test_counts_and_articles_read_as_english(tmp_path, monkeypatch):
+    sd = zoo.build("resnet").state_dict()
+    del sd["fc.bias"]
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(InputError, match=r"1 missing key \(fc.bias\)"):
+        bntool.load_model(tmp_path / "m.pt", arch="bntool.zoo:resnet")
+    _module_in(tmp_path, monkeypatch, "intloader", "def make():\n    return 3\n")
+    with pytest.raises(InputError, match="returned an int, not an iterable"):
+        bntool.open_data(loader="intloader:make")
+    from bntool.data import resolve_preprocessing
+
+    with pytest.raises(InputError, match="has 3 values, but input_shape has 1 channel: give one value per channel"):
+        resolve_preprocessing(bntool.ImageOptions(mean=(0.5, 0.5, 0.5)), input_shape=(1, 1, 28, 28))
+
+
+def test_an_input_key_that_is_not_there_says_which_keys_are():
+    """`--input-key nope` was told to name the input with --input-key."""
+    from bntool.data import first_input
+
+    with pytest.raises(InputError) as info:
+        first_input({"pixels": torch.zeros(1), "label": torch.zeros(1)}, input_key="nope")
+    assert str(info.value) == "input_key 'nope': the batch is a dict without it; its keys are ['label', 'pixels']"

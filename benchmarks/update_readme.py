@@ -1,4 +1,4 @@
-"""Write the saved benchmark tables (benchmarks/results/*.json) into README.md between its benchmark markers.
+"""Write the saved benchmark tables (benchmarks/results/*.json) into docs/benchmarks.md between its markers.
 
     python benchmarks/update_readme.py
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"  # the README links to it and keeps the headline figures
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 # (result file, what the table answers), in the order a reader meets the commands.
@@ -71,14 +72,14 @@ def section() -> str:
 
 
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    text = PAGE.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} … {END} block")
+        raise SystemExit(f"{PAGE.relative_to(ROOT)} has no {START} … {END} block")
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{section()}\n{END}", text,
                  flags=re.S)
-    readme.write_text(new)
-    print(f"README.md: {sum((RESULTS / f'{n}.json').exists() for n, _ in TABLES)} benchmark tables written")
+    PAGE.write_text(new)
+    print(f"{PAGE.relative_to(ROOT)}: {sum((RESULTS / f'{n}.json').exists() for n, _ in TABLES)} benchmark tables "
+          "written")
 
 
 if __name__ == "__main__":

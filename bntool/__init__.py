@@ -11,9 +11,21 @@ Attributes are imported on first use so that the command line starts without imp
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time each name is imported on first use
+    from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint, state_dict_of
+    from .data import ImageOptions, open_data
+    from .errors import BntoolError, CheckFailed, CorruptFileError, InputError, UnsupportedError, UserCodeError
+    from .folding import FoldPlan, FoldReport, fold, plan_fold
+    from .inspection import InspectReport, inspect
+    from .layers import ChannelAffine
+    from .layout import FoldLayout
+    from .onnx_export import ExportReport, export_onnx
+    from .recalibration import RecalibrationReport, recalibrate
+    from .verification import VerifyReport, verify
 
 _EXPORTS = {
     "inspect": "inspection",
@@ -37,7 +49,7 @@ _EXPORTS = {
     "state_dict_of": "checkpoint",
     "Checkpoint": "checkpoint",
     "ChannelAffine": "layers",
-    "open_source": "data",
+    "open_data": "data",
     "ImageOptions": "data",
     "BntoolError": "errors",
     "InputError": "errors",
@@ -47,11 +59,17 @@ _EXPORTS = {
     "CorruptFileError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # literal, so that linters and editors see the names imported under TYPE_CHECKING
+    "__version__", "inspect", "InspectReport", "fold", "FoldReport", "plan_fold", "FoldPlan", "FoldLayout",
+    "recalibrate", "RecalibrationReport", "export_onnx", "ExportReport", "verify", "VerifyReport", "load_checkpoint",
+    "load_model", "save_checkpoint", "state_dict_of", "Checkpoint", "ChannelAffine", "open_data", "ImageOptions",
+    "BntoolError", "InputError", "CheckFailed", "UnsupportedError", "UserCodeError", "CorruptFileError",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}
 # Entry points whose arguments are checked against their type hints (utils.checked_arguments): a wrong type is an
 # InputError naming the parameter, not a TypeError from deep inside.
 _CHECKED = {"inspect", "fold", "plan_fold", "recalibrate", "export_onnx", "verify", "load_checkpoint", "load_model",
-            "save_checkpoint", "open_source"}
+            "save_checkpoint", "open_data"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 import typer.core
@@ -141,15 +141,13 @@ def _require_eager(ckpt, operation: str) -> None:
                                "pass the state_dict with --arch instead")
 
 
-def _show(report, display: Display, renderer: str, context: dict | None = None, **options) -> None:
-    """Print a report as JSON (after `context`), or with the Rich renderer of that name in bntool.report
-    (nothing with -q)."""
+def _show(report, display: Display, render: Callable[..., None], context: dict | None = None, **options) -> None:
+    """Print a report as JSON (after `context`), or with `render(report, console, **options)`, one of
+    bntool.report's renderers (nothing with -q)."""
     if display.json_output:
         _print_json(report, context)
     elif not display.quiet:
-        from . import report as render
-
-        getattr(render, renderer)(report, _console(), **options)
+        render(report, _console(), **options)
 
 
 def _outputs(*inputs: tuple[Path | None, str]):
@@ -179,11 +177,12 @@ def inspect(
 
     An ONNX file (by content) needs no --arch: every BatchNormalization node and what fold would do."""
     from .inspection import inspect as inspect_model
+    from .report import render_inspect
 
     if _onnx_input(model):
         from .onnx_fold import inspect_onnx
 
-        return _show(inspect_onnx(model.ckpt), display, "render_inspect", _context(model), wide=wide)
+        return _show(inspect_onnx(model.ckpt), display, render_inspect, _context(model), wide=wide)
     where = device.resolve()
     loaded = model.load()
     inputs = None
@@ -191,7 +190,7 @@ def inspect(
         inputs = example.build(loaded.model, required=False, notes=loaded.notes)
     _tell(display, loaded)
     report = inspect_model(loaded.model, inputs, device=where)
-    _show(report, display, "render_inspect", _context(model, loaded=loaded), wide=wide)
+    _show(report, display, render_inspect, _context(model, loaded=loaded), wide=wide)
     if display.quiet and not display.json_output:
         from .report import few_updates_warning
 
@@ -231,6 +230,7 @@ def fold(
     from .checkpoint import write_checkpoint
     from .files import OutputKind
     from .folding import fold as fold_model
+    from .report import render_fold
 
     if _onnx_input(model):
         return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as)
@@ -251,13 +251,13 @@ def fold(
                                     atol=tolerances.atol, skip=skip or (), device=where, merge=merge)
     except CheckFailed as e:
         if e.report is not None:
-            _show(e.report, display, "render_fold", _context(model, loaded=loaded))
+            _show(e.report, display, render_fold, _context(model, loaded=loaded))
         raise CheckFailed(f"{e.message}; nothing written", report=e.report) from e
     with outputs:
         write_checkpoint(loaded, folded, out.output, lambda writer: outputs.write(out.output, writer),
                          keep_training_state=keep_extra)
         outputs.commit()
-    _wrote(display, report, "render_fold", _context(model, loaded=loaded), out.output,
+    _wrote(display, report, render_fold, _context(model, loaded=loaded), out.output,
            _left_out(loaded, out.output, keep_training_state=keep_extra))
 
 
@@ -293,6 +293,7 @@ def _input_shapes(example: ExampleInputs):
 
 def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as) -> None:
     from .onnx_fold import fold_onnx
+    from .report import render_fold
 
     if out.output.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
         raise InputError(f"-o {out.output}: a PyTorch checkpoint name for the folded ONNX file; name it .onnx")
@@ -303,9 +304,9 @@ def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_a
                            affine_as=affine_as.value, force=out.force)
     except CheckFailed as e:
         if e.report is not None:
-            _show(e.report, display, "render_fold", context)
+            _show(e.report, display, render_fold, context)
         raise
-    _wrote(display, report, "render_fold", context, out.output, [])
+    _wrote(display, report, render_fold, context, out.output, [])
 
 
 @app.command(cls=_Command)
@@ -403,6 +404,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
     from .checkpoint import write_checkpoint
     from .files import OutputKind
     from .recalibration import recalibrate as recalibrate_model
+    from .report import render_recalibrate
     from .segments import parse_bytes
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"))
@@ -446,7 +448,7 @@ def _recalibrate(model: ModelSource, out: FileOutput, data: DataOptions, images:
 
             outputs.write(settings.plot, lambda tmp: plot_recalibration(report, tmp))
         outputs.commit()
-    _wrote(display, report, "render_recalibrate", _context(model, source, loaded), out.output,
+    _wrote(display, report, render_recalibrate, _context(model, source, loaded), out.output,
            _left_out(loaded, out.output), quiet=quiet)
 
 
@@ -471,6 +473,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     from .onnx_export import check_provider
     from .onnx_model import load_onnx, plan_onnx_output, save_onnx
     from .onnx_recalibration import onnx_input_shape, recalibrate_onnx
+    from .report import render_recalibrate
     from .segments import parse_bytes
 
     where = str(device.resolve())
@@ -500,9 +503,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
         recalibrated, report = recalibrate_onnx(onnx_file, source, provider=provider, cache_budget=budget,
                                                 progress=callback, **options)
     if source.skipped:
-        from .utils import plural
-
-        _say(f"warning: skipped {plural(len(source.skipped), 'unreadable image')} (first: {source.skipped[0]})")
+        _say(f"warning: {_skipped_line(source)}")
     with outputs:
         save_onnx(recalibrated, out.output, outputs, onnx_file)
         if plot is not None:
@@ -510,7 +511,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
 
             outputs.write(plot, lambda tmp: plot_recalibration(report, tmp))
         outputs.commit()
-    _wrote(display, report, "render_recalibrate", _context(model, source), out.output, [], quiet=display.quiet)
+    _wrote(display, report, render_recalibrate, _context(model, source), out.output, [], quiet=display.quiet)
 
 
 def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:
@@ -529,11 +530,11 @@ def _left_out(loaded, out: Path, keep_training_state: bool = True) -> list[str]:
             "would fail (--keep-extra keeps it)"] if dropped else []
 
 
-def _wrote(display: Display, report, renderer: str, context: dict, out: Path, notes: list[str],
+def _wrote(display: Display, report, render: Callable[..., None], context: dict, out: Path, notes: list[str],
            quiet: bool = False) -> None:
     """The report of a command that wrote `out`, with what the file leaves out (also under "notes" in JSON)."""
     context["notes"] = [*context.get("notes", []), *notes]
-    _show(report, display, renderer, context)
+    _show(report, display, render, context)
     if display.json_output or display.quiet or quiet:
         return
     console = _console()
@@ -597,6 +598,7 @@ def export_onnx(
     from .onnx_export import check_provider, plan_outputs
     from .onnx_export import export_onnx as export_model
     from .onnx_model import is_onnx_file
+    from .report import render_export
 
     if is_onnx_file(model.ckpt):
         raise InputError(f"{model.ckpt}: is already an ONNX file; to fold its BatchNorm nodes run "
@@ -622,9 +624,9 @@ def export_onnx(
             protect=protect, device=where)
     except CheckFailed as e:
         if e.report is not None:
-            _show(e.report, display, "render_export", context)
+            _show(e.report, display, render_export, context)
         raise
-    _show(report, display, "render_export", context)
+    _show(report, display, render_export, context)
 
 
 @app.command(cls=_Command)
@@ -664,6 +666,7 @@ def verify(
     --rtol/--atol apply to the fold check, --onnx-rtol/--onnx-atol to the ONNX check; both mean: an element
     passes when |Δ| ≤ atol + rtol·|reference|.
     """
+    from .report import render_verify
     from .verification import junit_error_xml, markdown_error, to_junit_xml, to_markdown
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"),
@@ -678,8 +681,8 @@ def verify(
         else:
             if reference is not None:
                 raise InputError("--reference: compares two ONNX files; for a PyTorch checkpoint use --onnx")
-            report, context = _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx,
-                                      exporter, samples, num_batches, onnx_rtol, onnx_atol)
+            checks = VerifyChecks(tolerances, onnx, skip_onnx, exporter, samples, num_batches, onnx_rtol, onnx_atol)
+            report, context = _verify(model, example, data, images, checks, device, display)
     except Exception as e:  # the CI dashboard must say why verify could not run
         message = _one_line(e.render(flag_name) if isinstance(e, BntoolError) else
                             f"internal error: {type(e).__name__}: {e}")
@@ -687,7 +690,7 @@ def verify(
                           markdown_error(message))
         raise
     _write_ci_reports(outputs, junit_xml, to_junit_xml(report), summary_md, step_summary, to_markdown(report))
-    _show(report, display, "render_verify", context)
+    _show(report, display, render_verify, context)
     if not report.passed:
         failed = ", ".join(c.name for c in report.checks if not c.passed)
         raise CheckFailed(f"verification failed: {failed}")
@@ -703,22 +706,36 @@ def _plan_ci_reports(outputs, junit_xml: Path | None, summary_md: Path | None, f
         outputs.add(summary_md, OutputKind.REPORT, force=force, what="--summary-md", same_kind=is_markdown_report)
 
 
-def _verify(model, example, data, images, tolerances, device, display, onnx, skip_onnx, exporter, samples,
-            num_batches, onnx_rtol, onnx_atol):
+@dataclass
+class VerifyChecks:
+    """What verify checks and how closely: its options that belong to no group."""
+
+    tolerances: Tolerances  # the fold check's
+    onnx: Path | None  # a file to check instead of a fresh export
+    skip_onnx: bool
+    exporter: str
+    samples: int
+    num_batches: int  # of --data, checked besides the random inputs
+    onnx_rtol: float | None
+    onnx_atol: float | None
+
+
+def _verify(model: ModelSource, example: ExampleInputs, data: DataOptions, images: ImagePreprocessing,
+            checks: VerifyChecks, device: Device, display: Display):
     from .verification import verify as verify_model
 
     where = device.resolve()
     loaded = model.load()
     _require_eager(loaded, "verify")
     inputs = example.build(loaded.model, notes=loaded.notes)
-    batches, source = data.batches(num_batches, inputs[0], model=loaded.model, image=images.image_options(),
-                                   workers=images.workers, fixed_batch=onnx is not None)  # a given file may be fixed
+    batches, source = data.batches(checks.num_batches, inputs[0], model=loaded.model, image=images.image_options(),
+                                   workers=images.workers, fixed_batch=checks.onnx is not None)  # a file may be fixed
     _warn_skipped(source)
     _tell(display, loaded, source)
     report = verify_model(
-        loaded.model, inputs, onnx_path=onnx, onnx=not skip_onnx, exporter=exporter, samples=samples,
-        seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol, onnx_atol=onnx_atol,
-        data=batches, device=where)
+        loaded.model, inputs, onnx_path=checks.onnx, onnx=not checks.skip_onnx, exporter=checks.exporter,
+        samples=checks.samples, seed=example.seed, rtol=checks.tolerances.rtol, atol=checks.tolerances.atol,
+        onnx_rtol=checks.onnx_rtol, onnx_atol=checks.onnx_atol, data=batches, device=where)
     return report, _context(model, source, loaded)
 
 
@@ -780,9 +797,10 @@ def demo(
 ) -> None:
     """Run inspect → recalibrate → fold → export-onnx → verify on a built-in model and generated data."""
     from .demo import run_demo
+    from .report import render_demo
 
     report = run_demo(directory, force=force, exporter=exporter)
-    _show(report, display, "render_demo", _context())
+    _show(report, display, render_demo, _context())
     if not report.passed:
         raise CheckFailed("the demo's checks failed; nothing written")
 

@@ -89,6 +89,7 @@ class Comparison:
     # candidate against the original run in float64.
     float64_error_original: float | None = None
     float64_error_candidate: float | None = None
+    optimization: str | None = None  # ONNX checks: the onnxruntime graph optimisation level it ran at
 
     def __bool__(self) -> bool:
         return self.passed

@@ -362,7 +362,7 @@ def check_fits(batch: torch.Tensor, example: torch.Tensor, what: str = "data") -
                          f"{_shape(example.shape)} (each sample must be {tuple(example.shape[1:])})")
 
 
-def open_source(
+def open_data(
     source: str | os.PathLike | None = None,
     *,
     loader: str | None = None,

@@ -57,8 +57,8 @@ class BntoolError(Exception):
         return self.render()
 
 
-class InputError(BntoolError):
-    """A file, option or model that cannot be used as given."""
+class InputError(BntoolError, ValueError):
+    """A file, option or model that cannot be used as given (a ValueError too, as Python code expects)."""
 
 
 class UnsupportedError(BntoolError):

@@ -101,7 +101,6 @@ def export_onnx(
     rtol: float | None = None,
     atol: float | None = None,
     provider: str = "cpu",
-    strict: bool = False,
     force: bool = False,
     check: bool = True,
     keep_failed: bool = False,
@@ -126,7 +125,6 @@ def export_onnx(
         rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
             atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
         provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
-        strict: kept for compatibility: a file that fails the check is never left at `path`.
         force: replace an existing file at `path` (never a PyTorch checkpoint).
         check: raise CheckFailed when the check fails (else return the failed report).
         keep_failed: keep a file that failed the check as `model.FAILED.onnx` (planned and checked up front).
@@ -461,10 +459,7 @@ def check_provider(provider: str) -> None:
 # onnxruntime's default level fuses Conv+BN and more when it loads a file; with optimisations off it runs the graph
 # as written, as TensorRT, OpenVINO or a mobile converter receive it. The check runs both.
 OPTIMIZATION_LEVELS = ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL")
-
-
-def _level_of(label: str) -> str:
-    return next((level for level in OPTIMIZATION_LEVELS[1:] if label.endswith(f"({level})")), OPTIMIZATION_LEVELS[0])
+UNOPTIMIZED_LABEL = "{} ({})"  # an input's label at a level other than the default: words only, never parsed
 
 
 def ort_session(path: str | os.PathLike, provider: str = "cpu", optimization: str = "ORT_ENABLE_ALL"):
@@ -585,7 +580,7 @@ def compare_runs(
         session = None
     result.comparisons = [c for label, _ in cases for c in by_case[label]]
     for level in OPTIMIZATION_LEVELS:
-        mine = [c for c in result.comparisons if _level_of(c.input) == level]
+        mine = [c for c in result.comparisons if c.optimization == level]
         failed = sum(not c.passed for c in mine)
         result.notes.append(f"onnxruntime {level}: {len(mine) - failed} of {len(mine)} comparisons passed")
     return result
@@ -595,19 +590,22 @@ def _compare_case(session, names, label, xs, level, expected, reference_name, pa
                   result: OnnxCheck) -> list[Comparison]:
     """One input at one optimisation level: each output against the reference's."""
     # Labels of the default level stay as they are; the unoptimised run says so.
-    level_label = label if level == OPTIMIZATION_LEVELS[0] else f"{label} ({level})"
+    level_label = label if level == OPTIMIZATION_LEVELS[0] else UNOPTIMIZED_LABEL.format(label, level)
     try:
         got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
     except Exception as e:
         message = f"onnxruntime failed: {_exporter_message(e)}"
         result.notes.append(f"{level_label}: {message}")
-        return [Comparison.failure(level_label, "*", message)]
+        failure = Comparison.failure(level_label, "*", message)
+        failure.optimization = level
+        return [failure]
     out_names = [o.name for o in session.get_outputs()]
     if len(got) != len(expected):
         raise CheckFailed(f"{path}: returns {len(got)} outputs, {reference_name} returns {len(expected)}")
     comparisons = []
     for name, ref, out in zip(out_names, expected, got):
         c = compare_arrays(level_label, name, ref, out, tolerance)
+        c.optimization = level
         if not c.passed and candidate_check is not None:
             candidate_check(c, xs, ref, out, name)
         comparisons.append(c)

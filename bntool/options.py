@@ -74,6 +74,7 @@ class ExampleInputs:
             if required:
                 raise InputError("--input-shape is required, e.g. --input-shape 1,3,224,224")
             return None
+        torch_dtype: Any
         if self.dtype is None:
             torch_dtype = model_dtype(model)
         else:
@@ -144,11 +145,11 @@ class DataOptions:
 
     def open(self, image=None, *, model=None, input_shape=None, workers: int = 0, strict: bool = False,
              seed: int = 0, rank: int = 0, world_size: int = 1):
-        """The DataSource (bntool.data.open_source); images are preprocessed as `image` (an ImageOptions),
+        """The DataSource (bntool.data.open_data); images are preprocessed as `image` (an ImageOptions),
         `input_shape` and the model's own data config say, in that order (bntool.data.resolve_preprocessing)."""
-        from .data import open_source
+        from .data import open_data
 
-        return open_source(self.data, loader=self.loader, loader_kwargs=self.loader_kwargs,
+        return open_data(self.data, loader=self.loader, loader_kwargs=self.loader_kwargs,
                            batch_size=self.batch_size, num_workers=workers, image=image, model=model,
                            input_shape=input_shape, npz_key=self.npz_key, input_key=self.input_key, strict=strict,
                            seed=seed, rank=rank, world_size=world_size)
@@ -163,7 +164,7 @@ class DataOptions:
         from .data import check_fits
 
         source = self.open(image, model=model, input_shape=tuple(example.shape), workers=workers)
-        batches = []
+        batches: list[Any] = []
         stream = iter(source)
         while len(batches) < num_batches:
             try:
@@ -171,7 +172,7 @@ class DataOptions:
                     x = next(stream)
             except StopIteration:
                 break
-            check_fits(x, example, self.data if self.data is not None else f"--loader {self.loader}")
+            check_fits(x, example, str(self.data) if self.data is not None else f"--loader {self.loader}")
             pieces = [p for p in x.split(len(example)) if len(p) == len(example)] if fixed_batch else [x]
             batches.extend(p.to(example.dtype) for p in pieces)
         return batches[:num_batches], source

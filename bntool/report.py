@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .inspection import FEW_UPDATES_FLAG
+from .inspection import HealthKind
 from .utils import plural
 
 ACTION_STYLE = {"folded": "green", "folded-forward": "green", "affine": "yellow", "refused": "red"}
@@ -97,7 +97,7 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
     table = _inspect_wide(report) if wide else _inspect_compact(report, console.width)
     console.print(table)
     console.print(INSPECT_LEGEND if wide else COMPACT_LEGEND, style="dim")
-    bad = [layer for layer in report.layers if _problems(layer.flags)]
+    bad = [layer for layer in report.layers if layer.problems]
     console.print(f"{plural(len(report.layers), 'BN layer')}, {len(bad)} with health problems; "
                   f"{report.total_params:,} parameters.")
     if not wide:
@@ -110,7 +110,7 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
 
 def few_updates_warning(report) -> str:
     """The inspect warning about BN layers that averaged few batches ("" when none did); -q shows it too."""
-    few = [layer for layer in report.layers if any(f.startswith(FEW_UPDATES_FLAG) for f in layer.flags)]
+    few = [layer for layer in report.layers if any(f.kind == HealthKind.FEW_UPDATES for f in layer.health)]
     if not few:
         return ""
     counts = sorted(layer.num_batches_tracked for layer in few)
@@ -141,10 +141,6 @@ def _reasons(layers) -> list[str]:
     return lines
 
 
-def _problems(flags: list[str]) -> list[str]:
-    return [f for f in flags if not f.startswith(FEW_UPDATES_FLAG)]
-
-
 def _inspect_wide(report) -> Table:
     table = Table(title=f"{len(report.layers)} BatchNorm layers", show_lines=False)
     for col in ("layer", "type", "C", "eps", "mom.", "affine", "tracked", "running_mean", "running_var",
@@ -156,18 +152,18 @@ def _inspect_wide(report) -> Table:
         row = [layer.name, layer.type, str(layer.channels), fmt(layer.eps), fmt(layer.momentum),
                "yes" if layer.affine else "no", str(layer.num_batches_tracked if layer.track_running_stats else "off"),
                _range(layer.running_mean), _range(layer.running_var), _range(layer.weight), _range(layer.bias),
-               _health_cell(layer.flags)]
+               _health_cell(layer)]
         if report.fold_planned:
             row.append(_fold_cell(layer.fold_action, layer.fold_target, layer.fold_reason))
         table.add_row(*row)
     return table
 
 
-def _health_cell(flags: list[str], short: bool = False) -> str:
-    if not flags:
+def _health_cell(layer, short: bool = False) -> str:
+    if not layer.health:
         return "[green]ok[/]"
-    shown = [f.split(":")[0] if short else f for f in flags]
-    style = "yellow" if not _problems(flags) else "red"
+    shown = [f.message.split(":")[0] if short else f.message for f in layer.health]
+    style = "yellow" if not layer.problems else "red"
     return f"[{style}]" + "; ".join(shown) + "[/]"
 
 
@@ -177,7 +173,7 @@ def _inspect_compact(report, width: int) -> Table:
     folds = report.fold_planned
     return bn_table(f"{len(layers)} BatchNorm layers", [layer.name for layer in layers],
                     [layer.type for layer in layers], [layer.channels for layer in layers], width,
-                    healths=[_health_cell(layer.flags, short=True) for layer in layers],
+                    healths=[_health_cell(layer, short=True) for layer in layers],
                     actions=[layer.fold_action for layer in layers] if folds else None,
                     targets=[layer.fold_target for layer in layers] if folds else None)
 
@@ -220,7 +216,7 @@ def bn_table(title: str, names: list[str], types: list[str], channels: list[int]
         if healths is not None:
             row.append(healths[i])
         if actions_text is not None:
-            action, target = actions_text[i], targets_text[i]
+            action, target = actions_text[i], targets_text[i] if targets_text is not None else ""
             style = ACTION_STYLE.get(action, "")
             cell = f"[{style}]{action}[/]" if style else action
             if target:
@@ -510,7 +506,6 @@ class RecalibrationProgress:
         self.bar.update(self.task, total=total, completed=completed, description=f"pass {pass_number}{of}",
                         rate=rate)
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
-        return False

@@ -78,7 +78,7 @@ class StrEnum(str, Enum):
     """A str Enum whose members print and format as their value (enum.StrEnum is Python ≥ 3.11 only)."""
 
     __str__ = str.__str__
-    __format__ = str.__format__
+    __format__ = str.__format__  # type: ignore[assignment]
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
@@ -143,7 +143,7 @@ def _runtime_classes(hint) -> tuple[type, ...] | None:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         parts = [_runtime_classes(h) for h in typing.get_args(hint)]
-        return None if any(p is None for p in parts) else tuple(c for p in parts for c in p)
+        return None if any(p is None for p in parts) else tuple(c for p in parts if p is not None for c in p)
     if origin is not None:
         hint = origin
     if hint is float:

@@ -22,9 +22,6 @@ from .devices import check_not_meta, modes_kept, moved_to, to_device
 from .errors import CheckFailed
 from .utils import plural
 
-# Health flags that make eval-mode outputs wrong; others (near-dead channels) are reported, not failed.
-FATAL_FLAGS = ("NaN/Inf", "never updated", "var <= eps", "no running statistics")
-
 
 @dataclass
 class Check:
@@ -126,16 +123,16 @@ def check_health(model: nn.Module) -> Check:
 
 def health_check(report) -> Check:
     """The bn-health check of an InspectReport (a PyTorch model's or an ONNX file's)."""
-    fatal = {layer.name: [f for f in layer.flags if any(k in f for k in FATAL_FLAGS)] for layer in report.layers}
-    fatal = {k: v for k, v in fatal.items() if v}
-    warned = {layer.name: layer.flags for layer in report.layers if layer.flags and layer.name not in fatal}
+    # The verdict reads each flag's kind (HealthFlag.fatal), never its words.
+    fatal = {layer.name: [f.message for f in layer.health if f.fatal] for layer in report.layers if layer.fatal}
+    warned = {layer.name: layer.flags for layer in report.layers if layer.health and not layer.fatal}
     if fatal:
         first = next(iter(fatal))
         summary = f"{len(fatal)} of {plural(len(report.layers), 'BN layer')} unhealthy, e.g. {first}: {fatal[first][0]}"
     else:
-        first = next(iter(warned), None)
+        warned_first = next(iter(warned), "")
         summary = f"{plural(len(report.layers), 'BN layer')} healthy" + (
-            f" ({len(warned)} with warnings, e.g. {first}: {warned[first][0]})" if warned else "")
+            f" ({len(warned)} with warnings, e.g. {warned_first}: {warned[warned_first][0]})" if warned else "")
     return Check("bn-health", not fatal, summary, {"layers": len(report.layers), "failed": fatal, "warnings": warned})
 
 
@@ -184,6 +181,7 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
     figures: dict[str, Any]
     if onnx_path is None and folding.not_run:
         return Check("onnx-equivalence", False, folding.not_run)
+    report: Any  # an OnnxCheck or an ExportReport: both hold comparisons and notes
     if onnx_path is not None:
         graph = load_checked(onnx_path)
         try:
@@ -243,7 +241,7 @@ def junit_error_xml(message: str, name: str = "verify") -> str:
 
 
 def _xml(suite: ET.Element) -> str:
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
 def figures_text(figures: dict[str, Any], indent: str = "") -> str:

@@ -7,7 +7,7 @@ randomized BN statistics (so that folding them is not a no-op); `ZOO[name].input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -383,6 +383,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     from .layers import bn_modules
 
     with torch.no_grad():
+        m: Any
         for _, m in bn_modules(model):
             c = m.running_mean.numel()
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)

@@ -5,7 +5,7 @@ learning rate. It does not average BN buffers (`use_buffers=False`, the default)
 last model, which were measured on a network other than the averaged one. `bntool recalibrate` re-estimates
 them on training images, from the command line as a user would run it; `update_bn` is shown beside it.
 
-    python examples/weight_averaging.py
+    python examples/weight_averaging.py [--quick]
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ def train_swa(epochs: int, swa_epochs: int, seed: int = 0):
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="train for fewer epochs (what the tests run)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    last, averaged, (x_train, _), (x_test, y_test) = train_swa(epochs=10, swa_epochs=5)
+    epochs, swa_epochs = (5, 3) if args.quick else (10, 5)
+    last, averaged, (x_train, _), (x_test, y_test) = train_swa(epochs=epochs, swa_epochs=swa_epochs)
     print(f"last checkpoint:                       {accuracy(last, x_test, y_test):.1%}")
     print(f"averaged weights, stale BN statistics: {accuracy(averaged, x_test, y_test):.1%}")
     with_update_bn = copy.deepcopy(averaged)
@@ -51,7 +54,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.save({"state_dict": averaged.state_dict(), "epoch": 10}, tmp / "swa.pt")
+        torch.save({"state_dict": averaged.state_dict(), "epoch": epochs}, tmp / "swa.pt")
         torch.save(x_train, tmp / "train_images.pt")
         here = Path(__file__).resolve().parent
         cmd = [sys.executable, "-m", "bntool", "recalibrate", str(tmp / "swa.pt"), "--arch", "digits:DigitsNet",

@@ -165,14 +165,14 @@ def test_timm_model_preprocessing_matches_timms_own_transform(tmp_path):
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from bntool.data import open_source
+    from bntool.data import open_data
 
     model = resolve_factory("timm:efficientnet_b0").build(num_classes=10)
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(1)
     Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(folder / "wide.png")
-    source = open_source(folder, model=model, input_shape=(1, 3, 64, 64), batch_size=1)
+    source = open_data(folder, model=model, input_shape=(1, 3, 64, 64), batch_size=1)
     p = source.preprocessing
     assert (p.interpolation, p.resize, p.sources["mean"]) == ("bicubic", 73, "the model's pretrained_cfg")
     (batch,) = list(source)

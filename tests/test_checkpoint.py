@@ -250,6 +250,7 @@ def test_atomic_write_ctrl_c_leaves_nothing_and_keeps_old_file(tmp_path):
     assert files_in(tmp_path) == {"out.pt"} and target.read_bytes() == b"old"
 
 
+@pytest.mark.slow
 def test_killed_process_leaves_no_output(tmp_path, resnet_sd):
     """SIGKILL in the middle of a save: the target never appears half-written."""
     out = tmp_path / "out.pt"

@@ -21,7 +21,7 @@ from bntool.data import (
     check_fits,
     first_input,
     image_to_tensor,
-    open_source,
+    open_data,
     resolve_preprocessing,
     shard_batches,
 )
@@ -238,7 +238,7 @@ def png_folder(tmp_path):
 
 
 def test_small_images_at_the_default_size_warn_about_upscaling(png_folder):
-    source = open_source(png_folder, batch_size=5)
+    source = open_data(png_folder, batch_size=5)
     assert source.preprocessing.size == (224, 224)
     assert len(source.warnings) == 1 and "upscaled 4.0×" in source.warnings[0]
     assert "--input-shape 1,3,64,64" in source.warnings[0]
@@ -248,7 +248,7 @@ def test_small_images_at_the_default_size_warn_about_upscaling(png_folder):
 def test_images_at_the_input_shape_are_their_own_pixels(png_folder):
     from PIL import Image
 
-    source = open_source(png_folder, batch_size=12, input_shape=(1, 3, 64, 64),
+    source = open_data(png_folder, batch_size=12, input_shape=(1, 3, 64, 64),
                          image=ImageOptions(center_crop=False))
     assert source.warnings == []
     (batch,) = list(source)
@@ -266,7 +266,7 @@ def test_images_at_the_input_shape_are_their_own_pixels(png_folder):
 
 def test_timm_model_config_reaches_the_images(png_folder):
     model = WithConfig(EFFNET_CFG)
-    source = open_source(png_folder, batch_size=4, model=model, input_shape=(1, 3, 64, 64))
+    source = open_data(png_folder, batch_size=4, model=model, input_shape=(1, 3, 64, 64))
     p = source.preprocessing
     assert p.interpolation == "bicubic" and p.resize == 73
     assert p.sources["interpolation"] == "the model's pretrained_cfg"
@@ -277,10 +277,10 @@ def test_timm_model_config_reaches_the_images(png_folder):
 def test_tensor_file_that_does_not_fit_the_input_shape(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((8, 3, 224, 224), dtype=np.float32))
     with pytest.raises(InputError) as e:
-        open_source(tmp_path / "x.npy", input_shape=(1, 3, 64, 64))
+        open_data(tmp_path / "x.npy", input_shape=(1, 3, 64, 64))
     assert str(e.value) == (f"{tmp_path / 'x.npy'}: samples of shape (3, 224, 224) do not fit input_shape "
                             "1,3,64,64 (each sample must be (3, 64, 64))")
-    ok = open_source(tmp_path / "x.npy", input_shape=(1, 3, 224, 224))
+    ok = open_data(tmp_path / "x.npy", input_shape=(1, 3, 224, 224))
     assert ok.summary() == f"8 samples of shape (3, 224, 224) from {tmp_path / 'x.npy'}, used as they are"
 
 
@@ -313,11 +313,11 @@ def test_a_strip_image_too_large_to_resize_is_refused_naming_it(tmp_path, worker
 
     folder = write_pngs(tmp_path / "imgs", 2, 40)
     Image.fromarray(np.zeros((1, 100_000, 3), dtype=np.uint8)).save(folder / "strip.png")
-    source = open_source(folder, batch_size=4, num_workers=workers)
+    source = open_data(folder, batch_size=4, num_workers=workers)
     with pytest.raises(InputError) as e:
         list(source)
     message = str(e.value)
     assert message.startswith(f"{folder / 'strip.png'}: an image of 100000×1 pixels would be resized to "
                               "25,600,000×256 before the center crop"), message
-    squashed = open_source(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
+    squashed = open_data(folder, batch_size=4, num_workers=workers, image=ImageOptions(center_crop=False))
     assert [tuple(b.shape) for b in squashed] == [(3, 3, 224, 224)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import PYTHON
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.slow]  # each test starts torchrun processes
 
 
 def torchrun(*args, env_extra=None, nproc=2):

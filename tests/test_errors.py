@@ -254,6 +254,7 @@ def test_huge_example_input_is_an_input_error(tmp_path, cli, resnet_sd):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_library_warnings_only_with_debug(tmp_path, resnet_sd):
     # A subprocess: in-process, pytest's own warning capture would swallow what --debug shows.
     (tmp_path / "noisy_arch.py").write_text(
@@ -290,7 +291,7 @@ def test_demo_into_a_file(tmp_path, cli):
     (lambda m, x: bntool.inspect("model.pt"), "model"),
     (lambda m, x: bntool.recalibrate(m, [x], momentum="0.1"), "momentum"),
     (lambda m, x: bntool.verify(m, x, samples=1.5, onnx=False), "samples"),
-    (lambda m, x: bntool.open_source(5), "source"),
+    (lambda m, x: bntool.open_data(5), "source"),
 ])
 def test_wrong_typed_api_arguments_are_input_errors_naming_the_parameter(call, parameter):
     """Were raw TypeError/AttributeError from deep inside."""
@@ -315,7 +316,7 @@ def test_counts_and_articles_read_as_english(tmp_path, monkeypatch):
         bntool.load_model(tmp_path / "m.pt", arch="bntool.zoo:resnet")
     _module_in(tmp_path, monkeypatch, "intloader", "def make():\n    return 3\n")
     with pytest.raises(InputError, match="returned an int, not an iterable"):
-        bntool.open_source(loader="intloader:make")
+        bntool.open_data(loader="intloader:make")
     from bntool.data import resolve_preprocessing
 
     with pytest.raises(InputError, match="has 3 values, but input_shape has 1 channel: give one value per channel"):

@@ -1,4 +1,4 @@
-"""Every example runs end to end (on CPU, quickly) and shows what it claims."""
+"""Every example runs end to end (on CPU, in its --quick mode: full size is a benchmark) and shows what it claims."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_domain_shift_recovers_accuracy(tmp_path):
 
 @needs_sklearn
 def test_weight_averaging_restores_accuracy():
-    out = run(EXAMPLES / "weight_averaging.py")
+    out = run(EXAMPLES / "weight_averaging.py", "--quick")
     stale = percent(out, "averaged weights, stale BN statistics:")
     fixed = percent(out, "averaged weights, recalibrated BN:")
     assert fixed > stale + 5 and fixed > 85
@@ -69,6 +69,7 @@ def test_bring_your_own_model():
     assert "folded checkpoint keeps your other keys: epoch=90" in out
 
 
+@pytest.mark.slow
 def test_ci_example_command_line(tmp_path, resnet_sd):
     """The workflow's verify invocation, on a real checkpoint and ONNX file."""
     onnx_path = tmp_path / "model.onnx"

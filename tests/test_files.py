@@ -306,6 +306,7 @@ def _run_interrupted(point: str, *args, signal_name: str = "INT") -> subprocess.
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before-commit", "during-commit", "after-commit"])
 def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
     ckpt = workspace / "in.pt"
@@ -332,6 +333,7 @@ def test_ctrl_c_around_the_commit_tells_the_truth(workspace, point):
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before-commit", "during-commit"])
 def test_sigterm_unwinds_like_ctrl_c_and_never_cuts_a_commit_short(workspace, point):
     """CI runners cancel a job with SIGTERM: Python's default would end the process mid-rename, leaving one
@@ -352,6 +354,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_never_cuts_a_commit_short(workspace, po
     assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_interpreter_shutdown_prints_no_traceback(workspace):
     """A Ctrl-C after the command finished (torch's exit handlers run for a while) once printed a
     KeyboardInterrupt traceback under "Wrote ...". An exit handler registered first runs last: it sends SIGINT."""
@@ -370,6 +373,7 @@ def test_ctrl_c_during_interpreter_shutdown_prints_no_traceback(workspace):
     torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_export_interrupted_during_the_check_leaves_nothing(workspace):
     out = workspace / "m.onnx"
     result = _run_interrupted("check", "export-onnx", workspace / "in.pt", *ARCH, *SHAPE, "-o", out,

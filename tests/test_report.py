@@ -20,6 +20,7 @@ from bntool.recalibration import LayerShift, RecalibrationReport, recalibrate
 from bntool.report import (
     RecalibrationProgress,
     dumps,
+    few_updates_warning,
     render_demo,
     render_fold,
     render_inspect,
@@ -257,3 +258,102 @@ def test_the_demos_follow_up_command_stays_one_line_at_80_columns():
     report.steps = [{"step": "inspect", "bn_layers": 6}]
     line = next(line for line in rendered(render_demo, report, width=80).splitlines() if line.startswith("Try:"))
     assert line.endswith("--input-shape 1,3,32,32") and len(line) > 80  # the terminal wraps it, not a newline
+
+
+def _sick_model() -> nn.Sequential:
+    """One BN per health kind (NaN, var ≤ eps, never updated, near-dead, few updates, no statistics, a fold
+    that overflows float16), between convs so that each is planned."""
+    layers = []
+    for _ in range(7):
+        layers += [nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)]
+    model = zoo.randomize_bn(nn.Sequential(*layers)).eval()
+    model[13] = nn.BatchNorm2d(4, track_running_stats=False).eval()
+    with torch.no_grad():
+        model[1].running_mean[0] = float("nan")
+        model[3].running_var[:2] = 0.0
+        model[5].running_mean.zero_(), model[5].running_var.fill_(1.0)
+        model[7].weight[1] = 0.0
+        model[9].num_batches_tracked.fill_(7)
+        model[11].weight[0] = 1e6  # folded weights beyond float16's 65504
+    return model
+
+
+def _verdicts(model: nn.Module, onnx_path) -> dict:
+    from bntool.onnx_export import DEFAULT_TOLERANCE, compare_with_onnxruntime
+
+    x = torch.randn(2, 4, 5, 5)
+    report = inspect(model, x)
+    health = check_health(model)
+    onnx = compare_with_onnxruntime(model[:2], onnx_path, (x,), DEFAULT_TOLERANCE, samples=1)
+    return {"passed": health.passed, "failed": sorted(health.figures["failed"]),
+            "warned": sorted(health.figures["warnings"]),
+            "kinds": [[(f.kind, f.fatal) for f in layer.health] for layer in report.layers],
+            "problems": [len(layer.problems) for layer in report.layers],
+            "few_updates_warning": bool(few_updates_warning(report)),
+            "levels": sorted((c.optimization, c.passed) for c in onnx.comparisons),
+            "level_notes": [n.split(":")[-1] for n in onnx.notes]}
+
+
+def test_rewording_every_message_changes_no_verdict(tmp_path, monkeypatch):
+    """Verdicts read kinds and fields, never words: every health message and the unoptimised ONNX label are
+    reworded, each fatal message into a harmless one's words and back, and nothing decided changes."""
+    from bntool import inspection, onnx_export
+    from bntool.inspection import HEALTH_MESSAGES, HealthKind
+
+    model = _sick_model()
+    x = torch.randn(2, 4, 5, 5)
+    torch.onnx.export(model[:2], (x,), tmp_path / "m.onnx", dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    before = _verdicts(model, tmp_path / "m.onnx")
+    assert not before["passed"] and len(before["failed"]) == 4 and before["few_updates_warning"]
+    assert {k for layer in before["kinds"] for k, _ in layer} >= set(HealthKind) - {HealthKind.FOLD_SUBNORMAL}
+    words = {k: "few updates: near-dead " + str(i) if k in inspection.FATAL_KINDS else
+             "NaN/Inf never updated var <= eps no running statistics " + str(i)
+             for i, k in enumerate(HEALTH_MESSAGES)}
+    monkeypatch.setattr(inspection, "HEALTH_MESSAGES", words)
+    monkeypatch.setattr(onnx_export, "UNOPTIMIZED_LABEL", "{0} at level 0 (ORT_ENABLE_ALL)")
+    after = _verdicts(model, tmp_path / "m.onnx")
+    assert inspect(model).layers[0].flags[0].startswith("few updates: near-dead")  # the words did change
+    assert after == before
+
+
+def test_inspect_flags_folds_that_give_subnormal_or_half_overflowing_weights(cli, tmp_path, monkeypatch):
+    """#21 §3: conv-BN-ReLU-conv-BN with half of γ at 1e-39 (L1-pruned channels) folds to subnormal float32
+    weights; a γ of 1e5 times weights of 10 folds beyond float16. Both warn in inspect and verify, never fail."""
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                           nn.BatchNorm2d(8))).eval()
+    with torch.no_grad():
+        model[1].weight[:4] = 1e-39
+        model[4].weight[0] = 1e5
+        model[3].weight.mul_(100)
+    x = torch.randn(1, 3, 8, 8)
+    layers = inspect(model, x).layers
+    kinds = [[f.kind.value for f in layer.health] for layer in layers]
+    assert kinds == [["near-dead-gamma", "fold-subnormal"], ["fold-overflows-half"]], kinds
+    assert "in 4 channels" in layers[0].flags[1] and "beyond float16 in 1 channel" in layers[1].flags[0]
+    assert not any(layer.fatal for layer in layers) and check_health(model).passed
+    # What the fold would write, in float64: the flag says the truth about it.
+    scale = model[1].weight.double() / (model[1].running_var.double() + model[1].eps).sqrt()
+    written = (model[0].weight.double() * scale.view(-1, 1, 1, 1)).float().abs()
+    assert int(((written > 0) & (written < torch.finfo(torch.float32).tiny)).any(dim=(1, 2, 3)).sum()) == 4
+
+    # The weights the fold multiplies decide: a scale of 1e-36 is normal, times weights of 1e-3 it is not.
+    with torch.no_grad():
+        model[1].weight[:4] = 1e-36
+        model[0].weight.mul_(1e-3 / model[0].weight.abs().max())
+    assert "fold-subnormal" not in [f.kind for f in inspect(model).layers[0].health]
+    assert "fold-subnormal" in [f.kind for f in inspect(model, x).layers[0].health]
+
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "pruned.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), "
+        "nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli("inspect", tmp_path / "m.pt", "--arch", "pruned:build", "--input-shape", "1,3,8,8", "--json")
+    assert result.code == 0, result.err
+    first = json.loads(result.out)["layers"][0]
+    assert {"kind": "fold-subnormal", "fatal": False}.items() <= first["health"][-1].items()
+    assert first["flags"] == [f["message"] for f in first["health"]]
+    text = cli("inspect", tmp_path / "m.pt", "--arch", "pruned:build", "--input-shape", "1,3,8,8").out
+    assert "subnormal fold" in " ".join(text.split()) and "1 with health problems" in text

@@ -325,7 +325,7 @@ def test_inspect_quiet_still_warns_and_a_folded_model_says_it_was_folded(cli, tm
 def test_the_python_api_lists_itself_and_counts_fold_actions():
     import bntool
 
-    assert {"fold", "recalibrate", "open_source", "verify"} <= set(dir(bntool))
+    assert {"fold", "recalibrate", "open_data", "verify"} <= set(dir(bntool))
     _, report = bntool.fold(zoo.build("resnet"), zoo.example_input("resnet"))
     assert report.counts == {"folded": 6, "folded-forward": 0, "affine": 0, "refused": 0}
     assert json.loads(json.dumps(report.to_dict(), default=str))["counts"] == report.counts

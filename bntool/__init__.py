@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name i
     from .layers import ChannelAffine
     from .layout import FoldLayout
     from .onnx_export import ExportReport, export_onnx
+    from .onnx_recalibration import recalibrate_onnx, recalibrate_onnx_file
     from .recalibration import RecalibrationReport, recalibrate
     from .verification import VerifyReport, verify
 
@@ -61,15 +62,16 @@ _EXPORTS = {
 
 __all__ = [  # literal, so that linters and editors see the names imported under TYPE_CHECKING
     "__version__", "inspect", "InspectReport", "fold", "FoldReport", "plan_fold", "FoldPlan", "FoldLayout",
-    "recalibrate", "RecalibrationReport", "export_onnx", "ExportReport", "verify", "VerifyReport", "load_checkpoint",
-    "load_model", "save_checkpoint", "state_dict_of", "Checkpoint", "ChannelAffine", "open_data", "ImageOptions",
-    "BntoolError", "InputError", "CheckFailed", "UnsupportedError", "UserCodeError", "CorruptFileError",
+    "recalibrate", "RecalibrationReport", "recalibrate_onnx", "recalibrate_onnx_file", "export_onnx", "ExportReport",
+    "verify", "VerifyReport", "load_checkpoint", "load_model", "save_checkpoint", "state_dict_of", "Checkpoint",
+    "ChannelAffine", "open_data", "ImageOptions", "BntoolError", "InputError", "CheckFailed", "UnsupportedError",
+    "UserCodeError", "CorruptFileError",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 # Entry points whose arguments are checked against their type hints (utils.checked_arguments): a wrong type is an
 # InputError naming the parameter, not a TypeError from deep inside.
-_CHECKED = {"inspect", "fold", "plan_fold", "recalibrate", "export_onnx", "verify", "load_checkpoint", "load_model",
-            "save_checkpoint", "open_data"}
+_CHECKED = {"inspect", "fold", "plan_fold", "recalibrate", "recalibrate_onnx", "recalibrate_onnx_file", "export_onnx",
+            "verify", "load_checkpoint", "load_model", "save_checkpoint", "open_data"}
 
 
 def __getattr__(name: str) -> Any:

@@ -404,34 +404,37 @@ STATS = "bntool.statistics"
 
 
 def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, list, list[str]]:
-    """Nodes that give each measured tensor's per-channel mean and sum of squared deviations from it over the
-    batch and every position (two passes, as torch.var_mean: no E[x²] - E[x]² cancellation), and its shape
-    as (N, C, positions); in float32, or float64 for a float64 model. Computed in onnxruntime, next to the
-    tensor: no copy of it comes out unless the cache keeps it."""
+    """Nodes that give, for each measured tensor seen as (N, C, positions): a per-channel centre c (its mean,
+    summed in float32: only a centre) and the float64 sums of x - c and of its square over the batch and the
+    positions, plus the shape. `_accumulate` turns them into the mean and the centred sum of squares without
+    E[x²] - E[x]² cancellation or a long float32 sum (whose rounding grows with the count). No copy of the
+    tensor comes out unless the cache keeps it."""
     from onnx import TensorProto, helper
 
     flat = helper.make_tensor(f"{STATS}.flat", TensorProto.INT64, [3], [0, 0, -1])  # (N, C, everything else)
-    inits, nodes, outputs = [flat], [], []
-    axes_as_input = opset >= 18
-    if axes_as_input:
-        inits.append(helper.make_tensor(f"{STATS}.axes", TensorProto.INT64, [2], [0, 2]))
+    inits = [flat, helper.make_tensor(f"{STATS}.all", TensorProto.INT64, [2], [0, 2])]
+    nodes, outputs = [], []
 
-    def reduce(op, x, y):
-        if axes_as_input:
-            return helper.make_node(op, [x, f"{STATS}.axes"], [y], keepdims=1)
+    def reduce(op, x, y, axes):
+        since = 13 if op == "ReduceSum" else 18  # when `axes` became an input
+        if opset >= since:
+            return helper.make_node(op, [x, f"{STATS}.{axes}"], [y], keepdims=1)
         return helper.make_node(op, [x], [y], axes=[0, 2], keepdims=1)
 
     wide = np.dtype(dtype) == np.float64
     for i, x in enumerate(measured):
         p = f"{STATS}.{i}"
         nodes.append(helper.make_node("Reshape", [x, f"{STATS}.flat"], [f"{p}.x"]))
-        if not wide:  # half-precision activations are measured in float32
+        if not wide:  # half-precision activations are centred in float32
             nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
         xf = f"{p}.x" if wide else f"{p}.xf"
-        nodes += [reduce("ReduceMean", xf, f"{p}.mean"), helper.make_node("Sub", [xf, f"{p}.mean"], [f"{p}.d"]),
-                  reduce("ReduceSumSquare", f"{p}.d", f"{p}.m2"),
+        nodes += [reduce("ReduceMean", xf, f"{p}.centre", "all"),
+                  helper.make_node("Sub", [xf, f"{p}.centre"], [f"{p}.d32"]),
+                  helper.make_node("Cast", [f"{p}.d32"], [f"{p}.d"], to=TensorProto.DOUBLE),
+                  reduce("ReduceSum", f"{p}.d", f"{p}.s1", "all"),
+                  reduce("ReduceSumSquare", f"{p}.d", f"{p}.s2", "all"),
                   helper.make_node("Shape", [f"{p}.x"], [f"{p}.shape"])]
-        outputs += [f"{p}.mean", f"{p}.m2", f"{p}.shape"]
+        outputs += [f"{p}.centre", f"{p}.s1", f"{p}.s2", f"{p}.shape"]
     return nodes, inits, outputs
 
 
@@ -527,12 +530,14 @@ def _run_chunk(session, wanted, feeds, x, index) -> list[np.ndarray]:
 
 
 def _accumulate(stats: ChannelStats, values: dict[str, np.ndarray], prefix: str) -> None:
-    """One batch's per-channel count, mean and sum of squared deviations (from `_statistics_nodes`), merged in
-    float64."""
+    """One batch's per-channel count, mean and centred sum of squares from `_statistics_nodes`' float64 sums
+    about the centre c: mean = c + S1/n, M2 = S2 - S1²/n (c is near the mean, so S1 is small);
+    merged into `stats` with Chan's formula."""
     n_batch, _, positions = (int(v) for v in values[f"{prefix}.shape"])
-    mean = torch.from_numpy(values[f"{prefix}.mean"].reshape(-1))
-    m2 = torch.from_numpy(values[f"{prefix}.m2"].reshape(-1))
-    stats.add(n_batch * positions, mean, m2.double())
+    n = n_batch * positions
+    centre = values[f"{prefix}.centre"].reshape(-1).astype(np.float64)
+    s1, s2 = values[f"{prefix}.s1"].reshape(-1), values[f"{prefix}.s2"].reshape(-1)
+    stats.add(n, torch.from_numpy(centre + s1 / n), torch.from_numpy(np.maximum(s2 - s1 * s1 / n, 0.0)))
 
 
 # ---------------------------------------------------------------- writing back

@@ -206,3 +206,26 @@ def test_a_file_with_external_data_is_written_with_its_own(tmp_path):
     for (m0, v0), (m1, v1) in zip(onnx_statistics(expected), onnx_statistics(written), strict=True):
         np.testing.assert_allclose(m1, m0, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)
+
+
+def test_statistics_keep_float64_accuracy_over_many_values_far_from_zero():
+    """131,072 values per channel around 1000 with σ 0.5: a float32 sum over the batch is off by far more than
+    float32's last place; the statistics are numpy's float64 ones, cast once."""
+    from onnx import TensorProto, helper
+
+    c = 2
+    inits = [numpy_helper.from_array(np.full(c, v, np.float32), n) for n, v in
+             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
+                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, 256, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = torch.Generator().manual_seed(0)
+    data = [1000 + 0.5 * torch.randn(2, c, 256, 256, generator=g) for _ in range(2)]
+    recalibrate_onnx(proto, data)
+    (mean, var), = onnx_statistics(proto)
+    x = torch.cat(data).double().numpy()
+    ref_mean, ref_var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3), ddof=1)
+    stored = ref_mean.astype(np.float32)  # the file holds float32: within one unit in its last place
+    assert (np.abs(mean - stored) <= np.spacing(stored)).all(), (mean, ref_mean)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-6)

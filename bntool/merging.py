@@ -304,7 +304,7 @@ def _probed_affine(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> 
 
 
 def is_pass_through_module(module: nn.Module) -> bool:
-    return isinstance(module, nn.Identity) or (
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0) or (
         type(module).__name__ in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath")
         and not module.training)
 
@@ -501,7 +501,8 @@ def _terms_by_source(gm: fx.GraphModule, root: fx.Node) -> dict[fx.Node, list[tu
         if not isinstance(term, fx.Node) or not _is_module_call(gm, term):
             continue
         first = term
-        while _is_module_call(gm, first.args[0]) and len(first.args[0].users) == 1:
+        while (_is_module_call(gm, first.args[0]) or is_pass_through(gm, first.args[0])) \
+                and len(first.args[0].users) == 1:
             first = first.args[0]
         groups.setdefault(first.args[0], []).append((term, sign))
     for term, sign in terms:  # identity branches: the source itself

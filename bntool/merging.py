@@ -423,6 +423,7 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     for n, m in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(m), []).append(n)
     records, decisions = [], []
+    names_in_order = [n for n, _ in model.named_modules()]
     for name, module in reversed(candidate_modules(flow, model)):  # inner blocks first: merged, they are
         # linear branches of an outer sum (FastViT's RepMixer: x + γ·(mixer(x) − norm(x)))
         if not name or id(module) not in calls:
@@ -435,7 +436,8 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
         if recs:
             replace_module(model, name, new)
             records += recs
-    return records, decisions
+    order = {n: i for i, n in enumerate(names_in_order)}
+    return records, sorted(decisions, key=lambda d: order.get(d.module, -1))  # reported in model order
 
 
 def _copied(value: Any) -> Any:

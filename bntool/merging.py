@@ -304,7 +304,7 @@ def _probed_affine(module: nn.Module, shape: torch.Size, like: torch.Tensor) -> 
 
 
 def is_pass_through_module(module: nn.Module) -> bool:
-    return isinstance(module, nn.Identity) or (
+    return isinstance(module, nn.Identity) or (isinstance(module, nn.Sequential) and len(module) == 0) or (
         type(module).__name__ in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath")
         and not module.training)
 
@@ -423,6 +423,7 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
     for n, m in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(m), []).append(n)
     records, decisions = [], []
+    names_in_order = [n for n, _ in model.named_modules()]
     for name, module in reversed(candidate_modules(flow, model)):  # inner blocks first: merged, they are
         # linear branches of an outer sum (FastViT's RepMixer: x + γ·(mixer(x) − norm(x)))
         if not name or id(module) not in calls:
@@ -435,7 +436,8 @@ def merge_branches(model: nn.Module, inputs: tuple) -> tuple[list[MergeRecord], 
         if recs:
             replace_module(model, name, new)
             records += recs
-    return records, decisions
+    order = {n: i for i, n in enumerate(names_in_order)}
+    return records, sorted(decisions, key=lambda d: order.get(d.module, -1))  # reported in model order
 
 
 def _copied(value: Any) -> Any:
@@ -501,7 +503,8 @@ def _terms_by_source(gm: fx.GraphModule, root: fx.Node) -> dict[fx.Node, list[tu
         if not isinstance(term, fx.Node) or not _is_module_call(gm, term):
             continue
         first = term
-        while _is_module_call(gm, first.args[0]) and len(first.args[0].users) == 1:
+        while (_is_module_call(gm, first.args[0]) or is_pass_through(gm, first.args[0])) \
+                and len(first.args[0].users) == 1:
             first = first.args[0]
         groups.setdefault(first.args[0], []).append((term, sign))
     for term, sign in terms:  # identity branches: the source itself

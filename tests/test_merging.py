@@ -231,7 +231,9 @@ def test_corrupt_merge_record_is_an_input_error():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0"])
 def test_timm_reparameterisable_models_merge_like_timm(name):
-    timm = pytest.importorskip("timm")
+    from test_arch import timm_or_skip
+
+    timm = timm_or_skip()  # imported as bntool imports it
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)

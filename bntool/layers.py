@@ -84,6 +84,42 @@ class ChannelAffine(nn.Module):
         return f"{self.scale.numel()}" + (", centered" if self.center is not None else "")
 
 
+class DepthwiseAffine(nn.Module):
+    """What a depthwise 1×1 conv (groups = in = out channels, stride 1, no padding) computes, x·w + b per channel,
+    as one mul and one add: the same float ops (bit for bit on CPU), without PyTorch's slow per-channel conv
+    path at small batches. `dims`: the conv's spatial dims, so batched and unbatched inputs both broadcast."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dims: int):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", shift.clone())
+
+    @classmethod
+    def empty(cls, num_features: int, dims: int, like: torch.Tensor) -> DepthwiseAffine:
+        """Identity scale and shift of `like`'s dtype and device, to be filled by load_state_dict."""
+        return cls(like.new_ones(num_features), like.new_zeros(num_features), dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = [-1] + [1] * self.dims
+        return x * self.scale.view(view) + self.shift.view(view)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.numel()}, dims={self.dims}"
+
+
+def plain_depthwise_1x1(module: nn.Module) -> bool:
+    """A plain Conv1d/2d/3d (no subclass, no hooks) whose output channel c is x[c]·w[c] + b[c] elementwise."""
+    if type(module) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    c = module.in_channels
+    return (module.groups == c == module.out_channels and all(k == 1 for k in module.kernel_size)
+            and all(s == 1 for s in module.stride)
+            and (module.padding in ("valid", "same") or all(p == 0 for p in module.padding)))
+
+
 # BN+activation classes whose forward is exactly: normalize, then self.drop (if any), then self.act (timm's
 # BatchNormAct2d family). Folded, they become a FoldedNormAct: plain modules, no per-call interception.
 NORM_ACT_CLASS_NAMES = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}

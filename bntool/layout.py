@@ -19,12 +19,14 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from .errors import InputError
 from .layers import (
     ChannelAffine,
+    DepthwiseAffine,
     FoldedNormAct,
     bn_num_features,
     has_standard_forward,
     is_bn,
     make_custom_bn_folded,
     norm_act_parts,
+    plain_depthwise_1x1,
     replace_module,
 )
 from .rewrite import MergeRecord, apply_merges
@@ -40,7 +42,8 @@ class FoldLayout:
     """Module names a fold changed: BNs now Identity, BNs now ChannelAffine (some `centered`: subtract the
     mean first), conv/linear layers that gained a bias, and BN+act layers now a FoldedNormAct (`norm_act`:
     their Identity/ChannelAffine sits inside it, before their own drop and act). `merges`: summed branches
-    merged into one layer afterwards (MergeRecord JSON, applied in order)."""
+    merged into one layer afterwards (MergeRecord JSON, applied in order). `depthwise_affine`: depthwise 1×1
+    convs a BN folded into, now a DepthwiseAffine (named as in the model after its merges)."""
 
     identity: list[str] = field(default_factory=list)
     affine: list[str] = field(default_factory=list)
@@ -48,9 +51,10 @@ class FoldLayout:
     bias_added: list[str] = field(default_factory=list)
     norm_act: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
+    depthwise_affine: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.identity or self.affine or self.bias_added or self.merges)
+        return bool(self.identity or self.affine or self.bias_added or self.merges or self.depthwise_affine)
 
     def merged(self, later: FoldLayout) -> FoldLayout:
         """This layout followed by a later fold of the same model (a BN folded once is no BN the next time)."""
@@ -59,7 +63,8 @@ class FoldLayout:
 
         return FoldLayout(union(self.identity, later.identity), union(self.affine, later.affine),
                           union(self.centered, later.centered), sorted(set(self.bias_added) | set(later.bias_added)),
-                          union(self.norm_act, later.norm_act), [*self.merges, *later.merges])
+                          union(self.norm_act, later.norm_act), [*self.merges, *later.merges],
+                          union(self.depthwise_affine, later.depthwise_affine))
 
     def to_dict(self) -> dict[str, list[str]]:
         return asdict(self)
@@ -130,6 +135,16 @@ class FoldLayout:
                 ones, zeros = like.new_ones(c), like.new_zeros(c)
                 make_custom_bn_folded(bn, ones if affine else None, zeros if affine else None)
         apply_merges(model, [MergeRecord.from_json(text) for text in self.merges])
+        modules = dict(model.named_modules(remove_duplicate=False))
+        made: dict[int, DepthwiseAffine] = {}  # a conv registered under several names stays one module
+        for name in self.depthwise_affine:
+            conv = named_module(modules, name)
+            if id(conv) not in made and not plain_depthwise_1x1(conv):
+                raise InputError(f"fold layout turns {name!r} into a per-channel affine, but it is a "
+                                 f"{type(conv).__name__}, not a depthwise 1×1 conv in this architecture")
+            if id(conv) not in made:
+                made[id(conv)] = DepthwiseAffine.empty(conv.out_channels, conv.weight.dim() - 2, conv.weight)
+            replace_module(model, name, made[id(conv)])
         attach_layout(model, self)
         return model
 

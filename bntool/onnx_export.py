@@ -545,21 +545,24 @@ def compare_runs(
     data: Iterable[torch.Tensor] | None = None,
     provider: str = "cpu",
     candidate_check=None,
+    inputs_like=None,
 ) -> OnnxCheck:
     """onnxruntime on `path`, at each optimisation level, against `reference(label, inputs)` (a list of arrays:
     PyTorch's outputs, or another ONNX file's in onnxruntime) on the example, random and data inputs. The
     reference runs once per input, before the levels; then `reference.close()`, if it has one (an onnxruntime
     reference gives its memory back before the candidate's sessions are made). `candidate_check(comparison,
     inputs, reference_array, candidate_array, output_name)` may re-judge a failed comparison (the float64 arbiter
-    of an ONNX fold). Comparisons are listed input by input, the default level first."""
+    of an ONNX fold). `inputs_like`: something with `get_inputs()` describing `path`'s inputs as a session does
+    (a fold's original file, whose inputs the folded file keeps): no session on `path` is made just to read them.
+    Comparisons are listed input by input, the default level first."""
     # One session at a time, level by level: a large model is held once by onnxruntime, not once per level.
-    session = ort_session(path, provider, OPTIMIZATION_LEVELS[0])
-    result = OnnxCheck(provider=session.get_providers()[0])
-    check_signature(session, inputs, path)
-    names = [i.name for i in session.get_inputs()]
+    session = ort_session(path, provider, OPTIMIZATION_LEVELS[0]) if inputs_like is None else None
+    described = session if session is not None else inputs_like
+    result = OnnxCheck(provider=session.get_providers()[0] if session is not None else provider)
+    check_signature(described, inputs, path)
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
     g = random_stream(seed)
-    for b in _batch_sizes(session, inputs):
+    for b in _batch_sizes(described, inputs):
         for i in range(samples):
             shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
             cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
@@ -574,6 +577,9 @@ def compare_runs(
     for level in OPTIMIZATION_LEVELS:
         if session is None:
             session = ort_session(path, provider, level)
+            check_signature(session, inputs, path)
+            result.provider = session.get_providers()[0]
+        names = [i.name for i in session.get_inputs()]
         for label, xs in cases:
             by_case[label].extend(_compare_case(session, names, label, xs, level, expected[label], reference_name,
                                                 path, tolerance, candidate_check, result))

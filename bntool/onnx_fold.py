@@ -97,15 +97,16 @@ class OnnxFoldPlan:
 
 
 def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tuple[int, ...]] | None = None,
-                   example: dict[str, np.ndarray] | None = None) -> OnnxFoldPlan:
+                   example: dict[str, np.ndarray] | None = None, graph: OnnxGraph | None = None) -> OnnxFoldPlan:
     """Decide, for each BatchNormalization node, where its math goes, with the shared planner's rules
     (bntool.folding.planner) on the ONNX graph: into the layers producing its input (across Add, Concat,
     Reshape, Transpose, …), else into the one layer reading its output, else an exact per-channel affine; left
     as it is, with the reason, when its statistics are not constants or are broken, it runs in training mode, it
     sits in a subgraph or function, or `skip` names it. `input_shapes`: concrete shapes for symbolic input
     dimensions (1 where not given), for the planner's channel mappings; `example` (inputs by name): shapes
-    inference cannot tell come from one onnxruntime run on it."""
-    graph = OnnxGraph.of(model, input_shapes, example)
+    inference cannot tell come from one onnxruntime run on it. `graph`: OnnxGraph.of(model, …) made already (the
+    same one can then apply the plan)."""
+    graph = graph if graph is not None else OnnxGraph.of(model, input_shapes, example)
     plan = OnnxFoldPlan()
     for bn in batch_norm_nodes(model):
         plan.steps.append(_decide(bn, graph, skip))
@@ -286,13 +287,15 @@ def _index_of(graph, node) -> int:
 
 def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
                          input_shapes: dict[str, tuple[int, ...]] | None = None,
-                         example: dict[str, np.ndarray] | None = None) -> TensorChanges:
+                         example: dict[str, np.ndarray] | None = None, graph: OnnxGraph | None = None
+                         ) -> TensorChanges:
     """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
     (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
     depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
     initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
-    model in memory; `changes.apply_to(model)` puts them in the model)."""
-    graph = OnnxGraph.of(model, input_shapes, example)
+    model in memory; `changes.apply_to(model)` puts them in the model). `graph`: the OnnxGraph the plan was
+    made on, if the model has not changed since (saves building it again)."""
+    graph = graph if graph is not None else OnnxGraph.of(model, input_shapes, example)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
     layers = {node_name(node): node for node in model.graph.node}
@@ -545,9 +548,11 @@ def fold_onnx(
 
     shapes = {spec.name: tuple(x.shape) for spec, x in zip(_graph_inputs(model), inputs)}
     feed = {spec.name: x.numpy() for spec, x in zip(_graph_inputs(model), inputs)}
-    plan = plan_onnx_fold(model, skip, shapes, feed)
+    graph = OnnxGraph.of(model, shapes, feed)  # once, for the plan and its surgery
+    plan = plan_onnx_fold(model, skip, graph=graph)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    changes = apply_onnx_fold_plan(model, plan, affine_as, shapes, feed)
+    changes = apply_onnx_fold_plan(model, plan, affine_as, graph=graph)
+    del graph
     report.decisions = plan.decisions
     report.batch_norm_ops_after = _bn_count(model)
     report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))
@@ -630,6 +635,10 @@ class OriginalRuns:
     def close(self) -> None:
         self.session = None
 
+    def get_inputs(self) -> list:
+        """The original's graph inputs as onnxruntime describes them (the folded file keeps them)."""
+        return self.open().get_inputs()
+
     def __call__(self, label: str, xs: tuple) -> list:
         session = self.open()
         feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), xs)}
@@ -690,7 +699,7 @@ def _check(original: OriginalRuns, staged: Path, inputs, tolerance, samples, see
 
     try:
         return compare_runs(original, "the original file", staged, inputs, tolerance, samples=samples, seed=seed,
-                            provider=provider, candidate_check=arbitrate)
+                            provider=provider, candidate_check=arbitrate, inputs_like=original)
     except InputError as e:
         if str(original.path) in str(e):
             raise

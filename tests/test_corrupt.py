@@ -170,6 +170,8 @@ LAYOUTS = {
     "unknown entry": _uint8(b'{"whatever": ["bn1"]}'),
     "centered but not affine": _uint8(b'{"centered": ["bn1"]}'),
     "structure without weights": _uint8(b'{"affine": ["bn1"]}'),  # says affine, the weights are a BN's
+    "depthwise affine on a linear": _uint8(b'{"depthwise_affine": ["fc1"]}'),  # fc1 is no depthwise 1x1 conv
+    "depthwise affine on nothing": _uint8(b'{"depthwise_affine": ["nope"]}'),
 }
 
 

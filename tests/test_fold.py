@@ -25,7 +25,7 @@ from bntool.folding import (
     mean_in_stds,
     plan_fold,
 )
-from bntool.layers import ChannelAffine, FoldedNormAct
+from bntool.layers import ChannelAffine, DepthwiseAffine, FoldedNormAct
 
 ULPS = 8 * torch.finfo(torch.float32).eps
 
@@ -136,14 +136,27 @@ def test_conv_bn_fold_is_exact(c):
     folded, report = fold(model, x, samples=1)
     assert [d.action for d in report.decisions] == [FOLDED]
     assert report.batch_norm_ops_after == 0
-    assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
+    layer = as_conv(folded[0], model[0])
+    assert isinstance(folded[1], nn.Identity) and layer.bias is not None
     assert_exact_in_float64(model, x)
     ref = reference64(model, x)
     with torch.no_grad():
         err_folded = (folded(x).double() - ref).abs().max()
         err_plain = (model(x).double() - ref).abs().max()
     # Folded float32 is as accurate as the unfolded float32 model, up to the folded conv's own rounding.
-    assert err_folded <= 1.5 * err_plain + rounding_budget(folded[0], x)
+    assert err_folded <= 1.5 * err_plain + rounding_budget(layer, x)
+
+
+def as_conv(layer: nn.Module, original: nn.Module) -> nn.Module:
+    """The folded conv; a depthwise 1×1 conv that became a DepthwiseAffine (#19) as that conv again."""
+    if not isinstance(layer, DepthwiseAffine):
+        return layer
+    conv = copy.deepcopy(original)
+    assert conv.groups == conv.in_channels == conv.out_channels and set(conv.kernel_size) == {1}
+    with torch.no_grad():
+        conv.weight.copy_(layer.scale.view_as(conv.weight))
+        conv.bias = nn.Parameter(layer.shift.clone())
+    return conv
 
 
 @st.composite
@@ -592,7 +605,8 @@ def test_fold_across_sums_and_concats_is_exact(c):
         out = folded(x).double()
         err_folded, err_plain = (out - ref).abs().max(), (model(x).double() - ref).abs().max()
     # Each folded conv rounds on its own; the sum adds one rounding of its result.
-    budget = sum(rounding_budget(conv, x) for conv in folded.convs) + 2 * ULPS * float(ref.abs().max())
+    budget = sum(rounding_budget(as_conv(conv, original), x) for conv, original in zip(folded.convs, model.convs)) \
+        + 2 * ULPS * float(ref.abs().max())
     assert err_folded <= 1.5 * err_plain + budget
 
 

@@ -388,3 +388,20 @@ def test_a_bn_inside_a_subgraph_is_left_with_its_reason(tmp_path):
     assert layer.fold_action == "refused" and "subgraph 'then_branch' of If 'if'" in layer.fold_reason
     report = fold_onnx(path, tmp_path / "out.onnx", samples=1)
     assert report.passed and report.counts["refused"] == 1
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "mlp", "preact", "trap"])
+def test_the_onnx_plan_is_the_same_without_the_probe_shortcut(zoo_files, name, monkeypatch):
+    """#18: the planner's probe-free shortcut (a layer feeding its BN directly) changes no ONNX decision."""
+    from bntool.folding import planner
+    from bntool.onnx_fold import plan_onnx_fold
+
+    model = onnx.load(str(zoo_files[name][1]))
+
+    def plan():
+        return [(s.decision, s.targets) for s in plan_onnx_fold(model).steps]
+
+    fast = plan()
+    monkeypatch.setattr(planner, "_direct_channels", lambda *a: None)
+    monkeypatch.setattr(planner, "_direct_consumer_channels", lambda *a: None)
+    assert fast == plan()

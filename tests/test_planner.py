@@ -130,3 +130,62 @@ def test_fed_by_a_graph_input():
     g.nodes = [bn]
     with pytest.raises(NoFold, match="fed by a model input"):
         producer_targets(g, "x", lambda n: n is bn, 2)
+
+
+# ---------------------------------------------------------------- the probe-free shortcut (#18)
+
+
+def _plans_with_and_without_shortcut(make_plan, monkeypatch):
+    """The plan as made, and as made with every channel mapping decided by the probe."""
+    from bntool.folding import planner
+
+    calls = []
+    probe = planner.channel_probe
+    monkeypatch.setattr(planner, "channel_probe", lambda *a: calls.append(1) or probe(*a))
+    fast = make_plan()
+    probes_used = len(calls)
+    monkeypatch.setattr(planner, "_direct_channels", lambda *a: None)
+    monkeypatch.setattr(planner, "_direct_consumer_channels", lambda *a: None)
+    return fast, make_plan(), probes_used
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet", "tokens", "preact", "acnet", "dbb", "decoder"])
+def test_shortcut_gives_the_probe_plan(name, monkeypatch):
+    from bntool import zoo
+    from bntool.folding import plan_fold
+
+    model, x = zoo.build(name), zoo.example_input(name)
+    fast, probed, _ = _plans_with_and_without_shortcut(lambda: plan_fold(model, x), monkeypatch)
+    assert fast.steps == probed.steps
+
+
+def test_a_conv_feeding_its_bn_needs_no_probe(monkeypatch):
+    """ResNet-like: every BN reads its conv directly (or a sum of convs): no channel probe at all."""
+    from bntool import zoo
+    from bntool.folding import FOLDED, plan_fold
+
+    model, x = zoo.build("resnet"), zoo.example_input("resnet")
+    fast, probed, probes_used = _plans_with_and_without_shortcut(lambda: plan_fold(model, x), monkeypatch)
+    assert probes_used == 0 and all(d.action == FOLDED for d in fast.decisions)
+    assert fast.steps == probed.steps
+
+
+def test_shortcut_concat_offsets_match_the_probe(monkeypatch):
+    """A BN after a channel concat of two convs, one of them itself a concat: offsets as the probe has them."""
+    import torch
+
+    from bntool.folding import plan_fold
+
+    class Cats(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Conv2d(3, n, 1) for n in (2, 3, 4))
+            self.bn = torch.nn.BatchNorm2d(9)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.a(x), torch.cat([self.b(x), self.c(x)], dim=-3)], 1))
+
+    model, x = Cats().eval(), torch.randn(1, 3, 4, 4)
+    fast, probed, probes_used = _plans_with_and_without_shortcut(lambda: plan_fold(model, x), monkeypatch)
+    assert probes_used == 0 and fast.steps == probed.steps
+    assert [t.channels for t in fast.steps[0].targets] == [[0, 1], [2, 3, 4], [5, 6, 7, 8]]

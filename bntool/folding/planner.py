@@ -224,7 +224,9 @@ def _producer_channels(graph: FoldGraph, node: Any, path: list, channels: int) -
     out = graph.output(node)
     shape = graph.shape(out)
     out_axis = graph.channel_axes(node)[1] % len(shape)
-    per_bn = channel_map(_carry(graph, path, channel_probe(shape, out_axis)), 1)
+    per_bn = _direct_channels(graph, path, shape, out_axis)
+    if per_bn is None:
+        per_bn = channel_map(_carry(graph, path, channel_probe(shape, out_axis)), 1)
     layer_channels = shape[out_axis]
     if per_bn is None or sorted(c for c in per_bn if c >= 0) != list(range(layer_channels)) or len(per_bn) != channels:
         raise NoFold("the reshape between conv/linear and BN mixes channels")
@@ -233,6 +235,25 @@ def _producer_channels(graph: FoldGraph, node: Any, path: list, channels: int) -
         if layer_channel >= 0:
             mapping[layer_channel] = bn_channel
     return mapping
+
+
+def _direct_channels(graph: FoldGraph, path: list, shape: tuple[int, ...], out_axis: int) -> list[int] | None:
+    """What `_carry` + `channel_map` give, without a probe, where nothing moves data on the path (sums, and
+    concats along axis 1): the layer's channel c is BN channel offset + c. None where a probe must decide."""
+    if out_axis != 1 or 0 in shape or any(step[0] == "move" for step in path):
+        return None
+    channels, offset = shape[1], 0
+    total = channels
+    for step in path:
+        if step[0] != "cat":
+            continue
+        parts = [graph.shape(p) for p in graph.inputs(step[1])]
+        if graph.concat_axis(step[1]) % len(parts[0]) != 1:
+            return None
+        offset += sum(p[1] for p in parts[:step[2]])
+        total = sum(p[1] for p in parts)
+    before, after = [-1] * offset, [-1] * (total - offset - channels)
+    return before + list(range(channels)) + after
 
 
 def _carry(graph: FoldGraph, path: list, probe: torch.Tensor) -> torch.Tensor:
@@ -291,11 +312,21 @@ def _consumer(graph: FoldGraph, node: Any, x: Any, chain: list, y_shape) -> tupl
     reason = graph.consumer_refusal(node, x)
     if reason is None or reason:
         return None, reason
-    probe = channel_probe(y_shape, 1)
-    for move in chain:
-        probe = graph.move_probe(move, probe)
     in_axis = graph.channel_axes(node)[0]
-    mapping = channel_map(probe, in_axis % probe.dim()) if probe.dim() > 1 else None
+    mapping = _direct_consumer_channels(chain, tuple(y_shape), in_axis)
+    if mapping is None:
+        probe = channel_probe(y_shape, 1)
+        for move in chain:
+            probe = graph.move_probe(move, probe)
+        mapping = channel_map(probe, in_axis % probe.dim()) if probe.dim() > 1 else None
     if mapping is None:
         return None, "the reshape between BN and the next layer mixes channels"
     return FoldTarget(graph.layer_name(node), mapping, [True] * len(mapping)), None
+
+
+def _direct_consumer_channels(chain: list, y_shape: tuple[int, ...], in_axis: int) -> list[int] | None:
+    """What the probe gives, without one, where the layer reads the BN's output directly on axis 1: channel for
+    channel. None where a probe must decide."""
+    if chain or len(y_shape) < 2 or in_axis % len(y_shape) != 1 or 0 in y_shape:
+        return None
+    return list(range(y_shape[1]))

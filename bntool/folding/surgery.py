@@ -11,11 +11,13 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from ..layers import (
     ChannelAffine,
+    DepthwiseAffine,
     FoldedNormAct,
     bn_eps,
     has_standard_forward,
     make_custom_bn_folded,
     norm_act_parts,
+    plain_depthwise_1x1,
     replace_module,
 )
 from ..layout import FoldLayout, named_module
@@ -166,3 +168,26 @@ def _replace_bn(model, name, bn, writer: _Writer, affine, norm_act: bool = False
         device, dtype = bn.running_mean.device, bn.running_mean.dtype
         scale, shift = (writer.cast(t, dtype, None, name).to(device) for t in affine)
         make_custom_bn_folded(bn, scale, shift)
+
+
+def fold_target_modules(model: nn.Module, plan: FoldPlan) -> list[nn.Module]:
+    """The conv/linear modules a plan folds BNs into."""
+    modules = dict(model.named_modules())
+    return [named_module(modules, t.layer) for s in plan.steps if s.decision.action != REFUSED for t in s.targets]
+
+
+def depthwise_to_affine(model: nn.Module, layers: list[nn.Module]) -> list[str]:
+    """Replace each of `layers` still in `model` that is a plain depthwise 1×1 conv by the DepthwiseAffine
+    computing the same numbers: PyTorch runs such a conv as one small conv per channel at small batches
+    (its bias added per channel too), so with a BN folded in it ran slower than conv + BN. Returns every
+    name replaced (a module registered under several names: all of them)."""
+    wanted = {id(m) for m in layers if plain_depthwise_1x1(m)}
+    names = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if id(m) in wanted]
+    made: dict[int, DepthwiseAffine] = {}
+    for name, conv in names:
+        if id(conv) not in made:
+            w = conv.weight.detach().reshape(-1)
+            b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(w)
+            made[id(conv)] = DepthwiseAffine(w, b, conv.weight.dim() - 2)
+        replace_module(model, name, made[id(conv)])
+    return [name for name, _ in names]

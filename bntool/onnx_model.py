@@ -281,8 +281,9 @@ def _bn_node(node, where: str, constants: Constants) -> BNNode:
 
 class Constants:
     """The tensors of a graph whose values are fixed, read on demand (a model's weights are not copied up
-    front): initializers that are not also graph inputs (those can be overridden at run time) and outputs of
-    Constant nodes with a `value` tensor. `outer`: the enclosing graph's, for subgraphs."""
+    front): initializers that are not also graph inputs (those can be overridden at run time), outputs of
+    Constant nodes with a `value` tensor, and Identity nodes of those. `outer`: the enclosing graph's, for
+    subgraphs."""
 
     def __init__(self, graph, outer: Constants | None = None):
         overridable = {i.name for i in getattr(graph, "input", [])}
@@ -292,6 +293,9 @@ class Constants:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.tensors[node.output[0]] = attr.t
+        for node in graph.node:  # the legacy exporter shares equal initializers through Identity nodes
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in self.tensors:
+                self.tensors[node.output[0]] = self.tensors[node.input[0]]
         self.outer = outer
 
     def __contains__(self, name: str) -> bool:

@@ -195,8 +195,6 @@ def _skip_reason(node, initializers: set[str]) -> str:
         return "training mode: normalizes with batch statistics"
     if node.values.get("mean") is None or node.values.get("var") is None:
         return "statistics computed at run time, not stored in the file"
-    if node.inputs["mean"] not in initializers or node.inputs["var"] not in initializers:
-        return "statistics held by Constant nodes: left as they are"
     if node.spatial == 0:
         return "spatial=0 (per-element statistics of an old opset)"
     return ""
@@ -306,7 +304,17 @@ class _SegmentRunner:
         self.model, self.input_name, self.provider = model, input_name, provider
         self.dtype, self.shape = input_spec
         self.producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+        import onnx
+
+        from .onnx_model import Constants
+
+        constants = Constants(model.graph)  # initializers, and Constant/Identity nodes of them: fixed values
         self.initializers = {i.name: i for i in model.graph.initializer}
+        for name in constants.tensors.keys() - self.initializers.keys():  # a Constant's value, an Identity's input
+            proto = onnx.TensorProto()
+            proto.CopyFrom(constants.proto(name))
+            proto.name = name  # a segment holds it as an initializer under the name its readers use
+            self.initializers[name] = proto
         self.bn_inputs = {b.name: (b.mean, b.var) for b in find_batchnorms(model) if not b.skipped}
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
@@ -548,11 +556,14 @@ def write_statistics(model, usable: list[_BN], stats: dict[str, tuple[np.ndarray
     node also reads (or a graph output) gets a copy under a new name for this BN."""
     from onnx import numpy_helper
 
-    from .onnx_model import all_names, graph_output_names, readers_of, unique_name
+    from .onnx_model import Constants, all_names, graph_output_names, readers_of, unique_name
 
     graph = model.graph
+    constants = Constants(graph)
     inits = {i.name: i for i in graph.initializer}
-    readers = {name: len(nodes) for name, nodes in readers_of(graph).items()}
+    # Uses, not readers: one node may read a tensor in two slots (a legacy export shares an initializer of ones
+    # between a BN's scale and its variance), and only a tensor with a single use may be changed in place.
+    readers = {name: sum(list(n.input).count(name) or 1 for n in nodes) for name, nodes in readers_of(graph).items()}
     outputs = graph_output_names(graph)
     nodes = {(n.name or n.output[0]): n for n in graph.node if n.op_type == BN_OP}
     taken = all_names(model)
@@ -560,13 +571,13 @@ def write_statistics(model, usable: list[_BN], stats: dict[str, tuple[np.ndarray
         if b.name not in stats:
             continue
         for slot, name, values in ((3, b.mean, stats[b.name][0]), (4, b.var, stats[b.name][1])):
-            old = inits[name]
+            old = inits.get(name) or constants.proto(name)  # an Identity of an initializer: written as a copy
             array = values.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))
-            if readers.get(name, 0) > 1 or name in outputs:
+            if name not in inits or readers.get(name, 0) > 1 or name in outputs:
                 new_name = unique_name(taken, f"{name}.recalibrated")
                 graph.initializer.append(numpy_helper.from_array(array, new_name))
                 nodes[b.name].input[slot] = new_name
-                readers[name] -= 1
+                readers[name] = readers.get(name, 1) - 1
             else:
                 old.CopyFrom(numpy_helper.from_array(array, name))
 

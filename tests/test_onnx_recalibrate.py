@@ -229,3 +229,51 @@ def test_statistics_keep_float64_accuracy_over_many_values_far_from_zero():
     stored = ref_mean.astype(np.float32)  # the file holds float32: within one unit in its last place
     assert (np.abs(mean - stored) <= np.spacing(stored)).all(), (mean, ref_mean)
     np.testing.assert_allclose(var, ref_var, rtol=1e-6)
+
+
+def _two_conv_bn_graph(identity: bool) -> onnx.ModelProto:
+    """conv-BN-ReLU-conv-BN whose two BNs share one initializer of ones (scale and variance) and one of zeros
+    (bias and mean), as the legacy exporter writes a fresh model's equal tensors; with `identity`, the BNs read
+    them through Identity nodes, as it also does."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.standard_normal((4, 3, 3, 3)).astype("float32"), "w1"),
+             numpy_helper.from_array(r.standard_normal((4, 4, 3, 3)).astype("float32"), "w2"),
+             numpy_helper.from_array(np.ones(4, "float32"), "ones"),
+             numpy_helper.from_array(np.zeros(4, "float32"), "zeros")]
+    one, zero = ("one_i", "zero_i") if identity else ("ones", "zeros")
+    nodes = [h.make_node("Identity", ["ones"], ["one_i"]), h.make_node("Identity", ["zeros"], ["zero_i"])] if identity \
+        else []
+    nodes += [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+              h.make_node(BN, ["c1", one, zero, zero, one], ["b1"], name="bn1"),
+              h.make_node("Relu", ["b1"], ["r1"]),
+              h.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+              h.make_node(BN, ["c2", one, zero, zero, one], ["y"], name="bn2")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                         [h.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_statistics_never_overwrite_a_shared_scale_or_bias(identity):
+    """The BNs' γ/β and statistics share initializers (also through Identity nodes): each BN gets its own new
+    statistics, and γ = 1, β = 0 stay what they were (the shared initializer was overwritten in place before)."""
+    proto = _two_conv_bn_graph(identity)
+    data = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * 3 + 1 for i in range(2)]
+    recalibrate_onnx(proto, data)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    values = {**inits, **{n.output[0]: inits[n.input[0]] for n in proto.graph.node if n.op_type == "Identity"}}
+    bns = [n for n in proto.graph.node if n.op_type == BN]
+    for bn in bns:
+        np.testing.assert_array_equal(values[bn.input[1]], np.ones(4, "float32"))
+        np.testing.assert_array_equal(values[bn.input[2]], np.zeros(4, "float32"))
+    # the first BN's statistics are those of conv1's output over the data, independently computed
+    w1 = torch.from_numpy(inits["w1"].copy()).double()
+    c1 = torch.cat([torch.nn.functional.conv2d(x.double(), w1, padding=1) for x in data])
+    np.testing.assert_allclose(values[bns[0].input[3]], c1.mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(values[bns[0].input[4]], c1.var((0, 2, 3)).numpy(), rtol=1e-5)
+    assert not np.allclose(values[bns[1].input[4]], values[bns[0].input[4]])  # each its own

@@ -172,6 +172,27 @@ def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
     return f"{problem}; recalibrate first" if problem else ""
 
 
+def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
+    """Exit 2 before any work, as for a checkpoint: a BN in training mode (onnxruntime computes it from the batch,
+    differently at each optimisation level, so no check could pass) or with broken statistics (NaN/Inf, var +
+    eps ≤ 0: the file is broken, not the fold), unless --skip leaves it."""
+    from .folding import broken_layers_text
+
+    broken = []
+    for bn in batch_norm_nodes(onnx_file.model):
+        if bn.where or any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
+            continue
+        reason = _refusal(bn, ())
+        if bn.training_mode or bn.extra_outputs:
+            broken.append((bn.name, "training_mode=1: normalizes with the batch's statistics"))
+        elif reason.endswith("; recalibrate first"):
+            broken.append((bn.name, reason.removesuffix("; recalibrate first")))
+    if broken:
+        raise InputError(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. Export the "
+                         f"model in eval mode, or run `bntool recalibrate` first, or leave them with {param('skip')}",
+                         param="skip")
+
+
 def bn_scale_shift(bn: BNNode) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x·scale + shift in float64 (bntool.folding.math.bn_scale_shift on the node's constants)."""
     from .folding.math import bn_scale_shift as scale_shift
@@ -533,6 +554,7 @@ def fold_onnx(
     check_provider(provider)
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
+    _refuse_unfoldable(onnx_file, skip)
     outputs = Outputs()
     if out is not None:
         plan_onnx_output(outputs, out, onnx_file, force=force)

@@ -104,10 +104,13 @@ def test_fold_cli_broken_statistics_exit_2_naming_three_layers(tmp_path, cli):
     with torch.no_grad():
         for bn in list(model)[1::2]:
             bn.running_var[0] = -1.0
+        model[1].running_var[0] = float("nan")  # each layer is named with its own problem
     src, out = tmp_path / "broken.pt", tmp_path / "folded.pt"
     torch.save(model, src)
     result = cli("fold", src, "--trust-pickle", "--input-shape", "1,4,5,5", "-o", out)
-    assert_clean_error(result, 2, contains="BatchNorm '1', '3', '5' and 2 more (5 in all)")
+    assert_clean_error(result, 2, contains="BatchNorm '1' (statistics or affine parameters contain NaN/Inf), "
+                                           "'3' (running_var + eps <= 0), '5' (running_var + eps <= 0) and 2 more "
+                                           "(5 in all)")
     assert "bntool recalibrate" in result.err and "--skip" in result.err and not out.exists()
 
 

@@ -150,12 +150,31 @@ def test_spatial_zero_is_refused(tmp_path):
         load_onnx(path)
 
 
-def test_training_mode_bn_is_left_with_its_reason(tmp_path):
+def test_training_mode_bn_is_refused_before_any_work(tmp_path, cli):
+    """A training-mode BN normalizes with the batch's statistics, which onnxruntime computes differently at each
+    optimisation level: no check could pass, and it is the file, not the fold (exit 2, as for a checkpoint)."""
     path = tmp_path / "train.onnx"
-    onnx.save(bn_graph(15, training_mode=1), str(path))
-    report = fold_onnx(path, tmp_path / "out.onnx")
-    assert report.counts["refused"] == 1 and "training mode" in report.decisions[0].reason
-    assert "BatchNormalization" in op_types(tmp_path / "out.onnx")
+    model = bn_graph(15, training_mode=1)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(path))
+    with pytest.raises(InputError, match="'bn' \\(training_mode=1"):
+        fold_onnx(path, tmp_path / "out.onnx")
+    assert_clean_error(cli("fold", path, "-o", tmp_path / "out.onnx"), contains="training_mode=1")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_broken_statistics_are_refused_before_any_work(tmp_path, cli):
+    """var + eps <= 0 (or NaN) is a broken file, named with its problem: exit 2, not a failed check (exit 1)."""
+    model = bn_graph(15)
+    model.graph.node[1].attribute.extend([helper.make_attribute("epsilon", 0.0)])
+    for t in model.graph.initializer:
+        if t.name == "v":
+            t.CopyFrom(numpy_helper.from_array(np.array([0.0, 1.0, 1.0, 1.0], np.float32), "v"))
+    path = tmp_path / "zero.onnx"
+    onnx.save(model, str(path))
+    assert_clean_error(cli("fold", path, "-o", tmp_path / "out.onnx"), contains="'bn' (running_var + eps")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 # ---------------------------------------------------------------- fold against a float64 reference

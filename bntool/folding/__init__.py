@@ -147,10 +147,15 @@ def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str]) -> None:
     broken = broken_statistics(model, skip)
     if not broken:
         return
-    names = ", ".join(repr(name) for name, _ in broken[:3])
+    raise InputError(f"{broken_layers_text(broken)}: these statistics cannot be folded. Run `bntool recalibrate` "
+                     f"first, or leave them as they are with {param('skip')}", param="skip")
+
+
+def broken_layers_text(broken: Sequence[tuple[str, str]]) -> str:
+    """'BatchNorm 'a' (NaN/Inf in running_var), 'b' (…) and 2 more (4 in all)': each named with its own problem."""
+    names = ", ".join(f"{name!r} ({problem})" for name, problem in broken[:3])
     more = f" and {len(broken) - 3} more ({len(broken)} in all)" if len(broken) > 3 else ""
-    raise InputError(f"BatchNorm {names}{more}: {broken[0][1]}; these statistics cannot be folded. Run "
-                     f"`bntool recalibrate` first, or leave them as they are with {param('skip')}", param="skip")
+    return f"BatchNorm {names}{more}"
 
 
 def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool, merge: bool = True

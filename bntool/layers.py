@@ -55,6 +55,11 @@ def bn_num_features(module: nn.Module) -> int:
     return int(cast(torch.Tensor, module.running_mean).numel())
 
 
+def bn_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BN's (running_mean, running_var), typed: torch types a module's attributes Tensor | Module."""
+    return cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)
+
+
 def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Shape a per-channel vector to broadcast over axis 1 of an ndim tensor."""
     return t.view([1, -1] + [1] * (ndim - 2)) if ndim >= 2 else t

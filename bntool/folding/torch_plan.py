@@ -21,6 +21,7 @@ from ..layers import (
     bn_eps,
     bn_modules,
     bn_num_features,
+    bn_stats,
     bn_type_name,
     has_standard_forward,
     is_bn,
@@ -147,7 +148,7 @@ def broken_statistics(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[
         by_request = bn.training and not model.training  # normalizes with batch statistics: these are unused
         if not _has_stats(bn) or by_request or any(fnmatch.fnmatchcase(name, p) for p in skip):
             continue
-        problem = fm.statistics_problem(*_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None),
+        problem = fm.statistics_problem(*bn_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None),
                                         bn_eps(bn))
         if problem:
             broken.append((name, problem))
@@ -238,11 +239,6 @@ def _acts_as_norm_act(bn: nn.Module, ctx: _Context) -> bool:
     return bool((expected - got).abs().max() <= share * expected.abs().max()) if expected.numel() else True
 
 
-def _stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """running_mean and running_var, typed: torch types a module's attributes Tensor | Module."""
-    return cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
-
-
 def _has_stats(bn) -> bool:
     return getattr(bn, "running_mean", None) is not None and getattr(bn, "running_var", None) is not None
 
@@ -257,7 +253,7 @@ def _refusal(name: str, bn: nn.Module, ctx: _Context) -> str:
         return "in training mode by request (normalizes with batch statistics)"
     if not _has_stats(bn) or getattr(bn, "track_running_stats", True) is False:
         return "track_running_stats=False: normalizes with batch statistics at inference"
-    problem = fm.statistics_problem(*_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None), bn_eps(bn))
+    problem = fm.statistics_problem(*bn_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None), bn_eps(bn))
     return problem or _foreign_reads(bn, ctx)
 
 

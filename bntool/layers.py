@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,10 @@ class ChannelAffine(nn.Module):
     """Per-channel (axis 1) x·scale + shift: what an eval-mode BatchNorm computes, without a batch_norm op.
     With `center`, (x - center)·scale + shift: two ops, but no precision lost when the mean is far from 0."""
 
-    scale: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
-    shift: torch.Tensor
-    center: torch.Tensor | None
+    if TYPE_CHECKING:  # its buffers, for the type checker only: class annotations would break torch.jit.script
+        scale: torch.Tensor
+        shift: torch.Tensor
+        center: torch.Tensor | None
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, center: torch.Tensor | None = None):
         super().__init__()

@@ -32,7 +32,6 @@ class HealthKind(StrEnum):
     FEW_UPDATES = "few-updates"
     FOLD_SUBNORMAL = "fold-subnormal"
     FOLD_OVERFLOWS_HALF = "fold-overflows-half"
-    RUNTIME_STATS = "runtime-stats"  # ONNX only: mean/var computed by the graph (a warning, not fatal)
 
 
 # Kinds that make eval-mode outputs wrong: verify fails on them. The others are reported, not failed.
@@ -53,7 +52,6 @@ HEALTH_MESSAGES = {
                                "(|γ/√(var+eps)| down to {smallest:.2g})",
     HealthKind.FOLD_OVERFLOWS_HALF: "{dtypes} overflow: folding writes values beyond {dtypes} in {channels} "
                                     "(largest {largest:.3g})",
-    HealthKind.RUNTIME_STATS: "statistics computed at run time (mean/var are not initializers)",
 }
 
 

@@ -305,20 +305,6 @@ def test_inspect_flags_unhealthy_statistics(tmp_path):
     assert any("NaN/Inf in running_var" in f for f in flags) and any("var <= eps" in f for f in flags)
 
 
-def test_inspect_warns_of_statistics_computed_at_run_time(tmp_path):
-    """A BN whose mean is a graph input: reported (a warning, not fatal) instead of failing inspect."""
-    model = bn_graph(15)
-    kept = [t for t in model.graph.initializer if t.name != "m"]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    model.graph.input.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, [4]))
-    path = tmp_path / "runtime_stats.onnx"
-    onnx.save(model, str(path))
-    layer = inspect_onnx(path).layers[0]
-    assert [f.kind for f in layer.health] == ["runtime-stats"] and not layer.fatal
-    assert layer.flags == ["statistics computed at run time (mean/var are not initializers)"]
-
-
 def test_cli_fold_writes_a_checked_file(cli, tmp_path, zoo_files):
     out = tmp_path / "folded.onnx"
     result = cli("fold", zoo_files["mobilenet"][1], "-o", out, "--json")

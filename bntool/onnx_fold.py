@@ -65,21 +65,22 @@ def inspect_onnx(source: str | os.PathLike | OnnxFile):
 
 
 def describe_bn_node(bn: BNNode):
-    """A BNLayerInfo for one node, its health from the same rules as a PyTorch BN (inspection.health_flags);
+    """A BNLayerInfo for one node, its health from the same rules as a PyTorch BN (inspection.health);
     momentum in PyTorch's sense (ONNX's 0.9 keeps 90% of the old statistics: PyTorch's 0.1)."""
-    from .inspection import BNLayerInfo, TensorSummary, health_flags
+    from .inspection import BNLayerInfo, HealthFlag, HealthKind, TensorSummary, health
 
     values = bn.as_module_values()
     if values.running_mean is None or values.running_var is None:
-        flags = ["statistics computed at run time (mean/var are not initializers)"]
+        flags = [HealthFlag(HealthKind.NO_RUNNING_STATS, "statistics computed at run time (mean/var are not "
+                                                         "initializers)")]
     else:
-        flags = health_flags(values)
+        flags = health(values)
     return BNLayerInfo(
         name=bn.name, type=BN_TYPE, channels=bn.channels, eps=bn.epsilon, momentum=1.0 - bn.momentum, affine=True,
         track_running_stats=values.running_mean is not None, training=bool(bn.training_mode),
         num_batches_tracked=None, running_mean=TensorSummary.of(values.running_mean),
         running_var=TensorSummary.of(values.running_var), weight=TensorSummary.of(values.weight),
-        bias=TensorSummary.of(values.bias), flags=flags)
+        bias=TensorSummary.of(values.bias), health=flags)
 
 
 # ---------------------------------------------------------------- the plan

@@ -39,6 +39,8 @@ def is_onnx_file(path: str | os.PathLike) -> bool:
     refused by `load_onnx` as corrupt); a PyTorch zip, pickle or safetensors file never is."""
     path = Path(path)
     try:
+        if not path.is_file():  # never open a FIFO or device here: the checkpoint loader says what it is
+            return False
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError:

@@ -43,7 +43,7 @@ def resolve_factory(spec: str, what: str = param("arch")) -> Factory:
     Side effect: the working directory is appended to `sys.path` when it is not there (as `python -m` has it,
     though after the installed packages, so a local file cannot shadow one); a note says so when a module was
     then imported from it."""
-    notes = []
+    notes: list[str] = []
     if spec.startswith(TIMM_PREFIX) and spec != TIMM_PREFIX:
         factory = _timm_factory(spec, what, notes)
         if factory is not None:
@@ -107,7 +107,9 @@ def _same_directory(entry: str, cwd: str) -> bool:
 def _from_directory(module_name: str, directory: str) -> bool:
     module = sys.modules.get(module_name.split(".")[0])
     path = getattr(module, "__file__", None)
-    return bool(path) and os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+    if not path:
+        return False
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
 
 
 # ---------------------------------------------------------------- timm

@@ -240,7 +240,8 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
     notes: list[str] = []
     model = build_arch(arch, arch_kwargs, notes)
     if prefix is not None:
-        submodule, copies = _named_prefix(sd, prefix, path), []
+        submodule = _named_prefix(sd, prefix, path)
+        copies: list[str] = []
         others = {k: v for k, v in sd.items() if not k.startswith(submodule)}
     else:
         submodule, others, copies = _submodule_prefix(model, sd, path, arch)
@@ -314,7 +315,7 @@ def _named_prefix(sd: Mapping[str, torch.Tensor], key: str, path: Path) -> str:
 def _candidate_prefixes(sd: Mapping[str, torch.Tensor]) -> set[str]:
     """'a.' and 'a.b.' of every key (a wrapper's attribute, or an attribute of one), each also followed by a
     DDP/compile prefix where keys carry one (`model._orig_mod.`: Lightning around a compiled network)."""
-    prefixes = set()
+    prefixes: set[str] = set()
     for k in sd:
         parts = k.split(".")
         prefixes.update(".".join(parts[:depth]) + "." for depth in (1, 2) if len(parts) > depth)
@@ -436,7 +437,8 @@ def _keys_as_they_came(ckpt: Checkpoint, sd: dict[str, torch.Tensor]) -> dict[st
     if metadata is not None:  # module versions by module name, for load_state_dict
         prefix = ckpt.stripped_prefix + ckpt.submodule
         result = type(sd)(result)
-        result._metadata = type(metadata)((prefix + k if k else prefix[:-1], v) for k, v in metadata.items())
+        result._metadata = type(metadata)(  # type: ignore[attr-defined]  # state_dict's OrderedDict has it
+            (prefix + k if k else prefix[:-1], v) for k, v in metadata.items())
     return result
 
 

@@ -950,7 +950,7 @@ def _usage_error(e, argv: list[str]) -> int:
 def _command_named(argv: list[str]) -> str | None:
     """The subcommand in raw arguments: the first word that is not an option (global options may precede it)."""
     word = next((a for a in argv if not a.startswith("-")), None)
-    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}  # type: ignore[union-attr]  # all have one
     return word if word in names else None
 
 

@@ -169,9 +169,10 @@ def _library_dirs() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     dirs = {os.path.abspath(paths[k]) + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     spec = importlib.util.find_spec("torch")
-    dirs.update(os.path.abspath(d) + os.sep for d in (spec.submodule_search_locations or []) if spec)
+    locations = (spec.submodule_search_locations or []) if spec else []
+    dirs.update(os.path.abspath(d) + os.sep for d in locations)
     return tuple(sorted(dirs))
 
 
 _LIBRARY_DIRS = _library_dirs()
-_USER_CODE_BODY = user_code.__wrapped__.__code__
+_USER_CODE_BODY = user_code.__wrapped__.__code__  # type: ignore[attr-defined]  # set by contextmanager

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from .errors import InputError, param
 
@@ -558,12 +559,14 @@ class Outputs:
         output replacing the input goes last."""
         ready = sorted((p for p in self.planned if p.temp is not None), key=lambda p: p.in_place)
         for p in ready:
+            assert p.temp is not None  # ready: written
             fsync_file(p.temp)
             os.chmod(p.temp, new_file_mode(p.path))
         test_point("before-commit")
         done = []
         with signals_held():
             for p in ready:
+                assert p.temp is not None
                 os.replace(p.temp, p.path)
                 p.temp = None
                 _committed.append(p.path)
@@ -595,7 +598,7 @@ class Outputs:
     def __enter__(self) -> Outputs:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.discard()
         return False
 

@@ -158,7 +158,8 @@ def trace(model: nn.Module, inputs: Sequence[Any], watch: Sequence[nn.Module] = 
         flow.module_calls[id(module)][-1].outputs = list(iter_tensors(output))
         flow._keep.append(output)
 
-    handles, restore = [], []
+    handles: list[Any] = []  # hook handles
+    restore: list[tuple[nn.Module, str | None, Any]] = []  # (parent, child name, child), or (module, None, class)
     try:
         for parent in list(model.modules()):
             if isinstance(parent, torch.jit.ScriptModule):

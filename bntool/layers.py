@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,7 +52,12 @@ def bn_eps(module: nn.Module) -> float:
 
 
 def bn_num_features(module: nn.Module) -> int:
-    return int(module.running_mean.numel())
+    return int(cast(torch.Tensor, module.running_mean).numel())
+
+
+def bn_stats(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BN's (running_mean, running_var), typed: torch types a module's attributes Tensor | Module."""
+    return cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)
 
 
 def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -61,6 +68,11 @@ def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 class ChannelAffine(nn.Module):
     """Per-channel (axis 1) x·scale + shift: what an eval-mode BatchNorm computes, without a batch_norm op.
     With `center`, (x - center)·scale + shift: two ops, but no precision lost when the mean is far from 0."""
+
+    if TYPE_CHECKING:  # its buffers, for the type checker only: class annotations would break torch.jit.script
+        scale: torch.Tensor
+        shift: torch.Tensor
+        center: torch.Tensor | None
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, center: torch.Tensor | None = None):
         super().__init__()
@@ -193,8 +205,10 @@ def strip_bn_state(module: nn.Module) -> None:
 def make_custom_bn_folded(module: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
     """Keep a BN subclass (its extra behaviour) but make its normalization identity or a fixed affine."""
     strip_bn_state(module)
-    module.track_running_stats = False  # it has none left; also stops load_state_dict re-adding a counter
+    # It has none left; this also stops load_state_dict re-adding a counter. (torch types it Tensor | Module.)
+    module.track_running_stats = False  # type: ignore[assignment]
     if scale is not None:
+        assert shift is not None  # scale and shift come together
         module.register_buffer("folded_scale", scale.clone())
         module.register_buffer("folded_shift", shift.clone())
     module.forward = FoldedNormForward(module)

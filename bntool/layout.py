@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -118,15 +118,15 @@ class FoldLayout:
             if not isinstance(layer, (_ConvNd, nn.Linear)):
                 raise InputError(f"fold layout adds a bias to {name!r}, which is a {type(layer).__name__}, not a "
                                  "conv or linear layer in this architecture")
-            transposed = isinstance(layer, _ConvTransposeNd)
-            out_channels = layer.weight.shape[1] * layer.groups if transposed else layer.weight.shape[0]
+            out_channels = layer.weight.shape[1] * layer.groups if isinstance(layer, _ConvTransposeNd) \
+                else layer.weight.shape[0]
             layer.bias = nn.Parameter(layer.weight.new_zeros(out_channels))
         for name in self.identity + self.affine:
             bn = named_module(modules, name)
             if not is_bn(bn):
                 raise InputError(f"fold layout names {name!r}, which is not a BatchNorm layer in this architecture")
             affine = name in self.affine
-            c, like = bn_num_features(bn), bn.running_mean
+            c, like = bn_num_features(bn), cast(torch.Tensor, bn.running_mean)
             parts = norm_act_parts(bn) if name in self.norm_act else None
             if has_standard_forward(bn) or parts is not None:
                 replacement = ChannelAffine.empty(c, like, name in self.centered) if affine else nn.Identity()

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -170,13 +171,18 @@ def then(first: LinearMap, second: LinearMap) -> LinearMap:
     raise _NoMerge("two spatial maps in a row (k>1 or strided each)")
 
 
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """sum() of tensors, typed: its start 0 only matters for an empty sequence, which no caller passes."""
+    return cast(torch.Tensor, sum(tensors))
+
+
 def summed(maps: list[LinearMap]) -> LinearMap:
     """Σ maps as one: kernels zero-padded to the largest, centres aligned (float64)."""
     dims = maps[0].dims
     if any(m.dims != dims for m in maps) or len({m.weight.shape[:2] for m in maps}) != 1:
         raise _NoMerge("branches of different kinds or channel counts")
     if dims == 0:
-        return LinearMap(sum(m.weight for m in maps), sum(m.bias for m in maps))
+        return LinearMap(_sum(m.weight for m in maps), _sum(m.bias for m in maps))
     strides = {m.stride for m in maps}
     if len(strides) > 1:
         raise _NoMerge(f"different strides ({', '.join(str(s) for s in sorted(strides))})")
@@ -202,7 +208,7 @@ def summed(maps: list[LinearMap]) -> LinearMap:
                 raise _NoMerge("kernel centres not aligned (each branch's padding − (kernel−1)/2 differs)")
             index.append(slice(shift, shift + k))
         weight[tuple(index)] += m.weight
-    return LinearMap(weight, sum(m.bias for m in maps), maps[0].stride, tuple(padding), dilation,
+    return LinearMap(weight, _sum(m.bias for m in maps), maps[0].stride, tuple(padding), dilation,
                      modes.pop() if modes else "zeros")
 
 
@@ -503,10 +509,11 @@ def _terms_by_source(gm: fx.GraphModule, root: fx.Node) -> dict[fx.Node, list[tu
         if not isinstance(term, fx.Node) or not _is_module_call(gm, term):
             continue
         first = term
-        while (_is_module_call(gm, first.args[0]) or is_pass_through(gm, first.args[0])) \
-                and len(first.args[0].users) == 1:
-            first = first.args[0]
-        groups.setdefault(first.args[0], []).append((term, sign))
+        # Each step's argument is a Node: _is_module_call and is_pass_through hold on one-argument calls of Nodes.
+        while (_is_module_call(gm, previous := cast(fx.Node, first.args[0])) or is_pass_through(gm, previous)) \
+                and len(previous.users) == 1:
+            first = previous
+        groups.setdefault(previous, []).append((term, sign))
     for term, sign in terms:  # identity branches: the source itself
         if isinstance(term, fx.Node) and term in groups:
             groups[term].append((term, sign))
@@ -522,7 +529,7 @@ def _chain(term: fx.Node, source: fx.Node) -> list[fx.Node]:
     """The module calls from `source` to `term`, in order."""
     chain = [term]
     while chain[0].args[0] is not source:
-        chain.insert(0, chain[0].args[0])
+        chain.insert(0, cast(fx.Node, chain[0].args[0]))  # a module call's one argument
     return chain
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,7 +166,7 @@ def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
     missing = [key for key, value in bn.values.items() if value is None]
     if missing:
         return f"{', '.join(missing)} computed at run time (not an initializer or Constant)"
-    if len({v.size for v in bn.values.values()}) != 1:
+    if len({v.size for v in bn.values.values()}) != 1:  # type: ignore[union-attr]  # none missing (above)
         return "scale, bias, mean and var have different lengths"
     t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
     problem = statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
@@ -347,8 +348,8 @@ def _fold_into(node, target, scale: torch.Tensor, shift: torch.Tensor, producer:
     graph = surgery.graph
     bias_node, bias_index = node, 2
     if node.op_type == "Add":  # a linear written as MatMul + Add(bias)
-        node, bias_index = graph.linear_parts(bias_node)
-    w = graph.value(node.input[1])
+        node, bias_index = graph.linear_parts(bias_node)  # type: ignore[misc]  # the plan matched it: not None
+    w: Any = graph.value(node.input[1])  # not None: the plan targets layers with a constant weight
     bias_name = bias_node.input[bias_index] if bias_node is not node or graph.layer_has_bias(node) else ""
     bias = graph.value(bias_name) if bias_name else None
     op = node.op_type
@@ -634,7 +635,7 @@ def _stage(model, changes: TensorChanges, out, outputs: Outputs, onnx_file: Onnx
     else:
         save_onnx(model, out, outputs, onnx_file, changes)
         target = Path(out)
-    return next(p.temp for p in outputs.planned if p.path == target)
+    return next(p.temp for p in outputs.planned if p.path == target)  # type: ignore[return-value]  # set until committed
 
 
 class OriginalRuns:
@@ -644,7 +645,7 @@ class OriginalRuns:
     def __init__(self, path: Path, provider: str, inputs: tuple):
         self.path, self.provider, self.inputs = path, provider, inputs
         self.session = None
-        self.float64 = None
+        self.float64: Any = None  # onnx.reference.ReferenceEvaluator, made on first use
 
     def open(self):
         from .onnx_export import check_signature, ort_session

@@ -4,7 +4,7 @@ op kinds, concrete shapes and channel probes of an onnx.ModelProto's main graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -162,6 +162,7 @@ class OnnxGraph:
             if matmul is None or matmul.op_type != "MatMul" or not self._layer_ok(matmul):
                 continue
             bias, w = self.constant_spec(node.input[i]), self.constant_spec(matmul.input[1])
+            assert w is not None  # _layer_ok: the MatMul's weight is a constant
             if bias is not None and bias[1] in ((w[1][1],), (1, w[1][1])) and \
                     len(self.readers.get(matmul.output[0], [])) == 1 and matmul.output[0] not in self.outputs:
                 return matmul, i
@@ -274,7 +275,7 @@ def _run_node(node, inputs: list, model) -> list:
     single = helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))], domain=node.domain)
     single.attribute.extend(node.attribute)
     evaluator = ReferenceEvaluator(single, opsets={"": default_opset(model) or 13})
-    return evaluator.run(None, {n: v for n, v in zip(names, inputs) if n})
+    return cast(list, evaluator.run(None, {n: v for n, v in zip(names, inputs) if n}))  # all outputs: a list
 
 
 def tensor_types(model, input_shapes: dict[str, tuple[int, ...]]):

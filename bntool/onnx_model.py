@@ -446,6 +446,7 @@ def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile
         f.write(_without_initializers(model).SerializeToString())
         for tensor in changes.initializers(model):
             if data is not None and _tensor_bytes(tensor) >= 1024:
+                assert data_name is not None  # the data file is open only where it has a name
                 tensor = _external(tensor, data, data_name)
             # ModelProto.graph (field 7) holding GraphProto.initializer (field 5): merged into the graph above.
             f.write(_length_delimited(7, _length_delimited(5, tensor.SerializeToString())))

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def onnx_input_shape(model) -> tuple[int, ...] | None:
     _, shape = _input_spec(graph, _data_input(graph))
     if len(shape) < 2 or any(d is None for d in shape[1:]):
         return None
-    return (1, *shape[1:])
+    return (1, *cast(list[int], shape[1:]))  # no None left (checked above)
 
 
 # ---------------------------------------------------------------- the graph
@@ -363,7 +363,8 @@ class _SegmentRunner:
                 needed.add(self.producer[t])
                 stack.extend(_node_inputs(graph.node[self.producer[t]]))
         self._update_replaced()
-        nodes, initializers = [], []
+        nodes: list[Any] = []  # NodeProtos and TensorProtos
+        initializers: list[Any] = []
         for i in sorted(needed):
             node = graph.node[i]
             own = self.replaced.get(node.name or node.output[0]) if node.op_type == BN_OP else None
@@ -390,7 +391,7 @@ class _SegmentRunner:
         for name, (mean, var) in self.stats.items():
             if name in self.replaced:
                 continue
-            protos = []
+            protos: list[Any] = []
             for init_name, values, what in zip(self.bn_inputs[name], (mean, var), ("mean", "var")):
                 old = self.initializers[init_name]
                 array = values.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))

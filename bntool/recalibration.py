@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from .choices import RecalibrationMode
 from .devices import Placement, as_float64, check_not_meta, device_of, float64_device, modes_kept, resolve_device
 from .errors import InputError, UserCodeError, param, user_code
-from .layers import bn_eps, bn_modules, is_frozen_bn
+from .layers import bn_eps, bn_modules, bn_stats, is_frozen_bn
 from .layout import layout_of
 from .segments import SegmentCache, default_cache_budget
 from .utils import plural, short_list
@@ -206,7 +206,8 @@ def recalibrate(
     batches = _Batches(data, first_input, input_key, dev, num_batches, num_samples, channels_last,
                        same_every_pass=mode == RecalibrationMode.EXACT)
     report = RecalibrationReport(mode=str(mode), prior=prior or None)
-    old = {n: (as_float64(m.running_mean).clone(), as_float64(m.running_var).clone(), bn_eps(m)) for n, m in usable}
+    old = {n: (as_float64(mean).clone(), as_float64(var).clone(), bn_eps(m))
+           for n, m in usable for mean, var in [bn_stats(m)]}
     started = time.perf_counter()
     with _recalibrating(model, usable, dev if device is not None else None, channels_last) as saved:
         run = _Run(model, usable, batches, report, progress, dev, momentum, reset,
@@ -279,8 +280,8 @@ def _check_prior_source(layers) -> None:
 
 def _never_updated(m: nn.Module) -> bool:
     tracked = getattr(m, "num_batches_tracked", None)
-    return (tracked is not None and int(tracked) == 0 and not bool(m.running_mean.any())
-            and bool((m.running_var == 1).all()))
+    return (tracked is not None and int(tracked) == 0 and not bool(cast(torch.Tensor, m.running_mean).any())
+            and bool((cast(torch.Tensor, m.running_var) == 1).all()))
 
 
 @contextlib.contextmanager
@@ -297,7 +298,7 @@ def _recalibrating(model: nn.Module, layers, device: torch.device | None, channe
             if device is not None:
                 model.to(device)
             if channels_last:
-                model.to(memory_format=torch.channels_last)
+                model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit it
             yield saved
     except BaseException:
         for n, m in layers:
@@ -454,8 +455,8 @@ def _batch_stats_pass(model, layers, batches, progress) -> dict[str, ChannelStat
 def _ema(run: _Run) -> None:
     for _, m in run.layers:
         if run.reset:
-            m.reset_running_stats()
-        m.momentum = run.momentum
+            m.reset_running_stats()  # type: ignore[operator]  # a BN's method: torch types it Tensor | Module
+        m.momentum = run.momentum  # type: ignore[assignment]
         m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
     try:
         _run_pass(run.model, run.batches, run.progress, 1, passes=1)
@@ -467,7 +468,7 @@ def _ema(run: _Run) -> None:
         import torch.distributed as dist
 
         for _, m in run.layers:
-            for t in (m.running_mean, m.running_var):
+            for t in bn_stats(m):
                 t64 = t.double()
                 dist.all_reduce(t64)
                 t.copy_(t64 / _world_size())
@@ -722,11 +723,11 @@ def _sync_bn_per_process(model: nn.Module) -> Iterator[None]:
         yield
         return
     original = nn.SyncBatchNorm.__dict__["forward"]
-    nn.SyncBatchNorm.forward = _BatchNorm.forward
+    nn.SyncBatchNorm.forward = _BatchNorm.forward  # type: ignore[method-assign]  # restored below
     try:
         yield
     finally:
-        nn.SyncBatchNorm.forward = original
+        nn.SyncBatchNorm.forward = original  # type: ignore[method-assign]
 
 
 def _skip_reason(m: nn.Module) -> str:

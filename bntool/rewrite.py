@@ -14,7 +14,7 @@ import json
 import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -94,7 +94,7 @@ def is_sub(node: fx.Node) -> bool:
 def is_pass_through(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
-    m = gm.get_submodule(node.target)
+    m = gm.get_submodule(cast(str, node.target))  # a call_module's target is the module's name
     if isinstance(m, nn.Sequential) and len(m) == 0:  # an empty shortcut
         return True
     return type(m).__name__ in PASS_THROUGH_CLASS_NAMES and (type(m).__name__ == "Identity" or not m.training)
@@ -161,9 +161,10 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
     dtype = str(layer.weight.dtype).replace("torch.", "")
     if isinstance(layer, nn.Linear):
         return {"kind": "Linear", "in": layer.in_features, "out": layer.out_features, "dtype": dtype}
-    return {"kind": type(layer).__name__, "in": layer.in_channels, "out": layer.out_channels,
-            "kernel": list(layer.kernel_size), "stride": list(layer.stride), "padding": list(layer.padding),
-            "dilation": list(layer.dilation), "groups": layer.groups, "padding_mode": layer.padding_mode,
+    conv = cast(nn.modules.conv._ConvNd, layer)  # layer_spec is called on Linear and conv layers only
+    return {"kind": type(conv).__name__, "in": conv.in_channels, "out": conv.out_channels,
+            "kernel": list(conv.kernel_size), "stride": list(conv.stride), "padding": list(conv.padding),
+            "dilation": list(conv.dilation), "groups": conv.groups, "padding_mode": conv.padding_mode,
             "dtype": dtype}
 
 
@@ -179,12 +180,13 @@ def merge_in_graph(gm: fx.GraphModule, record: MergeRecord, layer: nn.Module) ->
         raise InputError(f"branch-merge record for {record.module!r} does not fit this architecture's forward "
                          f"(no node {record.root!r} or {record.input!r})")
     terms, inner = sum_terms(gm, root)
-    names = [t.name if isinstance(t, fx.Node) else None for t, _ in terms]
+    names: list[str | None] = [t.name if isinstance(t, fx.Node) else None for t, _ in terms]
     if not set(record.terms) <= set(names):
         raise InputError(f"branch-merge record for {record.module!r} does not fit this architecture's forward "
                          f"(terms {record.terms} are not all in the sum {record.root!r})")
     gm.add_submodule(record.name, layer)
-    kept, removed, remaining = [], [], Counter(record.terms)
+    kept, removed = [], []
+    remaining: Counter[str | None] = Counter(record.terms)
     with gm.graph.inserting_before(root):
         merged = gm.graph.call_module(record.name, (source,))
         for (term, sign), name in zip(terms, names):

@@ -37,6 +37,8 @@ from torch import nn
 from .errors import InputError, param
 
 if TYPE_CHECKING:
+    from typing import TypeGuard  # Python 3.10
+
     from .graph import Dataflow
 
 
@@ -97,7 +99,7 @@ def _available_host_memory() -> int:
         return 2 << 30
 
 
-def is_plain_chain(module: nn.Module) -> bool:
+def is_plain_chain(module: nn.Module) -> TypeGuard[nn.Sequential]:
     """An nn.Sequential whose forward is nn.Sequential's own: the output of child i is the input of child i+1."""
     return (isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
             and "forward" not in vars(module))
@@ -221,7 +223,7 @@ class SegmentCache:
             if id(m) in self.out_level:
                 self.handles.append(m.register_forward_hook(self._record))
             if is_plain_chain(m):
-                m.forward = self._chain_forward(m)
+                m.forward = self._chain_forward(m)  # type: ignore[method-assign]  # this instance's, for the pass
                 self.chains.append(m)
 
     def remove(self) -> None:

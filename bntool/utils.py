@@ -141,7 +141,8 @@ def _runtime_classes(hint) -> tuple[type, ...] | None:
     if hint is type(None):
         return (type(None),)
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
+    # types.UnionType (`X | Y` evaluated) exists from Python 3.10; on 3.9 every union is a typing.Union.
+    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
         parts = [_runtime_classes(h) for h in typing.get_args(hint)]
         return None if any(p is None for p in parts) else tuple(c for p in parts if p is not None for c in p)
     if origin is not None:

@@ -329,6 +329,7 @@ def verify_onnx(
     if reference_file is not None:
         del reference_file  # loaded to refuse a bad file before any check; onnxruntime reads it from disk
         tolerance = Tolerance.resolve(onnx_rtol, onnx_atol, DEFAULT_TOLERANCE)
+        assert reference is not None  # reference_file was loaded from it
 
         def compare() -> Check:
             runs = OriginalRuns(Path(reference), provider, inputs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import typing
 
 import pytest
 from helpers import ROOT
@@ -33,3 +34,23 @@ def test_export_onnx_takes_no_option_that_does_nothing():
     import inspect
 
     assert "strict" not in inspect.signature(bntool.export_onnx).parameters
+
+
+def test_argument_checks_hold_on_python_39_without_types_uniontype(monkeypatch):
+    """requires-python >= 3.9, whose `types` has no UnionType (3.10+): typing.Union hints are still checked."""
+    import sys
+    import types
+
+    from bntool.utils import checked_arguments
+
+    without = types.ModuleType("types")
+    without.__dict__.update({k: v for k, v in vars(types).items() if k != "UnionType"})
+    monkeypatch.setitem(sys.modules, "types", without)  # what `import types` in bntool.utils gets, as on 3.9
+
+    def f(x: typing.Optional[int]) -> int:
+        return 0 if x is None else x
+
+    checked = checked_arguments(f)
+    assert checked(None) == 0 and checked(3) == 3
+    with pytest.raises(bntool.InputError, match="x: expected an integer or None, got a str"):
+        checked("a")

@@ -24,22 +24,28 @@ from ..layout import FoldLayout, named_module
 from . import math as fm
 from .planner import AFFINE, FOLDED, REFUSED, FoldPlan, FunctionalBN
 
+# The `type: ignore`s below: torch types a module's attributes (a BN's running_mean, a layer's weight) as
+# Tensor | Module (nn.Module.__getattr__), though these are tensors; [misc] on norm_act_parts(bn): not None where
+# the plan says norm_act.
+
 
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64 such that the eval-mode BN module computes x·scale + shift per channel."""
-    return fm.bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
+    return fm.bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),  # type: ignore[arg-type]
                              getattr(bn, "bias", None), bn_eps(bn))
 
 
 def fold_weights_producer(layer: nn.Module, scale, shift):
     """The layer's folded (weight, bias) in float64, with a per-output-channel affine folded into it."""
-    return fm.fold_into_producer(layer.weight, layer.bias, scale, shift, groups=getattr(layer, "groups", 1),
+    return fm.fold_into_producer(layer.weight, layer.bias, scale, shift,  # type: ignore[arg-type]
+                                 groups=getattr(layer, "groups", 1),
                                  transposed=isinstance(layer, _ConvTransposeNd))
 
 
 def fold_weights_consumer(layer: nn.Module, scale, shift):
     """The layer's folded (weight, bias) in float64, with a per-input-channel affine folded into it."""
-    return fm.fold_into_consumer(layer.weight, layer.bias, scale, shift, groups=getattr(layer, "groups", 1))
+    return fm.fold_into_consumer(layer.weight, layer.bias, scale, shift,  # type: ignore[arg-type]
+                                 groups=getattr(layer, "groups", 1))
 
 
 @dataclass
@@ -61,7 +67,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, *, flush_subnormals: bool = Fal
     """apply_fold_plan, also counting the subnormals flushed (with `flush_subnormals`: every value the fold
     writes that its dtype holds only as a subnormal, and that was not one before, becomes 0)."""
     modules = dict(model.named_modules())
-    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     layout = FoldLayout()
     writer = _Writer(flush_subnormals)
@@ -72,7 +78,7 @@ def apply_plan(model: nn.Module, plan: FoldPlan, *, flush_subnormals: bool = Fal
         if step.functional is not None:
             f = step.functional
             scale, shift = fm.bn_scale_shift(tensors[f.running_mean], tensors[f.running_var],
-                                             tensors.get(f.weight), tensors.get(f.bias), f.eps)
+                                             tensors.get(f.weight), tensors.get(f.bias), f.eps)  # type: ignore[arg-type]  # get(None): None
         else:
             bn = named_module(modules, d.name)
             scale, shift = bn_affine(bn)
@@ -104,6 +110,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, *, flush_subnormals: bool = Fal
 class _Writer:
     """Casts float64 results once to their destination dtype, flushing new subnormals when asked to."""
 
+    flushed_in: list[str]
+
     def __init__(self, flush: bool):
         self.flush, self.flushed, self.flushed_in = flush, 0, []
 
@@ -120,14 +128,14 @@ class _Writer:
         """Write the folded weight and bias into the layer; True where a bias had to be added."""
         dtype = layer.weight.dtype
         with torch.no_grad():
-            layer.weight.copy_(self.cast(weight, dtype, layer.weight, name))
+            layer.weight.copy_(self.cast(weight, dtype, layer.weight, name))  # type: ignore[operator, arg-type]
             if bias is None:
                 return False
             if layer.bias is None:
                 new_bias = self.cast(bias, dtype, None, name).to(layer.weight.device)
                 layer.bias = nn.Parameter(new_bias, requires_grad=layer.weight.requires_grad)
                 return True
-            layer.bias.copy_(self.cast(bias, dtype, layer.bias, name))
+            layer.bias.copy_(self.cast(bias, dtype, layer.bias, name))  # type: ignore[operator, arg-type]
         return False
 
 
@@ -151,22 +159,24 @@ def affine_module(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, cente
     writer = writer or _Writer(False)
     center = None
     if centered:
-        scale, shift = fm.affine_with_center(scale, shift, bn.running_mean)
-        center = bn.running_mean.detach().to(device, dtype)
-    return ChannelAffine(writer.cast(scale, dtype, None, name).to(device),
-                         writer.cast(shift, dtype, None, name).to(device), center=center)
+        scale, shift = fm.affine_with_center(scale, shift, bn.running_mean)  # type: ignore[arg-type]
+        center = bn.running_mean.detach().to(device, dtype)  # type: ignore[operator, arg-type]
+    return ChannelAffine(writer.cast(scale, dtype, None, name).to(device),  # type: ignore[arg-type]
+                         writer.cast(shift, dtype, None, name).to(device), center=center)  # type: ignore[arg-type]
 
 
-def _replace_bn(model, name, bn, writer: _Writer, affine, norm_act: bool = False, centered: bool = False) -> None:
+def _replace_bn(model: nn.Module, name: str, bn: nn.Module, writer: _Writer,
+                affine: tuple[torch.Tensor, torch.Tensor] | None, norm_act: bool = False,
+                centered: bool = False) -> None:
     """The BN module becomes Identity (affine None: folded) or the exact affine, keeping a BN+act's own act."""
     if has_standard_forward(bn) or norm_act:
         new = nn.Identity() if affine is None else affine_module(bn, *affine, centered, writer, name)
-        replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)
+        replace_module(model, name, FoldedNormAct(new, *norm_act_parts(bn)) if norm_act else new)  # type: ignore[misc]
     elif affine is None:
         make_custom_bn_folded(bn, None, None)
     else:
         device, dtype = bn.running_mean.device, bn.running_mean.dtype
-        scale, shift = (writer.cast(t, dtype, None, name).to(device) for t in affine)
+        scale, shift = (writer.cast(t, dtype, None, name).to(device) for t in affine)  # type: ignore[arg-type]
         make_custom_bn_folded(bn, scale, shift)
 
 

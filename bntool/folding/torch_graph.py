@@ -43,7 +43,8 @@ class TorchGraph:
 
     def _is_own_copy_pad(self, op: OpCall) -> bool:
         """The pad a conv with padding_mode reflect/replicate/circular makes in its own forward."""
-        if op.name != "pad" or type(op.module) not in STANDARD_CONSUMERS or op.module.padding_mode == "zeros":
+        if op.name != "pad" or op.module is None or type(op.module) not in STANDARD_CONSUMERS \
+                or op.module.padding_mode == "zeros":
             return False
         readers = self.flow.value_readers(op.outputs[0])
         return len(readers) == 1 and isinstance(readers[0], OpCall) and readers[0].module is op.module
@@ -95,7 +96,8 @@ class TorchGraph:
 
     def consumer_refusal(self, op: OpCall, x) -> str | None:
         layer = op.module
-        if type(layer) not in STANDARD_CONSUMERS or op.args[1] is not layer.weight or op.args[0] is not x:
+        if layer is None or type(layer) not in STANDARD_CONSUMERS or op.args[1] is not layer.weight \
+                or op.args[0] is not x:
             return None
         if isinstance(layer, _ConvNd) and layer.padding_mode == "zeros" and any(layer._reversed_padding_repeated_twice):
             return "the next conv zero-pads its input"

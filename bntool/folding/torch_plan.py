@@ -8,7 +8,7 @@ import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from ..layers import (
     bn_eps,
     bn_modules,
     bn_num_features,
+    bn_stats,
     bn_type_name,
     has_standard_forward,
     is_bn,
@@ -147,8 +148,8 @@ def broken_statistics(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[
         by_request = bn.training and not model.training  # normalizes with batch statistics: these are unused
         if not _has_stats(bn) or by_request or any(fnmatch.fnmatchcase(name, p) for p in skip):
             continue
-        problem = fm.statistics_problem(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
-                                        getattr(bn, "bias", None), bn_eps(bn))
+        problem = fm.statistics_problem(*bn_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None),
+                                        bn_eps(bn))
         if problem:
             broken.append((name, problem))
     return broken
@@ -252,8 +253,7 @@ def _refusal(name: str, bn: nn.Module, ctx: _Context) -> str:
         return "in training mode by request (normalizes with batch statistics)"
     if not _has_stats(bn) or getattr(bn, "track_running_stats", True) is False:
         return "track_running_stats=False: normalizes with batch statistics at inference"
-    problem = fm.statistics_problem(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
-                                    getattr(bn, "bias", None), bn_eps(bn))
+    problem = fm.statistics_problem(*bn_stats(bn), getattr(bn, "weight", None), getattr(bn, "bias", None), bn_eps(bn))
     return problem or _foreign_reads(bn, ctx)
 
 
@@ -409,7 +409,7 @@ def keep_what_would_overflow(model: nn.Module, plan: FoldPlan) -> None:
 def _fold_overflows(layer: nn.Module, action, target: FoldTarget, scale, shift) -> bool:
     """Whether the fold's weight or bias, cast to the layer's dtype, is no longer finite where it was."""
     dtype = layer.weight.dtype
-    before = [t for t in (layer.weight, layer.bias) if t is not None]
+    before = [cast(torch.Tensor, t) for t in (layer.weight, layer.bias) if t is not None]
     if not all(torch.isfinite(t).all() for t in before):
         return False
     layer_scale, layer_shift = fm.select_channels(scale, shift, target.channels, target.shift)

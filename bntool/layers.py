@@ -101,6 +101,10 @@ class DepthwiseAffine(nn.Module):
     as one mul and one add: the same float ops (bit for bit on CPU), without PyTorch's slow per-channel conv
     path at small batches. `dims`: the conv's spatial dims, so batched and unbatched inputs both broadcast."""
 
+    if TYPE_CHECKING:  # its buffers, for the type checker only: class annotations would break torch.jit.script
+        scale: torch.Tensor
+        shift: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dims: int):
         super().__init__()
         self.dims = dims
@@ -126,10 +130,11 @@ def plain_depthwise_1x1(module: nn.Module) -> bool:
         return False
     if module._forward_hooks or module._forward_pre_hooks:
         return False
-    c = module.in_channels
-    return (module.groups == c == module.out_channels and all(k == 1 for k in module.kernel_size)
-            and all(s == 1 for s in module.stride)
-            and (module.padding in ("valid", "same") or all(p == 0 for p in module.padding)))
+    conv = cast(nn.modules.conv._ConvNd, module)
+    c = conv.in_channels
+    return (conv.groups == c == conv.out_channels and all(k == 1 for k in conv.kernel_size)
+            and all(s == 1 for s in conv.stride)
+            and (conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding)))
 
 
 # BN+activation classes whose forward is exactly: normalize, then self.drop (if any), then self.act (timm's

@@ -143,7 +143,8 @@ class FoldLayout:
                 raise InputError(f"fold layout turns {name!r} into a per-channel affine, but it is a "
                                  f"{type(conv).__name__}, not a depthwise 1×1 conv in this architecture")
             if id(conv) not in made:
-                made[id(conv)] = DepthwiseAffine.empty(conv.out_channels, conv.weight.dim() - 2, conv.weight)
+                weight = cast(torch.Tensor, conv.weight)
+                made[id(conv)] = DepthwiseAffine.empty(cast(int, conv.out_channels), weight.dim() - 2, weight)
             replace_module(model, name, made[id(conv)])
         attach_layout(model, self)
         return model

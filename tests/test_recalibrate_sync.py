@@ -78,6 +78,7 @@ def test_a_sync_bn_subclass_recalibrates_like_its_plain_twin_in_one_process(sync
     assert nn.SyncBatchNorm.forward.__qualname__ == "SyncBatchNorm.forward"
 
 
+@pytest.mark.slow  # torchrun with two processes, like tests/test_distributed.py
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_a_sync_bn_subclass_merges_exactly_across_processes(tmp_path, sync_arch):
     import numpy as np

@@ -234,8 +234,9 @@ def fold(
 
     if _onnx_input(model):
         return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as)
-    _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
-                                  "writes ONNX")
+    if model.ckpt.exists():  # a missing input is named by the loader, not blamed on -o
+        _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
+                                      "writes ONNX")
     if affine_as != AffineAs.MUL:
         raise InputError("--affine-as: applies to ONNX files only (a PyTorch fold keeps an affine as a module)")
     outputs = _outputs((model.ckpt, "the input checkpoint"))

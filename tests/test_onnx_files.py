@@ -424,3 +424,8 @@ def test_the_onnx_plan_is_the_same_without_the_probe_shortcut(zoo_files, name, m
     monkeypatch.setattr(planner, "_direct_channels", lambda *a: None)
     monkeypatch.setattr(planner, "_direct_consumer_channels", lambda *a: None)
     assert fast == plan()
+
+
+def test_a_missing_onnx_input_is_named(tmp_path, cli):
+    result = cli("fold", tmp_path / "missing.onnx", "-o", tmp_path / "out.onnx")
+    assert_clean_error(result, contains="missing.onnx: no such file")

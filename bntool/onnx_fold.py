@@ -155,8 +155,6 @@ def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
 
 def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
     """Why a BN node is left as it is ("" when it can be folded or made an affine)."""
-    from .folding.math import statistics_problem
-
     if any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
         return f"skipped ({param('skip')})"
     if bn.where:
@@ -168,9 +166,18 @@ def _refusal(bn: BNNode, skip: Sequence[str]) -> str:
         return f"{', '.join(missing)} computed at run time (not an initializer or Constant)"
     if len({v.size for v in bn.values.values()}) != 1:  # type: ignore[union-attr]  # none missing (above)
         return "scale, bias, mean and var have different lengths"
-    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
-    problem = statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
+    problem = _statistics_problem(bn)
     return f"{problem}; recalibrate first" if problem else ""
+
+
+def _statistics_problem(bn: BNNode) -> str:
+    """folding.math.statistics_problem on the node's constants ("" when sound, or when not all are constants)."""
+    from .folding.math import statistics_problem
+
+    if any(v is None for v in bn.values.values()) or len({v.size for v in bn.values.values()}) != 1:  # type: ignore[union-attr]
+        return ""
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    return statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
 
 
 def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
@@ -183,11 +190,10 @@ def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
     for bn in batch_norm_nodes(onnx_file.model):
         if bn.where or any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
             continue
-        reason = _refusal(bn, ())
         if bn.training_mode or bn.extra_outputs:
             broken.append((bn.name, "training_mode=1: normalizes with the batch's statistics"))
-        elif reason.endswith("; recalibrate first"):
-            broken.append((bn.name, reason.removesuffix("; recalibrate first")))
+        elif problem := _statistics_problem(bn):
+            broken.append((bn.name, problem))
     if broken:
         raise InputError(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. Export the "
                          f"model in eval mode, or run `bntool recalibrate` first, or leave them with {param('skip')}",

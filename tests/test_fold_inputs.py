@@ -145,3 +145,36 @@ def test_verify_plans_and_folds_once(monkeypatch):
     report = verify(pruned_model(), torch.randn(1, 8, 9, 9), samples=0, exporter="legacy")
     assert report.passed, report.to_dict()
     assert calls == {"trace": 2, "apply": 1}
+
+
+class _FunctionalNorm(nn.Module):
+    """Ported code: a conv, then F.batch_norm on buffers of its own (no BN module to scan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+        self.register_buffer("batch_mean", torch.full((4,), float("nan")))  # unused by a training=True call
+        self.register_buffer("batch_var", torch.full((4,), float("nan")))
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(self.conv(x), self.mean, self.var, training=False)
+        return nn.functional.batch_norm(x, self.batch_mean, self.batch_var, training=True, momentum=0.0)
+
+
+@pytest.mark.parametrize("field, value", [("var", float("nan")), ("var", -2.0), ("mean", float("inf"))])
+def test_broken_statistics_of_a_functional_batch_norm_are_the_inputs_fault(field, value, tmp_path, cli):
+    model = _FunctionalNorm().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert fold(model, x)[1].passed  # NaN statistics behind a training=True call are not read
+    with torch.no_grad():
+        getattr(model, field)[1] = value
+    with pytest.raises(InputError, match=r"BatchNorm '\(model\)' \((statistics|running_var).*recalibrate.*skip"):
+        fold(model, x)
+    assert fold(model, x, skip=["(model)"])[1].passed  # the way out it names
+    src, out = tmp_path / "functional.pt", tmp_path / "folded.pt"
+    torch.save(model, src)
+    result = cli("fold", src, "--trust-pickle", "--input-shape", "1,3,8,8", "-o", out)
+    assert_clean_error(result, 2, contains="BatchNorm '(model)'")
+    assert not out.exists()

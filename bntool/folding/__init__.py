@@ -42,6 +42,7 @@ from .planner import (
 from .surgery import apply_fold_plan, apply_plan, depthwise_to_affine, fold_target_modules
 from .torch_plan import (
     MAX_FORWARD_FOLD_MEAN,
+    broken_functional_statistics,
     broken_statistics,
     check_skip_patterns,
     keep_what_would_overflow,
@@ -102,7 +103,8 @@ def fold(
     Raises:
         CheckFailed: with `check`, the folded model differs beyond tolerance (`.report` is the FoldReport).
         InputError: a tolerance is negative or not finite, `model` is a TorchScript module, `device` is not
-            available, or a BN not skipped has NaN/Inf statistics or affine, or running_var + eps ≤ 0 (the
+            available, or a BN not skipped (a module, or an F.batch_norm call on the model's own tensors) has
+            NaN/Inf statistics or affine, or running_var + eps ≤ 0 (the
             checkpoint is broken: recalibrate first, or skip those layers).
 
     A `torch.compile`d model is folded through the module it wraps (`_orig_mod`; a note says so): the result
@@ -125,6 +127,9 @@ def fold(
     home = device_of(model)
     with moved_to(model, device) as dev:
         inputs = to_device(inputs, dev) if device is not None else inputs
+        if plan is None:  # once, on the original: the flush retry below applies the same decisions
+            plan = plan_fold(model, inputs, skip=skip)
+        _refuse_broken_statistics(model, skip, plan)
         folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True,
                                          merge=merge)
         if not report.passed and report.subnormals_flushed:  # the flush made the difference: keep them
@@ -142,9 +147,10 @@ def fold(
     return folded, report
 
 
-def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str]) -> None:
-    """NaN/Inf or negative running_var: the checkpoint is broken, not the fold (exit 2 before any work)."""
-    broken = broken_statistics(model, skip)
+def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str], plan: FoldPlan | None = None) -> None:
+    """NaN/Inf or negative running_var: the checkpoint is broken, not the fold (exit 2 before any work).
+    BN modules are read directly; with a plan, also the model's tensors its F.batch_norm calls read."""
+    broken = broken_statistics(model, skip) if plan is None else broken_functional_statistics(model, plan, skip)
     if not broken:
         return
     raise InputError(f"{broken_layers_text(broken)}: these statistics cannot be folded. Run `bntool recalibrate` "

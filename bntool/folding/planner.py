@@ -120,6 +120,7 @@ class FunctionalBN:
     weight: str | None
     bias: str | None
     eps: float
+    batch_statistics: bool = False  # called with training=True: the running statistics are not what it uses
 
 
 @dataclass

@@ -155,6 +155,24 @@ def broken_statistics(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[
     return broken
 
 
+def broken_functional_statistics(model: nn.Module, plan: FoldPlan, skip: Sequence[str] = ()
+                                 ) -> list[tuple[str, str]]:
+    """(name, problem) of every F.batch_norm call of the plan, not skipped, whose statistics or affine (the
+    model's own tensors) cannot be folded: broken_statistics for what no BN module holds."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    broken = []
+    for step in plan.steps:
+        f = step.functional
+        if f is None or f.batch_statistics or any(fnmatch.fnmatchcase(step.decision.name, p) for p in skip):
+            continue
+        weight, bias = (tensors[n] if n is not None else None for n in (f.weight, f.bias))
+        problem = fm.statistics_problem(tensors[f.running_mean], tensors[f.running_var], weight, bias, f.eps)
+        if problem:
+            broken.append((step.decision.name, problem))
+    return broken
+
+
 def _decide(name: str, bn: nn.Module, ctx: _Context) -> FoldStep:
     channels = bn_num_features(bn) if _has_stats(bn) else 0
     step = FoldStep(BNDecision(name=name, type=bn_type_name(bn), channels=channels, action=REFUSED))
@@ -327,7 +345,7 @@ def _functional_step(op: OpCall, a: dict[str, Any], stats: list, steps: list[Fol
     taken = {s.decision.name for s in steps}
     name = next(f"{name} #{i}" for i in range(2, len(steps) + 3) if f"{name} #{i}" not in taken) \
         if name in taken else name
-    functional = FunctionalBN(op.index, stats[0], stats[1], stats[2], stats[3], float(a["eps"]))
+    functional = FunctionalBN(op.index, stats[0], stats[1], stats[2], stats[3], float(a["eps"]), bool(a["training"]))
     channels = a["running_mean"].numel()
     step = FoldStep(BNDecision(name=name, type="F.batch_norm", channels=channels, action=REFUSED),
                     functional=functional)

@@ -18,7 +18,15 @@ from ._version import __version__
 if TYPE_CHECKING:  # what editors and type checkers see; at run time each name is imported on first use
     from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint, state_dict_of
     from .data import ImageOptions, open_data
-    from .errors import BntoolError, CheckFailed, CorruptFileError, InputError, UnsupportedError, UserCodeError
+    from .errors import (
+        BntoolError,
+        BrokenStatistics,
+        CheckFailed,
+        CorruptFileError,
+        InputError,
+        UnsupportedError,
+        UserCodeError,
+    )
     from .folding import FoldPlan, FoldReport, fold, plan_fold
     from .inspection import InspectReport, inspect
     from .layers import ChannelAffine
@@ -58,6 +66,7 @@ _EXPORTS = {
     "UnsupportedError": "errors",
     "UserCodeError": "errors",
     "CorruptFileError": "errors",
+    "BrokenStatistics": "errors",
 }
 
 __all__ = [  # literal, so that linters and editors see the names imported under TYPE_CHECKING
@@ -65,7 +74,7 @@ __all__ = [  # literal, so that linters and editors see the names imported under
     "recalibrate", "RecalibrationReport", "recalibrate_onnx", "recalibrate_onnx_file", "export_onnx", "ExportReport",
     "verify", "VerifyReport", "load_checkpoint", "load_model", "save_checkpoint", "state_dict_of", "Checkpoint",
     "ChannelAffine", "open_data", "ImageOptions", "BntoolError", "InputError", "CheckFailed", "UnsupportedError",
-    "UserCodeError", "CorruptFileError",
+    "UserCodeError", "CorruptFileError", "BrokenStatistics",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}
 # Entry points whose arguments are checked against their type hints (utils.checked_arguments): a wrong type is an

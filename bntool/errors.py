@@ -61,6 +61,15 @@ class InputError(BntoolError, ValueError):
     """A file, option or model that cannot be used as given (a ValueError too, as Python code expects)."""
 
 
+class BrokenStatistics(InputError):
+    """BN statistics or affine that no fold can use (NaN/Inf, running_var + eps ≤ 0): the checkpoint is at fault.
+    `.broken` lists (layer, problem)."""
+
+    def __init__(self, message: str, broken: list[tuple[str, str]], *, param: str | None = None):
+        super().__init__(message, param=param)
+        self.broken = broken
+
+
 class UnsupportedError(BntoolError):
     """The input is valid but this operation does not support it."""
 

@@ -178,3 +178,14 @@ def test_broken_statistics_of_a_functional_batch_norm_are_the_inputs_fault(field
     result = cli("fold", src, "--trust-pickle", "--input-shape", "1,3,8,8", "-o", out)
     assert_clean_error(result, 2, contains="BatchNorm '(model)'")
     assert not out.exists()
+
+
+def test_verify_fails_the_fold_check_of_a_functional_batch_norm_with_broken_statistics():
+    from bntool.verification import verify
+
+    model = _FunctionalNorm().eval()
+    with torch.no_grad():
+        model.var[0] = float("nan")
+    report = verify(model, torch.randn(2, 3, 8, 8), onnx=False)
+    fold_check = next(c for c in report.checks if c.name == "fold-equivalence")
+    assert not report.passed and not fold_check.passed and "(model)" in fold_check.summary

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..compare import Tolerance, check_samples
 from ..devices import check_not_meta, device_of, model_dtype, moved_to, to_device
-from ..errors import CheckFailed, InputError, param, user_code
+from ..errors import BrokenStatistics, CheckFailed, InputError, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
 from ..merging import merge_branches
 from .check import FoldReport, compare, default_tolerance, eval_copy, ops_left
@@ -153,8 +153,8 @@ def _refuse_broken_statistics(model: nn.Module, skip: Sequence[str], plan: FoldP
     broken = broken_statistics(model, skip) if plan is None else broken_functional_statistics(model, plan, skip)
     if not broken:
         return
-    raise InputError(f"{broken_layers_text(broken)}: these statistics cannot be folded. Run `bntool recalibrate` "
-                     f"first, or leave them as they are with {param('skip')}", param="skip")
+    raise BrokenStatistics(f"{broken_layers_text(broken)}: these statistics cannot be folded. Run `bntool "
+                           f"recalibrate` first, or leave them as they are with {param('skip')}", broken, param="skip")
 
 
 def broken_layers_text(broken: Sequence[tuple[str, str]]) -> str:

@@ -107,8 +107,8 @@ MODULE_ORDER = [
     "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_graph",
     "onnx_export", "inspection", "onnx_recalibration", "recalibration",
     "recalibration_exact", "recalibration_passes", "distributed", "segments", "folding",
-    "merging", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite", "layers",
-    "devices",
+    "merging", "merge_math", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite",
+    "layers", "devices",
     "files", "choices", "utils", "errors", "_version", "__init__",
 ]
 

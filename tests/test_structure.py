@@ -105,10 +105,9 @@ def test_shared_modules_stand_below_the_jobs():
 # The README's module map, top to bottom: a module may import only modules after it.
 MODULE_ORDER = [
     "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_graph",
-    "onnx_export", "inspection", "onnx_recalibration", "recalibration",
-    "recalibration_exact", "recalibration_passes", "distributed", "segments", "folding",
-    "merging", "merge_math", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite",
-    "layers", "devices",
+    "onnx_export", "inspection", "onnx_recalibration", "recalibration", "recalibration_exact", "recalibration_passes",
+    "distributed", "segments", "folding", "merging", "merge_math", "checkpoint", "onnx_model", "arch", "data",
+    "images", "preprocessing", "compare", "graph", "layout", "rewrite", "layers", "devices",
     "files", "choices", "utils", "errors", "_version", "__init__",
 ]
 

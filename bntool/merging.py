@@ -307,4 +307,3 @@ def _same_outputs(after: nn.Module, call: tuple) -> bool:
     return True
 
 
-

@@ -220,7 +220,6 @@ def _recalibrating(model: nn.Module, layers, device: torch.device | None, channe
             m.momentum = saved[n].momentum
 
 
-
 def _cumulative(run: Run) -> None:
     stats = _batch_stats_pass(run.model, run.layers, run.batches, run.progress)
     write_all(run.layers, stats, run.batches.batches_per_pass, run.prior)
@@ -367,7 +366,6 @@ def _shift(name, m, old, values, counted=True) -> LayerShift:
     mean_shift = float(((new_mean - old_mean).abs() / (old_var + eps).sqrt()).max())
     ratio = (new_var + eps) / (old_var + eps)
     return LayerShift(name, c, values, mean_shift, float(ratio.min()), float(ratio.max()))
-
 
 
 def _autocast(device: torch.device, amp: bool):

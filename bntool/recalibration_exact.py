@@ -92,7 +92,6 @@ def _observe_pass(run: Run, layers, pass_number, passes, stop_after=False, cache
     return observer.stats, any_rank(observer.diverged)
 
 
-
 def exact_statistics(run: Run) -> None:
     """Eval-mode statistics: each BN's input statistics over the data, given the final statistics of every BN
     (the fixed point of whole eval-mode forwards). Level passes reach it directly when the traced forward shows

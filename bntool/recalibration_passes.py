@@ -107,6 +107,8 @@ class ChannelStats:
 
 @dataclass
 class SavedState:
+    """A BN's mode, momentum and statistics as given: put back after the run, and the source of a prior."""
+
     training: bool
     momentum: float | None
     mean: torch.Tensor
@@ -226,7 +228,6 @@ def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
         raise
 
 
-
 def run_pass(model, batches, progress, pass_number, passes, cache=None, observer=None) -> None:
     """Pass `pass_number` of `passes` over the data; across processes, every rank learns whether another one failed."""
     agree(lambda: _run_local_pass(model, batches, progress, pass_number, passes, cache, observer))
@@ -286,10 +287,8 @@ def _run_local_pass(model, batches, progress, pass_number, passes, cache=None, o
         cache.end_pass()
 
 
-
 class LevelDone(Exception):
     """Raised inside a forward once every BN of the level being measured has run: the rest is not needed."""
-
 
 
 def _write(m, mean: torch.Tensor, var: torch.Tensor, batches: int | None) -> None:
@@ -333,7 +332,6 @@ class Prior:
         source = self.source[name]
         mean_s, var_s = source.mean.to(mean.device, torch.float64), source.var.to(var.device, torch.float64)
         return (big_n * mean_s + n * mean) / (big_n + n), (big_n * var_s + n * var) / (big_n + n)
-
 
 
 def world_size() -> int:

@@ -13,19 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from bntool.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageOptions,
-    Preprocessing,
-    check_fits,
-    first_input,
-    image_to_tensor,
-    open_data,
-    resolve_preprocessing,
-    shard_batches,
-)
+from bntool.data import check_fits, first_input, open_data, shard_batches
 from bntool.errors import InputError
+from bntool.images import image_to_tensor
+from bntool.preprocessing import IMAGENET_MEAN, IMAGENET_STD, ImageOptions, Preprocessing, resolve_preprocessing
 
 
 @given(n=st.integers(0, 200), batch=st.integers(1, 32), world=st.integers(1, 5))
@@ -295,7 +286,7 @@ def test_check_fits_allows_another_batch_size():
                                  {"input_size": (3, 32, 32), "crop_pct": -1.0}, {"input_size": (3, 32, 32),
                                                                                  "mean": (0.5, 0.5)}])
 def test_a_models_odd_data_config_is_left_out_not_fatal(cfg):
-    from bntool.data import model_data_config
+    from bntool.preprocessing import model_data_config
 
     model = torch.nn.Conv2d(3, 3, 1)
     model.pretrained_cfg = cfg

@@ -104,10 +104,10 @@ def test_shared_modules_stand_below_the_jobs():
 
 # The README's module map, top to bottom: a module may import only modules after it.
 MODULE_ORDER = [
-    "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_graph",
-    "onnx_export", "inspection", "onnx_recalibration", "recalibration", "distributed", "segments", "folding",
-    "merging", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite", "layers",
-    "devices",
+    "__main__", "cli", "options", "report", "report_json", "plot", "demo", "zoo", "verification", "onnx_fold",
+    "onnx_graph", "onnx_export", "inspection", "onnx_recalibration", "recalibration", "recalibration_exact",
+    "recalibration_passes", "distributed", "segments", "folding", "merging", "merge_math", "checkpoint", "onnx_model",
+    "arch", "data", "images", "preprocessing", "compare", "graph", "layout", "rewrite", "layers", "devices",
     "files", "choices", "utils", "errors", "_version", "__init__",
 ]
 
@@ -136,9 +136,20 @@ def test_folding_package_follows_its_order():
         assert "nn.Module" not in text and "OpCall" not in text, name
 
 
+MAX_LINES = 500
+# Over MAX_LINES here and being split on other branches (house-cli, onnx-speed, onnx-recal2, verify-once): each
+# name leaves this set when its split merges.
+SPLIT_ELSEWHERE = {"cli.py", "files.py", "onnx_export.py", "onnx_fold.py", "onnx_model.py", "onnx_recalibration.py"}
+
+
 def test_no_module_is_too_long():
-    long = [p.relative_to(PACKAGE) for p in PACKAGE.glob("folding/*.py") if len(p.read_text().splitlines()) > 500]
-    assert not long, long
+    """A module over MAX_LINES lines says why in its docstring, in a sentence starting "Long because"."""
+    long = []
+    for path in [*PACKAGE.glob("*.py"), *PACKAGE.glob("*/*.py")]:
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_LINES and "Long because" not in (ast.get_docstring(ast.parse(text)) or ""):
+            long.append(str(path.relative_to(PACKAGE)))
+    assert set(long) - SPLIT_ELSEWHERE == set(), sorted(set(long) - SPLIT_ELSEWHERE)
 
 
 def test_every_module_states_its_job():

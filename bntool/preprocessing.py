@@ -45,13 +45,15 @@ class Preprocessing:
 
     size: tuple[int, int]  # (height, width) of the model input
     # before the center crop (unused without it): the shorter image side (torchvision's Resize(int)), or for a
-    # non-square crop the (height, width) the image is scaled to cover, aspect kept (timm's ResizeKeepRatio)
+    # non-square crop the (height, width) the image is scaled to cover, aspect kept (timm's ResizeKeepRatio),
+    # or with `squash` the (height, width) it is scaled to, aspect not kept (timm's crop_mode "squash")
     resize: int | tuple[int, int]
     center_crop: bool
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    squash: bool = False
 
     @property
     def channels(self) -> int:
@@ -66,7 +68,10 @@ class Preprocessing:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of an image after the resize that precedes the center crop, computed as timm's eval
-        transform does: torchvision's Resize(int) for one side, timm's ResizeKeepRatio for (height, width)."""
+        transform does: torchvision's Resize(int) for one side, timm's ResizeKeepRatio for (height, width), and
+        both sides as given when squashed."""
+        if self.squash and not isinstance(self.resize, int):
+            return (self.resize[1], self.resize[0])
         if isinstance(self.resize, int):
             short, long = sorted((width, height))
             new_long = int(self.resize * long / short)
@@ -77,7 +82,8 @@ class Preprocessing:
     def describe(self) -> str:
         """'resize 73 → center crop 64×64 (bicubic), mean 0.485,0.456,0.406, std 0.229,0.224,0.225'."""
         h, w = self.size
-        resize = self.resize if isinstance(self.resize, int) else f"to cover {_hw(self.resize)}"
+        resize = (self.resize if isinstance(self.resize, int) else
+                  f"to {_hw(self.resize)} (aspect not kept)" if self.squash else f"to cover {_hw(self.resize)}")
         steps = (f"resize {resize} → center crop {h}×{w}" if self.center_crop else f"resize to {h}×{w}")
         return f"{steps} ({self.interpolation}), mean {_numbers(self.mean)}, std {_numbers(self.std)}"
 
@@ -104,8 +110,8 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         resize = self.resize if isinstance(self.resize, int) else list(self.resize)
         return {"size": list(self.size), "resize": resize if self.center_crop else None,
-                "center_crop": self.center_crop, "interpolation": self.interpolation, "mean": list(self.mean),
-                "std": list(self.std), "sources": dict(self.sources)}
+                "center_crop": self.center_crop, "squash": self.squash, "interpolation": self.interpolation,
+                "mean": list(self.mean), "std": list(self.std), "sources": dict(self.sources)}
 
 
 _SETTING_ORDER = ("size", "crop", "resize", "interpolation", "mean", "std")
@@ -147,12 +153,16 @@ def resolve_preprocessing(
     if o.center_crop is not None:
         center_crop = o.center_crop
         sources["crop"] = GIVEN
-    elif cfg.get("crop_mode") == "squash":
-        center_crop = False
+    elif _squashes(cfg) and o.resize is None:
+        # timm's squash: each side scaled to size / crop_pct, aspect not kept, then the center crop (none at 1)
+        center_crop = cfg.get("crop_pct", 1.0) < 1
         sources["crop"] = MODEL_CONFIG
     else:
         center_crop = True
     resize = _resolve_resize(o, size, center_crop, cfg, sources)
+    squash = center_crop and o.center_crop is None and o.resize is None and _squashes(cfg)
+    if squash:
+        resize = _pair(resize)
     if o.interpolation is not None:
         interpolation = o.interpolation.lower()
         if interpolation not in INTERPOLATIONS:
@@ -165,7 +175,15 @@ def resolve_preprocessing(
     else:
         interpolation = "bilinear"
         sources["interpolation"] = DEFAULT
-    return Preprocessing(size, resize, center_crop, interpolation, mean, std, sources)
+    return Preprocessing(size, resize, center_crop, interpolation, mean, std, sources, squash)
+
+
+def _squashes(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("crop_mode") == "squash"
+
+
+def _pair(resize: int | tuple[int, int]) -> tuple[int, int]:
+    return (resize, resize) if isinstance(resize, int) else resize
 
 
 def _resolve_size(o: ImageOptions, input_shape, cfg, sources) -> tuple[int, int]:

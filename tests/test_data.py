@@ -58,6 +58,8 @@ def test_first_input_errors_name_the_problem():
 EFFNET_CFG = {"architecture": "efficientnet_b0", "input_size": (3, 224, 224), "interpolation": "bicubic",
               "crop_pct": 0.875, "crop_mode": "center", "mean": (0.485, 0.456, 0.406),
               "std": (0.229, 0.224, 0.225), "num_classes": 1000}
+# Squashed, not aspect-kept, before the crop (timm's crop_mode "squash", as some ViT and MobileCLIP configs have).
+SQUASH_CFG = dict(EFFNET_CFG, crop_mode="squash", crop_pct=0.9, interpolation="bilinear")
 # A model trained with other statistics and a larger crop fraction (e.g. timm's CLIP-normalized models).
 CLIP_CFG = {"input_size": (3, 256, 256), "interpolation": "bilinear", "crop_pct": 0.95, "crop_mode": "center",
             "mean": (0.4815, 0.4578, 0.4082), "std": (0.2686, 0.2613, 0.2758)}
@@ -97,7 +99,7 @@ def test_model_config_then_overrides():
     assert given.resize == (int(96 / 0.95), int(128 / 0.95))  # each side, as timm's eval transform scales them
 
 
-@pytest.mark.parametrize("cfg", [EFFNET_CFG, CLIP_CFG])
+@pytest.mark.parametrize("cfg", [EFFNET_CFG, CLIP_CFG, SQUASH_CFG, dict(SQUASH_CFG, crop_pct=1.0)])
 @pytest.mark.parametrize("size", [(96, 128), (128, 96), (64, 200), (112, 112)])
 def test_images_match_timms_own_eval_transform(cfg, size):
     """Non-square input shapes too (they were up to 4.4 apart): timm's create_transform is the reference."""
@@ -172,10 +174,16 @@ def test_a_16_bit_image_resizes_as_its_8_bit_twin(tmp_path):
     assert float((ours - twin).abs().max()) <= 1.01 / 255 / 0.25
 
 
-def test_squash_crop_mode_resizes_straight():
-    p = resolve_preprocessing(model=WithConfig(dict(EFFNET_CFG, crop_mode="squash")), input_shape=(1, 3, 32, 32))
-    assert not p.center_crop and p.sources["crop"] == "the model's pretrained_cfg"
-    assert p.describe().startswith("resize to 32×32 (bicubic)")
+def test_squash_crop_mode_scales_each_side_then_crops():
+    """timm's crop_mode "squash": each side to size / crop_pct (aspect not kept), then the center crop."""
+    p = resolve_preprocessing(model=WithConfig(dict(EFFNET_CFG, crop_mode="squash")), input_shape=(1, 3, 32, 48))
+    assert p.squash and p.center_crop and p.sources["crop"] == "the model's pretrained_cfg"
+    assert p.resize == (36, 54) and p.resized_size(100, 10) == (54, 36)
+    assert p.describe().startswith("resize to 36×54 (aspect not kept) → center crop 32×48 (bicubic)")
+    whole = resolve_preprocessing(model=WithConfig(dict(SQUASH_CFG, crop_pct=1.0)), input_shape=(1, 3, 32, 32))
+    assert not whole.center_crop and whole.describe().startswith("resize to 32×32 (bilinear)")  # no crop at 1
+    given = resolve_preprocessing(ImageOptions(resize=40), model=WithConfig(SQUASH_CFG), input_shape=(1, 3, 32, 32))
+    assert not given.squash and given.resize == 40  # a --resize given is the shorter side, aspect kept
 
 
 @pytest.mark.parametrize("options, shape, needle", [

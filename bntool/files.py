@@ -4,7 +4,7 @@ A command plans its outputs with `Outputs` (`add` each path with its kind, `chec
 resolved through symlinks and hard links, none an input or another output, parent writable, existing only with
 `force`, never a report or ONNX file over a checkpoint), writes each through `write` (or `temp_path` for writers
 that need a file name) and calls `commit` last. The commit is a critical section: Ctrl-C is held until every
-file is in place, then raised, and `committed()` says truthfully what was written.
+file is in place, then raised, and the run's `WriteSession` records truthfully what was written.
 
 `check_output_path` is the single-file form the library uses directly; temp files and atomic writes are in
 `tempfiles`.
@@ -26,11 +26,10 @@ from typing import Literal
 from .errors import InputError, param
 from .tempfiles import (  # noqa: F401  # re-exported: the library and tests import them from here
     TEMP_PREFIX,
-    _committed,
+    WriteSession,
     atomic_write,
     clean_stale_temps,
-    committed,
-    forget_committed,
+    current_session,
     fsync_dir,
     fsync_file,
     new_file_mode,
@@ -293,11 +292,12 @@ class Outputs:
     planned: list[PlannedOutput] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)  # what each input is, for messages
     staging: list[Path] = field(default_factory=list)  # temp directories, removed after commit or discard
+    session: WriteSession = field(default_factory=current_session)  # records what commit put in place
 
     def staging_dir(self, path: str | os.PathLike) -> Path:
         """A private temp directory next to `path` for writers that produce several files or need the final
         name (ONNX and its external data); `adopt` files from it; it is removed after commit or discard."""
-        directory = new_temp_dir(Path(path))
+        directory = new_temp_dir(Path(path), self.session)
         self.staging.append(directory)
         return directory
 
@@ -393,7 +393,7 @@ class Outputs:
         """A temp file next to a planned output, to write into; `commit` moves it into place."""
         p = self._find(path)
         if p.temp is None:
-            p.temp = new_temp(p.path)
+            p.temp = new_temp(p.path, session=self.session)
         return p.temp
 
     def adopt(self, path: str | os.PathLike, written: Path, temp_dir: Path | None = None) -> None:
@@ -410,27 +410,27 @@ class Outputs:
 
     def commit(self) -> list[Path]:
         """Move every written output into place and return their paths. Files are fsync'd first; the renames
-        run with Ctrl-C held, so either all happen or (on an error) the ones done are in `committed()`; an
+        run with Ctrl-C held, so either all happen or (on an error) the ones done are in `session.committed`; an
         output replacing the input goes last."""
         ready = sorted((p for p in self.planned if p.temp is not None), key=lambda p: p.in_place)
         for p in ready:
             assert p.temp is not None  # ready: written
             fsync_file(p.temp)
             os.chmod(p.temp, new_file_mode(p.path))
-        test_point("before-commit")
+        self.session.reached("before-commit")
         done = []
         with signals_held():
             for p in ready:
                 assert p.temp is not None
                 os.replace(p.temp, p.path)
                 p.temp = None
-                _committed.append(p.path)
+                self.session.committed.append(p.path)
                 done.append(p.path)
-                test_point("during-commit")
+                self.session.reached("during-commit")
             for directory in {parent_dir(p.path) for p in ready}:
                 fsync_dir(directory)
         self._remove_temp_dirs()
-        test_point("after-commit")
+        self.session.reached("after-commit")
         return done
 
     def discard(self) -> None:

@@ -9,46 +9,95 @@ removed on the next write into that directory. `atomic_write` is the single-file
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import secrets
 import shutil
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
 
 TEMP_PREFIX = ".bntool-tmp-"
-# Named points where tests inject a real SIGINT (BNTOOL_TEST_INTERRUPT=<point>): "before-commit",
-# "during-commit" (after the first file is in place) and "after-commit"; "check" is used by export_onnx.
-# BNTOOL_TEST_SIGNAL=TERM sends SIGTERM there instead (what CI runners send on cancel).
+# The environment variables of the test hook, read once where a process starts (`InterruptAt.from_env`).
 TEST_INTERRUPT_ENV = "BNTOOL_TEST_INTERRUPT"
 TEST_SIGNAL_ENV = "BNTOOL_TEST_SIGNAL"
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_committed: list[Path] = []  # files this process put in place, for a truthful message on Ctrl-C
-_cleaned: set[str] = set()  # directories already swept for stale temp files
+
+
+@dataclass(frozen=True)
+class InterruptAt:
+    """A test hook: a real signal delivered when a write reaches `point`. Points: "before-commit",
+    "during-commit" (after the first file is in place), "after-commit", and "check" (export_onnx, before the
+    onnxruntime check). SIGTERM is what CI runners send on cancel."""
+
+    point: str
+    signum: int = signal.SIGINT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> InterruptAt | None:
+        """The hook that BNTOOL_TEST_INTERRUPT=<point> (and BNTOOL_TEST_SIGNAL=TERM) ask for; None when unset,
+        as it always is outside tests."""
+        point = environ.get(TEST_INTERRUPT_ENV)
+        if not point:
+            return None
+        return cls(point, signal.SIGTERM if environ.get(TEST_SIGNAL_ENV) == "TERM" else signal.SIGINT)
+
+    def reached(self, point: str) -> None:
+        if point == self.point:
+            os.kill(os.getpid(), self.signum)
+
+
+@dataclass
+class WriteSession:
+    """One run's writes: the files put in place (so a Ctrl-C message says truthfully what was written), the
+    directories already swept for stale temp files (once each), and the test hook, if any.
+
+    The CLI makes one per command and activates it (`with session.active():`), so that outputs the library
+    commits on its own (export_onnx, fold_onnx, the demo) are recorded too; `Outputs` and `atomic_write` outside
+    an active session record into a fresh one, which nothing reads."""
+
+    committed: list[Path] = field(default_factory=list)
+    swept: set[str] = field(default_factory=set)
+    interrupt: InterruptAt | None = None
+
+    def reached(self, point: str) -> None:
+        """A named point of a write (see `InterruptAt`): the test hook fires here, if it names this point."""
+        if self.interrupt is not None:
+            self.interrupt.reached(point)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[WriteSession]:
+        """This session is `current_session()` inside the block (in this thread or task only)."""
+        token = _active_session.set(self)
+        try:
+            yield self
+        finally:
+            _active_session.reset(token)
+
+
+# The active session: a context variable, set only inside `WriteSession.active()`, so a session never outlives
+# its run (another run in the same process, a test, a thread starts without one).
+_active_session: contextvars.ContextVar[WriteSession | None] = contextvars.ContextVar("bntool_writes", default=None)
+
+
+def current_session() -> WriteSession:
+    """The active session, or a fresh one."""
+    return _active_session.get() or WriteSession()
+
+
+def test_point(name: str) -> None:
+    """A named point of a write in the library (export_onnx's "check"): the active session's test hook."""
+    current_session().reached(name)
 
 
 def parent_dir(path: Path) -> Path:
     """The directory a path lives in ('.' for a bare file name)."""
     return path.parent if str(path.parent) else Path(".")
-
-
-def committed() -> list[Path]:
-    """The files this process has put in place since the last `forget_committed()`."""
-    return list(_committed)
-
-
-def forget_committed() -> None:
-    _committed.clear()
-
-
-def test_point(name: str) -> None:
-    """Deliver a real SIGINT (or SIGTERM) here when the test environment asks for it (never set outside tests)."""
-    if os.environ.get(TEST_INTERRUPT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGTERM if os.environ.get(TEST_SIGNAL_ENV) == "TERM" else signal.SIGINT)
 
 
 def _temp_name() -> str:
@@ -62,13 +111,13 @@ def _temp_suffix(path: Path) -> str:
     return path.suffix if 0 < len(path.suffix) <= 16 else ".tmp"
 
 
-def new_temp(path: Path, clean: bool = True, label: str = "") -> Path:
+def new_temp(path: Path, clean: bool = True, label: str = "", session: WriteSession | None = None) -> Path:
     """An empty temp file next to `path` (same file system, so the final rename is atomic), with its suffix
     (`_temp_suffix`). `label` names the output in messages (default: its path)."""
     parent = parent_dir(path)
     label = label or str(path)
     if clean:
-        clean_stale_temps(parent)
+        clean_stale_temps(parent, session)
     for _ in range(100):
         tmp = parent / (_temp_name() + _temp_suffix(path))
         try:
@@ -82,10 +131,10 @@ def new_temp(path: Path, clean: bool = True, label: str = "") -> Path:
     raise InputError(f"{label}: cannot create a temp file in {parent}")
 
 
-def new_temp_dir(path: Path) -> Path:
+def new_temp_dir(path: Path, session: WriteSession | None = None) -> Path:
     """A private temp directory next to `path`, for writers that produce several files (ONNX + external data)."""
     parent = parent_dir(path)
-    clean_stale_temps(parent)
+    clean_stale_temps(parent, session)
     tmp = parent / _temp_name()
     try:
         os.mkdir(tmp, 0o700)
@@ -94,13 +143,14 @@ def new_temp_dir(path: Path) -> Path:
     return tmp
 
 
-def clean_stale_temps(directory: Path) -> list[Path]:
+def clean_stale_temps(directory: Path, session: WriteSession | None = None) -> list[Path]:
     """Remove temp files and directories of ours left by processes that no longer run (SIGKILL, power loss).
-    Returns what was removed. Once per directory per process."""
+    Returns what was removed. Once per directory per session (default: the active one)."""
+    session = session or current_session()
     key = os.path.realpath(directory)
-    if key in _cleaned:
+    if key in session.swept:
         return []
-    _cleaned.add(key)
+    session.swept.add(key)
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
@@ -146,12 +196,13 @@ def remove_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], session: WriteSession | None = None) -> Path:
     """Write `path` through a temp file in the same directory, fsync, then rename.
 
     Args:
         path: the file to write.
         write: called with the temp file's name; writes the content there.
+        session: records the file once it is in place (default: the active session).
 
     Returns:
         `path` as a Path.
@@ -160,13 +211,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     old file (if any) as it was.
     """
     path = Path(path)
-    tmp = new_temp(path)
+    session = session or current_session()
+    tmp = new_temp(path, session=session)
     try:
         write(str(tmp))
         with signals_held():
             finish_temp(tmp, path)
             if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing
-                _committed.append(path)
+                session.committed.append(path)
     except BaseException:
         remove_quietly(tmp)
         raise

@@ -3,6 +3,7 @@ SIGTERM unwound with a truthful message about what was written."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
@@ -10,64 +11,57 @@ import sys
 import threading
 import traceback
 import warnings
+from typing import TYPE_CHECKING
 
 import typer
 import typer.core
 
 from ..errors import BntoolError, CheckFailed
 from .app import app
-from .shared import (
-    _json_printed,
-    _one_line,
-    _say,
-    flag_name,
-)
+from .shared import Run, _one_line, _say, flag_name
 from .verify import _ci_reports_of_unparsed_verify
+
+if TYPE_CHECKING:
+    from ..tempfiles import InterruptAt
 
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (a CI runner cancelling the job), unwound like Ctrl-C: temp files removed, a commit finished."""
 
 
-_terminated: list[int] = []  # set by the SIGTERM handler: the exit code and message say "terminated"
-
-
-def _on_sigterm(signum, frame) -> None:
-    _terminated.append(signum)
+def _on_sigterm(run: Run, signum, frame) -> None:
+    run.terminated_by = signum
     raise _Terminated
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) -> int:
     """Run the CLI; return the exit code instead of raising (tests call this). SIGTERM unwinds like Ctrl-C
-    (exit 143) instead of ending the process where it stands."""
-    _terminated.clear()
-    if threading.current_thread() is not threading.main_thread():
-        return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    (exit 143) instead of ending the process where it stands. `interrupt`: a test hook, a real signal at a named
+    point of a write (bntool.tempfiles.InterruptAt)."""
+    from ..tempfiles import WriteSession
+
+    run = Run(WriteSession(interrupt=interrupt))
+    with run.active():
+        if threading.current_thread() is not threading.main_thread():
+            return _main(argv, run)
+        previous = signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run))
+        try:
+            return _main(argv, run)
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, run: Run) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("BNTOOL_DEBUG"))
     exit_types, abort_types, usage_types = _click_exception_types()
-    from ..files import forget_committed
-    forget_committed()
-    _json_printed.clear()
-    code = _run(argv, debug, exit_types, abort_types, usage_types)
-    if code not in (0, None) and _wants_json(argv) and not _json_printed:
-        _print_error_json(argv, code)
+    code = _run(argv, run, debug, exit_types, abort_types, usage_types)
+    if code not in (0, None) and _wants_json(argv) and not run.json_printed:
+        _print_error_json(argv, code, run)
     return code
 
 
-_last_error: list[tuple[str, str]] = []  # (kind, message) of the error just said, for the --json error object
-
-
-def _run(argv: list[str], debug: bool, exit_types, abort_types, usage_types) -> int:
-    _last_error.clear()
+def _run(argv: list[str], run: Run, debug: bool, exit_types, abort_types, usage_types) -> int:
     try:
         with warnings.catch_warnings():
             if not debug:  # torch's and the exporters' warnings are for their developers; --debug shows them
@@ -75,28 +69,28 @@ def _run(argv: list[str], debug: bool, exit_types, abort_types, usage_types) -> 
             # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
             code = app(args=argv, prog_name="bntool", standalone_mode=False)
         if code == 130:
-            return _interrupted()
+            return _interrupted(run)
         return code if isinstance(code, int) else 0
     except exit_types as e:
         return e.exit_code
     except abort_types:
-        return _interrupted()
+        return _interrupted(run)
     except usage_types as e:
-        return _usage_error(e, argv)
+        return _usage_error(e, argv, run)
     except BntoolError as e:
         if debug:
             traceback.print_exc()
         _say(f"error: {_one_line(e.render(flag_name))}")
-        _last_error.append((_error_kind(e), _one_line(e.render(flag_name))))
+        run.error = (_error_kind(e), _one_line(e.render(flag_name)))
         return e.exit_code
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(run)
     except Exception as e:
         if debug:
             traceback.print_exc()
         message = f"internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)"
         _say(f"error: {message}")
-        _last_error.append(("internal", message))
+        run.error = ("internal", message)
         return 3
 
 
@@ -117,7 +111,7 @@ def _error_kind(e: BaseException) -> str:
     return "input"
 
 
-def _print_error_json(argv: list[str], code: int) -> None:
+def _print_error_json(argv: list[str], code: int, run: Run) -> None:
     """With --json, a command that could not run (or was interrupted) still prints one JSON object on stdout:
     {"error": {"exit_code", "kind", "message"}, "command", "versions"}, so a CI step that parses stdout gets
     JSON. Not when the command already printed its report (a failed check prints its report)."""
@@ -125,28 +119,26 @@ def _print_error_json(argv: list[str], code: int) -> None:
 
     from ..report import versions
 
-    kind, message = _last_error[-1] if _last_error else (
+    kind, message = run.error or (
         "interrupted" if code in (130, 143) else "check_failed" if code == 1 else "usage", "")
     error = {"exit_code": code, "kind": kind, "message": message}
     print(json.dumps({"error": error, "command": _command_named(argv), "versions": versions()}, indent=2))
 
 
-def _interrupted() -> int:
+def _interrupted(run: Run) -> int:
     """Ctrl-C or SIGTERM: say truthfully which files were put in place (a commit is never cut short)."""
-    from ..files import committed
-
-    what = "terminated (SIGTERM)" if _terminated else "interrupted"
-    written = committed()
+    what = "terminated (SIGTERM)" if run.terminated_by else "interrupted"
+    written = run.writes.committed
     if written:
         message = f"{what}: wrote {', '.join(str(p) for p in written)} (complete); nothing else written"
     else:
         message = f"{what}: nothing written"
     _say(message)
-    _last_error.append(("interrupted", message))
-    return 143 if _terminated else 130
+    run.error = ("interrupted", message)
+    return 143 if run.terminated_by else 130
 
 
-def _usage_error(e, argv: list[str]) -> int:
+def _usage_error(e, argv: list[str], run: Run) -> int:
     """click's usage block (usage line, hint, error) as one error line; `bntool` alone still prints help."""
     if type(e).__name__ == "NoArgsIsHelpError":
         e.show()
@@ -158,7 +150,7 @@ def _usage_error(e, argv: list[str]) -> int:
         command = f"bntool {named}"
     message = f"{_one_line(e.format_message())} (see {command} --help)"
     _say(f"error: {message}")
-    _last_error.append(("usage", message))
+    run.error = ("usage", message)
     if named == "verify":
         _ci_reports_of_unparsed_verify(argv, message)
     return e.exit_code
@@ -186,7 +178,9 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...], tuple[
 
 
 def entry() -> None:
-    code = main()
+    from ..tempfiles import InterruptAt
+
+    code = main(interrupt=InterruptAt.from_env(os.environ))  # the slow tests' hook, read once, here
     # The command is over and has said what it wrote: a Ctrl-C during interpreter shutdown (torch's exit
     # handlers) can change nothing, and must not print a KeyboardInterrupt traceback under that last line.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -3,10 +3,14 @@ input checks (ONNX or PyTorch, eager or TorchScript), the one-line error wording
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InputError
 from ..options import (
@@ -14,6 +18,9 @@ from ..options import (
     ExampleInputs,
     ModelSource,
 )
+
+if TYPE_CHECKING:
+    from ..tempfiles import WriteSession
 
 
 def _console(stderr: bool = False):
@@ -26,14 +33,43 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, width=width)
 
 
-_json_printed: list[bool] = []  # a JSON document is on stdout already: an error adds none after it
+@dataclass
+class Run:
+    """One command line's run (`runner.main` makes one per call): what it wrote, the signal that ended it,
+    whether its JSON report is on stdout, and the error it said, for --json's error object."""
+
+    writes: WriteSession
+    terminated_by: int | None = None  # SIGTERM: the exit code and the message say "terminated"
+    json_printed: bool = False  # a JSON document is on stdout already: an error adds none after it
+    error: tuple[str, str] | None = None  # (kind, message) of the error just said
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Run]:
+        """This run is `current_run()`, and its write session the library's, inside the block."""
+        token = _current_run.set(self)
+        try:
+            with self.writes.active():
+                yield self
+        finally:
+            _current_run.reset(token)
+
+
+# The run in progress: set only inside `Run.active()`, so nothing of one run is seen by the next.
+_current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("bntool_cli_run", default=None)
+
+
+def current_run() -> Run:
+    """The run in progress; a throwaway one when a command function is called outside `runner.main`."""
+    from ..tempfiles import WriteSession
+
+    return _current_run.get() or Run(WriteSession())
 
 
 def _print_json(report, context: dict | None = None) -> None:
     from ..report import dumps
 
     print(dumps(report, context))
-    _json_printed.append(True)
+    current_run().json_printed = True
 
 
 def _context(model: ModelSource | None = None, source=None, loaded=None) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InputError, param
-from .tempfiles import (  # noqa: F401  # re-exported: the library and tests import them from here
+from .tempfiles import (  # noqa: F401  # TEMP_PREFIX, atomic_write, clean_stale_temps, test_point: re-exported
     TEMP_PREFIX,
     WriteSession,
     atomic_write,
@@ -285,7 +285,8 @@ class Outputs:
     and `commit()` once everything succeeded; `discard()` (also on leaving a `with` block with an exception)
     removes whatever was written. Until `commit`, nothing exists at any output path.
 
-    `inputs` are the files the command reads; the first is the one `in_place` lets an output replace.
+    `inputs` are the files the command reads; the first is the one `in_place` lets an output replace. `session`
+    (default: the active one) records what `commit` put in place and holds the test hook.
     """
 
     inputs: list[Path] = field(default_factory=list)

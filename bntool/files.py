@@ -4,42 +4,42 @@ A command plans its outputs with `Outputs` (`add` each path with its kind, `chec
 resolved through symlinks and hard links, none an input or another output, parent writable, existing only with
 `force`, never a report or ONNX file over a checkpoint), writes each through `write` (or `temp_path` for writers
 that need a file name) and calls `commit` last. The commit is a critical section: Ctrl-C is held until every
-file is in place, then raised, and `committed()` says truthfully what was written.
+file is in place, then raised, and the run's `WriteSession` records truthfully what was written.
 
-Temp files are named `.bntool-tmp-<pid>-<random>` plus the output's suffix (short, so a 254-character output
-name still works) in the output's directory; those of a process that no longer runs (killed with SIGKILL) are
-removed on the next write into that directory. `atomic_write` and `check_output_path` are the single-file forms
-the library uses directly.
+`check_output_path` is the single-file form the library uses directly; temp files and atomic writes are in
+`tempfiles`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
-import signal
 import stat
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 from .errors import InputError, param
-
-TEMP_PREFIX = ".bntool-tmp-"
-# Named points where tests inject a real SIGINT (BNTOOL_TEST_INTERRUPT=<point>): "before-commit",
-# "during-commit" (after the first file is in place) and "after-commit"; "check" is used by export_onnx.
-# BNTOOL_TEST_SIGNAL=TERM sends SIGTERM there instead (what CI runners send on cancel).
-TEST_INTERRUPT_ENV = "BNTOOL_TEST_INTERRUPT"
-TEST_SIGNAL_ENV = "BNTOOL_TEST_SIGNAL"
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-_committed: list[Path] = []  # files this process put in place, for a truthful message on Ctrl-C
-_cleaned: set[str] = set()  # directories already swept for stale temp files
+from .tempfiles import (  # noqa: F401  # TEMP_PREFIX, atomic_write, clean_stale_temps, test_point: re-exported
+    TEMP_PREFIX,
+    WriteSession,
+    atomic_write,
+    clean_stale_temps,
+    current_session,
+    fsync_dir,
+    fsync_file,
+    new_file_mode,
+    new_temp,
+    new_temp_dir,
+    parent_dir,
+    remove_quietly,
+    signals_held,
+    test_point,
+)
 
 
 class OutputKind(str, Enum):
@@ -61,24 +61,12 @@ _KIND_NOUNS = {OutputKind.CHECKPOINT: "a checkpoint", OutputKind.ONNX: "an ONNX 
                OutputKind.REPORT: "a report", OutputKind.DEMO: "a demo file"}
 
 
-def parent_dir(path: Path) -> Path:
-    """The directory a path lives in ('.' for a bare file name)."""
-    return path.parent if str(path.parent) else Path(".")
 
 
-def committed() -> list[Path]:
-    """The files this process has put in place since the last `forget_committed()`."""
-    return list(_committed)
 
 
-def forget_committed() -> None:
-    _committed.clear()
 
 
-def test_point(name: str) -> None:
-    """Deliver a real SIGINT (or SIGTERM) here when the test environment asks for it (never set outside tests)."""
-    if os.environ.get(TEST_INTERRUPT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGTERM if os.environ.get(TEST_SIGNAL_ENV) == "TERM" else signal.SIGINT)
 
 
 # ---------------------------------------------------------------- identity and checks
@@ -244,166 +232,32 @@ def _probe_writable(out: Path, label: str) -> None:
     remove_quietly(new_temp(out, clean=False, label=label))
 
 
-# ---------------------------------------------------------------- temp files
 
 
-def _temp_name() -> str:
-    return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _temp_suffix(path: Path) -> str:
-    """`path`'s suffix, so writers that choose the format by it (matplotlib's) see the right one; `.tmp` when it
-    has none (or a long one): torch.save names its archive after the file name up to the last dot and refuses
-    an empty name, which a temp name whose only dot leads would give."""
-    return path.suffix if 0 < len(path.suffix) <= 16 else ".tmp"
 
 
-def new_temp(path: Path, clean: bool = True, label: str = "") -> Path:
-    """An empty temp file next to `path` (same file system, so the final rename is atomic), with its suffix
-    (`_temp_suffix`). `label` names the output in messages (default: its path)."""
-    parent = parent_dir(path)
-    label = label or str(path)
-    if clean:
-        clean_stale_temps(parent)
-    for _ in range(100):
-        tmp = parent / (_temp_name() + _temp_suffix(path))
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise InputError(f"{label}: cannot write to {parent} ({e.strerror or e})") from e
-        os.close(fd)
-        return tmp
-    raise InputError(f"{label}: cannot create a temp file in {parent}")
 
 
-def new_temp_dir(path: Path) -> Path:
-    """A private temp directory next to `path`, for writers that produce several files (ONNX + external data)."""
-    parent = parent_dir(path)
-    clean_stale_temps(parent)
-    tmp = parent / _temp_name()
-    try:
-        os.mkdir(tmp, 0o700)
-    except OSError as e:
-        raise InputError(f"{path}: cannot write to {parent} ({e.strerror or e})") from e
-    return tmp
 
 
-def clean_stale_temps(directory: Path) -> list[Path]:
-    """Remove temp files and directories of ours left by processes that no longer run (SIGKILL, power loss).
-    Returns what was removed. Once per directory per process."""
-    key = os.path.realpath(directory)
-    if key in _cleaned:
-        return []
-    _cleaned.add(key)
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            if not entry.name.startswith(TEMP_PREFIX):
-                continue
-            pid_text = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
-            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _running(int(pid_text)):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by someone else
-    return True
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
-def finish_temp(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, give it the mode a plain open() would (or that of the file replaced), rename onto `path`."""
-    fsync_file(tmp)
-    os.chmod(tmp, new_file_mode(path))
-    os.replace(tmp, path)
-    fsync_dir(parent_dir(path))
 
 
-def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        os.unlink(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write `path` through a temp file in the same directory, fsync, then rename.
-
-    Args:
-        path: the file to write.
-        write: called with the temp file's name; writes the content there.
-
-    Returns:
-        `path` as a Path.
-
-    Side effects: readers see all or nothing; a failure or Ctrl-C in `write` leaves no partial file and the
-    old file (if any) as it was.
-    """
-    path = Path(path)
-    tmp = new_temp(path)
-    try:
-        write(str(tmp))
-        with signals_held():
-            finish_temp(tmp, path)
-            if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing
-                _committed.append(path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    return path
 
 
-def new_file_mode(path: Path) -> int:
-    """The mode a plain open() would give (temp files are private), or that of the file replaced."""
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
-def fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block is done, then deliver them to the handlers there were (Python's
-    KeyboardInterrupt, the CLI's, or the default that ends the process): a commit is never cut short. Only the
-    main thread has signals."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
-    for signum in dict.fromkeys(received):
-        signal.raise_signal(signum)
 
 
 # ---------------------------------------------------------------- a command's outputs
@@ -431,18 +285,20 @@ class Outputs:
     and `commit()` once everything succeeded; `discard()` (also on leaving a `with` block with an exception)
     removes whatever was written. Until `commit`, nothing exists at any output path.
 
-    `inputs` are the files the command reads; the first is the one `in_place` lets an output replace.
+    `inputs` are the files the command reads; the first is the one `in_place` lets an output replace. `session`
+    (default: the active one) records what `commit` put in place and holds the test hook.
     """
 
     inputs: list[Path] = field(default_factory=list)
     planned: list[PlannedOutput] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)  # what each input is, for messages
     staging: list[Path] = field(default_factory=list)  # temp directories, removed after commit or discard
+    session: WriteSession = field(default_factory=current_session)  # records what commit put in place
 
     def staging_dir(self, path: str | os.PathLike) -> Path:
         """A private temp directory next to `path` for writers that produce several files or need the final
         name (ONNX and its external data); `adopt` files from it; it is removed after commit or discard."""
-        directory = new_temp_dir(Path(path))
+        directory = new_temp_dir(Path(path), self.session)
         self.staging.append(directory)
         return directory
 
@@ -538,7 +394,7 @@ class Outputs:
         """A temp file next to a planned output, to write into; `commit` moves it into place."""
         p = self._find(path)
         if p.temp is None:
-            p.temp = new_temp(p.path)
+            p.temp = new_temp(p.path, session=self.session)
         return p.temp
 
     def adopt(self, path: str | os.PathLike, written: Path, temp_dir: Path | None = None) -> None:
@@ -555,27 +411,27 @@ class Outputs:
 
     def commit(self) -> list[Path]:
         """Move every written output into place and return their paths. Files are fsync'd first; the renames
-        run with Ctrl-C held, so either all happen or (on an error) the ones done are in `committed()`; an
+        run with Ctrl-C held, so either all happen or (on an error) the ones done are in `session.committed`; an
         output replacing the input goes last."""
         ready = sorted((p for p in self.planned if p.temp is not None), key=lambda p: p.in_place)
         for p in ready:
             assert p.temp is not None  # ready: written
             fsync_file(p.temp)
             os.chmod(p.temp, new_file_mode(p.path))
-        test_point("before-commit")
+        self.session.reached("before-commit")
         done = []
         with signals_held():
             for p in ready:
                 assert p.temp is not None
                 os.replace(p.temp, p.path)
                 p.temp = None
-                _committed.append(p.path)
+                self.session.committed.append(p.path)
                 done.append(p.path)
-                test_point("during-commit")
+                self.session.reached("during-commit")
             for directory in {parent_dir(p.path) for p in ready}:
                 fsync_dir(directory)
         self._remove_temp_dirs()
-        test_point("after-commit")
+        self.session.reached("after-commit")
         return done
 
     def discard(self) -> None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
 
+from .choices import RecalibrationMode
 from .errors import InputError, user_code
 
 # ---------------------------------------------------------------- groups
@@ -266,7 +267,63 @@ class Display:
                                                               "only.")] = False
 
 
-GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, Device, FileOutput, Display)
+@dataclass
+class RecalibrationOptions:
+    """How `recalibrate` re-estimates statistics: the mode and its settings, how much data, precision and memory
+    format, the seed, the plot, the input shape for image folders, and the cache budget of exact mode."""
+
+    mode: Annotated[Optional[RecalibrationMode], typer.Option(
+        "--mode", show_default=False,
+        help="cumulative (exact pooled average, train-mode normalization), ema (as training does) or "
+             "exact (eval-mode statistics, batch-size independent); an ONNX file: exact only. "
+             "[default: cumulative; exact for an ONNX file]")] = None
+    momentum: Annotated[float, typer.Option("--momentum", help="EMA momentum for --mode ema.")] = 0.1
+    reset: Annotated[bool, typer.Option("--reset/--no-reset", help="--mode ema: start from 0/1 statistics or "
+                                                                   "from the current ones.")] = True
+    num_batches: Annotated[Optional[int], typer.Option("--num-batches", help="Use at most this many batches.")] = None
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Use at most this many samples.")] = None
+    amp: Annotated[bool, typer.Option("--amp", help="Autocast (bfloat16 on CPU, float16 on CUDA).")] = False
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run in channels_last memory format.")] = False
+    seed: Annotated[int, typer.Option("--seed", help="Seed for data order and random choices.")] = 0
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the per-layer statistics shift "
+                                                                "(PNG/SVG/PDF; needs matplotlib).")] = None
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", help="The model's input shape, e.g. 1,3,64,64: the image size (and channels) for an "
+                              "image folder; tensor data must fit it.")] = None
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping "
+                                                          "it.")] = False
+    prior: Annotated[Optional[float], typer.Option(
+        "--prior", help="cumulative/exact: blend with the checkpoint's statistics as N source samples "
+                        "(Schneider et al. 2020); helps with few calibration images.")] = None
+    cache_budget: Annotated[Optional[str], typer.Option(
+        "--cache-budget", help="--mode exact: memory for cached activations, e.g. 4G, 512M, 0 for none "
+                               "(default: half the free memory of the device).")] = None
+
+    def shape(self) -> tuple[int, ...] | None:
+        """--input-shape as a tuple (None when not given)."""
+        return parse_shape(self.input_shape) if self.input_shape else None
+
+    def budget(self) -> int | None:
+        """--cache-budget in bytes (None when not given: the library chooses)."""
+        from .segments import parse_bytes
+
+        return None if self.cache_budget is None else parse_bytes(self.cache_budget)
+
+    def torch_only_flags(self) -> list[str]:
+        """The flags given that an ONNX file cannot take (it is recalibrated in onnxruntime, exact mode only)."""
+        return [flag for flag, on in (("--mode", self.mode not in (None, RecalibrationMode.EXACT)),
+                                      ("--amp", self.amp), ("--channels-last", self.channels_last),
+                                      ("--prior", self.prior is not None)) if on]
+
+    def torch_options(self) -> dict[str, Any]:
+        """The keyword arguments of bntool.recalibrate these options give (parsed, defaults filled in)."""
+        return dict(mode=self.mode or RecalibrationMode.CUMULATIVE, momentum=self.momentum, reset=self.reset,
+                    num_batches=self.num_batches, num_samples=self.num_samples, amp=self.amp,
+                    channels_last=self.channels_last, prior=self.prior, cache_budget=self.budget())
+
+
+GROUPS = (ModelSource, ExampleInputs, DataOptions, ImagePreprocessing, Tolerances, Device, FileOutput, Display,
+          RecalibrationOptions)
 
 
 # ---------------------------------------------------------------- expansion for Typer

@@ -95,3 +95,20 @@ def test_recalibrate_writes_nothing_to_a_log_s_stderr_when_all_is_well(tmp_path,
                  "0", "-o", tmp_path / "out.pt")
     assert result.code == 0, result.err
     assert result.err == ""
+
+
+def test_recalibrate_parses_into_its_option_group_and_the_library_takes_it():
+    """recalibrate's own flags are one option group (no settings object in the CLI): the group parses them and
+    gives exactly keyword arguments bntool.recalibrate takes."""
+    import inspect
+
+    import bntool
+    from bntool.options import RecalibrationOptions
+
+    options = RecalibrationOptions(input_shape="1,3,8,8", cache_budget="4M", amp=True, prior=2.0)
+    assert options.shape() == (1, 3, 8, 8)
+    settings = options.torch_options()
+    assert settings["mode"] == "cumulative" and settings["cache_budget"] == 4 * 2**20
+    assert set(settings) <= set(inspect.signature(bntool.recalibrate).parameters)
+    assert options.torch_only_flags() == ["--amp", "--prior"]
+    assert RecalibrationOptions(mode="exact").torch_only_flags() == []

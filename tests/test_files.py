@@ -4,6 +4,7 @@ a table of output-path conflicts per output flag, long names, stale temp files, 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,8 +14,10 @@ import torch
 from helpers import PYTHON, ROOT, assert_clean_error, files_in
 
 from bntool import load_model, zoo
+from bntool.cli import main
 from bntool.errors import InputError
-from bntool.files import TEMP_PREFIX, OutputKind, Outputs, clean_stale_temps, committed, forget_committed
+from bntool.files import TEMP_PREFIX, OutputKind, Outputs, clean_stale_temps
+from bntool.tempfiles import InterruptAt, WriteSession, atomic_write, current_session
 
 ARCH = ["--arch", "bntool.zoo:resnet"]
 SHAPE = ["--input-shape", "1,3,32,32"]
@@ -385,8 +388,8 @@ def test_export_interrupted_during_the_check_leaves_nothing(workspace):
 
 
 def test_outputs_commit_records_what_was_written(tmp_path):
-    forget_committed()
-    with Outputs() as outputs:
+    session = WriteSession()
+    with Outputs(session=session) as outputs:
         a = outputs.add(tmp_path / "a.txt", OutputKind.REPORT)
         b = outputs.add(tmp_path / "b.txt", OutputKind.REPORT)
         outputs.check()
@@ -394,13 +397,71 @@ def test_outputs_commit_records_what_was_written(tmp_path):
         outputs.write(b, lambda tmp: open(tmp, "w").write("b"))
         assert files_in(tmp_path) == {n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)}
         assert outputs.commit() == [a, b]
-    assert committed() == [a, b] and files_in(tmp_path) == {"a.txt", "b.txt"}
-    with Outputs() as outputs:
+    assert session.committed == [a, b] and files_in(tmp_path) == {"a.txt", "b.txt"}
+    with Outputs(session=session) as outputs:
         c = outputs.add(tmp_path / "c.txt", OutputKind.REPORT)
         outputs.check()
         outputs.write(c, lambda tmp: open(tmp, "w").write("c"))
         # leaving without commit (an error, a failed check) discards the temp file
     assert files_in(tmp_path) == {"a.txt", "b.txt"}
+    assert session.committed == [a, b]
+
+
+def test_writes_record_into_the_active_session_only(tmp_path):
+    """No module-level record: a write outside an active session is recorded nowhere that a later run reads,
+    and `Outputs` made by the library inside a run (export_onnx, fold_onnx, the demo) record into the run's."""
+    atomic_write(tmp_path / "loose.txt", lambda tmp: open(tmp, "w").write("x"))
+    assert current_session().committed == []
+    run = WriteSession()
+    with run.active():
+        atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("a"))
+        with Outputs() as outputs:  # no session passed: the active one
+            b = outputs.add(tmp_path / "b.txt", OutputKind.REPORT)
+            outputs.check()
+            outputs.write(b, lambda tmp: open(tmp, "w").write("b"))
+            outputs.commit()
+    assert run.committed == [tmp_path / "a.txt", b]
+    assert current_session().committed == []
+
+
+def test_stale_temp_files_are_swept_once_per_session(tmp_path):
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first, second = (tmp_path / f"{TEMP_PREFIX}{int(dead.stdout)}-{tag}" for tag in ("0000aaaa", "0000bbbb"))
+    first.write_bytes(b"x")
+    session = WriteSession()
+    assert clean_stale_temps(tmp_path, session) == [first]
+    second.write_bytes(b"x")
+    assert clean_stale_temps(tmp_path, session) == []  # this session swept the folder already
+    assert clean_stale_temps(tmp_path, WriteSession()) == [second]
+
+
+@pytest.mark.parametrize("point", ["before-commit", "during-commit"])  # all points: the slow tests above
+def test_the_interrupt_hook_is_an_object_the_caller_passes(workspace, capsys, point):
+    """The test hook is injected (never read from the environment inside a commit): a real SIGINT at the point,
+    and the Ctrl-C message says truthfully what was written."""
+    out = workspace / "folded.pt"
+    args = ["fold", workspace / "in.pt", *ARCH, *SHAPE, "--samples", "1", "-o", out]
+    capsys.readouterr()
+    code = main([str(a) for a in args], interrupt=InterruptAt(point))
+    err = capsys.readouterr().err.strip()
+    assert code == 130, err
+    if point == "before-commit":
+        assert err == "interrupted: nothing written" and not out.exists()
+    else:
+        assert err == f"interrupted: wrote {out} (complete); nothing else written"
+        torch.load(out, weights_only=True)
+    assert not [n for n in os.listdir(workspace) if n.startswith(TEMP_PREFIX)]
+    if point == "during-commit":  # the next run in this process says only what it wrote itself
+        code = main([str(a) for a in args[:-2]] + ["-o", str(workspace / "again.pt")],
+                    interrupt=InterruptAt("before-commit"))
+        assert (code, capsys.readouterr().err.strip()) == (130, "interrupted: nothing written")
+
+
+def test_the_interrupt_hook_reads_the_environment_only_when_asked():
+    assert InterruptAt.from_env({}) is None
+    assert InterruptAt.from_env({"BNTOOL_TEST_INTERRUPT": "check"}) == InterruptAt("check", signal.SIGINT)
+    assert InterruptAt.from_env({"BNTOOL_TEST_INTERRUPT": "check", "BNTOOL_TEST_SIGNAL": "TERM"}) == InterruptAt(
+        "check", signal.SIGTERM)
 
 
 def test_names_too_long_for_the_system_are_exit_2_in_one_line(workspace, cli):

@@ -105,7 +105,7 @@ def test_shared_modules_stand_below_the_jobs():
 # The README's module map, top to bottom: a module may import only modules after it.
 MODULE_ORDER = [
     "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_graph",
-    "onnx_export", "inspection", "onnx_recalibration", "recalibration", "distributed", "segments", "folding",
+    "onnx_export", "onnx_check", "inspection", "onnx_recalibration", "recalibration", "distributed", "segments", "folding",
     "merging", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite", "layers",
     "devices",
     "files", "choices", "utils", "errors", "_version", "__init__",
@@ -136,8 +136,13 @@ def test_folding_package_follows_its_order():
         assert "nn.Module" not in text and "OpCall" not in text, name
 
 
+# Modules kept to 500 lines once split; the others over it are listed in issue #20.
+SPLIT_MODULES = ["folding/*.py", "onnx_export.py", "onnx_check.py", "verification.py"]
+
+
 def test_no_module_is_too_long():
-    long = [p.relative_to(PACKAGE) for p in PACKAGE.glob("folding/*.py") if len(p.read_text().splitlines()) > 500]
+    paths = [p for pattern in SPLIT_MODULES for p in PACKAGE.glob(pattern)]
+    long = [p.relative_to(PACKAGE) for p in paths if len(p.read_text().splitlines()) > 500]
     assert not long, long
 
 

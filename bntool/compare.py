@@ -277,3 +277,39 @@ class Float64Reference:
                     for x in inputs)
         with torch.no_grad():
             return self.copy(*x64)
+
+
+class RecordedRuns:
+    """A model's outputs on the inputs it already ran, so a later check on the same inputs reuses them instead
+    of running the model again (`verify`: the ONNX check reuses the fold check's reference outputs).
+
+    A run is reused only for the same module object, in the same train/eval flags, on tensor inputs equal in
+    value, dtype, shape and device to the copies kept at the first run: what it returns is what the model computed
+    on exactly those inputs. Inputs that are not all tensors are run and not kept. Call it under `no_grad`.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[Any, tuple[bool, ...], tuple, Any]] = []  # (model, flags, inputs kept, output)
+        self.reused = 0
+
+    def __call__(self, model, inputs: Sequence[Any]) -> Any:
+        import torch
+
+        if not all(isinstance(x, torch.Tensor) for x in inputs):
+            return model(*inputs)
+        flags = tuple(m.training for m in model.modules())
+        for seen_model, seen_flags, seen_inputs, output in self.runs:
+            if seen_model is model and seen_flags == flags and _same_tensors(seen_inputs, inputs):
+                self.reused += 1
+                return output
+        kept = tuple(x.clone() for x in inputs)  # before the forward, which might write into its inputs
+        output = model(*inputs)
+        self.runs.append((model, flags, kept, output))
+        return output
+
+
+def _same_tensors(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    import torch
+
+    return len(a) == len(b) and all((x.dtype, x.shape, x.device) == (y.dtype, y.shape, y.device) and torch.equal(x, y)
+                                    for x, y in zip(a, b))

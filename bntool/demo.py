@@ -105,7 +105,7 @@ def _run_demo(directory: Path, force: bool, exporter: str, fold, inspect, export
                                                                 fold_report.batch_norm_ops_after],
                              "max_abs_over_scale": fold_report.max_abs_over_scale, "passed": fold_report.passed})
         exp = export_onnx(model, example, paths["model.onnx"], dynamic_batch=True, exporter=exporter, samples=2,
-                          keep_failed=False, check=False)
+                          check=False)
         report.steps.append({"step": "export-onnx", "exporter": exp.exporter,
                              "batch_norm_nodes": exp.batch_norm_nodes,
                              "max_abs_over_scale": exp.max_abs_over_scale, "passed": exp.passed})

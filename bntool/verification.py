@@ -18,6 +18,7 @@ from xml.etree import ElementTree as ET
 import torch
 from torch import nn
 
+from .compare import RecordedRuns
 from .devices import check_not_meta, modes_kept, moved_to, to_device
 from .errors import BrokenStatistics, CheckFailed
 from .utils import plural
@@ -106,6 +107,9 @@ class _Folding:
 
     result: tuple[nn.Module, Any] | None = None  # (folded, FoldReport) where the fold check passed
     not_run: str = ""  # why the model cannot be folded at all (broken statistics)
+    # The model's outputs the fold check computed: the ONNX check compares with the same ones on the same inputs
+    # (the example, and the random inputs at the example's batch size) instead of running the model again.
+    runs: RecordedRuns = field(default_factory=RecordedRuns)
 
 
 def _timed(run) -> Check:
@@ -141,7 +145,8 @@ def check_fold(model, inputs, samples, seed, rtol, atol, folding: _Folding | Non
 
     folding = folding or _Folding()
     try:
-        folded, r = fold(model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, check=False)
+        folded, r = fold(model, inputs, samples=samples, seed=seed, rtol=rtol, atol=atol, check=False,
+                         reference_runs=folding.runs)
     except BrokenStatistics as e:  # the checkpoint is at fault (bn-health says so); folding would compare NaNs
         broken = e.broken
         folding.not_run = (f"not run: {plural(len(broken), 'BN layer')} cannot be folded, e.g. {broken[0][0]}: "
@@ -173,7 +178,8 @@ def _noted(report) -> str:
 def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, data,
                folding: _Folding | None = None) -> Check:
     from .compare import Tolerance
-    from .onnx_export import DEFAULT_TOLERANCE, compare_with_onnxruntime, export_onnx, load_checked, op_counts
+    from .onnx_check import DEFAULT_TOLERANCE, compare_with_onnxruntime, load_checked, op_counts
+    from .onnx_export import export_onnx
 
     tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
     folding = folding or _Folding()
@@ -185,7 +191,7 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
         graph = load_checked(onnx_path)
         try:
             report = compare_with_onnxruntime(model.eval(), onnx_path, inputs, tolerance, samples=samples, seed=seed,
-                                              data=data)
+                                              data=data, reference_runs=folding.runs)
         except CheckFailed as e:
             return Check("onnx-equivalence", False, str(e))
         figures = {"path": str(onnx_path), "exporter": None,
@@ -195,7 +201,7 @@ def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, da
             try:
                 report = export_onnx(model, inputs, Path(tmp) / "model.onnx", exporter=exporter, samples=samples,
                                      seed=seed, data=data, rtol=rtol, atol=atol, dynamic_batch=True, check=False,
-                                     folded=folding.result)
+                                     folded=folding.result, reference_runs=folding.runs)
             except CheckFailed as e:
                 return Check("onnx-equivalence", False, str(e))
         figures = {"path": None, "exporter": report.exporter, "batch_norm_nodes": report.batch_norm_nodes}
@@ -306,7 +312,7 @@ def verify_onnx(
             without `input_shapes`, inputs that do not fit `reference`.
     """
     from .compare import Tolerance, check_samples
-    from .onnx_export import DEFAULT_TOLERANCE, compare_runs
+    from .onnx_check import DEFAULT_TOLERANCE, compare_runs
     from .onnx_fold import OriginalRuns, example_inputs, fold_onnx, inspect_onnx
     from .onnx_model import load_onnx
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import bntool
 from bntool.layers import bn_modules
-from bntool.onnx_export import ort_session
+from bntool.onnx_check import ort_session
 from bntool.zoo import InvertedResidual, conv_bn, randomize_bn
 
 

@@ -138,11 +138,11 @@ def test_library_messages_name_the_output_parameter(workspace):
     from bntool import export_onnx, load_checkpoint, save_checkpoint
     from bntool.cli import flag_name
 
-    existing = workspace / "existing.txt"
+    missing = workspace / "nope" / "m.onnx"
     with pytest.raises(InputError) as e:
-        export_onnx(zoo.build("resnet"), torch.zeros(1, 3, 32, 32), existing)
-    assert str(e.value).startswith(f"path {existing}: already exists"), str(e.value)
-    assert e.value.render(flag_name).startswith(f"-o {existing}: already exists")
+        export_onnx(zoo.build("resnet"), torch.zeros(1, 3, 32, 32), missing)
+    assert str(e.value).startswith(f"path {missing}: output directory"), str(e.value)
+    assert e.value.render(flag_name).startswith(f"-o {missing}: output directory")
     ckpt = load_checkpoint(workspace / "in.pt", arch="bntool.zoo:resnet")
     with pytest.raises(InputError) as e:
         save_checkpoint(ckpt, ckpt.model, workspace / "nope" / "out.pt")

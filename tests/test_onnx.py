@@ -216,3 +216,140 @@ def test_check_failed_carries_report(tmp_path):
         export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "m.onnx", exporter="legacy",
                     rtol=0, atol=0, samples=0)
     assert info.value.report.max_abs > 0 and not info.value.report.passed
+
+
+# ---------------------------------------------------------------- verify runs the original once per input
+
+
+class Doubling(torch.nn.Module):
+    """A model with a forward hook that changes a block's output, and one conv module called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = zoo.build("resnet")
+        self.body.layer1.register_forward_hook(lambda module, args, out: out * 1.5)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _original_calls(model) -> list:
+    """Forwards of `model` itself (deep copies carry the hook too, and are not counted)."""
+    calls: list = []
+    model.register_forward_hook(lambda m, args, out: calls.append(1) if m is model else None)
+    return calls
+
+
+def test_verify_runs_the_original_once_per_input():
+    """The ONNX check reuses the fold check's outputs on the example and on the random inputs at the example's
+    batch size; it runs the original only at the other batch size (4 here). Before: 9 runs (3 + 1 + 5), plus the
+    plan's trace of a copy."""
+    model = zoo.build("resnet")
+    calls = _original_calls(model)
+    report = verify(model, torch.randn(1, 3, 32, 32), exporter="legacy", samples=2)
+    assert report.passed
+    # fold's plan: one trace; fold check: example + 2 random; ONNX check: 2 random at batch 4
+    assert len(calls) == 1 + 3 + 2
+
+
+def test_export_runs_the_original_once_per_input(tmp_path):
+    model = zoo.build("resnet")
+    calls = _original_calls(model)
+    export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", exporter="legacy", samples=1)
+    # fold's plan: one trace; the example (fold check, output names and ONNX check alike) + 1 random; was 4
+    assert len(calls) == 1 + 1 + 1
+
+
+@pytest.mark.parametrize("name", ["hooked", "reused", "data-dependent"])
+def test_verify_json_is_what_the_plain_path_computes(monkeypatch, name):
+    """Reusing the fold check's outputs changes no number: the same report as running the original every time,
+    on a model with a hook, one with a module called twice, one with a data-dependent branch."""
+    from bntool.compare import RecordedRuns
+
+    def build():
+        torch.manual_seed(0)  # the same weights both times
+        if name == "hooked":
+            return Doubling().eval()
+        if name == "data-dependent":
+            return zoo.randomize_bn(DataDependent()).eval()
+        return zoo.build(name)
+
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    reused = _timeless(verify(build(), x, exporter="legacy", samples=2).to_dict())
+    with monkeypatch.context() as m:
+        m.setattr(RecordedRuns, "__call__", lambda self, model, inputs: model(*inputs))  # the plain path
+        plain = _timeless(verify(build(), x, exporter="legacy", samples=2).to_dict())
+    assert reused == plain
+    assert plain["checks"][2]["figures"]["comparisons"] == 2 * (1 + 2 + 2)  # two levels × (example, b=1, b=4)
+
+
+def _timeless(d):
+    if isinstance(d, dict):
+        return {k: _timeless(v) for k, v in d.items() if "seconds" not in k}
+    if isinstance(d, list):
+        return [_timeless(v) for v in d]
+    return d
+
+
+def test_recorded_runs_reuse_only_the_same_run():
+    from bntool.compare import RecordedRuns
+
+    model, other = zoo.build("resnet"), zoo.build("resnet")
+    runs = RecordedRuns()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        first = runs(model, (x,))
+        assert runs(model, (x.clone(),)) is first and runs.reused == 1  # equal values: reused
+        assert torch.equal(first, model(x))  # what a fresh run computes
+        runs(other, (x,))  # another module
+        runs(model, (x + 1e-6,))  # other values
+        model.layer1.train()
+        runs(model, (x,))  # other train/eval flags
+        model.eval()
+    assert runs.reused == 1 and len(runs.runs) == 4
+
+
+def test_recorded_runs_keep_the_inputs_as_they_were_before_the_forward():
+    from bntool.compare import RecordedRuns
+
+    class WritesItsInput(torch.nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    runs, x = RecordedRuns(), torch.ones(3)
+    with torch.no_grad():
+        runs(WritesItsInput(), (x,))
+    assert torch.equal(runs.runs[0][2][0], torch.ones(3))
+
+
+# ---------------------------------------------------------------- the library exports to what it is given
+
+
+def test_library_export_replaces_the_file_it_is_given(tmp_path):
+    """File safety (--force, --keep-failed, the inputs) is the CLI's plan; the library writes `path`."""
+    import inspect
+
+    path = tmp_path / "m.onnx"
+    path.write_text("an earlier file")
+    report = export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), path, exporter="legacy", samples=0)
+    assert report.passed and report.path == str(path)
+    onnx.checker.check_model(str(path))
+    assert not {"force", "keep_failed", "protect"} & set(inspect.signature(export_onnx).parameters)
+
+
+def test_library_export_keeps_a_failed_file_only_at_failed_path(tmp_path):
+    kept = tmp_path / "kept.onnx"
+    with pytest.raises(CheckFailed, match=f"kept as {kept}"):
+        export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "m.onnx", exporter="legacy",
+                    rtol=0, atol=0, samples=0, failed_path=kept)
+    assert files_in(tmp_path) == {"kept.onnx"}
+    onnx.checker.check_model(str(kept))
+
+
+def test_library_export_never_replaces_a_checkpoint(tmp_path):
+    from bntool.errors import InputError
+
+    ckpt = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    with pytest.raises(InputError, match="is a PyTorch checkpoint"):
+        export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), ckpt, exporter="legacy", samples=0)

@@ -279,7 +279,7 @@ def _sick_model() -> nn.Sequential:
 
 
 def _verdicts(model: nn.Module, onnx_path) -> dict:
-    from bntool.onnx_export import DEFAULT_TOLERANCE, compare_with_onnxruntime
+    from bntool.onnx_check import DEFAULT_TOLERANCE, compare_with_onnxruntime
 
     x = torch.randn(2, 4, 5, 5)
     report = inspect(model, x)
@@ -297,7 +297,7 @@ def _verdicts(model: nn.Module, onnx_path) -> dict:
 def test_rewording_every_message_changes_no_verdict(tmp_path, monkeypatch):
     """Verdicts read kinds and fields, never words: every health message and the unoptimised ONNX label are
     reworded, each fatal message into a harmless one's words and back, and nothing decided changes."""
-    from bntool import inspection, onnx_export
+    from bntool import inspection, onnx_check
     from bntool.inspection import HEALTH_MESSAGES, HealthKind
 
     model = _sick_model()
@@ -311,7 +311,7 @@ def test_rewording_every_message_changes_no_verdict(tmp_path, monkeypatch):
              "NaN/Inf never updated var <= eps no running statistics " + str(i)
              for i, k in enumerate(HEALTH_MESSAGES)}
     monkeypatch.setattr(inspection, "HEALTH_MESSAGES", words)
-    monkeypatch.setattr(onnx_export, "UNOPTIMIZED_LABEL", "{0} at level 0 (ORT_ENABLE_ALL)")
+    monkeypatch.setattr(onnx_check, "UNOPTIMIZED_LABEL", "{0} at level 0 (ORT_ENABLE_ALL)")
     after = _verdicts(model, tmp_path / "m.onnx")
     assert inspect(model).layers[0].flags[0].startswith("few updates: near-dead")  # the words did change
     assert after == before

@@ -61,7 +61,8 @@ def export_onnx(
     --rtol/--atol: an element passes when |Δ| ≤ atol + rtol·|PyTorch's|; by default rtol 1e-4 and atol 1e-4 of
     each output's largest magnitude.
     """
-    from ..onnx_export import check_provider, plan_outputs
+    from ..files import failed_name
+    from ..onnx_export import check_provider, needs_external_data, plan_outputs
     from ..onnx_export import export_onnx as export_model
     from ..onnx_model import is_onnx_file
     from ..report import render_export
@@ -71,9 +72,11 @@ def export_onnx(
                          f"`bntool fold {model.ckpt} -o folded.onnx`")
     protect = [p for p in (model.ckpt, data.data) if p is not None]
     check_provider(provider)
-    plan_outputs(out.output, False, out.force, keep_failed, protect)  # before loading; the export plans again
+    plan_outputs(out.output, False, out.force, keep_failed, protect)  # before loading
     where = device.resolve()
     loaded = model.load()
+    if needs_external_data(loaded.model):  # its .onnx.data files are outputs too
+        plan_outputs(out.output, True, out.force, keep_failed, protect)
     if loaded.kind == "torchscript" and fold:
         _require_eager(loaded, "export-onnx with folding (use --no-fold)")
     inputs = example.build(loaded.model, notes=loaded.notes)
@@ -86,8 +89,8 @@ def export_onnx(
         report = export_model(
             loaded.model, inputs, out.output, fold=fold, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch,
             input_names=input_name, output_names=output_name, samples=samples, seed=example.seed, data=batches,
-            rtol=tolerances.rtol, atol=tolerances.atol, provider=provider, force=out.force, keep_failed=keep_failed,
-            protect=protect, device=where)
+            rtol=tolerances.rtol, atol=tolerances.atol, provider=provider,
+            failed_path=failed_name(out.output) if keep_failed else None, device=where)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, render_export, context)

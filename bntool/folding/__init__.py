@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compare import Tolerance, check_samples
+from ..compare import RecordedRuns, Tolerance, check_samples
 from ..devices import check_not_meta, device_of, model_dtype, moved_to, to_device
 from ..errors import BrokenStatistics, CheckFailed, InputError, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
@@ -71,6 +71,7 @@ def fold(
     plan: FoldPlan | None = None,
     device: str | torch.device | None = None,
     merge: bool = True,
+    reference_runs: RecordedRuns | None = None,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm of `model` into the conv/linear next to it, on a copy, and check the result.
 
@@ -95,6 +96,8 @@ def fold(
             moved there. Default: where the model is, inputs as given.
         merge: after folding, merge linear branches that read one tensor and are summed (RepVGG, MobileOne,
             ACNet, DBB blocks) into one conv/linear where exact (bntool.merging); the report lists each sum.
+        reference_runs: where the check's runs of `model` are kept (bntool.compare.RecordedRuns), for a later
+            check on the same inputs to reuse (verify's ONNX check).
 
     Returns:
         (folded, report): the folded copy in eval mode on the device `model` was on, carrying its FoldLayout
@@ -130,11 +133,12 @@ def fold(
         if plan is None:  # once, on the original: the flush retry below applies the same decisions
             plan = plan_fold(model, inputs, skip=skip)
         _refuse_broken_statistics(model, skip, plan)
+        runs = reference_runs if reference_runs is not None else RecordedRuns()  # a retry reuses the first check's
         folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=True,
-                                         merge=merge)
+                                         merge=merge, runs=runs)
         if not report.passed and report.subnormals_flushed:  # the flush made the difference: keep them
             folded, report = _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush=False,
-                                             merge=merge)
+                                             merge=merge, runs=runs)
             report.notes.append("subnormal values were kept: the check failed with them flushed to zero")
     report.notes = list(dict.fromkeys(notes + report.notes))
     if device is not None:
@@ -164,8 +168,8 @@ def broken_layers_text(broken: Sequence[tuple[str, str]]) -> str:
     return f"BatchNorm {names}{more}"
 
 
-def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool, merge: bool = True
-                    ) -> tuple[nn.Module, FoldReport]:
+def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: bool, merge: bool = True,
+                    runs: RecordedRuns | None = None) -> tuple[nn.Module, FoldReport]:
     """fold() on the model and inputs where they are: the folded copy and its report (passed or not).
     `flush`: the subnormals the fold writes become zero. `merge`: then summed linear branches become one layer."""
     started = time.perf_counter()
@@ -194,7 +198,7 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: 
 
     started = time.perf_counter()
     report.tolerance = tolerance
-    report.batch_norm_ops_after = compare(model, folded, inputs, samples, seed, by_request, report)
+    report.batch_norm_ops_after = compare(model, folded, inputs, samples, seed, by_request, report, runs)
     report.passed = all(c.passed for c in report.comparisons)
     report.check_seconds = time.perf_counter() - started
     return folded, report

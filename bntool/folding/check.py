@@ -15,6 +15,7 @@ from ..compare import (
     ComparedReport,
     Comparison,
     Float64Reference,
+    RecordedRuns,
     Tolerance,
     combine,
     compare_outputs,
@@ -111,8 +112,10 @@ def norm_op_count(flow: Dataflow, model: nn.Module) -> int:
     return flow.count("batch_norm") + frozen + opaque
 
 
-def compare(model, folded, inputs, samples, seed, by_request, report: FoldReport) -> int:
-    """Fill report.comparisons; return the batch_norm op count of the folded model."""
+def compare(model, folded, inputs, samples, seed, by_request, report: FoldReport,
+            runs: RecordedRuns | None = None) -> int:
+    """Fill report.comparisons; return the batch_norm op count of the folded model. The original's outputs are
+    kept in (or reused from) `runs`."""
     if by_request:
         reference = eval_copy(model)[0]
         flags = None
@@ -120,14 +123,15 @@ def compare(model, folded, inputs, samples, seed, by_request, report: FoldReport
         reference, flags = model, [m.training for m in model.modules()]
         model.eval()
     float64 = Float64Reference(reference)
+    runs = runs if runs is not None else RecordedRuns()
     try:
         flow, out = trace(folded, inputs)
         with torch.no_grad():
-            cases = [("example", inputs, reference(*inputs), out)]
+            cases = [("example", inputs, runs(reference, inputs), out)]
             g = random_stream(seed)
             for i in range(samples):
                 x = random_like(inputs, g)
-                cases.append((f"random #{i + 1}", x, reference(*x), folded(*x)))
+                cases.append((f"random #{i + 1}", x, runs(reference, x), folded(*x)))
             for label, x, ref_out, folded_out in cases:
                 report.comparisons.append(check_case(label, x, ref_out, folded_out, float64, report.tolerance))
     finally:

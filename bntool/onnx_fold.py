@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance, compare_arrays
@@ -132,7 +131,7 @@ def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
         return step
     except NoFold as why:
         decision.reason = str(why)
-    stats = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    stats = _statistics(bn)
     far = mean_in_stds(stats["mean"], stats["var"], bn.epsilon)
     if far > MAX_FORWARD_FOLD_MEAN:
         decision.reason += (f"; folding forward would lose precision (|mean| is {far:.0f} stds from 0, limit "
@@ -176,8 +175,13 @@ def _statistics_problem(bn: BNNode) -> str:
 
     if any(v is None for v in bn.values.values()) or len({v.size for v in bn.values.values()}) != 1:  # type: ignore[union-attr]
         return ""
-    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    t = _statistics(bn)
     return statistics_problem(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
+
+
+def _statistics(bn: BNNode) -> dict[str, np.ndarray]:
+    """The node's scale, bias, mean and var as flat float64 arrays (all constants: checked by the caller)."""
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in bn.values.items()}
 
 
 def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
@@ -200,11 +204,11 @@ def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
                          param="skip")
 
 
-def bn_scale_shift(bn: BNNode) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(bn: BNNode) -> tuple[np.ndarray, np.ndarray]:
     """y = x·scale + shift in float64 (bntool.folding.math.bn_scale_shift on the node's constants)."""
     from .folding.math import bn_scale_shift as scale_shift
 
-    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)) for k, v in bn.values.items()}
+    t = _statistics(bn)
     return scale_shift(t["mean"], t["var"], t["scale"], t["bias"], bn.epsilon)
 
 
@@ -346,7 +350,7 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
     return surgery.changes
 
 
-def _fold_into(node, target, scale: torch.Tensor, shift: torch.Tensor, producer: bool, surgery: _Surgery) -> None:
+def _fold_into(node, target, scale: np.ndarray, shift: np.ndarray, producer: bool, surgery: _Surgery) -> None:
     """A layer's new weight and bias with the BN's scale and shift on its output (`producer`) or input channels:
     bntool.folding.math on the weight in (out, in, …) layout; Gemm/MatMul weights turned to it and back."""
     from .folding.math import fold_into_consumer, fold_into_producer, select_channels
@@ -360,36 +364,36 @@ def _fold_into(node, target, scale: torch.Tensor, shift: torch.Tensor, producer:
     bias = graph.value(bias_name) if bias_name else None
     op = node.op_type
     out_in = op in ("Conv", "ConvTranspose") or (op == "Gemm" and attr(node, "transB", 0))
-    weight = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    weight = np.asarray(w, dtype=np.float64)
     weight = weight if out_in else weight.T
     alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-    b = None if bias is None else torch.from_numpy(np.asarray(bias, dtype=np.float64).reshape(-1))
+    b = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
     if producer:
         s, t = select_channels(scale, shift, target.channels, target.shift)
-        if b is not None and b.numel() == 1 < s.numel():
-            b = b.expand(s.numel())
+        if b is not None and b.size == 1 < s.size:
+            b = np.broadcast_to(b, s.shape)
         if op == "Gemm" and t is not None:
             t = t / beta  # α·A·B + β·C: the shift enters through β·C
         new_w, new_b = fold_into_producer(weight, b, s, t, groups=int(attr(node, "group", 1)),
                                           transposed=op == "ConvTranspose")
     else:
-        idx = torch.tensor(target.channels)
+        idx = np.asarray(target.channels, dtype=np.int64)
         new_w, added = fold_into_consumer(weight, None, scale[idx], shift[idx], groups=int(attr(node, "group", 1)))
         if op == "Gemm":
             added = added * (alpha / beta)
         new_b = added if b is None else b + added
     new_w = new_w if out_in else new_w.T
     base = node.name or node.output[0]
-    surgery.set_constant(node, 1, new_w.numpy(), w.dtype, f"{base}.weight_folded")
+    surgery.set_constant(node, 1, new_w, w.dtype, f"{base}.weight_folded")
     if new_b is None:
         return
     dtype = w.dtype if bias is None else bias.dtype
     if bias is not None and bias.ndim > 1:
         new_b = new_b.reshape(bias.shape)
     if op == "MatMul" and bias_node is node:  # no bias input: an Add after it, as a linear layer's export has
-        surgery.add_bias_after(node, new_b.numpy(), dtype, f"{base}.bias_folded")
+        surgery.add_bias_after(node, new_b, dtype, f"{base}.bias_folded")
     else:
-        surgery.set_constant(bias_node, bias_index, new_b.numpy(), dtype, f"{base}.bias_folded")
+        surgery.set_constant(bias_node, bias_index, new_b, dtype, f"{base}.bias_folded")
 
 
 def _bypass(bn: BNNode, surgery: _Surgery, producer_side: bool) -> None:
@@ -415,7 +419,7 @@ def _rename_input(node, old: str, new: str) -> None:
             node.input[i] = new
 
 
-def _affine_nodes(bn: BNNode, scale: torch.Tensor, shift: torch.Tensor, surgery: _Surgery, affine_as: str,
+def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery, affine_as: str,
                   graph: OnnxGraph, centered: bool = False) -> list:
     """y = x·scale + shift per channel (axis 1), exactly the BN in eval mode: Mul and Add with [C, 1, …]
     constants; (x − mean)·scale + shift' where the mean is far from zero; or one depthwise 1×1 Conv."""
@@ -427,7 +431,6 @@ def _affine_nodes(bn: BNNode, scale: torch.Tensor, shift: torch.Tensor, surgery:
     rank = graph.ranks[bn.x]
     dtype = helper.tensor_dtype_to_np_dtype(graph.elem_types[bn.x])  # X's type (opset 15 lets γ, β differ)
     base = bn.name
-    scale, shift = scale.numpy(), shift.numpy()
     if affine_as == "conv" and rank >= 3 and not centered:
         ones = [1] * (rank - 2)
         w = surgery.new_constant(scale.reshape(-1, 1, *ones), dtype, f"{base}.affine_weight")
@@ -438,8 +441,7 @@ def _affine_nodes(bn: BNNode, scale: torch.Tensor, shift: torch.Tensor, surgery:
     nodes, x = [], bn.x
     if centered:
         mean = np.asarray(bn.values["mean"], dtype=np.float64).reshape(-1)
-        shift = affine_with_center(torch.from_numpy(scale), torch.from_numpy(shift),
-                                   torch.from_numpy(mean))[1].numpy()
+        shift = affine_with_center(scale, shift, mean)[1]
         m = surgery.new_constant(mean.reshape(-1, *trailing), dtype, f"{base}.affine_mean")
         x_centered = unique_name(graph.names, f"{base}_centered")
         nodes.append(helper.make_node("Sub", [x, m], [x_centered], name=f"{base}_sub"))

@@ -10,6 +10,7 @@ alike for both.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from .onnx_model import (
     OnnxFile,
     TensorChanges,
     batch_norm_nodes,
+    give_memory_back,
     graph_output_names,
     load_onnx,
     plan_onnx_output,
@@ -39,6 +41,7 @@ from .onnx_model import (
 
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 BN_TYPE = "BatchNormalization"
+LARGE_TENSOR = 1 << 20  # bytes: after writing a constant this large, the fold's temporaries go back
 
 
 # ---------------------------------------------------------------- inspect
@@ -236,6 +239,8 @@ class _Surgery:
         if name and name in self.initializers and not self.graph.shared(name, node):
             tensor = numpy_helper.from_array(cast, name)
             self.changes.replaced[name] = self.graph.constants.tensors[name] = tensor
+            del cast, value
+            self.freed(tensor)
             return
         new = self.new_constant(value, dtype, base)
         while len(node.input) <= index:
@@ -250,7 +255,16 @@ class _Surgery:
         self.changes.added.append(tensor)
         self.initializers.add(name)
         self.graph.constants.tensors[name] = tensor
+        del value
+        self.freed(tensor)
         return name
+
+    @staticmethod
+    def freed(tensor) -> None:
+        """After a large new constant, give the float64 temporaries' memory back: freed between the model's own
+        allocations, glibc would keep it, and the fold's peak would grow by a model's size."""
+        if tensor.ByteSize() >= LARGE_TENSOR:
+            give_memory_back()
 
     def add_bias_after(self, node, bias: np.ndarray, dtype, base: str) -> None:
         """node → Add(bias): the node writes a new tensor, the Add writes the node's old output."""
@@ -592,7 +606,8 @@ def fold_onnx(
         staged = _stage(model, changes, out, outputs, onnx_file)
         report.fold_seconds = time.perf_counter() - started
         del model, onnx_file, changes  # onnxruntime reads the staged file; the proto is not needed any more
-        _give_memory_back()
+        gc.collect()
+        give_memory_back()
         started = time.perf_counter()
         result = _check(original, staged, inputs, tolerance, samples, seed, provider)
         report.comparisons, report.passed = result.comparisons, result.passed
@@ -604,19 +619,6 @@ def fold_onnx(
                           f"{report.max_abs:.3g} ({report.max_abs_over_scale:.3g} of the output's magnitude) over "
                           f"{tolerance.describe()}; nothing written", report=report)
     return report
-
-
-def _give_memory_back() -> None:
-    """Return freed heap memory to the system before onnxruntime loads the model again (glibc keeps a freed
-    protobuf arena's pages otherwise, and the check would hold the model twice)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def _bn_count(model) -> int:
@@ -664,7 +666,10 @@ class OriginalRuns:
         return self.session
 
     def close(self) -> None:
+        """Give the session back, and its memory to the system before the folded file's sessions are made."""
         self.session = None
+        gc.collect()
+        give_memory_back()
 
     def get_inputs(self) -> list:
         """The original's graph inputs as onnxruntime describes them (the folded file keeps them)."""

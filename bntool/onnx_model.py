@@ -424,6 +424,17 @@ class TensorChanges:
         yield from self.added
 
 
+def give_memory_back() -> None:
+    """Return freed heap memory to the system (glibc keeps pages freed between live allocations; on a large
+    model that is another copy of it at the peak). Nothing to do elsewhere than glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
+
+
 def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile | None = None,
               changes: TensorChanges | None = None) -> list[Path]:
     """Write `model` (with `changes` to its initializers) to the planned output `path` through `outputs` (temp

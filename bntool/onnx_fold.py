@@ -41,7 +41,7 @@ from .onnx_model import (
 
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 BN_TYPE = "BatchNormalization"
-LARGE_TENSOR = 1 << 20  # bytes: after writing a constant this large, the fold's temporaries go back
+TRIM_EVERY = 16 << 20  # bytes of new constants after which the fold's freed temporaries go back to the system
 
 
 # ---------------------------------------------------------------- inspect
@@ -228,6 +228,7 @@ class _Surgery:
         self.removed_nodes: set[int] = set()
         self.inserted: dict[int, list] = {}  # position of a removed BN → nodes in its place
         self.after: dict[int, list] = {}  # id of a node → nodes to put right after it
+        self.unreturned = 0  # bytes of constants made since freed memory was last given back
 
     def set_constant(self, node, index: int, value: np.ndarray, dtype, base: str) -> None:
         """Give input `index` of `node` the value `value` cast once to `dtype`: in place when the tensor is an
@@ -239,8 +240,7 @@ class _Surgery:
         if name and name in self.initializers and not self.graph.shared(name, node):
             tensor = numpy_helper.from_array(cast, name)
             self.changes.replaced[name] = self.graph.constants.tensors[name] = tensor
-            del cast, value
-            self.freed(tensor)
+            self.freed(cast.nbytes)
             return
         new = self.new_constant(value, dtype, base)
         while len(node.input) <= index:
@@ -255,16 +255,17 @@ class _Surgery:
         self.changes.added.append(tensor)
         self.initializers.add(name)
         self.graph.constants.tensors[name] = tensor
-        del value
-        self.freed(tensor)
+        self.freed(value.nbytes)
         return name
 
-    @staticmethod
-    def freed(tensor) -> None:
-        """After a large new constant, give the float64 temporaries' memory back: freed between the model's own
-        allocations, glibc would keep it, and the fold's peak would grow by a model's size."""
-        if tensor.ByteSize() >= LARGE_TENSOR:
+    def freed(self, nbytes: int) -> None:
+        """After every TRIM_EVERY bytes of new constants, give the float64 temporaries' memory back: freed
+        between the model's own allocations, glibc would keep it, and the fold's peak would grow by a model's
+        size."""
+        self.unreturned += nbytes
+        if self.unreturned >= TRIM_EVERY:
             give_memory_back()
+            self.unreturned = 0
 
     def add_bias_after(self, node, bias: np.ndarray, dtype, base: str) -> None:
         """node → Add(bias): the node writes a new tensor, the Add writes the node's old output."""
@@ -668,7 +669,6 @@ class OriginalRuns:
     def close(self) -> None:
         """Give the session back, and its memory to the system before the folded file's sessions are made."""
         self.session = None
-        gc.collect()
         give_memory_back()
 
     def get_inputs(self) -> list:

@@ -10,7 +10,6 @@ alike for both.
 from __future__ import annotations
 
 import fnmatch
-import gc
 import os
 import time
 from collections.abc import Sequence
@@ -276,7 +275,6 @@ def fold_onnx(
         staged = _stage(model, changes, out, outputs, onnx_file)
         report.fold_seconds = time.perf_counter() - started
         del model, onnx_file, changes  # onnxruntime reads the staged file; the proto is not needed any more
-        gc.collect()
         give_memory_back()
         started = time.perf_counter()
         result = check_against_original(original, staged, inputs, tolerance, samples, seed, provider)

@@ -259,9 +259,10 @@ NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off
 
 # ---------------------------------------------------------------- ResNet-50: fold + check time and memory
 
-# The library as a script runs it: imports, then the call; the peak RSS above the process after its imports.
+# The library as a script runs it: imports, then the call; the peak RSS above the process after its imports
+# (VmHWM: ru_maxrss would carry the parent's size across fork + exec).
 LIBRARY_RUN = """
-import os, resource, sys, time
+import os, sys, time
 started = time.perf_counter()
 import onnx, onnxruntime
 import bntool
@@ -270,13 +271,16 @@ imported = time.perf_counter()
 base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 report = fold_onnx(sys.argv[1], sys.argv[2], force=True)
 done = time.perf_counter()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')][0]
 print(imported - started, done - imported, report.fold_seconds, report.check_seconds, peak - base)
 """
-# A child's peak RSS (the CLI's, or an import-only process's), read by its parent.
-CHILD_PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+# A child's peak RSS (the CLI's, or an import-only process's), read by a small parent of its own (ru_maxrss
+# carries the parent's size across fork + exec: the benchmark's own would count).
+CHILD_PEAK = ("import resource, subprocess, sys; subprocess.run([sys.executable, *sys.argv[1:]], check=True, "
+              "capture_output=True); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
-IMPORTS_ONLY = "import bntool.cli, bntool.onnx_fold, onnx, onnxruntime"
+IMPORTS_ONLY = ("import bntool.cli, bntool.checkpoint, bntool.folding, bntool.report, bntool.onnx_fold, onnx, "
+                "onnxruntime")  # what `bntool fold` imports before it loads the file
 
 
 def resnet50_cost(tmp: Path, rounds: int) -> list[list]:
@@ -302,10 +306,14 @@ def resnet50_cost(tmp: Path, rounds: int) -> list[list]:
         out = subprocess.run([sys.executable, "-c", LIBRARY_RUN, str(src), str(dst)], env=env, check=True,
                              capture_output=True, text=True)
         library.append([float(v) for v in out.stdout.split()[-5:]])
+        print(f"library: imports, call, fold, check (s), peak above imports (× file): "
+              f"{', '.join(f'{v:.2f}' for v in library[-1][:4])}, {library[-1][4] / size:.2f}", flush=True)
         start = time.perf_counter()
         cli_peaks.append(child_peak("-m", "bntool", "fold", str(src), "-o", str(dst), "--force"))
         cli.append(time.perf_counter() - start)
         import_peaks.append(child_peak("-c", IMPORTS_ONLY))
+        above = (cli_peaks[-1] - import_peaks[-1]) / size
+        print(f"CLI: {cli[-1]:.2f} s, peak above an import-only process {above:.2f}×", flush=True)
     imports, call, fold, check, memory = (statistics.median(c) for c in zip(*library))
     cli_memory = statistics.median(c - i for c, i in zip(cli_peaks, import_peaks))
     return [

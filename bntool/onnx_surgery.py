@@ -70,7 +70,7 @@ class _Surgery:
         if name and name in self.initializers and not self.graph.shared(name, node):
             tensor = numpy_helper.from_array(cast, name)
             self.changes.replaced[name] = self.graph.constants.tensors[name] = tensor
-            self.freed(cast.nbytes)
+            self.unreturned += value.nbytes
             return
         new = self.new_constant(value, dtype, base)
         while len(node.input) <= index:
@@ -85,15 +85,15 @@ class _Surgery:
         self.changes.added.append(tensor)
         self.initializers.add(name)
         self.graph.constants.tensors[name] = tensor
-        self.freed(value.nbytes)
+        self.unreturned += value.nbytes
         return name
 
-    def freed(self, nbytes: int) -> None:
-        """After every TRIM_EVERY bytes of new constants, give the float64 temporaries' memory back: freed
-        between the model's own allocations, glibc would keep it, and the fold's peak would grow by a model's
-        size."""
-        self.unreturned += nbytes
-        if self.unreturned >= TRIM_EVERY:
+    def give_memory_back(self, every: int = TRIM_EVERY) -> None:
+        """Once the constants made since the last time reach `every` bytes, give the fold's freed float64
+        temporaries back to the system. Called between two BNs, when the last one's temporaries are gone:
+        freed between the model's own allocations, glibc would keep them, and the fold's peak would grow by
+        about a model's size."""
+        if self.unreturned >= every:
             give_memory_back()
             self.unreturned = 0
 
@@ -191,7 +191,9 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
             nodes = _affine_nodes(bn, scale, shift, surgery, affine_as, graph, step.centered)
             step.decision.replaced_by = "+".join(n.op_type for n in nodes)
             surgery.remove_bn(bn, nodes)
+        surgery.give_memory_back()
     surgery.finish()
+    surgery.give_memory_back(every=1)
     return surgery.changes
 
 

@@ -1,6 +1,6 @@
 """ONNX files as input of inspect and fold: every BatchNormalization node's health, the fold decisions from the
 graph's dataflow, then the surgery in float64 on the initializers (onnx_surgery.py) and the onnxruntime check of
-the folded file against the original (onnx_check.py) before anything is written.
+the folded file against the original (onnx_fold_check.py) before anything is written.
 
 The decisions fill the same dataclasses as the PyTorch path (`FoldStep`, `BNDecision`, `FoldTarget`; a target
 is an ONNX node name), and the reports are the PyTorch path's (`InspectReport`, `FoldReport`), so JSON reads
@@ -21,7 +21,7 @@ from .choices import AffineAs, FoldAction
 from .compare import Tolerance
 from .errors import InputError, param
 from .files import Outputs
-from .onnx_check import OriginalRuns, check_against_original, example_inputs, graph_inputs
+from .onnx_fold_check import OriginalRuns, check_against_original, example_inputs, graph_inputs
 from .onnx_graph import OnnxGraph
 from .onnx_model import (
     BNNode,

@@ -165,16 +165,20 @@ def outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return s.run(None, {s.get_inputs()[0].name: x})
 
 
-def latency(path: Path, x: np.ndarray, reps: int) -> float:
-    s = session(path, "ORT_ENABLE_ALL")
-    feed = {s.get_inputs()[0].name: x}
-    s.run(None, feed)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def latencies(paths: list[Path], x: np.ndarray, reps: int) -> list[float]:
+    """Median onnxruntime latency of each file (default level, one thread), measured interleaved: one run of
+    each in turn, `reps` rounds, so that a noisy moment on a shared machine hits every file alike."""
+    sessions = [session(p, "ORT_ENABLE_ALL") for p in paths]
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, feed in zip(sessions, feeds):
         s.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(reps):
+        for s, feed, mine in zip(sessions, feeds, times):
+            start = time.perf_counter()
+            s.run(None, feed)
+            mine.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def op_counts(path: Path) -> Counter:
@@ -202,7 +206,7 @@ def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
     feed = x.numpy()
     reference = outputs(src, feed)
     scale = max(float(np.abs(r).max()) for r in reference) or 1.0
-    base_latency = latency(src, feed, reps)
+    base_latency = latencies([src], feed, reps)[0]
     rows = [[name, "(exported file)", before["BatchNormalization"], 0, "—", "—",
              f"{base_latency * 1e3:.2f} ms", "1.00×"]]
     for tool in TOOLS:
@@ -219,9 +223,9 @@ def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
         try:
             got = outputs(dst, feed)
             error = max(float(np.abs(g.astype(np.float64) - r).max()) for g, r in zip(got, reference)) / scale
-            lat = latency(dst, feed, reps)
+            original, lat = latencies([src, dst], feed, reps)  # interleaved: the ratio is this pair's
             rows.append([name, tool, after["BatchNormalization"], affines, f"{error:.1e}",
-                         f"{outcome['seconds']:.2f} s", f"{lat * 1e3:.2f} ms", f"{lat / base_latency:.2f}×"])
+                         f"{outcome['seconds']:.2f} s", f"{lat * 1e3:.2f} ms", f"{lat / original:.2f}×"])
         except Exception as e:
             rows.append([name, tool, after["BatchNormalization"], affines,
                          f"onnxruntime cannot run it: {' '.join(str(e).split())[:60]}", f"{outcome['seconds']:.2f} s",
@@ -249,8 +253,86 @@ FILE_COLUMNS = ["file", "tool", "BN nodes left", "affines", "max error", "time",
 SUMMARY_COLUMNS = ["tool", "BN nodes left", "files with none left", "standalone affines", "crashed/failed"]
 NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
          "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
-         "ratio to the exported file's. Affines: Muls of an activation by a constant added (a BN left as "
-         "a standalone affine). bntool's time includes its onnxruntime check.")
+         "ratio to the exported file's, the two run interleaved (A, B, A, B, …). Affines: Muls of an activation "
+         "by a constant added (a BN left as a standalone affine). bntool's time includes its onnxruntime check.")
+
+
+# ---------------------------------------------------------------- ResNet-50: fold + check time and memory
+
+# The library as a script runs it: imports, then the call; the peak RSS above the process after its imports
+# (VmHWM: ru_maxrss would carry the parent's size across fork + exec).
+LIBRARY_RUN = """
+import os, sys, time
+started = time.perf_counter()
+import onnx, onnxruntime
+import bntool
+fold_onnx = bntool.fold_onnx
+imported = time.perf_counter()
+base = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+report = fold_onnx(sys.argv[1], sys.argv[2], force=True)
+done = time.perf_counter()
+peak = [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')][0]
+print(imported - started, done - imported, report.fold_seconds, report.check_seconds, peak - base)
+"""
+# A child's peak RSS (the CLI's, or an import-only process's), read by a small parent of its own (ru_maxrss
+# carries the parent's size across fork + exec: the benchmark's own would count).
+CHILD_PEAK = ("import resource, subprocess, sys; subprocess.run([sys.executable, *sys.argv[1:]], check=True, "
+              "capture_output=True); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+IMPORTS_ONLY = ("import bntool.cli, bntool.checkpoint, bntool.folding, bntool.report, bntool.onnx_fold, onnx, "
+                "onnxruntime")  # what `bntool fold` imports before it loads the file
+
+
+def resnet50_cost(tmp: Path, rounds: int) -> list[list]:
+    """`bntool fold resnet50.onnx` (the CLI) and `bntool.fold_onnx` (the library, in a fresh process), each with
+    its onnxruntime check, timed in interleaved rounds; peak memory above the process after imports, as a
+    multiple of the file's size."""
+    import subprocess
+    import sys
+
+    model, x = build("resnet50")
+    src, dst = tmp / "resnet50.onnx", tmp / "resnet50.folded.onnx"
+    export_with_bn(model, x, src)
+    del model
+    size = src.stat().st_size
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+    def child_peak(*argv: str) -> int:
+        out = subprocess.run([sys.executable, "-c", CHILD_PEAK, *argv], env=env, check=True, capture_output=True)
+        return int(out.stdout.decode().split()[-1])
+
+    library, cli, cli_peaks, import_peaks = [], [], [], []
+    for _ in range(rounds):  # A, B, A, B: a busy moment on a shared machine hits both alike
+        out = subprocess.run([sys.executable, "-c", LIBRARY_RUN, str(src), str(dst)], env=env, check=True,
+                             capture_output=True, text=True)
+        library.append([float(v) for v in out.stdout.split()[-5:]])
+        print(f"library: imports, call, fold, check (s), peak above imports (× file): "
+              f"{', '.join(f'{v:.2f}' for v in library[-1][:4])}, {library[-1][4] / size:.2f}", flush=True)
+        start = time.perf_counter()
+        cli_peaks.append(child_peak("-m", "bntool", "fold", str(src), "-o", str(dst), "--force"))
+        cli.append(time.perf_counter() - start)
+        import_peaks.append(child_peak("-c", IMPORTS_ONLY))
+        above = (cli_peaks[-1] - import_peaks[-1]) / size
+        print(f"CLI: {cli[-1]:.2f} s, peak above an import-only process {above:.2f}×", flush=True)
+    imports, call, fold, check, memory = (statistics.median(c) for c in zip(*library))
+    cli_memory = statistics.median(c - i for c, i in zip(cli_peaks, import_peaks))
+    return [
+        ["bntool.fold_onnx (the call: fold + check)", f"{call:.2f} s (best {min(r[1] for r in library):.2f})",
+         "< 2 s"],
+        ["  of which the fold / the check", f"{fold:.2f} s / {check:.2f} s", ""],
+        ["  imports before it (onnx, onnxruntime, bntool)", f"{imports:.2f} s", ""],
+        ["bntool fold (CLI, the whole process)", f"{statistics.median(cli):.2f} s (best {min(cli):.2f})", "< 2 s"],
+        ["peak memory, library (above the process after imports)", f"{memory / size:.2f}× the file", "< 3×"],
+        ["peak memory, CLI (above an import-only process)", f"{cli_memory / size:.2f}× the file", "< 3×"],
+        ["file", f"{size / 2**20:.0f} MiB, {SIZE}² input, batch 1", ""],
+    ]
+
+
+COST_COLUMNS = ["measure", "value", "target"]
+COST_NOTES = ("ResNet-50 (torchvision, random weights, BN statistics set) exported with its BNs kept; each run a "
+              "fresh process, {rounds} rounds with the library and the CLI interleaved, medians; default check "
+              "(4 random inputs + the example, onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL). Load average "
+              "during the run: {load}.")
 
 
 def save_partial(rows: list[list], names: list[str]) -> None:
@@ -273,10 +355,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help=f"five files: {', '.join(QUICK)}")
     parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--resnet50", action="store_true", help="only the ResNet-50 fold + check time and memory")
     args = parser.parse_args()
     setup_threads()
     if not archs.have_torchvision():
         raise SystemExit("this benchmark exports torchvision and timm architectures: install torchvision and timm")
+    if args.resnet50:
+        rounds = 3
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = resnet50_cost(Path(tmp), rounds)
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        show("ResNet-50 .onnx: fold with its check, time and peak memory", COST_COLUMNS, rows, "onnx_fold_resnet50",
+             notes=COST_NOTES.format(rounds=rounds, load=load))
+        return
     names = args.models or (QUICK if args.quick else FILES)
     if not archs.have_timm():
         names = [n for n in names if not n.startswith("timm/")]

@@ -46,6 +46,8 @@ TABLES = [
                   "exported torchvision/timm files (per-file figures in benchmarks/results/onnx_fold_files.json)"),
     ("onnx_fold_files", "the same, file by file: nodes left, standalone affines, error vs the original in "
                         "onnxruntime, time, onnxruntime latency"),
+    ("onnx_fold_resnet50", "`bntool fold resnet50.onnx` and `bntool.fold_onnx` with their onnxruntime check: time "
+                           "(target < 2 s) and peak memory above the process after imports (target < 3× the file)"),
     ("onnx_recalibrate", "`bntool recalibrate model.onnx` in onnxruntime (exact mode) as a multiple of one "
                          "onnxruntime eval pass (target ≤ 3×), and its statistics vs PyTorch's exact mode "
                          "(target ≤ 1e-5) next to float32's own floor"),

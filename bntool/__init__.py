@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name i
     from .layers import ChannelAffine
     from .layout import FoldLayout
     from .onnx_export import ExportReport, export_onnx
+    from .onnx_fold import fold_onnx, inspect_onnx
     from .onnx_recalibration import recalibrate_onnx, recalibrate_onnx_file
     from .recalibration import RecalibrationReport, recalibrate
     from .verification import VerifyReport, verify
@@ -49,6 +50,8 @@ _EXPORTS = {
     "recalibrate_onnx": "onnx_recalibration",
     "recalibrate_onnx_file": "onnx_recalibration",
     "export_onnx": "onnx_export",
+    "fold_onnx": "onnx_fold",
+    "inspect_onnx": "onnx_fold",
     "ExportReport": "onnx_export",
     "verify": "verification",
     "VerifyReport": "verification",
@@ -72,6 +75,7 @@ _EXPORTS = {
 __all__ = [  # literal, so that linters and editors see the names imported under TYPE_CHECKING
     "__version__", "inspect", "InspectReport", "fold", "FoldReport", "plan_fold", "FoldPlan", "FoldLayout",
     "recalibrate", "RecalibrationReport", "recalibrate_onnx", "recalibrate_onnx_file", "export_onnx", "ExportReport",
+    "fold_onnx", "inspect_onnx",
     "verify", "VerifyReport", "load_checkpoint", "load_model", "save_checkpoint", "state_dict_of", "Checkpoint",
     "ChannelAffine", "open_data", "ImageOptions", "BntoolError", "InputError", "CheckFailed", "UnsupportedError",
     "UserCodeError", "CorruptFileError", "BrokenStatistics",

@@ -10,6 +10,7 @@ tensors a caller changed differ. A file that came with external data is written 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -422,6 +423,25 @@ class TensorChanges:
             if t.name not in self.removed:
                 yield self.replaced.get(t.name, t)
         yield from self.added
+
+
+def give_memory_back() -> None:
+    """Return freed heap memory to the system (glibc keeps pages freed between live allocations; on a large
+    model that is another copy of it at the peak). Nothing to do elsewhere than glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (macOS, musl: nothing to give back this way)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile | None = None,

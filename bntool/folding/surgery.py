@@ -31,20 +31,20 @@ from .planner import AFFINE, FOLDED, REFUSED, FoldPlan, FunctionalBN
 
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) in float64 such that the eval-mode BN module computes x·scale + shift per channel."""
-    return fm.bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),  # type: ignore[arg-type]
+    return fm.bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
                              getattr(bn, "bias", None), bn_eps(bn))
 
 
 def fold_weights_producer(layer: nn.Module, scale, shift):
     """The layer's folded (weight, bias) in float64, with a per-output-channel affine folded into it."""
-    return fm.fold_into_producer(layer.weight, layer.bias, scale, shift,  # type: ignore[arg-type]
+    return fm.fold_into_producer(layer.weight, layer.bias, scale, shift,
                                  groups=getattr(layer, "groups", 1),
                                  transposed=isinstance(layer, _ConvTransposeNd))
 
 
 def fold_weights_consumer(layer: nn.Module, scale, shift):
     """The layer's folded (weight, bias) in float64, with a per-input-channel affine folded into it."""
-    return fm.fold_into_consumer(layer.weight, layer.bias, scale, shift,  # type: ignore[arg-type]
+    return fm.fold_into_consumer(layer.weight, layer.bias, scale, shift,
                                  groups=getattr(layer, "groups", 1))
 
 
@@ -159,7 +159,7 @@ def affine_module(bn: nn.Module, scale: torch.Tensor, shift: torch.Tensor, cente
     writer = writer or _Writer(False)
     center = None
     if centered:
-        scale, shift = fm.affine_with_center(scale, shift, bn.running_mean)  # type: ignore[arg-type]
+        scale, shift = fm.affine_with_center(scale, shift, bn.running_mean)
         center = bn.running_mean.detach().to(device, dtype)  # type: ignore[operator, arg-type]
     return ChannelAffine(writer.cast(scale, dtype, None, name).to(device),  # type: ignore[arg-type]
                          writer.cast(shift, dtype, None, name).to(device), center=center)  # type: ignore[arg-type]

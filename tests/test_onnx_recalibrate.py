@@ -106,9 +106,23 @@ def test_a_fixed_batch_size_graph_gets_the_data_in_chunks():
     for (m0, v0), (m1, v1) in zip(onnx_statistics(dynamic), onnx_statistics(fixed), strict=True):
         np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
-    odd = [torch.randn(5, 3, 32, 32)]
-    with pytest.raises(InputError, match="fixed batch size 2.*5 samples"):
-        recalibrate_onnx(fixed, odd)
+
+
+@pytest.mark.parametrize("name", ["resnet", "tokens"])
+def test_a_fixed_batch_size_graph_takes_any_number_of_samples(name):
+    """QA's repro: batch 2 fixed in the graph, 7 samples. The short chunk is padded with copies of its own samples
+    and their rows are left out, also where the BN input flattens the batch with the tokens (N·L, C): the
+    statistics are those of the 7 samples (refused before)."""
+    model = zoo.build(name)
+    example = zoo.example_input(name)
+    fixed = export_with_bn(model, example[:1].expand(2, *example.shape[1:]).contiguous(), dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(n, *example.shape[1:], generator=g) * 1.5 + 0.3 for n in (3, 2, 2)]  # 7 samples
+    reference = copy.deepcopy(model)
+    recalibrate(reference, data, mode="exact")
+    _, report = recalibrate_onnx(fixed, data)
+    assert worst_difference(fixed, reference) <= 1e-5
+    assert report.samples == 7 and report.batches == 3
 
 
 def test_bns_sharing_a_statistics_initializer_each_get_their_own():

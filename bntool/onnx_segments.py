@@ -108,6 +108,7 @@ class SegmentRunner:
         self.bn_inputs = bn_inputs  # BN name → the names of its mean and variance initializers
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
+        self.ranks = _ranks(model)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str], measured: list[str]):
@@ -165,7 +166,8 @@ class SegmentRunner:
         read = {t for node in nodes for t in node_inputs(node)}
         initializers += [self.initializers[n] for n in sorted(used & read)]
         value_infos = [_value_info(n, *available[n]) for n in inputs]
-        stat_nodes, stat_inits, stat_outputs = _statistics_nodes(measured, self.opset, self.dtype)
+        ranked = [(m, self.ranks.get(m)) for m in measured]
+        stat_nodes, stat_inits, stat_outputs = _statistics_nodes(ranked, self.opset, self.dtype)
         seg = helper.make_graph(nodes + stat_nodes, "segment", value_infos,
                                 [onnx.ValueInfoProto(name=w) for w in wanted + stat_outputs],
                                 initializers + stat_inits)
@@ -189,6 +191,19 @@ class SegmentRunner:
             self.replaced[name] = tuple(protos)
 
 
+def _ranks(model) -> dict[str, int]:
+    """Tensor → its rank where ONNX shape inference knows it (it decides how the statistics cut a tensor in rows;
+    an unknown rank is measured value by value, only slower)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # a model shape inference cannot read (over 2 GB, unknown ops): ranks unknown
+        return {}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+            if v.type.tensor_type.HasField("shape")}
+
+
 def _with_inputs(node, replace: dict[int, str]):
     from onnx import NodeProto
 
@@ -207,56 +222,59 @@ STATS = "bntool.statistics"
 STATS = "bntool.statistics"
 
 
-def _statistics_nodes(measured: list[str], opset: int, dtype) -> tuple[list, list, list[str]]:
-    """Nodes that give, for each measured tensor seen as (N, C, positions): a per-channel centre c (the mean of
-    sample 0's row: only a centre, so that d = x - c keeps the digits of values far from zero), each row's mean of
-    d and sum of squares about that mean (the two-pass algorithm, rows contiguous in memory; the squares summed in
-    float64, as a float32 sum over a long row loses digits), and the shape.
-    `_accumulate` pools the rows in float64. No copy of the tensor comes out unless the cache keeps it."""
+def _statistics_nodes(measured: list[tuple[str, int | None]], opset: int, dtype) -> tuple[list, list, list[str]]:
+    """Nodes that give, for each measured (tensor, rank) seen as (N, C, rows, row length): a per-channel centre c
+    (the mean of sample 0: only a centre, so that d = x - c keeps the digits of values far from zero); each short
+    row's mean of d and sum of squares about it in float32 (the two-pass algorithm over contiguous memory, no
+    cast of the tensor); and the shape. A rank-4+ tensor's rows are dimension-3-long pieces (W for an image), any
+    other rank's single values. `_accumulate` pools the rows in float64. Only these per-row values come out (a
+    row-length-th of the tensor), no copy of the tensor unless the cache keeps it."""
     from onnx import TensorProto, helper
 
-    flat = helper.make_tensor(f"{STATS}.flat", TensorProto.INT64, [3], [0, 0, -1])  # (N, C, everything else)
-    inits = [flat, helper.make_tensor(f"{STATS}.rows", TensorProto.INT64, [1], [2]),
-             helper.make_tensor(f"{STATS}.zero", TensorProto.INT64, [1], [0]),
-             helper.make_tensor(f"{STATS}.one", TensorProto.INT64, [1], [1])]
+    def const(name, values):
+        return helper.make_tensor(f"{STATS}.{name}", TensorProto.INT64, [len(values)], values)
+
+    inits = [const("rows", [0, 0, -1, 0]), const("values", [0, 0, -1, 1]), const("zero", [0]),
+             const("axis3", [3]), const("all", [2, 3])]
     nodes, outputs = [], []
 
-    def row_reduce(op, x, y):
-        if opset >= 18:  # `axes` became an input
-            return helper.make_node(op, [x, f"{STATS}.rows"], [y], keepdims=1)
-        return helper.make_node(op, [x], [y], axes=[2], keepdims=1)
+    def reduce(op, x, y, axes):
+        since = 13 if op == "ReduceSum" else 18  # when `axes` became an input
+        if opset >= since:
+            return helper.make_node(op, [x, f"{STATS}.{axes}"], [y], keepdims=1)
+        return helper.make_node(op, [x], [y], axes={"axis3": [3], "all": [2, 3]}[axes], keepdims=1)
 
     cast = np.dtype(dtype) not in (np.float32, np.float64)  # half precision is measured in float32
-    for i, x in enumerate(measured):
+    for i, (x, rank) in enumerate(measured):
         p = f"{STATS}.{i}"
-        nodes.append(helper.make_node("Reshape", [x, f"{STATS}.flat"], [f"{p}.x"]))
+        shape = "rows" if rank is not None and rank >= 4 else "values"
+        nodes.append(helper.make_node("Reshape", [x, f"{STATS}.{shape}"], [f"{p}.x"]))
         if cast:
             nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
         xf = f"{p}.xf" if cast else f"{p}.x"
-        nodes += [helper.make_node("Slice", [xf, f"{STATS}.zero", f"{STATS}.one"], [f"{p}.first"]),
-                  row_reduce("ReduceMean", f"{p}.first", f"{p}.centre"),
+        nodes += [helper.make_node("Gather", [xf, f"{STATS}.zero"], [f"{p}.first"], axis=0),
+                  reduce("ReduceMean", f"{p}.first", f"{p}.centre", "all"),
                   helper.make_node("Sub", [xf, f"{p}.centre"], [f"{p}.d"]),
-                  row_reduce("ReduceMean", f"{p}.d", f"{p}.row_mean"),
-                  helper.make_node("Sub", [f"{p}.d", f"{p}.row_mean"], [f"{p}.e"]),
-                  helper.make_node("Cast", [f"{p}.e"], [f"{p}.e64"], to=TensorProto.DOUBLE),
-                  row_reduce("ReduceSumSquare", f"{p}.e64", f"{p}.row_m2"),
+                  reduce("ReduceMean", f"{p}.d", f"{p}.m", "axis3"),
+                  helper.make_node("Sub", [f"{p}.d", f"{p}.m"], [f"{p}.e"]),
+                  reduce("ReduceSumSquare", f"{p}.e", f"{p}.q", "axis3"),
                   helper.make_node("Shape", [f"{p}.x"], [f"{p}.shape"])]
-        outputs += [f"{p}.centre", f"{p}.row_mean", f"{p}.row_m2", f"{p}.shape"]
+        outputs += [f"{p}.centre", f"{p}.m", f"{p}.q", f"{p}.shape"]
     return nodes, inits, outputs
 
 
 def _accumulate(stats: ChannelStats, values: dict[str, np.ndarray], prefix: str, chunk: Chunk, bn: str) -> None:
     """One chunk's per-channel count, mean and centred sum of squares from `_statistics_nodes`' rows, pooled
-    exactly in float64: mean = c + mean of the row means, M2 = Σ row M2 + positions · Σ (row mean - mean)²;
-    merged into `stats` with Chan's formula. A padded chunk's padding rows are left out."""
-    n_rows, channels, positions = (int(v) for v in values[f"{prefix}.shape"])
-    rows = _real_rows(n_rows, chunk, bn)
+    exactly in float64: mean = c + mean of the row means, M2 = Σ row M2 + row length · Σ (row mean - mean)²;
+    merged into `stats` with Chan's formula. A padded chunk's padding is left out."""
+    n_rows, channels, rows, width = (int(v) for v in values[f"{prefix}.shape"])
+    kept = _real_rows(n_rows, chunk, bn)
     centre = values[f"{prefix}.centre"].reshape(channels).astype(np.float64)
-    row_mean = values[f"{prefix}.row_mean"].reshape(n_rows, channels)[:rows].astype(np.float64)
-    row_m2 = values[f"{prefix}.row_m2"].reshape(n_rows, channels)[:rows].astype(np.float64)
-    offset = row_mean.mean(axis=0)
-    m2 = row_m2.sum(axis=0) + positions * np.square(row_mean - offset).sum(axis=0)
-    stats.add(rows * positions, torch.from_numpy(centre + offset), torch.from_numpy(m2))
+    row_mean = values[f"{prefix}.m"].reshape(n_rows, channels, rows)[:kept].astype(np.float64)
+    row_m2 = values[f"{prefix}.q"].reshape(n_rows, channels, rows)[:kept].astype(np.float64)
+    offset = row_mean.mean(axis=(0, 2))
+    m2 = row_m2.sum(axis=(0, 2)) + width * np.square(row_mean - offset[:, None]).sum(axis=(0, 2))
+    stats.add(kept * rows * width, torch.from_numpy(centre + offset), torch.from_numpy(m2))
 
 
 def _real_rows(n_rows: int, chunk: Chunk, bn: str) -> int:

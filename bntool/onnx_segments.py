@@ -108,7 +108,7 @@ class SegmentRunner:
         self.bn_inputs = bn_inputs  # BN name → the names of its mean and variance initializers
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
-        self.ranks = _ranks(model)
+        self.shapes = _shapes(model)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str], measured: list[str]):
@@ -166,8 +166,8 @@ class SegmentRunner:
         read = {t for node in nodes for t in node_inputs(node)}
         initializers += [self.initializers[n] for n in sorted(used & read)]
         value_infos = [_value_info(n, *available[n]) for n in inputs]
-        ranked = [(m, self.ranks.get(m)) for m in measured]
-        stat_nodes, stat_inits, stat_outputs = _statistics_nodes(ranked, self.opset, self.dtype)
+        cuts = [(m, _row_cut(self.shapes.get(m))) for m in measured]
+        stat_nodes, stat_inits, stat_outputs = _statistics_nodes(cuts, self.opset, self.dtype)
         seg = helper.make_graph(nodes + stat_nodes, "segment", value_infos,
                                 [onnx.ValueInfoProto(name=w) for w in wanted + stat_outputs],
                                 initializers + stat_inits)
@@ -191,17 +191,28 @@ class SegmentRunner:
             self.replaced[name] = tuple(protos)
 
 
-def _ranks(model) -> dict[str, int]:
-    """Tensor → its rank where ONNX shape inference knows it (it decides how the statistics cut a tensor in rows;
-    an unknown rank is measured value by value, only slower)."""
+def _shapes(model) -> dict[str, list[int | None]]:
+    """Tensor → its shape (None for a symbolic dimension) where ONNX shape inference knows its rank."""
     import onnx
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # a model shape inference cannot read (over 2 GB, unknown ops): ranks unknown
+    except Exception:  # a model shape inference cannot read (over 2 GB, unknown ops): shapes unknown
         return {}
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
-            if v.type.tensor_type.HasField("shape")}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.value_info, *inferred.input] if v.type.tensor_type.HasField("shape")}
+
+
+def _row_cut(shape: list[int | None] | None) -> str:
+    """How the statistics cut a BN input in rows, each summed in float32 (short enough to keep its digits) and
+    the rows pooled in float64: an image's rows of W, or its whole plane where W is too short for onnxruntime to
+    reduce it quickly and the plane small (≤ 1024 values); any other tensor (rank < 4, unknown) value by value."""
+    if shape is None or len(shape) < 4:
+        return "values"
+    height, width = shape[2], shape[3]
+    if len(shape) == 4 and height is not None and width is not None and width < 32 and height * width <= 1024:
+        return "plane"
+    return "rows"
 
 
 def _with_inputs(node, replace: dict[int, str]):
@@ -222,20 +233,19 @@ STATS = "bntool.statistics"
 STATS = "bntool.statistics"
 
 
-def _statistics_nodes(measured: list[tuple[str, int | None]], opset: int, dtype) -> tuple[list, list, list[str]]:
-    """Nodes that give, for each measured (tensor, rank) seen as (N, C, rows, row length): a per-channel centre c
-    (the mean of sample 0: only a centre, so that d = x - c keeps the digits of values far from zero); each short
-    row's mean of d and sum of squares about it in float32 (the two-pass algorithm over contiguous memory, no
-    cast of the tensor); and the shape. A rank-4+ tensor's rows are dimension-3-long pieces (W for an image), any
-    other rank's single values. `_accumulate` pools the rows in float64. Only these per-row values come out (a
-    row-length-th of the tensor), no copy of the tensor unless the cache keeps it."""
+def _statistics_nodes(measured: list[tuple[str, str]], opset: int, dtype) -> tuple[list, list, list[str]]:
+    """Nodes that give, for each measured (tensor, `_row_cut`) seen as (N, C, rows, row length): a per-channel centre
+    c (the mean of sample 0: only a centre, so that d = x - c keeps the digits of values far from zero); each
+    short row's mean of d and sum of squares about it in float32 (the two-pass algorithm over contiguous memory,
+    no cast of the tensor); and the shape. `_accumulate` pools the rows in float64. Only these per-row values
+    come out (a row-length-th of the tensor), no copy of the tensor unless the cache keeps it."""
     from onnx import TensorProto, helper
 
     def const(name, values):
         return helper.make_tensor(f"{STATS}.{name}", TensorProto.INT64, [len(values)], values)
 
-    inits = [const("rows", [0, 0, -1, 0]), const("values", [0, 0, -1, 1]), const("zero", [0]),
-             const("axis3", [3]), const("all", [2, 3])]
+    inits = [const("rows", [0, 0, -1, 0]), const("plane", [0, 0, 1, -1]), const("values", [0, 0, -1, 1]),
+             const("zero", [0]), const("axis3", [3]), const("all", [2, 3])]
     nodes, outputs = [], []
 
     def reduce(op, x, y, axes):
@@ -245,10 +255,9 @@ def _statistics_nodes(measured: list[tuple[str, int | None]], opset: int, dtype)
         return helper.make_node(op, [x], [y], axes={"axis3": [3], "all": [2, 3]}[axes], keepdims=1)
 
     cast = np.dtype(dtype) not in (np.float32, np.float64)  # half precision is measured in float32
-    for i, (x, rank) in enumerate(measured):
+    for i, (x, cut) in enumerate(measured):
         p = f"{STATS}.{i}"
-        shape = "rows" if rank is not None and rank >= 4 else "values"
-        nodes.append(helper.make_node("Reshape", [x, f"{STATS}.{shape}"], [f"{p}.x"]))
+        nodes.append(helper.make_node("Reshape", [x, f"{STATS}.{cut}"], [f"{p}.x"]))
         if cast:
             nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
         xf = f"{p}.xf" if cast else f"{p}.x"

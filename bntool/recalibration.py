@@ -50,8 +50,6 @@ from .recalibration_passes import (  # the report types and ChannelStats are par
 )
 from .utils import short_list
 
-_Batches = Batches  # onnx_recalibration.py imports it under this name
-
 
 def recalibrate(
     model: nn.Module,

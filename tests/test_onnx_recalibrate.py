@@ -106,9 +106,23 @@ def test_a_fixed_batch_size_graph_gets_the_data_in_chunks():
     for (m0, v0), (m1, v1) in zip(onnx_statistics(dynamic), onnx_statistics(fixed), strict=True):
         np.testing.assert_allclose(m1, m0, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
-    odd = [torch.randn(5, 3, 32, 32)]
-    with pytest.raises(InputError, match="fixed batch size 2.*5 samples"):
-        recalibrate_onnx(fixed, odd)
+
+
+@pytest.mark.parametrize("name", ["resnet", "tokens"])
+def test_a_fixed_batch_size_graph_takes_any_number_of_samples(name):
+    """QA's repro: batch 2 fixed in the graph, 7 samples. The short chunk is padded with copies of its own samples
+    and their rows are left out, also where the BN input flattens the batch with the tokens (N·L, C): the
+    statistics are those of the 7 samples (refused before)."""
+    model = zoo.build(name)
+    example = zoo.example_input(name)
+    fixed = export_with_bn(model, example[:1].expand(2, *example.shape[1:]).contiguous(), dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(n, *example.shape[1:], generator=g) * 1.5 + 0.3 for n in (3, 2, 2)]  # 7 samples
+    reference = copy.deepcopy(model)
+    recalibrate(reference, data, mode="exact")
+    _, report = recalibrate_onnx(fixed, data)
+    assert worst_difference(fixed, reference) <= 1e-5
+    assert report.samples == 7 and report.batches == 3
 
 
 def test_bns_sharing_a_statistics_initializer_each_get_their_own():
@@ -277,3 +291,42 @@ def test_statistics_never_overwrite_a_shared_scale_or_bias(identity):
     np.testing.assert_allclose(values[bns[0].input[3]], c1.mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(values[bns[0].input[4]], c1.var((0, 2, 3)).numpy(), rtol=1e-5)
     assert not np.allclose(values[bns[1].input[4]], values[bns[0].input[4]])  # each its own
+
+
+def test_the_data_are_read_once_while_the_cache_holds():
+    """Each level runs from the previous level's cached chunks, so an image folder is decoded once, not once per
+    level (it was read on every pass before); with no cache every level reads it from the start."""
+
+    class Counted(list):
+        reads = 0  # batches handed out
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                type(self).reads += 1
+                yield batch
+
+    proto = export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"))
+    data = Counted(batches_for("resnet"))
+    _, report = recalibrate_onnx(copy.deepcopy(proto), data)
+    assert report.passes == 5 and Counted.reads == 3  # 3 batches, read once
+    Counted.reads = 0
+    recalibrate_onnx(copy.deepcopy(proto), data, cache_budget=0)
+    assert Counted.reads == 5 * 3
+
+
+def test_padding_that_cannot_be_told_apart_is_refused():
+    """A BN input that mixes the samples of a fixed batch of 2 into 3 rows: the padded last chunk's rows cannot be
+    left out, so it is an input error naming the BN and the way out, not wrong statistics."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in
+             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    inits.append(numpy_helper.from_array(np.array([3, 4, 4], np.int64), "rows3"))
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "rows3"], ["r"]),
+                               helper.make_node(BN, ["r", "scale", "bias", "mean", "var"], ["y"], name="bn")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    recalibrate_onnx(copy.deepcopy(proto), [torch.randn(4, 4, 6)])  # no padding: fine
+    with pytest.raises(InputError, match="bn: its input has 3 rows for a fixed batch of 2.*multiple of 2"):
+        recalibrate_onnx(proto, [torch.randn(3, 4, 6)])

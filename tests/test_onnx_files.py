@@ -429,3 +429,21 @@ def test_the_onnx_plan_is_the_same_without_the_probe_shortcut(zoo_files, name, m
 def test_a_missing_onnx_input_is_named(tmp_path, cli):
     result = cli("fold", tmp_path / "missing.onnx", "-o", tmp_path / "out.onnx")
     assert_clean_error(result, contains="missing.onnx: no such file")
+
+
+def test_unnamed_nodes_are_named_by_their_output_and_the_layer_column_stays_whole(tmp_path, cli):
+    """#18: a BN node without a name is shown by its output tensor (here "y", shorter than the header), in the
+    inspect table and JSON and in the fold report, and the "layer" header does not wrap letter by letter."""
+    model = bn_graph(15)
+    for node in model.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(path))
+    table = cli("inspect", path)
+    assert table.code == 0, table.err
+    assert any(line.split()[:2] == ["layer", "kind"] for line in table.out.splitlines()), table.out
+    assert any(line.split()[:1] == ["y"] for line in table.out.splitlines())
+    assert [layer["name"] for layer in json.loads(cli("inspect", path, "--json").out)["layers"]] == ["y"]
+    folded = cli("fold", path, "-o", tmp_path / "out.onnx")
+    assert folded.code == 0, folded.err
+    assert any(line.split()[:2] == ["layer", "kind"] for line in folded.out.splitlines()), folded.out

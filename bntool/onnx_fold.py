@@ -45,23 +45,49 @@ BN_TYPE = "BatchNormalization"
 # ---------------------------------------------------------------- inspect
 
 
-def inspect_onnx(source: str | os.PathLike | OnnxFile):
+def inspect_onnx(source: str | os.PathLike | OnnxFile, input_shapes: Sequence[Sequence[int]] | None = None):
     """Every BatchNormalization node: configuration, statistics, health (bntool.inspection's rules) and what
-    `fold_onnx` would do with it and why. Returns an InspectReport (the PyTorch path's shape)."""
+    `fold_onnx` would do with it and why. Returns an InspectReport (the PyTorch path's shape).
+
+    The decisions are fold's: where shape inference leaves a shape the rules need unknown, the same one
+    onnxruntime run on random inputs tells it (`input_shapes` for symbolic input dimensions, as for fold).
+    Without them, a decision that may depend on such a shape says that fold decides after that run."""
     from .inspection import InspectReport
 
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
-    plan = plan_onnx_fold(onnx_file.model)
+    graph = _fold_graph(onnx_file, input_shapes)
+    plan = plan_onnx_fold(onnx_file.model, graph=graph)
     steps = {s.decision.name: s for s in plan.steps}
     layers = []
     for bn in batch_norm_nodes(onnx_file.model):
         info = describe_bn_node(bn)
         d = steps[bn.name].decision
         info.fold_action, info.fold_target, info.fold_reason = d.action, d.target, d.reason
+        if graph.unknown and d.action != FoldAction.FOLDED and not _refusal(bn, ()):
+            info.fold_reason += ("; " if d.reason else "") + UNKNOWN_SHAPES
         layers.append(info)
     graph = onnx_file.model.graph
     total_params = sum(int(np.prod(t.dims)) for t in graph.initializer)
     return InspectReport(layers=layers, total_modules=len(graph.node), total_params=total_params, fold_planned=True)
+
+
+UNKNOWN_SHAPES = ("fold decides after one onnxruntime run (shapes the graph does not give: the input shapes, "
+                  "--input-shape, show its decision here)")
+
+
+def _fold_graph(onnx_file: OnnxFile, input_shapes: Sequence[Sequence[int]] | None) -> OnnxGraph:
+    """The OnnxGraph fold_onnx plans on (shapes from one onnxruntime run where inference leaves them unknown);
+    without that run where a symbolic input dimension has no `input_shapes`."""
+    model = onnx_file.model
+    try:
+        inputs = example_inputs(model, input_shapes, 0, onnx_file.path)
+    except InputError:
+        if input_shapes is not None:
+            raise
+        return OnnxGraph.of(model)
+    specs = _graph_inputs(model)
+    return OnnxGraph.of(model, {s.name: tuple(x.shape) for s, x in zip(specs, inputs)},
+                        {s.name: x.numpy() for s, x in zip(specs, inputs)})
 
 
 def describe_bn_node(bn: BNNode):

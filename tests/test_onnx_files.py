@@ -447,3 +447,34 @@ def test_unnamed_nodes_are_named_by_their_output_and_the_layer_column_stays_whol
     folded = cli("fold", path, "-o", tmp_path / "out.onnx")
     assert folded.code == 0, folded.err
     assert any(line.split()[:2] == ["layer", "kind"] for line in folded.out.splitlines()), folded.out
+
+
+class SliceTrap(torch.nn.Module):
+    """A conv reading a channel slice (dpn68's pattern): exported without constant folding, the Slice bounds are
+    Unsqueeze nodes that shape inference does not read, so only an onnxruntime run tells the conv's output shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(4, 5, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.bn(self.b(y[:, :4])) * y[:, 4:5]
+
+
+def test_inspect_decides_as_fold_where_only_a_run_tells_a_shape(tmp_path, cli):
+    """#18: inspect (a plan only) said "affine" where fold, after its onnxruntime run, folds. It now plans on the
+    same shapes; with symbolic dimensions and no --input-shape it says that fold decides after that run."""
+    model = zoo.randomize_bn(SliceTrap()).eval()
+    fixed = export_with_bn(model, torch.randn(1, 3, 8, 8), tmp_path / "fixed.onnx")
+    dynamic = export_with_bn(model, torch.randn(1, 3, 8, 8), tmp_path / "dynamic.onnx", dynamic=True)
+    folded = fold_onnx(fixed, None, samples=1).decisions[0]
+    assert folded.action == "folded"
+    layer = inspect_onnx(fixed).layers[0]
+    assert (layer.fold_action, layer.fold_target) == (folded.action, folded.target)
+    unsure = inspect_onnx(dynamic).layers[0]
+    assert unsure.fold_action == "affine" and "fold decides after one onnxruntime run" in unsure.fold_reason
+    result = cli("inspect", dynamic, "--input-shape", "2,3,8,8", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["layers"][0]["fold_action"] == "folded"

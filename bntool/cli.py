@@ -303,7 +303,7 @@ def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_a
     try:
         report = fold_onnx(model.ckpt, out.output, input_shapes=_input_shapes(example), samples=samples,
                            seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, skip=skip or (),
-                           affine_as=affine_as.value, force=out.force)
+                           affine_as=affine_as.value, force=out.force, in_place=out.in_place)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, render_fold, context)
@@ -486,7 +486,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     budget = None if cache_budget is None else parse_bytes(cache_budget, "--cache-budget")
     onnx_file = load_onnx(model.ckpt)
     outputs = Outputs()
-    plan_onnx_output(outputs, out.output, onnx_file, force=out.force)
+    plan_onnx_output(outputs, out.output, onnx_file, force=out.force, in_place=out.in_place)
     if plot is not None:
         from .plot import check_can_plot
 

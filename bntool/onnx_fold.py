@@ -546,6 +546,7 @@ def fold_onnx(
     provider: str = "cpu",
     force: bool = False,
     check: bool = True,
+    in_place: bool = False,
 ):
     """Fold every BatchNormalization node of an ONNX file it can, check the result in onnxruntime against the
     original, and write it to `out` only if the check passed.
@@ -564,6 +565,7 @@ def fold_onnx(
         affine_as: "mul" (Mul + Add) or "conv" (a depthwise 1×1 Conv) for BNs that fold into no neighbour.
         provider: onnxruntime's: "cpu" or "cuda".
         force: replace an existing `out`.
+        in_place: `out` may be the input file (replaced atomically after a passing check; external data too).
         check: raise CheckFailed when the check fails (else return the failed report).
 
     Returns:
@@ -590,7 +592,7 @@ def fold_onnx(
     _refuse_unfoldable(onnx_file, skip)
     outputs = Outputs()
     if out is not None:
-        plan_onnx_output(outputs, out, onnx_file, force=force)
+        plan_onnx_output(outputs, out, onnx_file, force=force, in_place=in_place)
         outputs.check()
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
     original = OriginalRuns(onnx_file.path, provider, inputs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CorruptFileError, InputError, first_line
-from .files import OutputKind, Outputs, looks_like_checkpoint
+from .files import FileIdentity, OutputKind, Outputs, looks_like_checkpoint
 
 TWO_GB = 2 * 1024**3
 # Field tags a ModelProto can start a file with after its ir_version (protobuf writes fields in number order):
@@ -370,22 +370,44 @@ def all_names(model) -> set[str]:
 # ---------------------------------------------------------------- saving
 
 
-def data_file_name(path: Path) -> str:
-    """The external data file written beside `path`: `model.onnx` → `model.onnx.data`."""
-    return path.name + ".data"
+def data_file_name(path: Path, taken: Sequence[Path] = ()) -> str:
+    """The external data file written beside `path`: `model.onnx` → `model.onnx.data`, or `model.onnx.1.data`
+    where that is one of `taken` (the data a model replaced in place still reads until the commit)."""
+    taken_real = {os.path.realpath(p) for p in taken}
+    for name in (path.name + ".data", path.name + ".1.data"):
+        if os.path.realpath(path.with_name(name)) not in taken_real:
+            return name
+    raise AssertionError("two names, and only one can be taken by the data of the file replaced")
+
+
+def _planned_data_file(outputs: Outputs, path: Path) -> Path:
+    """The external data file plan_onnx_output planned beside `path`."""
+    planned = {p.path for p in outputs.planned}
+    for name in (path.name + ".data", path.name + ".1.data"):
+        if path.with_name(name) in planned:
+            return path.with_name(name)
+    raise RuntimeError(f"{path.with_name(data_file_name(path))} was not planned (plan_onnx_output)")
 
 
 def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile | None, *, force: bool = False,
-                     what: str = "-o") -> Path:
+                     in_place: bool = False, what: str = "-o") -> Path:
     """Plan an ONNX output (and its external data file when the input had one) in `outputs`; the input's own
-    files are protected. Call `outputs.check()` afterwards."""
+    files are protected, except the input file itself with `in_place`. Call `outputs.check()` afterwards.
+
+    In place with external data, the new data gets a name the old model does not read (`.data` ↔ `.1.data`)
+    and is committed before the model file, whose rename is the switch: the file on disk always reads data
+    written for it. The old data file, when named as bntool names it, is removed after the commit."""
     path = Path(path)
     if source is not None:
         for file in (source.path, *source.external_data):
             outputs.add_input(file, "the input ONNX file" if file == source.path else "the input's external data")
-    outputs.add(path, OutputKind.ONNX, force=force, what=what)
+    outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     if source is not None and (source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)):
-        outputs.add(path.with_name(data_file_name(path)), OutputKind.ONNX, force=force, what="external data")
+        data = path.with_name(data_file_name(path, source.external_data))
+        outputs.add(data, OutputKind.ONNX, force=force, what="external data")
+        if in_place and FileIdentity.of(path).same(FileIdentity.of(source.path)):
+            ours = {os.path.realpath(path.with_name(path.name + end)) for end in (".data", ".1.data")}
+            outputs.obsolete += [p for p in source.external_data if os.path.realpath(p) in ours]
     return path
 
 
@@ -438,9 +460,7 @@ def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile
     files = [path]
     data_name = None
     if needs_external_data(model, source):
-        data_name = data_file_name(path)
-        if path.with_name(data_name) not in {p.path for p in outputs.planned}:
-            raise RuntimeError(f"{path.with_name(data_name)} was not planned (plan_onnx_output)")
+        data_name = _planned_data_file(outputs, path).name
         files.append(path.with_name(data_name))
     with open(staged, "wb") as f, (open(staging / data_name, "wb") if data_name else _no_file()) as data:
         f.write(_without_initializers(model).SerializeToString())

@@ -22,6 +22,7 @@ from bntool import zoo
 from bntool.errors import CorruptFileError, InputError
 from bntool.onnx_fold import fold_onnx, inspect_onnx
 from bntool.onnx_model import batch_norm_nodes, is_onnx_file, load_onnx
+from bntool.onnx_recalibration import recalibrate_onnx_file
 
 # ---------------------------------------------------------------- files
 
@@ -478,3 +479,63 @@ def test_inspect_decides_as_fold_where_only_a_run_tells_a_shape(tmp_path, cli):
     result = cli("inspect", dynamic, "--input-shape", "2,3,8,8", "--json")
     assert result.code == 0, result.err
     assert json.loads(result.out)["layers"][0]["fold_action"] == "folded"
+
+
+# ---------------------------------------------------------------- --in-place
+
+
+def with_external_data(src, path):
+    """`src` saved again as `path` with every tensor in `path.name + ".data"`."""
+    onnx.save_model(onnx.load(str(src)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+    return path
+
+
+def test_fold_in_place_replaces_the_file(tmp_path, cli, zoo_files):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(zoo_files["resnet"][1].read_bytes())
+    before = path.read_bytes()
+    assert_clean_error(cli("fold", path, "-o", path), contains="--in-place")
+    assert path.read_bytes() == before
+    result = cli("fold", path, "-o", path, "--in-place")
+    assert result.code == 0, result.err
+    assert "BatchNormalization" not in op_types(path) and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    x = example("resnet").numpy()
+    assert np.abs(run_ort(path, x) - run_ort(zoo_files["resnet"][1], x)).max() < 1e-4
+
+
+def test_in_place_with_external_data_never_points_at_stale_data(tmp_path, zoo_files, monkeypatch):
+    """The new data is written under the name the old model does not read (.data ↔ .1.data) and put in place
+    first; the model file's rename is the switch; the old data goes after. A crash between the two renames
+    leaves the old model with its own data, whole."""
+    import os
+
+    path = with_external_data(zoo_files["resnet"][1], tmp_path / "m.onnx")
+    x = example("resnet").numpy()
+    original = run_ort(path, x)
+    recalibrate_onnx_file(path, path, [torch.from_numpy(x)], in_place=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.1.data"]
+    recalibrated = run_ort(path, x)
+    assert np.abs(recalibrated - original).max() > 1e-3  # new statistics, read from the new data file
+    fold_onnx(path, path, in_place=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert "BatchNormalization" not in op_types(path)
+    assert np.abs(run_ort(path, x) - recalibrated).max() < 1e-4
+
+    # A crash after the first rename of the commit (a power cut, SIGKILL): the model on disk reads its own data.
+    path = with_external_data(zoo_files["resnet"][1], tmp_path / "n.onnx")
+    renames, replace = [], os.replace
+
+    def crash_after_one(src, dst):
+        if renames:
+            raise SystemExit("killed")
+        renames.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_after_one)
+    with pytest.raises(SystemExit):
+        fold_onnx(path, path, in_place=True, samples=0)
+    monkeypatch.setattr(os, "replace", replace)
+    assert [p.name for p in renames] == ["n.onnx.1.data"]
+    assert "BatchNormalization" in op_types(path)
+    assert np.abs(run_ort(path, x) - original).max() == 0

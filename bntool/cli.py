@@ -234,7 +234,7 @@ def fold(
     from .report import render_fold
 
     if _onnx_input(model):
-        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as)
+        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge)
     if model.ckpt.exists():  # a missing input is named by the loader, not blamed on -o
         _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
                                       "writes ONNX")
@@ -293,7 +293,7 @@ def _input_shapes(example: ExampleInputs):
     return [parse_shape(text) for text in example.input_shape] if example.input_shape else None
 
 
-def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as) -> None:
+def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge) -> None:
     from .onnx_fold import fold_onnx
     from .report import render_fold
 
@@ -303,7 +303,8 @@ def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_a
     try:
         report = fold_onnx(model.ckpt, out.output, input_shapes=_input_shapes(example), samples=samples,
                            seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, skip=skip or (),
-                           affine_as=affine_as.value, force=out.force, in_place=out.in_place)
+                           affine_as=affine_as.value, force=out.force, in_place=out.in_place,
+                           merge=merge)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, render_fold, context)

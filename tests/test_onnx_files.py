@@ -539,3 +539,53 @@ def test_in_place_with_external_data_never_points_at_stale_data(tmp_path, zoo_fi
     assert [p.name for p in renames] == ["n.onnx.1.data"]
     assert "BatchNormalization" in op_types(path)
     assert np.abs(run_ort(path, x) - original).max() == 0
+
+
+# ---------------------------------------------------------------- summed branches merged (as the PyTorch path)
+
+
+class RepBlocks(torch.nn.Module):
+    """The sums timm's re-parameterisable blocks write, with BNs that fold into no neighbour: RepVGG (k×k + 1×1 +
+    an identity BN), MobileOne (a sum started at 0, depthwise branches), FastViT's RepMixer (x + γ·(BN(conv(x)) −
+    BN(x))); then a sum that must stay (one term is also read elsewhere)."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        conv, bn = torch.nn.Conv2d, torch.nn.BatchNorm2d
+        self.k3, self.bn3, self.k1, self.bn1, self.id = conv(c, c, 3, padding=1, bias=False), bn(c), \
+            conv(c, c, 1, bias=False), bn(c), bn(c)
+        self.dw = torch.nn.ModuleList([conv(c, c, k, padding=k // 2, groups=c, bias=False) for k in (3, 3, 1)])
+        self.dw_bn, self.dw_id = torch.nn.ModuleList([bn(c) for _ in range(3)]), bn(c)
+        self.mix, self.mix_bn, self.norm = conv(c, c, 3, padding=1, groups=c, bias=False), bn(c), bn(c)
+        self.gamma = torch.nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.e3, self.e1 = conv(c, c, 3, padding=1), conv(c, c, 1)
+
+    def forward(self, x):
+        x = (self.bn3(self.k3(x)) + self.bn1(self.k1(x)) + self.id(x)).relu()
+        out = 0
+        out = out + self.dw_id(x)
+        for layer, norm in zip(self.dw, self.dw_bn):
+            out = out + norm(layer(x))
+        x = out.relu()
+        x = x + self.gamma * (self.mix_bn(self.mix(x)) - self.norm(x))
+        a = self.e3(x)
+        return a + self.e1(x) + a.mean()
+
+
+def test_summed_branches_of_one_tensor_become_one_conv(tmp_path):
+    """#18: the ONNX path leaves no more standalone affines than the PyTorch path, which merges these sums
+    (bntool.merging): each block becomes one Conv, exact against a float64 run; the last sum stays."""
+    model = zoo.randomize_bn(RepBlocks()).eval()
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = export_with_bn(model, x, tmp_path / "rep.onnx")
+    out, unmerged = tmp_path / "merged.onnx", tmp_path / "unmerged.onnx"
+    report = fold_onnx(path, out, samples=1)
+    assert report.passed and len(report.merges) == 3 and all(m.merged for m in report.merges)
+    ops = op_types(out)
+    assert ops.count("Conv") == 5 and "Mul" not in ops and "Sub" not in ops and "BatchNormalization" not in ops
+    fold_onnx(path, unmerged, samples=1, merge=False)
+    assert op_types(unmerged).count("Conv") == 8 and op_types(unmerged).count("Mul") == 4  # 3 affines, γ
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    original_error = np.abs(run_ort(path, x.numpy()) - exact).max()
+    assert np.abs(run_ort(out, x.numpy()) - exact).max() <= 2 * original_error + 1e-6 * np.abs(exact).max()

@@ -104,7 +104,8 @@ def test_shared_modules_stand_below_the_jobs():
 
 # The README's module map, top to bottom: a module may import only modules after it.
 MODULE_ORDER = [
-    "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_graph",
+    "__main__", "cli", "options", "report", "plot", "demo", "zoo", "verification", "onnx_fold", "onnx_merge",
+    "onnx_graph",
     "onnx_export", "inspection", "onnx_recalibration", "recalibration", "distributed", "segments", "folding",
     "merging", "checkpoint", "onnx_model", "arch", "data", "compare", "graph", "layout", "rewrite", "layers",
     "devices",

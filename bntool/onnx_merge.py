@@ -85,7 +85,7 @@ def merge_summed_branches(nodes: list, value: Value, outputs: set[str], new_cons
         gone |= {id(n) for n in tree if n is not root}
         decisions.append(MergeDecision(module=root.name or root.output[0],
                                        branches=[br.name for br in branches if br.x], merged=True, into=name))
-    return [replaced.get(id(n), n) for n in nodes if id(n) not in gone], decisions
+    return [replaced.get(id(n), n) for n in nodes if id(n) not in gone], decisions[::-1]  # in graph order
 
 
 def _terms(node, producers: dict, readers: dict, outputs: set[str], value: Value, tree: list) -> list[_Branch]:

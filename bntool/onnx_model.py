@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CorruptFileError, InputError, first_line
-from .files import FileIdentity, OutputKind, Outputs, looks_like_checkpoint
+from .files import OutputKind, Outputs, looks_like_checkpoint
 
 TWO_GB = 2 * 1024**3
 # Field tags a ModelProto can start a file with after its ir_version (protobuf writes fields in number order):
@@ -370,23 +370,18 @@ def all_names(model) -> set[str]:
 # ---------------------------------------------------------------- saving
 
 
-def data_file_name(path: Path, taken: Sequence[Path] = ()) -> str:
-    """The external data file written beside `path`: `model.onnx` → `model.onnx.data`, or `model.onnx.1.data`
-    where that is one of `taken` (the data a model replaced in place still reads until the commit)."""
-    taken_real = {os.path.realpath(p) for p in taken}
-    for name in (path.name + ".data", path.name + ".1.data"):
-        if os.path.realpath(path.with_name(name)) not in taken_real:
-            return name
-    raise AssertionError("two names, and only one can be taken by the data of the file replaced")
+def data_file_names(path: Path) -> tuple[str, str]:
+    """The two names of the external data file written beside `path`: `model.onnx.data`, `model.onnx.1.data`."""
+    return path.name + ".data", path.name + ".1.data"
 
 
 def _planned_data_file(outputs: Outputs, path: Path) -> Path:
     """The external data file plan_onnx_output planned beside `path`."""
     planned = {p.path for p in outputs.planned}
-    for name in (path.name + ".data", path.name + ".1.data"):
+    for name in data_file_names(path):
         if path.with_name(name) in planned:
             return path.with_name(name)
-    raise RuntimeError(f"{path.with_name(data_file_name(path))} was not planned (plan_onnx_output)")
+    raise RuntimeError(f"no external data file was planned beside {path} (plan_onnx_output)")
 
 
 def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile | None, *, force: bool = False,
@@ -394,20 +389,21 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
     """Plan an ONNX output (and its external data file when the input had one) in `outputs`; the input's own
     files are protected, except the input file itself with `in_place`. Call `outputs.check()` afterwards.
 
-    In place with external data, the new data gets a name the old model does not read (`.data` ↔ `.1.data`)
-    and is committed before the model file, whose rename is the switch: the file on disk always reads data
-    written for it. The old data file, when named as bntool names it, is removed after the commit."""
+    The file an output replaces (in place, or with `force`) may read a data file beside it: the new data takes
+    the other of the two names (`.data` ↔ `.1.data`) and is committed before the model file, whose rename is the
+    switch, so the model on disk always reads data written for it; the old data file goes after the commit."""
     path = Path(path)
     if source is not None:
         for file in (source.path, *source.external_data):
             outputs.add_input(file, "the input ONNX file" if file == source.path else "the input's external data")
-    outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     if source is not None and (source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)):
-        data = path.with_name(data_file_name(path, source.external_data))
-        outputs.add(data, OutputKind.ONNX, force=force, what="external data")
-        if in_place and FileIdentity.of(path).same(FileIdentity.of(source.path)):
-            ours = {os.path.realpath(path.with_name(path.name + end)) for end in (".data", ".1.data")}
-            outputs.obsolete += [p for p in source.external_data if os.path.realpath(p) in ours]
+        beside = [path.with_name(name) for name in data_file_names(path)]
+        existing = [p for p in beside if os.path.lexists(p)]
+        data = next((p for p in beside if p not in existing), beside[0])
+        outputs.add(data, OutputKind.ONNX, force=force, what="external data")  # first: committed first
+        if os.path.lexists(path) and (force or in_place):  # the model replaced may read them: gone after it
+            outputs.obsolete += [p for p in existing if p != data]
+    outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     return path
 
 

@@ -589,3 +589,14 @@ def test_summed_branches_of_one_tensor_become_one_conv(tmp_path):
         exact = copy.deepcopy(model).double()(x.double()).numpy()
     original_error = np.abs(run_ort(path, x.numpy()) - exact).max()
     assert np.abs(run_ort(out, x.numpy()) - exact).max() <= 2 * original_error + 1e-6 * np.abs(exact).max()
+
+
+def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
+    """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
+    committed before the model file; the old data file goes after."""
+    src = with_external_data(zoo_files["resnet"][1], tmp_path / "m.onnx")
+    out = with_external_data(zoo_files["mobilenet"][1], tmp_path / "out.onnx")
+    fold_onnx(src, out, force=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out.onnx", "out.onnx.1.data"]
+    x = example("resnet").numpy()
+    assert np.abs(run_ort(out, x) - run_ort(src, x)).max() < 1e-4

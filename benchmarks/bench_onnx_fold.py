@@ -44,6 +44,7 @@ FILES = ["densenet121", "timm/dpn68", "timm/repvgg_a0", "timm/mixnet_s", "timm/l
 QUICK = ["resnet18", "mobilenet_v2", "densenet121", "timm/repvgg_a0", "timm/mixnet_s"]
 TOOLS = ["onnxscript rewriter", "onnxoptimizer fuse_bn_into_conv", "onnxsim", "onnxslim",
          "onnxruntime offline (extended)", "bntool fold"]
+PYTORCH_PATH = "(bntool fold, PyTorch path, same model)"  # a reference row per file, not a tool on the file
 SIZE = 128  # image side (LeViT needs 224, Inception 299)
 
 
@@ -201,6 +202,7 @@ def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
     model, x = build(name)
     src = tmp / f"{name.replace('/', '_')}.onnx"
     export_with_bn(model, x, src)
+    pytorch_row = pytorch_path_row(name, model, x)
     del model
     before = op_counts(src)
     feed = x.numpy()
@@ -208,7 +210,7 @@ def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
     scale = max(float(np.abs(r).max()) for r in reference) or 1.0
     base_latency = latencies([src], feed, reps)[0]
     rows = [[name, "(exported file)", before["BatchNormalization"], 0, "—", "—",
-             f"{base_latency * 1e3:.2f} ms", "1.00×"]]
+             f"{base_latency * 1e3:.2f} ms", "1.00×"], pytorch_row]
     for tool in TOOLS:
         dst = tmp / f"{src.stem}.{tool.split()[0]}.onnx"
         outcome = rewrite(tool, src, dst)
@@ -233,6 +235,19 @@ def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
     return rows
 
 
+def pytorch_path_row(name: str, model, x) -> list:
+    """What `bntool fold` leaves on the same model through the PyTorch path (the issue's yardstick: no more
+    standalone affines on the ONNX file): batch_norm ops left and ChannelAffine modules, after branch merging."""
+    import bntool
+    from bntool.layers import ChannelAffine
+
+    start = time.perf_counter()
+    folded, report = bntool.fold(model, x, check=False)
+    affines = sum(isinstance(m, ChannelAffine) for m in folded.modules())
+    return [name, PYTORCH_PATH, report.batch_norm_ops_after, affines, f"{report.max_abs_over_scale:.1e}",
+            f"{time.perf_counter() - start:.2f} s", "", ""]
+
+
 def summary(rows: list[list], files: int) -> list[list]:
     """Per tool: BN nodes left over all files, files with none left, failures."""
     total = sum(r[2] for r in rows if r[1] == "(exported file)")
@@ -254,7 +269,8 @@ SUMMARY_COLUMNS = ["tool", "BN nodes left", "files with none left", "standalone 
 NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
          "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
          "ratio to the exported file's, the two run interleaved (A, B, A, B, …). Affines: Muls of an activation "
-         "by a constant added (a BN left as a standalone affine). bntool's time includes its onnxruntime check.")
+         "by a constant added (a BN left as a standalone affine); on the PyTorch-path row, ChannelAffine modules "
+         "left after branch merging. bntool's time includes its onnxruntime check.")
 
 
 # ---------------------------------------------------------------- ResNet-50: fold + check time and memory

@@ -275,6 +275,7 @@ class PlannedOutput:
     same_kind: Callable[[Path], bool] | None = None
     temp: Path | None = None  # written, not yet committed
     temp_dir: Path | None = None  # removed after the commit (ONNX: the file and its external data)
+    replaceable: bool = False  # may replace the first input with `in_place` (a checkpoint always may)
 
 
 @dataclass
@@ -294,6 +295,7 @@ class Outputs:
     input_names: list[str] = field(default_factory=list)  # what each input is, for messages
     staging: list[Path] = field(default_factory=list)  # temp directories, removed after commit or discard
     session: WriteSession = field(default_factory=current_session)  # records what commit put in place
+    obsolete: list[Path] = field(default_factory=list)  # removed after the commit (an in-place ONNX's old data)
 
     def staging_dir(self, path: str | os.PathLike) -> Path:
         """A private temp directory next to `path` for writers that produce several files or need the final
@@ -309,13 +311,13 @@ class Outputs:
 
     def add(self, path: str | os.PathLike, kind: OutputKind, *, force: bool = False, in_place: bool = False,
             what: str = "", precheck: Callable[[Path], None] | None = None,
-            same_kind: Callable[[Path], bool] | None = None) -> Path:
+            same_kind: Callable[[Path], bool] | None = None, replaceable: bool = False) -> Path:
         """Plan an output; return its Path. `precheck(path)` raises if the writer cannot produce it (a missing
         optional dependency, an unknown format); `check` calls it before any work. An existing file that
         `same_kind(path)` accepts (an earlier report of the same kind, by content) is replaced without `force`,
         as pytest's --junitxml replaces its own file."""
         planned = PlannedOutput(Path(path), OutputKind(kind), force=force, in_place=in_place, what=what,
-                                precheck=precheck, same_kind=same_kind)
+                                precheck=precheck, same_kind=same_kind, replaceable=replaceable)
         self.planned.append(planned)
         return planned.path
 
@@ -343,7 +345,7 @@ class Outputs:
             for i, (identity, path) in enumerate(zip(inputs, self.inputs)):
                 if not me.same(identity):
                     continue
-                if i == 0 and p.kind == OutputKind.CHECKPOINT:
+                if i == 0 and (p.kind == OutputKind.CHECKPOINT or p.replaceable):
                     if not p.in_place:
                         raise InputError(f"{label}: is the input file; pass {param('in_place')} to overwrite it",
                                          param="in_place")
@@ -430,6 +432,8 @@ class Outputs:
                 self.session.reached("during-commit")
             for directory in {parent_dir(p.path) for p in ready}:
                 fsync_dir(directory)
+        for path in self.obsolete:  # unread by any committed output now
+            remove_quietly(path)
         self._remove_temp_dirs()
         self.session.reached("after-commit")
         return done

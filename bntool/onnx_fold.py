@@ -44,23 +44,49 @@ DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 r
 # ---------------------------------------------------------------- inspect
 
 
-def inspect_onnx(source: str | os.PathLike | OnnxFile):
+def inspect_onnx(source: str | os.PathLike | OnnxFile, input_shapes: Sequence[Sequence[int]] | None = None):
     """Every BatchNormalization node: configuration, statistics, health (bntool.inspection's rules) and what
-    `fold_onnx` would do with it and why. Returns an InspectReport (the PyTorch path's shape)."""
+    `fold_onnx` would do with it and why. Returns an InspectReport (the PyTorch path's shape).
+
+    The decisions are fold's: where shape inference leaves a shape the rules need unknown, the same one
+    onnxruntime run on random inputs tells it (`input_shapes` for symbolic input dimensions, as for fold).
+    Without them, a decision that may depend on such a shape says that fold decides after that run."""
     from .inspection import InspectReport
 
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
-    plan = plan_onnx_fold(onnx_file.model)
+    graph = _fold_graph(onnx_file, input_shapes)
+    plan = plan_onnx_fold(onnx_file.model, graph=graph)
     steps = {s.decision.name: s for s in plan.steps}
     layers = []
     for bn in batch_norm_nodes(onnx_file.model):
         info = describe_bn_node(bn)
         d = steps[bn.name].decision
         info.fold_action, info.fold_target, info.fold_reason = d.action, d.target, d.reason
+        if graph.unknown and d.action != FoldAction.FOLDED and not _refusal(bn, ()):
+            info.fold_reason += ("; " if d.reason else "") + UNKNOWN_SHAPES
         layers.append(info)
     graph = onnx_file.model.graph
     total_params = sum(int(np.prod(t.dims)) for t in graph.initializer)
     return InspectReport(layers=layers, total_modules=len(graph.node), total_params=total_params, fold_planned=True)
+
+
+UNKNOWN_SHAPES = ("fold decides after one onnxruntime run (shapes the graph does not give: the input shapes, "
+                  "--input-shape, show its decision here)")
+
+
+def _fold_graph(onnx_file: OnnxFile, input_shapes: Sequence[Sequence[int]] | None) -> OnnxGraph:
+    """The OnnxGraph fold_onnx plans on (shapes from one onnxruntime run where inference leaves them unknown);
+    without that run where a symbolic input dimension has no `input_shapes`."""
+    model = onnx_file.model
+    try:
+        inputs = example_inputs(model, input_shapes, 0, onnx_file.path)
+    except InputError:
+        if input_shapes is not None:
+            raise
+        return OnnxGraph.of(model)
+    specs = graph_inputs(model)
+    return OnnxGraph.of(model, {s.name: tuple(x.shape) for s, x in zip(specs, inputs)},
+                        {s.name: x.numpy() for s, x in zip(specs, inputs)})
 
 
 def describe_bn_node(bn: BNNode):
@@ -205,6 +231,8 @@ def fold_onnx(
     provider: str = "cpu",
     force: bool = False,
     check: bool = True,
+    in_place: bool = False,
+    merge: bool = True,
 ):
     """Fold every BatchNormalization node of an ONNX file it can, check the result in onnxruntime against the
     original, and write it to `out` only if the check passed.
@@ -223,6 +251,9 @@ def fold_onnx(
         affine_as: "mul" (Mul + Add) or "conv" (a depthwise 1×1 Conv) for BNs that fold into no neighbour.
         provider: onnxruntime's: "cpu" or "cuda".
         force: replace an existing `out`.
+        in_place: `out` may be the input file (replaced atomically after a passing check; external data too).
+        merge: after folding, summed branches that read one tensor (RepVGG, MobileOne, FastViT blocks) become
+            one Conv where exact (bntool.onnx_merge); `report.merges` lists them.
         check: raise CheckFailed when the check fails (else return the failed report).
 
     Returns:
@@ -249,7 +280,7 @@ def fold_onnx(
     _refuse_unfoldable(onnx_file, skip)
     outputs = Outputs()
     if out is not None:
-        plan_onnx_output(outputs, out, onnx_file, force=force)
+        plan_onnx_output(outputs, out, onnx_file, force=force, in_place=in_place)
         outputs.check()
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
     original = OriginalRuns(onnx_file.path, provider, inputs)
@@ -265,9 +296,9 @@ def fold_onnx(
     graph = OnnxGraph.of(model, shapes, feed)  # once, for the plan and its surgery
     plan = plan_onnx_fold(model, skip, graph=graph)
     check_skip_patterns(skip, [d.name for d in plan.decisions])
-    changes = apply_onnx_fold_plan(model, plan, affine_as, graph=graph)
+    changes = apply_onnx_fold_plan(model, plan, affine_as, graph=graph, merge=merge)
     del graph
-    report.decisions = plan.decisions
+    report.decisions, report.merges = plan.decisions, plan.merges
     report.batch_norm_ops_after = _bn_count(model)
     report.params_after = sum(int(np.prod(t.dims)) for t in changes.initializers(model))
     report.ops_left = [f"{d.name}: {d.reason}" for d in plan.decisions if d.action == FoldAction.REFUSED]

@@ -3,7 +3,7 @@ op kinds, concrete shapes and channel probes of an onnx.ModelProto's main graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -48,6 +48,7 @@ class OnnxGraph:
     ranks: dict[str, int]
     elem_types: dict[str, int]
     names: set[str]
+    unknown: list[str] = field(default_factory=list)  # tensors whose shapes only a run tells (none was given)
 
     @classmethod
     def of(cls, model, input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -58,17 +59,14 @@ class OnnxGraph:
         graph = model.graph
         producers = {o: node for node in graph.node for o in node.output if o}
         shapes, ranks, elem_types = tensor_types(model, input_shapes or {})
-        if example is not None:
-            missing = [o for node in graph.node if node.op_type in _SHAPED for o in node.output[:1]
-                       if o and o not in shapes]
-            missing += [n.input[0] for n in graph.node
-                        if n.op_type == "BatchNormalization" and n.input[0] not in shapes]
-            if missing:
-                shapes.update(run_shapes(model, sorted(set(missing)), example))
-                ranks.update({name: len(shape) for name, shape in shapes.items()})
+        missing = _shapes_the_rules_miss(graph, shapes)
+        if example is not None and missing:
+            shapes.update(run_shapes(model, missing, example))
+            ranks.update({name: len(shape) for name, shape in shapes.items()})
+            missing = []
         return cls(model=model, constants=Constants(graph), producers=producers, readers=readers_of(graph),
                    outputs=graph_output_names(graph), shapes=shapes, ranks=ranks, elem_types=elem_types,
-                   names=all_names(model))
+                   names=all_names(model), unknown=missing)
 
     # ---------------------------------------------------------------- constants
 
@@ -238,6 +236,14 @@ class OnnxGraph:
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
         rank = len(pads) // 2
         return rank >= 2 and not pads[1] and not pads[rank + 1]
+
+
+def _shapes_the_rules_miss(graph, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The outputs of the nodes whose shapes the planner reads, and the BNs' inputs, that shape inference left
+    unknown (sorted)."""
+    missing = {o for node in graph.node if node.op_type in _SHAPED for o in node.output[:1] if o and o not in shapes}
+    missing |= {n.input[0] for n in graph.node if n.op_type == "BatchNormalization" and n.input[0] not in shapes}
+    return sorted(missing)
 
 
 def run_shapes(model, names: list[str], example: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -371,22 +371,40 @@ def all_names(model) -> set[str]:
 # ---------------------------------------------------------------- saving
 
 
-def data_file_name(path: Path) -> str:
-    """The external data file written beside `path`: `model.onnx` → `model.onnx.data`."""
-    return path.name + ".data"
+def data_file_names(path: Path) -> tuple[str, str]:
+    """The two names of the external data file written beside `path`: `model.onnx.data`, `model.onnx.1.data`."""
+    return path.name + ".data", path.name + ".1.data"
+
+
+def _planned_data_file(outputs: Outputs, path: Path) -> Path:
+    """The external data file plan_onnx_output planned beside `path`."""
+    planned = {p.path for p in outputs.planned}
+    for name in data_file_names(path):
+        if path.with_name(name) in planned:
+            return path.with_name(name)
+    raise RuntimeError(f"no external data file was planned beside {path} (plan_onnx_output)")
 
 
 def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile | None, *, force: bool = False,
-                     what: str = "-o") -> Path:
+                     in_place: bool = False, what: str = "-o") -> Path:
     """Plan an ONNX output (and its external data file when the input had one) in `outputs`; the input's own
-    files are protected. Call `outputs.check()` afterwards."""
+    files are protected, except the input file itself with `in_place`. Call `outputs.check()` afterwards.
+
+    The file an output replaces (in place, or with `force`) may read a data file beside it: the new data takes
+    the other of the two names (`.data` ↔ `.1.data`) and is committed before the model file, whose rename is the
+    switch, so the model on disk always reads data written for it; the old data file goes after the commit."""
     path = Path(path)
     if source is not None:
         for file in (source.path, *source.external_data):
             outputs.add_input(file, "the input ONNX file" if file == source.path else "the input's external data")
-    outputs.add(path, OutputKind.ONNX, force=force, what=what)
     if source is not None and (source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)):
-        outputs.add(path.with_name(data_file_name(path)), OutputKind.ONNX, force=force, what="external data")
+        beside = [path.with_name(name) for name in data_file_names(path)]
+        existing = [p for p in beside if os.path.lexists(p)]
+        data = next((p for p in beside if p not in existing), beside[0])
+        outputs.add(data, OutputKind.ONNX, force=force, what="external data")  # first: committed first
+        if os.path.lexists(path) and (force or in_place):  # the model replaced may read them: gone after it
+            outputs.obsolete += [p for p in existing if p != data]
+    outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     return path
 
 
@@ -458,9 +476,7 @@ def save_onnx(model, path: str | os.PathLike, outputs: Outputs, source: OnnxFile
     files = [path]
     data_name = None
     if needs_external_data(model, source):
-        data_name = data_file_name(path)
-        if path.with_name(data_name) not in {p.path for p in outputs.planned}:
-            raise RuntimeError(f"{path.with_name(data_name)} was not planned (plan_onnx_output)")
+        data_name = _planned_data_file(outputs, path).name
         files.append(path.with_name(data_name))
     with open(staged, "wb") as f, (open(staging / data_name, "wb") if data_name else _no_file()) as data:
         f.write(_without_initializers(model).SerializeToString())

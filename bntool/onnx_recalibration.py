@@ -134,17 +134,19 @@ def recalibrate_onnx_file(
     data: Iterable[Any],
     *,
     force: bool = False,
+    in_place: bool = False,
     **options: Any,
 ) -> RecalibrationReport:
     """`recalibrate_onnx` from the ONNX file `path` (or its loaded onnx_model.OnnxFile) to the file `out`
     (external data beside it when the input had some): the output path checked before any work, written
-    atomically once every level is measured, nothing written on any failure. `options` are recalibrate_onnx's."""
+    atomically once every level is measured, nothing written on any failure; `in_place`: `out` may be the input.
+    `options` are recalibrate_onnx's."""
     from .files import Outputs
     from .onnx_model import OnnxFile, load_onnx, plan_onnx_output, save_onnx
 
     source = path if isinstance(path, OnnxFile) else load_onnx(path)
     outputs = Outputs()
-    plan_onnx_output(outputs, out, source, force=force)
+    plan_onnx_output(outputs, out, source, force=force, in_place=in_place)
     outputs.check()
     model, report = recalibrate_onnx(source.model, data, **options)
     with outputs:

@@ -29,6 +29,7 @@ class OnnxFoldPlan:
     """The decisions for every BatchNormalization node (bntool.folding's FoldStep; target = an ONNX node)."""
 
     steps: list = field(default_factory=list)
+    merges: list = field(default_factory=list)  # MergeDecisions: summed branches made one Conv when applied
 
     @property
     def decisions(self) -> list:
@@ -58,6 +59,7 @@ class _Surgery:
         self.removed_nodes: set[int] = set()
         self.inserted: dict[int, list] = {}  # position of a removed BN → nodes in its place
         self.after: dict[int, list] = {}  # id of a node → nodes to put right after it
+        self.merges: list = []  # what finish(merge=True) merged
         self.unreturned = 0  # bytes of constants made since freed memory was last given back
 
     def set_constant(self, node, index: int, value: np.ndarray, dtype, base: str) -> None:
@@ -114,10 +116,11 @@ class _Surgery:
         if replacement:
             self.inserted[index] = replacement
 
-    def finish(self) -> None:
-        """Rebuild the node list (replacements where their BN was, order kept); then drop what the fold left
-        unread: constant-only nodes (a weight's Transpose), initializers and value_info. Only what was read
-        before the fold goes: anything the file already carried unread stays."""
+    def finish(self, merge: bool = False) -> None:
+        """Rebuild the node list (replacements where their BN was, order kept); with `merge`, summed branches of
+        one tensor become one Conv (onnx_merge); then drop what the fold left unread: constant-only nodes (a
+        weight's Transpose), initializers and value_info. Only what was read before the fold goes: anything the
+        file already carried unread stays."""
         g = self.model.graph
         nodes = []
         for i, node in enumerate(g.node):
@@ -127,6 +130,11 @@ class _Surgery:
                 nodes.append(node)
                 nodes.extend(self.after.get(id(node), []))
         outputs = graph_output_names(g)
+        if merge:
+            from .onnx_merge import merge_summed_branches
+
+            nodes, self.merges = merge_summed_branches(nodes, self.graph.value, outputs, self.new_constant,
+                                                       lambda base: unique_name(self.graph.names, base))
         was_read = set(self.graph.readers) | outputs
         while True:  # nodes whose outputs the fold made unread, until none is left
             read = _names_read(nodes) | outputs
@@ -140,6 +148,7 @@ class _Surgery:
         read = _names_read(g.node) | outputs
         inputs = {i.name for i in g.input}
         self.changes.removed |= {t for t in self.initializers if t in was_read and t not in read and t not in inputs}
+        self.changes.added = [t for t in self.changes.added if t.name in read]  # a merge leaves some unread
         known = {o for node in g.node for o in node.output} | inputs | (self.initializers - self.changes.removed)
         for v in [v for v in g.value_info if v.name not in known]:
             g.value_info.remove(v)
@@ -164,14 +173,15 @@ def _index_of(graph, node) -> int:
 
 def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
                          input_shapes: dict[str, tuple[int, ...]] | None = None,
-                         example: dict[str, np.ndarray] | None = None, graph: OnnxGraph | None = None
-                         ) -> TensorChanges:
+                         example: dict[str, np.ndarray] | None = None, graph: OnnxGraph | None = None,
+                         merge: bool = True) -> TensorChanges:
     """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
     (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
     depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
     initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
     model in memory; `changes.apply_to(model)` puts them in the model). `graph`: the OnnxGraph the plan was
-    made on, if the model has not changed since (saves building it again)."""
+    made on, if the model has not changed since (saves building it again). `merge`: then summed branches of one
+    tensor (RepVGG, MobileOne) become one Conv where exact (bntool.onnx_merge; listed in `plan.merges`)."""
     graph = graph if graph is not None else OnnxGraph.of(model, input_shapes, example)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
@@ -192,7 +202,8 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
             step.decision.replaced_by = "+".join(n.op_type for n in nodes)
             surgery.remove_bn(bn, nodes)
         surgery.give_memory_back()
-    surgery.finish()
+    surgery.finish(merge)
+    plan.merges = surgery.merges
     surgery.give_memory_back(every=1)
     return surgery.changes
 

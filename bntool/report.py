@@ -147,7 +147,7 @@ def bn_table(title: str, names: list[str], types: list[str], channels: list[int]
     columns = 3 + (healths is not None) + (actions is not None)
     fixed = max(map(len, kinds)) + max(len(str(c)) for c in channels) + health_width
     room = max(24, width - fixed - 3 * columns - (max(map(len, actions_text)) + 3 if actions_text else 0))
-    longest_name = max(map(len, names))
+    longest_name = max(len("layer"), *map(len, names))  # the header never wraps (an ONNX name can be "y")
     longest_target = max(map(len, targets_text)) if targets_text else 0
     if targets_text and longest_name + longest_target > room:
         targets_text = [_relative_target(n, t) for n, t in zip(names, targets_text)]

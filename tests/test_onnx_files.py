@@ -22,6 +22,7 @@ from bntool import zoo
 from bntool.errors import CorruptFileError, InputError
 from bntool.onnx_fold import fold_onnx, inspect_onnx
 from bntool.onnx_model import batch_norm_nodes, is_onnx_file, load_onnx
+from bntool.onnx_recalibration import recalibrate_onnx_file
 
 # ---------------------------------------------------------------- files
 
@@ -429,3 +430,173 @@ def test_the_onnx_plan_is_the_same_without_the_probe_shortcut(zoo_files, name, m
 def test_a_missing_onnx_input_is_named(tmp_path, cli):
     result = cli("fold", tmp_path / "missing.onnx", "-o", tmp_path / "out.onnx")
     assert_clean_error(result, contains="missing.onnx: no such file")
+
+
+def test_unnamed_nodes_are_named_by_their_output_and_the_layer_column_stays_whole(tmp_path, cli):
+    """#18: a BN node without a name is shown by its output tensor (here "y", shorter than the header), in the
+    inspect table and JSON and in the fold report, and the "layer" header does not wrap letter by letter."""
+    model = bn_graph(15)
+    for node in model.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(path))
+    table = cli("inspect", path)
+    assert table.code == 0, table.err
+    assert any(line.split()[:2] == ["layer", "kind"] for line in table.out.splitlines()), table.out
+    assert any(line.split()[:1] == ["y"] for line in table.out.splitlines())
+    assert [layer["name"] for layer in json.loads(cli("inspect", path, "--json").out)["layers"]] == ["y"]
+    folded = cli("fold", path, "-o", tmp_path / "out.onnx")
+    assert folded.code == 0, folded.err
+    assert any(line.split()[:2] == ["layer", "kind"] for line in folded.out.splitlines()), folded.out
+
+
+class SliceTrap(torch.nn.Module):
+    """A conv reading a channel slice (dpn68's pattern): exported without constant folding, the Slice bounds are
+    Unsqueeze nodes that shape inference does not read, so only an onnxruntime run tells the conv's output shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(4, 5, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.bn(self.b(y[:, :4])) * y[:, 4:5]
+
+
+def test_inspect_decides_as_fold_where_only_a_run_tells_a_shape(tmp_path, cli):
+    """#18: inspect (a plan only) said "affine" where fold, after its onnxruntime run, folds. It now plans on the
+    same shapes; with symbolic dimensions and no --input-shape it says that fold decides after that run."""
+    model = zoo.randomize_bn(SliceTrap()).eval()
+    fixed = export_with_bn(model, torch.randn(1, 3, 8, 8), tmp_path / "fixed.onnx")
+    dynamic = export_with_bn(model, torch.randn(1, 3, 8, 8), tmp_path / "dynamic.onnx", dynamic=True)
+    folded = fold_onnx(fixed, None, samples=1).decisions[0]
+    assert folded.action == "folded"
+    layer = inspect_onnx(fixed).layers[0]
+    assert (layer.fold_action, layer.fold_target) == (folded.action, folded.target)
+    unsure = inspect_onnx(dynamic).layers[0]
+    assert unsure.fold_action == "affine" and "fold decides after one onnxruntime run" in unsure.fold_reason
+    result = cli("inspect", dynamic, "--input-shape", "2,3,8,8", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["layers"][0]["fold_action"] == "folded"
+
+
+# ---------------------------------------------------------------- --in-place
+
+
+def with_external_data(src, path):
+    """`src` saved again as `path` with every tensor in `path.name + ".data"`."""
+    onnx.save_model(onnx.load(str(src)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+    return path
+
+
+def test_fold_in_place_replaces_the_file(tmp_path, cli, zoo_files):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(zoo_files["resnet"][1].read_bytes())
+    before = path.read_bytes()
+    assert_clean_error(cli("fold", path, "-o", path), contains="--in-place")
+    assert path.read_bytes() == before
+    result = cli("fold", path, "-o", path, "--in-place")
+    assert result.code == 0, result.err
+    assert "BatchNormalization" not in op_types(path) and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    x = example("resnet").numpy()
+    assert np.abs(run_ort(path, x) - run_ort(zoo_files["resnet"][1], x)).max() < 1e-4
+
+
+def test_in_place_with_external_data_never_points_at_stale_data(tmp_path, zoo_files, monkeypatch):
+    """The new data is written under the name the old model does not read (.data ↔ .1.data) and put in place
+    first; the model file's rename is the switch; the old data goes after. A crash between the two renames
+    leaves the old model with its own data, whole."""
+    import os
+
+    path = with_external_data(zoo_files["resnet"][1], tmp_path / "m.onnx")
+    x = example("resnet").numpy()
+    original = run_ort(path, x)
+    recalibrate_onnx_file(path, path, [torch.from_numpy(x)], in_place=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.1.data"]
+    recalibrated = run_ort(path, x)
+    assert np.abs(recalibrated - original).max() > 1e-3  # new statistics, read from the new data file
+    fold_onnx(path, path, in_place=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert "BatchNormalization" not in op_types(path)
+    assert np.abs(run_ort(path, x) - recalibrated).max() < 1e-4
+
+    # A crash after the first rename of the commit (a power cut, SIGKILL): the model on disk reads its own data.
+    path = with_external_data(zoo_files["resnet"][1], tmp_path / "n.onnx")
+    renames, replace = [], os.replace
+
+    def crash_after_one(src, dst):
+        if renames:
+            raise SystemExit("killed")
+        renames.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_after_one)
+    with pytest.raises(SystemExit):
+        fold_onnx(path, path, in_place=True, samples=0)
+    monkeypatch.setattr(os, "replace", replace)
+    assert [p.name for p in renames] == ["n.onnx.1.data"]
+    assert "BatchNormalization" in op_types(path)
+    assert np.abs(run_ort(path, x) - original).max() == 0
+
+
+# ---------------------------------------------------------------- summed branches merged (as the PyTorch path)
+
+
+class RepBlocks(torch.nn.Module):
+    """The sums timm's re-parameterisable blocks write, with BNs that fold into no neighbour: RepVGG (k×k + 1×1 +
+    an identity BN), MobileOne (a sum started at 0, depthwise branches), FastViT's RepMixer (x + γ·(BN(conv(x)) −
+    BN(x))); then a sum that must stay (one term is also read elsewhere)."""
+
+    def __init__(self, c: int = 6):
+        super().__init__()
+        conv, bn = torch.nn.Conv2d, torch.nn.BatchNorm2d
+        self.k3, self.bn3, self.k1, self.bn1, self.id = conv(c, c, 3, padding=1, bias=False), bn(c), \
+            conv(c, c, 1, bias=False), bn(c), bn(c)
+        self.dw = torch.nn.ModuleList([conv(c, c, k, padding=k // 2, groups=c, bias=False) for k in (3, 3, 1)])
+        self.dw_bn, self.dw_id = torch.nn.ModuleList([bn(c) for _ in range(3)]), bn(c)
+        self.mix, self.mix_bn, self.norm = conv(c, c, 3, padding=1, groups=c, bias=False), bn(c), bn(c)
+        self.gamma = torch.nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.e3, self.e1 = conv(c, c, 3, padding=1), conv(c, c, 1)
+
+    def forward(self, x):
+        x = (self.bn3(self.k3(x)) + self.bn1(self.k1(x)) + self.id(x)).relu()
+        out = 0
+        out = out + self.dw_id(x)
+        for layer, norm in zip(self.dw, self.dw_bn):
+            out = out + norm(layer(x))
+        x = out.relu()
+        x = x + self.gamma * (self.mix_bn(self.mix(x)) - self.norm(x))
+        a = self.e3(x)
+        return a + self.e1(x) + a.mean()
+
+
+def test_summed_branches_of_one_tensor_become_one_conv(tmp_path):
+    """#18: the ONNX path leaves no more standalone affines than the PyTorch path, which merges these sums
+    (bntool.merging): each block becomes one Conv, exact against a float64 run; the last sum stays."""
+    model = zoo.randomize_bn(RepBlocks()).eval()
+    x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = export_with_bn(model, x, tmp_path / "rep.onnx")
+    out, unmerged = tmp_path / "merged.onnx", tmp_path / "unmerged.onnx"
+    report = fold_onnx(path, out, samples=0)
+    assert report.passed and len(report.merges) == 3 and all(m.merged for m in report.merges)
+    ops = op_types(out)
+    assert ops.count("Conv") == 5 and "Mul" not in ops and "Sub" not in ops and "BatchNormalization" not in ops
+    fold_onnx(path, unmerged, samples=0, merge=False)
+    assert op_types(unmerged).count("Conv") == 8 and op_types(unmerged).count("Mul") == 4  # 3 affines, γ
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double()).numpy()
+    original_error = np.abs(run_ort(path, x.numpy()) - exact).max()
+    assert np.abs(run_ort(out, x.numpy()) - exact).max() <= 2 * original_error + 1e-6 * np.abs(exact).max()
+
+
+def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
+    """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
+    committed before the model file; the old data file goes after."""
+    src = with_external_data(zoo_files["resnet"][1], tmp_path / "m.onnx")
+    out = with_external_data(zoo_files["mobilenet"][1], tmp_path / "out.onnx")
+    fold_onnx(src, out, force=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out.onnx", "out.onnx.1.data"]
+    x = example("resnet").numpy()
+    assert np.abs(run_ort(out, x) - run_ort(src, x)).max() < 1e-4

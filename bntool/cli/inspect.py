@@ -17,6 +17,7 @@ from ..options import (
 from .app import _Command, app
 from .shared import (
     _context,
+    _input_shapes,
     _onnx_input,
     _say,
     _show,
@@ -43,7 +44,8 @@ def inspect(
     if _onnx_input(model):
         from ..onnx_fold import inspect_onnx
 
-        return _show(inspect_onnx(model.ckpt), display, render_inspect, _context(model), wide=wide)
+        report = inspect_onnx(model.ckpt, _input_shapes(example))
+        return _show(report, display, render_inspect, _context(model), wide=wide)
     where = device.resolve()
     loaded = model.load()
     inputs = None

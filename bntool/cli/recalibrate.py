@@ -132,7 +132,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     budget = options.budget()
     onnx_file = load_onnx(model.ckpt)
     outputs = Outputs()
-    plan_onnx_output(outputs, out.output, onnx_file, force=out.force)
+    plan_onnx_output(outputs, out.output, onnx_file, force=out.force, in_place=out.in_place)
     if options.plot is not None:
         from ..plot import check_can_plot
 

@@ -23,16 +23,8 @@ from .errors import InputError, param
 from .files import Outputs
 from .onnx_fold_check import OriginalRuns, check_against_original, example_inputs, graph_inputs
 from .onnx_graph import OnnxGraph
-from .onnx_model import (
-    BNNode,
-    OnnxFile,
-    TensorChanges,
-    batch_norm_nodes,
-    give_memory_back,
-    load_onnx,
-    plan_onnx_output,
-    save_onnx,
-)
+from .onnx_model import BNNode, OnnxFile, batch_norm_nodes, load_onnx
+from .onnx_save import TensorChanges, give_memory_back, plan_onnx_output, save_onnx
 from .onnx_surgery import BN_TYPE, OnnxFoldPlan, apply_onnx_fold_plan, bn_statistics
 
 __all__ = ["DEFAULT_TOLERANCE", "OnnxFoldPlan", "OriginalRuns", "apply_onnx_fold_plan", "describe_bn_node",

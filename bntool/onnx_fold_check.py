@@ -13,7 +13,8 @@ import numpy as np
 
 from .compare import Tolerance, compare_arrays
 from .errors import InputError, first_line, param
-from .onnx_model import give_memory_back, load_onnx
+from .onnx_model import load_onnx
+from .onnx_save import give_memory_back
 
 # ---------------------------------------------------------------- inputs
 

@@ -142,7 +142,8 @@ def recalibrate_onnx_file(
     atomically once every level is measured, nothing written on any failure; `in_place`: `out` may be the input.
     `options` are recalibrate_onnx's."""
     from .files import Outputs
-    from .onnx_model import OnnxFile, load_onnx, plan_onnx_output, save_onnx
+    from .onnx_model import OnnxFile, load_onnx
+    from .onnx_save import plan_onnx_output, save_onnx
 
     source = path if isinstance(path, OnnxFile) else load_onnx(path)
     outputs = Outputs()

@@ -11,14 +11,8 @@ import numpy as np
 
 from .choices import FoldAction
 from .onnx_graph import CONSTANT_OPS, OnnxGraph, attr, node_name
-from .onnx_model import (
-    BNNode,
-    TensorChanges,
-    batch_norm_nodes,
-    give_memory_back,
-    graph_output_names,
-    unique_name,
-)
+from .onnx_model import BNNode, batch_norm_nodes, graph_output_names, unique_name
+from .onnx_save import TensorChanges, give_memory_back
 
 BN_TYPE = "BatchNormalization"
 TRIM_EVERY = 16 << 20  # bytes of new constants after which the fold's freed temporaries go back to the system

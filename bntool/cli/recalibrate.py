@@ -120,8 +120,9 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     --input-shape, else to the graph's own fixed input size."""
     from ..files import OutputKind, Outputs
     from ..onnx_export import check_provider
-    from ..onnx_model import load_onnx, plan_onnx_output, save_onnx
+    from ..onnx_model import load_onnx
     from ..onnx_recalibration import onnx_input_shape, recalibrate_onnx
+    from ..onnx_save import plan_onnx_output, save_onnx
     from ..report import render_recalibrate
 
     where = str(device.resolve())

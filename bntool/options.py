@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_type_hints
@@ -113,9 +114,10 @@ def _declared_input_shape(model, notes: list[str] | None) -> list[str] | None:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' (or 1x3x224x224) as a tuple of positive ints."""
+    """'1,3,224,224' (or 1x3x224x224) as a tuple of positive ints; any other part (a letter, an empty part
+    between two commas) is an error, never dropped."""
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in re.split(r"[,x×]", text.strip()))
     except ValueError:
         raise InputError(f"--input-shape {text!r}: expected comma-separated positive integers "
                          "like 1,3,224,224") from None

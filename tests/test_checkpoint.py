@@ -391,3 +391,12 @@ def test_key_names_one_of_two_attributes_that_both_fit(tmp_path):
     torch.save({"state_dict": both, "epoch": 2}, tmp_path / "last.ckpt")
     ckpt = load_checkpoint(tmp_path / "last.ckpt", arch="bntool.zoo:resnet", key="model")
     assert ckpt.key == "state_dict" and ckpt.submodule == "model." and same_weights(ckpt.model, zoo.build("resnet"))
+
+
+@pytest.mark.parametrize("shape", ["1,3,x", "1,,32,32", "1,3,32,32,", "1,3,32,-1", "one"])
+def test_a_malformed_input_shape_is_refused_not_shortened(tmp_path, cli, resnet_sd, shape):
+    """Every part of --input-shape is a positive integer: '1,3,x' was read as (1, 3), a silently different
+    shape."""
+    out = tmp_path / "out.pt"
+    assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", shape, "-o", out), contains="--input-shape")
+    assert not out.exists()

@@ -138,11 +138,12 @@ def _runtime_classes(hint) -> tuple[type, ...] | None:
     import types
     import typing
 
+    if hint is typing.Any:  # a class itself from Python 3.11 on, but no isinstance target
+        return None
     if hint is type(None):
         return (type(None),)
     origin = typing.get_origin(hint)
-    # types.UnionType (`X | Y` evaluated) exists from Python 3.10; on 3.9 every union is a typing.Union.
-    if origin in (typing.Union, getattr(types, "UnionType", typing.Union)):
+    if origin in (typing.Union, types.UnionType):
         parts = [_runtime_classes(h) for h in typing.get_args(hint)]
         return None if any(p is None for p in parts) else tuple(c for p in parts if p is not None for c in p)
     if origin is not None:

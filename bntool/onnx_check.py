@@ -221,9 +221,13 @@ def compare_runs(
     check_signature(described, inputs, path)
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
     g = random_stream(seed)
+    example_batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
     for b in _batch_sizes(described, inputs):
         for i in range(samples):
-            shaped = tuple(torch.empty((b, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
+            # At the example's batch size every input keeps its own shape (a mask, a 1-D parameter input);
+            # other batch sizes come only when every input's axis 0 is symbolic (`_batch_sizes`).
+            shaped = tuple(torch.empty(x.shape if b == example_batch else (b, *x.shape[1:]), dtype=x.dtype,
+                                       device=x.device) for x in inputs)
             cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))

@@ -140,6 +140,28 @@ def bn_graph(opset: int, spatial: int | None = None, training_mode: int | None =
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+@pytest.mark.parametrize("batch", ["1", "N"])
+def test_a_second_input_keeps_its_own_shape_in_the_check(tmp_path, batch):
+    """x [batch, 3, 8, 8] and a per-channel offset t [4] (not batch-major): the check's random inputs keep t's
+    shape. They took the first input's batch as every input's axis 0 (t [1]): exit 2 blaming the file."""
+    model = bn_graph(17)
+    g = model.graph
+    g.node.append(helper.make_node("Reshape", ["t", "to_nchw"], ["tr"], name="reshape"))
+    g.node.append(helper.make_node("Add", ["y", "tr"], ["out"], name="add"))
+    g.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1], dtype=np.int64), "to_nchw"))
+    g.input.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [4]))
+    g.input[0].type.tensor_type.shape.dim[0].dim_param = batch if batch == "N" else ""
+    if batch == "1":
+        g.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4, 6, 6]))
+    path = tmp_path / "two_inputs.onnx"
+    onnx.save(model, str(path))
+    shapes = [(2, 3, 8, 8), (4,)] if batch == "N" else None
+    report = fold_onnx(path, tmp_path / "folded.onnx", input_shapes=shapes, samples=2)
+    assert report.passed and report.batch_norm_ops_after == 0
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

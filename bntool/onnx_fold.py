@@ -210,17 +210,19 @@ def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
     eps ≤ 0: the file is broken, not the fold), unless --skip leaves it."""
     from .folding import broken_layers_text
 
-    broken = []
+    broken, advice = [], {}
     for bn in batch_norm_nodes(onnx_file.model):
         if bn.where or any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
             continue
         if bn.training_mode or bn.extra_outputs:
             broken.append((bn.name, "training_mode=1: normalizes with the batch's statistics"))
+            advice["export"] = "export the model in eval mode"  # recalibrate leaves such a BN: nothing stored
         elif problem := _statistics_problem(bn):
             broken.append((bn.name, problem))
+            advice["recalibrate"] = "run `bntool recalibrate` first"
     if broken:
-        raise InputError(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. Export the "
-                         f"model in eval mode, or run `bntool recalibrate` first, or leave them with {param('skip')}",
+        raise InputError(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. "
+                         f"{', or '.join(advice.values()).capitalize()}, or leave them with {param('skip')}",
                          param="skip")
 
 

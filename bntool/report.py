@@ -143,7 +143,8 @@ def bn_table(title: str, names: list[str], types: list[str], channels: list[int]
     targets_text = [t or "" for t in targets] if targets is not None else None
     health_width = 0
     if healths is not None:
-        health_width = max(len("health"), min(13, max(len(Text.from_markup(h).plain) for h in healths)))
+        cap = 13 if width < 100 else 28  # a wide terminal shows a long flag on one or two lines
+        health_width = max(len("health"), min(cap, max(len(Text.from_markup(h).plain) for h in healths)))
     columns = 3 + (healths is not None) + (actions is not None)
     fixed = max(map(len, kinds)) + max(len(str(c)) for c in channels) + health_width
     room = max(24, width - fixed - 3 * columns - (max(map(len, actions_text)) + 3 if actions_text else 0))
@@ -162,7 +163,7 @@ def bn_table(title: str, names: list[str], types: list[str], channels: list[int]
     table.add_column("kind", no_wrap=True)
     table.add_column("C", justify="right", no_wrap=True)
     if healths is not None:
-        table.add_column("health", width=health_width)
+        table.add_column("health", width=health_width, overflow="fold")  # wrapped, never cut with "…"
     if actions_text is not None:
         table.add_column("fold → into", overflow="fold")
     for i, name in enumerate(names):

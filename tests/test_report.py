@@ -357,3 +357,13 @@ def test_inspect_flags_folds_that_give_subnormal_or_half_overflowing_weights(cli
     assert first["flags"] == [f["message"] for f in first["health"]]
     text = cli("inspect", tmp_path / "m.pt", "--arch", "pruned:build", "--input-shape", "1,3,8,8").out
     assert "subnormal fold" in " ".join(text.split()) and "1 with health problems" in text
+
+
+@pytest.mark.parametrize("width", [60, 120, 200])
+def test_a_long_health_flag_is_wrapped_never_cut(width):
+    """"no running statistics (track_running_stats=False)" was cut to "(track_runni…" at any width."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
+    text = rendered(render_inspect, inspect(model, (torch.randn(1, 3, 8, 8),)), width=width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    table = text.split("C: channels")[0]
+    assert "…" not in table and "track_running_stats=False" in "".join(table.split()), table

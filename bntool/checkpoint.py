@@ -168,10 +168,14 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                 param="trust_pickle") from e
     except Exception as e:  # the weights-only unpickler runs no code from the file: any failure is the file's
         raise CorruptFileError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {first_line(e)})") from e
+    from .arch import add_working_directory
+
+    add_working_directory()  # the pickle names the user's classes: `mymodels.Net` imports as with --arch
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as e:
-        raise InputError(f"{path}: the pickled module needs code that is not importable here ({first_line(e)})") from e
+        raise InputError(f"{path}: the pickled module needs code that is not importable here ({first_line(e)}); "
+                         f"run from the folder that holds it, or add that folder to PYTHONPATH") from e
     except Exception as e:  # the file's own code ran (--trust-pickle): whatever it raised is the file's fault
         raise CorruptFileError(f"{path}: cannot unpickle ({type(e).__name__}: {first_line(e)})") from e
 

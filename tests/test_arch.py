@@ -24,6 +24,11 @@ from torch import nn
 def build(num_classes=10):
     return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+class Net(nn.Sequential):
+    def __init__(self):
+        super().__init__(*build(4))
 '''
 
 
@@ -64,6 +69,22 @@ def console_script(*args, cwd):
         pytest.skip("the bntool console script is not installed (pip install -e .)")
     env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="80")
     return subprocess.run([script, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_console_script_unpickles_a_module_whose_class_is_in_the_working_directory(user_project):
+    """A whole pickled module (`torch.save(model)`) of mymodels' class loads with --trust-pickle from the console
+    script as with `python -m bntool` (the unpickler imports `mymodels` as --arch does)."""
+    sys.path.insert(0, str(user_project))
+    try:
+        import mymodels
+
+        torch.save(mymodels.Net(), user_project / "whole.pt")  # the pickle names mymodels.Net
+    finally:
+        sys.path.remove(str(user_project))
+        sys.modules.pop("mymodels", None)
+    result = console_script("inspect", "whole.pt", "--trust-pickle", "--json", cwd=user_project)
+    assert result.returncode == 0, result.stderr
+    assert [layer["name"] for layer in json.loads(result.stdout)["layers"]] == ["1"]
 
 
 def test_console_script_imports_a_module_from_the_working_directory(user_project):

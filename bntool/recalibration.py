@@ -19,6 +19,7 @@ passes share (the report, the batches, a pass on every rank, float64 statistics)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -262,14 +263,19 @@ def _batch_stats_pass(model, layers, batches, progress) -> dict[str, ChannelStat
 
 
 def _ema(run: Run) -> None:
-    for _, m in run.layers:
+    counted = run.batches.values_per_channel
+    hooks = []
+    for name, m in run.layers:
         if run.reset:
             m.reset_running_stats()  # type: ignore[operator]  # a BN's method: torch types it Tensor | Module
         m.momentum = run.momentum  # type: ignore[assignment]
         m.training = True  # not m.train(): that would also switch a BN subclass's own dropout/drop-path on
+        hooks.append(m.register_forward_pre_hook(functools.partial(_count_values, counted, name)))
     try:
         run_pass(run.model, run.batches, run.progress, 1, passes=1)
     finally:
+        for hook in hooks:
+            hook.remove()
         for _, m in run.layers:
             m.training = False
     run.report.passes = 1
@@ -281,6 +287,13 @@ def _ema(run: Run) -> None:
                 t64 = t.double()
                 dist.all_reduce(t64)
                 t.copy_(t64 / world_size())
+
+
+def _count_values(counted: dict[str, int], name: str, module, args) -> None:
+    """The values per channel a BN's EMA update saw (the report's values/ch, as the other modes count them)."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is not None and x.dim() >= 2:
+        counted[name] = counted.get(name, 0) + x.numel() // x.shape[1]
 
 
 _MODES: dict[RecalibrationMode, Callable[[Run], None]] = {

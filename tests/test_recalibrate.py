@@ -114,7 +114,8 @@ def test_ema_mode_matches_training_updates():
             y = model[0](b).double()
             expected_mean = 0.7 * expected_mean + 0.3 * y.mean((0, 2, 3))
             expected_var = 0.7 * expected_var + 0.3 * y.transpose(0, 1).reshape(4, -1).var(1)
-    recalibrate(model, batches, mode="ema", momentum=0.3, reset=True)
+    report = recalibrate(model, batches, mode="ema", momentum=0.3, reset=True)
+    assert [layer.samples for layer in report.layers] == [40 * 4 * 4]  # values per channel it saw (was 0)
     assert torch.allclose(model[1].running_mean.double(), expected_mean, rtol=1e-5, atol=1e-6)
     assert torch.allclose(model[1].running_var.double(), expected_var, rtol=1e-5)
     assert model[1].momentum == 0.1  # restored

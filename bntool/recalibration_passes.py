@@ -222,9 +222,11 @@ def _forward(model: nn.Module, x: torch.Tensor, batch_index: int) -> None:
             model(x)
     except UserCodeError as e:
         if "Expected more than 1 value per channel" in str(e.__cause__):
-            raise InputError(f"a batch of {len(x)} gives one value per channel to a BatchNorm1d in train-mode "
-                             f"recalibration; use a larger {param('batch_size')} or {param('mode')} exact"
-                             ) from e.__cause__
+            where = (f"calibration batch {batch_index + 1} holds {len(x)} sample" + ("s" if len(x) != 1 else "")
+                     + (" (a short last batch: the data's size leaves it over)" if batch_index else ""))
+            raise InputError(f"{where}, one value per channel for a BatchNorm1d in train-mode recalibration; choose "
+                             f"{param('batch_size')} so that no batch holds a single sample, or use "
+                             f"{param('mode')} exact") from e.__cause__
         raise
 
 

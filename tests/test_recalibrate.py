@@ -178,8 +178,11 @@ def test_api_errors():
     with pytest.raises(InputError, match="^momentum 2") as e:
         recalibrate(zoo.build("resnet"), [torch.randn(2, 3, 32, 32)], mode="ema", momentum=2)
     assert e.value.param == "momentum"
-    with pytest.raises(InputError, match="one value per channel"):
+    with pytest.raises(InputError, match="batch 1 holds 1 sample, one value per channel"):
         recalibrate(zoo.build("mlp"), [torch.randn(1, 20)])
+    with pytest.raises(InputError, match="batch 2 holds 1 sample \\(a short last batch") as e:  # 11 + 1
+        recalibrate(zoo.build("mlp"), list(torch.randn(12, 20).split(11)))
+    assert e.value.param is None and "so that no batch holds a single sample" in str(e.value)
 
 
 # ---------------------------------------------------------------- CLI and data sources

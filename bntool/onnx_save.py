@@ -21,15 +21,18 @@ from .files import OutputKind, Outputs
 from .onnx_model import TWO_GB, OnnxFile
 
 
-def data_file_names(path: Path) -> tuple[str, str]:
-    """The two names of the external data file written beside `path`: `model.onnx.data`, `model.onnx.1.data`."""
-    return path.name + ".data", path.name + ".1.data"
+def data_file_names(path: Path, count: int = 2) -> list[str]:
+    """Names for the external data file written beside `path`: `model.onnx.data`, `model.onnx.1.data`, …"""
+    return [path.name + ".data"] + [f"{path.name}.{i}.data" for i in range(1, count)]
+
+
+SCANNED_SIBLING_BYTES = 256 << 20  # a larger .onnx beside the output is taken to read any data file there
 
 
 def _planned_data_file(outputs: Outputs, path: Path) -> Path:
     """The external data file plan_onnx_output planned beside `path`."""
     planned = {p.path for p in outputs.planned}
-    for name in data_file_names(path):
+    for name in data_file_names(path, count=8):
         if path.with_name(name) in planned:
             return path.with_name(name)
     raise RuntimeError(f"no external data file was planned beside {path} (plan_onnx_output)")
@@ -40,22 +43,60 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
     """Plan an ONNX output (and its external data file when the input had one) in `outputs`; the input's own
     files are protected, except the input file itself with `in_place`. Call `outputs.check()` afterwards.
 
-    The file an output replaces (in place, or with `force`) may read a data file beside it: the new data takes
-    the other of the two names (`.data` ↔ `.1.data`) and is committed before the model file, whose rename is the
-    switch, so the model on disk always reads data written for it; the old data file goes after the commit."""
+    The file an output replaces (in place, or with `force`) may read a data file beside it: the new data takes a
+    name that neither it nor another .onnx file in the folder reads (`.data`, `.1.data`, …) and is committed
+    before the model file, whose rename is the switch, so the model on disk always reads data written for it.
+    After the commit, the data files the replaced model read go, unless another .onnx file there reads them
+    (`cp a.onnx b.onnx` shares a.onnx's data)."""
     path = Path(path)
     if source is not None:
         for file in (source.path, *source.external_data):
             outputs.add_input(file, "the input ONNX file" if file == source.path else "the input's external data")
     if source is not None and (source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)):
-        beside = [path.with_name(name) for name in data_file_names(path)]
-        existing = [p for p in beside if os.path.lexists(p)]
-        data = next((p for p in beside if p not in existing), beside[0])
+        replaced = os.path.lexists(path) and (force or in_place)
+        old = _data_files_read(path) if replaced else set()
+        others = _data_files_read_by_others(path)
+        beside = [path.with_name(name) for name in data_file_names(path, count=8)]
+        data = next((p for p in beside if p.name not in old | others and not os.path.lexists(p)),
+                    next((p for p in beside if p.name not in old | others), beside[0]))
         outputs.add(data, OutputKind.ONNX, force=force, what="external data")  # first: committed first
-        if os.path.lexists(path) and (force or in_place):  # the model replaced may read them: gone after it
-            outputs.obsolete += [p for p in existing if p != data]
+        outputs.obsolete += [path.with_name(n) for n in sorted(old - others) if path.with_name(n) != data]
     outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     return path
+
+
+def _data_files_read(path: Path) -> set[str]:
+    """The external data files (names beside it) the ONNX file at `path` reads; none when it is not one."""
+    from .onnx_model import is_onnx_file
+
+    try:
+        if not is_onnx_file(path):
+            return set()
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable file reads nothing we could keep for it
+        return set()
+    from onnx.external_data_helper import _get_all_tensors  # as onnx_model reads them
+
+    locations = {entry.value for tensor in _get_all_tensors(model) for entry in tensor.external_data
+                 if entry.key == "location"}
+    return {name for name in locations if Path(name).name == name}
+
+
+def _data_files_read_by_others(path: Path) -> set[str]:
+    """Data file names beside `path` that another .onnx file in its folder reads (a small file's bytes name them;
+    a large one is taken to read them all)."""
+    names = set(data_file_names(path, count=8))
+    read: set[str] = set()
+    for other in path.parent.glob("*.onnx"):
+        if other.name == path.name or not other.is_file():
+            continue
+        if other.stat().st_size > SCANNED_SIBLING_BYTES:
+            return names
+        content = other.read_bytes()
+        read |= {n for n in names if n.encode() in content}
+    return read
 
 
 def needs_external_data(model, source: OnnxFile | None) -> bool:

@@ -637,6 +637,26 @@ def test_summed_branches_of_one_tensor_become_one_conv(tmp_path, affine_as):
     assert np.abs(run_ort(out, x.numpy()) - exact).max() <= 2 * original_error + 1e-6 * np.abs(exact).max()
 
 
+def test_in_place_keeps_data_that_another_model_file_reads(tmp_path, zoo_files):
+    """`cp a.onnx b.onnx` shares a.onnx.data: replacing a.onnx in place must leave b.onnx whole (its data was
+    deleted with a.onnx's old data), and a data file b.onnx reads under the other name is not written over."""
+    a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
+    (tmp_path / "b.onnx").write_bytes(a.read_bytes())  # reads a.onnx.data too
+    x = example("resnet").numpy()
+    before = run_ort(tmp_path / "b.onnx", x)
+    fold_onnx(a, a, in_place=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.1.data", "a.onnx.data", "b.onnx"]
+    assert np.array_equal(run_ort(tmp_path / "b.onnx", x), before)
+    # c.onnx reads a.onnx.data (the name a.onnx no longer reads): the next in-place fold takes a third name
+    c = tmp_path / "c.onnx"
+    c.write_bytes((tmp_path / "b.onnx").read_bytes())
+    (tmp_path / "b.onnx").unlink()
+    fold_onnx(a, a, in_place=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.2.data", "a.onnx.data", "c.onnx"]
+    assert np.array_equal(run_ort(c, x), before)
+    assert np.abs(run_ort(a, x) - before).max() < 1e-4
+
+
 def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
     """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
     committed before the model file; the old data file goes after."""

@@ -422,6 +422,8 @@ class Outputs:
             os.chmod(p.temp, new_file_mode(p.path))
         self.session.reached("before-commit")
         done = []
+        if self.session.interrupted:  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way: write nothing
+            raise KeyboardInterrupt
         with signals_held():
             for p in ready:
                 assert p.temp is not None

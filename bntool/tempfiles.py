@@ -64,6 +64,9 @@ class WriteSession:
     committed: list[Path] = field(default_factory=list)
     swept: set[str] = field(default_factory=set)
     interrupt: InterruptAt | None = None
+    # Ctrl-C or SIGTERM arrived (the CLI's handlers set it): no commit starts after it, even where the
+    # KeyboardInterrupt raised was swallowed ("Exception ignored in" an at-fork hook of DataLoader workers).
+    interrupted: bool = False
 
     def reached(self, point: str) -> None:
         """A named point of a write (see `InterruptAt`): the test hook fires here, if it names this point."""
@@ -215,6 +218,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], session:
     tmp = new_temp(path, session=session)
     try:
         write(str(tmp))
+        if session.interrupted:  # a Ctrl-C swallowed on the way: put nothing in place
+            raise KeyboardInterrupt
         with signals_held():
             finish_temp(tmp, path)
             if not path.name.startswith(TEMP_PREFIX):  # a writer filling one of our temp files commits nothing

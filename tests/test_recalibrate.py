@@ -321,6 +321,23 @@ def test_cli_ctrl_c_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch):
     assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
 
 
+def test_cli_ctrl_c_swallowed_on_the_way_still_writes_nothing(tmp_path, cli, resnet_sd, monkeypatch):
+    """A real SIGINT whose KeyboardInterrupt the code it lands in drops (as CPython drops one raised in the at-fork
+    hook a DataLoader worker's fork runs: "Exception ignored in …"): the run went on, wrote -o and exited 0."""
+    spec = write_loader_module(tmp_path, monkeypatch, (
+        "import os, signal, torch\n"
+        "def batches():\n"
+        "    try:\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass  # swallowed\n"
+        "    yield torch.randn(4, 3, 32, 32)\n"))
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", out)
+    assert result.code == 130 and "interrupted: nothing written" in result.err, (result.code, result.err)
+    assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- BN subclasses with children of their own
 
 

@@ -31,7 +31,15 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(run: Run, signum, frame) -> None:
     run.terminated_by = signum
+    run.writes.interrupted = True
     raise _Terminated
+
+
+def _on_sigint(run: Run, signum, frame) -> None:
+    """Ctrl-C, remembered: a KeyboardInterrupt raised inside a hook CPython ignores (DataLoader workers forking)
+    is dropped, and the run must still end with 130 and write nothing."""
+    run.writes.interrupted = True
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) -> int:
@@ -44,11 +52,13 @@ def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) ->
     with run.active():
         if threading.current_thread() is not threading.main_thread():
             return _main(argv, run)
-        previous = signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run))
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run)),
+                    signal.SIGINT: signal.signal(signal.SIGINT, functools.partial(_on_sigint, run))}
         try:
             return _main(argv, run)
         finally:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _main(argv: list[str] | None, run: Run) -> int:
@@ -68,7 +78,7 @@ def _run(argv: list[str], run: Run, debug: bool, exit_types, abort_types, usage_
                 warnings.simplefilter("ignore")
             # Outside standalone mode Typer returns the code of an Exit (Ctrl-C becomes Exit(130)) instead of raising.
             code = app(args=argv, prog_name="bntool", standalone_mode=False)
-        if code == 130:
+        if code == 130 or run.writes.interrupted:  # a Ctrl-C swallowed on the way still ends the run
             return _interrupted(run)
         return code if isinstance(code, int) else 0
     except exit_types as e:

@@ -338,6 +338,21 @@ def test_cli_ctrl_c_swallowed_on_the_way_still_writes_nothing(tmp_path, cli, res
     assert not out.exists() and not any(p.name.startswith(".out.pt") for p in tmp_path.iterdir())
 
 
+def test_cli_ctrl_c_turned_into_another_error_is_still_an_interrupt(tmp_path, cli, resnet_sd, monkeypatch):
+    """A SIGINT that code turns into another exception (pybind11 makes the KeyboardInterrupt of a Ctrl-C during
+    `import onnxruntime` an ImportError): exit 130, not 3 ("internal error … a bug")."""
+    spec = write_loader_module(tmp_path, monkeypatch, (
+        "import signal, torch\n"
+        "def batches():\n"
+        "    try:\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise ImportError('initialization failed') from None\n"
+        "    yield torch.randn(4, 3, 32, 32)\n"))
+    result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", tmp_path / "out.pt")
+    assert result.code == 130 and "interrupted: nothing written" in result.err, (result.code, result.err)
+
+
 # ---------------------------------------------------------------- BN subclasses with children of their own
 
 

@@ -88,6 +88,8 @@ def _run(argv: list[str], run: Run, debug: bool, exit_types, abort_types, usage_
     except usage_types as e:
         return _usage_error(e, argv, run)
     except BntoolError as e:
+        if run.writes.interrupted:  # Ctrl-C turned into the user's code failing (a loader's import)
+            return _interrupted(run)
         if debug:
             traceback.print_exc()
         _say(f"error: {_one_line(e.render(flag_name))}")
@@ -96,6 +98,8 @@ def _run(argv: list[str], run: Run, debug: bool, exit_types, abort_types, usage_
     except KeyboardInterrupt:
         return _interrupted(run)
     except Exception as e:
+        if run.writes.interrupted:  # Ctrl-C turned into another error on its way (onnxruntime's import: ImportError)
+            return _interrupted(run)
         if debug:
             traceback.print_exc()
         message = f"internal error: {type(e).__name__}: {_one_line(e)} (a bug: rerun with --debug and report it)"

@@ -42,6 +42,13 @@ def _on_sigint(run: Run, signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _quiet_after_interrupt(run: Run, default, unraisable) -> None:
+    """CPython's "Exception ignored in …" tracebacks of a Ctrl-C that landed in a hook (an at-fork handler, a
+    half-built DataLoader iterator's __del__) are noise above the one `interrupted:` line; others still show."""
+    if not (run.writes.interrupted or isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        default(unraisable)
+
+
 def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) -> int:
     """Run the CLI; return the exit code instead of raising (tests call this). SIGTERM unwinds like Ctrl-C
     (exit 143) instead of ending the process where it stands. `interrupt`: a test hook, a real signal at a named
@@ -54,9 +61,12 @@ def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) ->
             return _main(argv, run)
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run)),
                     signal.SIGINT: signal.signal(signal.SIGINT, functools.partial(_on_sigint, run))}
+        unraisable = sys.unraisablehook
+        sys.unraisablehook = functools.partial(_quiet_after_interrupt, run, unraisable)
         try:
             return _main(argv, run)
         finally:
+            sys.unraisablehook = unraisable
             for signum, handler in previous.items():
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .compare import RecordedRuns
 from .devices import check_not_meta, modes_kept, moved_to, to_device
-from .errors import BrokenStatistics, CheckFailed
+from .errors import BrokenStatistics, CheckFailed, InputError, param
 from .utils import plural
 
 
@@ -320,6 +320,8 @@ def verify_onnx(
     onnx_file = load_onnx(path)
     reference_file = load_onnx(reference, check=True) if reference is not None else None
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
+    if reference_file is not None:
+        _refuse_other_inputs(reference_file, inputs, onnx_file.path)
     report = VerifyReport()
     report.checks.append(_timed(lambda: health_check(inspect_onnx(onnx_file))))
 
@@ -347,6 +349,25 @@ def verify_onnx(
 
         report.checks.append(_timed(compare))
     return report
+
+
+def _refuse_other_inputs(reference_file, inputs, path) -> None:
+    """Exit 2 naming both files when the reference does not take the inputs `path` takes (not the flag: the
+    shapes came from `path`'s graph, or from --input-shape, which the message then names too)."""
+    from .onnx_fold_check import graph_inputs
+
+    specs = graph_inputs(reference_file.model)
+    if len(specs) != len(inputs):
+        raise InputError(f"{reference_file.path}: takes {len(specs)} inputs, {path} takes {len(inputs)}: the two files "
+                         "do not take the same inputs")
+    for spec, x in zip(specs, inputs):
+        if not spec.type.tensor_type.HasField("shape"):  # no shape declared: onnxruntime judges it
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in spec.type.tensor_type.shape.dim]
+        if len(dims) != x.dim() or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, x.shape)):
+            raise InputError(f"{reference_file.path}: input {spec.name!r} has shape {dims}, but {path}'s inputs "
+                             f"are {list(x.shape)} (its graph, or {param('example_inputs')}): the two files do not "
+                             "take the same inputs")
 
 
 def _onnx_pair_check(result, tolerance, reference) -> Check:

@@ -181,6 +181,14 @@ def test_a_float16_file_is_checked_with_the_float16_rule(tmp_path):
     assert report.passed and report.tolerance.atol == 5e-2 and report.max_abs_over_scale < 5e-3
 
 
+def test_verify_reference_with_other_inputs_names_both_files(tmp_path, cli, zoo_files):
+    """verify A --reference B where B takes other inputs: exit 2 naming both files, not a flag never given."""
+    a, b = zoo_files["mobilenet"][1], zoo_files["mlp"][1]
+    result = cli("verify", a, "--reference", b)
+    assert_clean_error(result, contains="the two files do not take the same inputs")
+    assert str(b) in result.err and str(a) in result.err and "--input-shape gives" not in result.err
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

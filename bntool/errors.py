@@ -27,9 +27,17 @@ def param(name: str) -> str:
 MAX_MESSAGE = 300
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours some libraries put in their messages
+
+
+def without_ansi(text: str) -> str:
+    """`text` without terminal escape codes (torch.export colours its errors; an error line is plain text)."""
+    return ANSI_ESCAPE.sub("", text)
+
+
 def first_line(exc: BaseException, limit: int = MAX_MESSAGE) -> str:
     """The first non-empty line of an exception's message (its type name if it has none), cut to `limit`."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip() for line in without_ansi(str(exc)).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 

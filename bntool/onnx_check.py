@@ -23,7 +23,7 @@ from .compare import (
     random_stream,
     to_numpy,
 )
-from .errors import CheckFailed, InputError, param, user_code
+from .errors import CheckFailed, InputError, param, user_code, without_ansi
 from .utils import iter_tensors
 
 # Without atol, the absolute tolerance is this share of each output's largest magnitude: onnxruntime and
@@ -47,7 +47,7 @@ class OnnxCheck(ComparedReport):
 def error_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line that says something (exporters and onnxruntime
     raise many-line errors)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line.strip() for line in without_ansi(str(e)).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("For more information", "Traceback", "File "))]
     text = (useful or [type(e).__name__])[0]
     return f"{type(e).__name__}: {text[:300]}"

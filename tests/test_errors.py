@@ -330,3 +330,13 @@ def test_an_input_key_that_is_not_there_says_which_keys_are():
     with pytest.raises(InputError) as info:
         first_input({"pixels": torch.zeros(1), "label": torch.zeros(1)}, input_key="nope")
     assert str(info.value) == "input_key 'nope': the batch is a dict without it; its keys are ['label', 'pixels']"
+
+
+def test_error_lines_carry_no_terminal_escapes():
+    """torch.export colours its errors (`\x1b[96mThis is step 1/3\x1b[0m`): an `error:` line is plain text."""
+    from bntool.errors import first_line
+    from bntool.onnx_check import error_line
+
+    e = RuntimeError("Failed to export the model. \x1b[96mThis is step 1/3\x1b[0m of exporting.\nNext steps")
+    assert first_line(e) == "Failed to export the model. This is step 1/3 of exporting."
+    assert error_line(e) == "RuntimeError: Failed to export the model. This is step 1/3 of exporting."

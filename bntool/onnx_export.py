@@ -316,7 +316,8 @@ def _export(model, inputs, target: Path, exporter, opset, dynamic_batch, names_i
     failures = []
     for kind in order[exporter]:
         try:
-            _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo)
+            traced = _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big,
+                                   has_dynamo)
         except Exception as e:  # exporters raise many types; each is reported in one line below
             failures.append(f"{kind} exporter: {error_line(e)}")
             for p in target.parent.iterdir():
@@ -324,6 +325,11 @@ def _export(model, inputs, target: Path, exporter, opset, dynamic_batch, names_i
             continue
         if failures:
             report.notes.append(f"fell back to the {kind} exporter ({failures[0]})")
+        if traced:
+            report.notes.append(f"the {kind} exporter turned a tensor into a Python value while tracing ({traced[0]}): "
+                                "where that decides a branch, the file holds the branch the example took, and the "
+                                "check only sees inputs that take it too; check inputs that take the others "
+                                f"({param('data')})")
         return kind
     hint = f"; try {param('exporter')} legacy" if exporter == "dynamo" else ""
     if exporter == "legacy" and has_dynamo:
@@ -331,7 +337,10 @@ def _export(model, inputs, target: Path, exporter, opset, dynamic_batch, names_i
     raise InputError("ONNX export failed: " + " | ".join(failures) + hint)
 
 
-def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo) -> None:
+def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, names_out, big, has_dynamo
+                  ) -> list[str]:
+    """Export with one exporter; return where the trace turned a tensor into a Python value (TracerWarning:
+    data-dependent control flow frozen to the example's branch), as 'file:line'."""
     kwargs: dict[str, Any] = dict(input_names=names_in, output_names=names_out)
     if opset is not None:
         kwargs["opset_version"] = opset
@@ -345,7 +354,7 @@ def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, n
             kwargs["dynamo"] = False
         if dynamic_batch:
             kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*names_in, *names_out]}
-    with _quiet_exporter():
+    with _quiet_exporter() as caught:
         torch.onnx.export(model, tuple(inputs), str(target), **kwargs)
     if opset is not None:  # the dynamo exporter writes its own opset when converting to the one asked for fails
         import onnx
@@ -353,6 +362,8 @@ def _run_exporter(kind, model, inputs, target, opset, dynamic_batch, names_in, n
         written = opset_of(onnx.load(str(target), load_external_data=False))
         if written != opset:
             raise UnsupportedError(f"it wrote opset {written}, not the requested {opset}")
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught
+            if w.category.__name__ == "TracerWarning" and "Python boolean" in str(w.message)]
 
 
 @contextlib.contextmanager
@@ -364,10 +375,10 @@ def _quiet_exporter():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()), _native_output_silenced():
-            warnings.simplefilter("ignore")
-            yield
+            warnings.simplefilter("always")  # recorded, not shown: the caller reads the tracer's
+            yield caught
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

@@ -211,6 +211,18 @@ def test_untraceable_model_names_the_exporter(tmp_path):
     assert files_in(tmp_path) == set()
 
 
+def test_a_branch_frozen_by_the_trace_is_said(tmp_path, cli):
+    """The legacy exporter freezes `if y.sum() > 0` to the example's branch, and random inputs may all take it:
+    the check passes, so the report says where the trace read a tensor's value (torch's TracerWarning, which
+    the CLI hides as exporter noise)."""
+    model = zoo.randomize_bn(DataDependent()).eval()
+    report = export_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx", exporter="legacy", fold=False)
+    frozen = [n for n in report.notes if "turned a tensor into a Python value" in n]
+    assert frozen and "test_onnx.py:" in frozen[0], report.notes
+    plain = export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "r.onnx", exporter="legacy")
+    assert not any("Python value" in n for n in plain.notes), plain.notes
+
+
 def test_check_failed_carries_report(tmp_path):
     with pytest.raises(CheckFailed) as info:
         export_onnx(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "m.onnx", exporter="legacy",

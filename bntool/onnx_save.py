@@ -65,12 +65,20 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
     return path
 
 
+def data_files_read(path: str | os.PathLike | None) -> list[Path]:
+    """The external data files beside it that the ONNX file at `path` reads (none for any other file): inputs
+    too, which no output may replace."""
+    if path is None or not os.path.isfile(path):
+        return []
+    return [Path(path).with_name(name) for name in sorted(_data_files_read(Path(path)))]
+
+
 def _data_files_read(path: Path) -> set[str]:
     """The external data files (names beside it) the ONNX file at `path` reads; none when it is not one."""
     from .onnx_model import is_onnx_file
 
     try:
-        if not is_onnx_file(path):
+        if not is_onnx_file(path) or path.stat().st_size > SCANNED_SIBLING_BYTES:  # a large file holds its weights
             return set()
         import onnx
 

@@ -665,6 +665,20 @@ def test_in_place_keeps_data_that_another_model_file_reads(tmp_path, zoo_files):
     assert np.abs(run_ort(a, x) - before).max() < 1e-4
 
 
+def test_a_report_never_replaces_an_input_s_external_data(tmp_path, cli, zoo_files):
+    """verify --junit-xml/--summary-md over the checked file's or the reference's external data, --force or not:
+    exit 2 naming it, the weights kept (a JUnit XML replaced them, exit 0)."""
+    a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
+    b = with_external_data(zoo_files["resnet"][1], tmp_path / "b.onnx")
+    data = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for flag, target in (("--junit-xml", "b.onnx.data"), ("--summary-md", "a.onnx.data")):
+        result = cli("verify", a, "--reference", b, flag, tmp_path / target, "--force")
+        assert_clean_error(result, contains="external data")
+    result = cli("verify", a, "--reference", b, "--samples", "x", "--junit-xml", tmp_path / "b.onnx.data", "--force")
+    assert result.code == 2  # options that do not parse: the errored case is not written over the data either
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == data
+
+
 def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
     """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
     committed before the model file; the old data file goes after."""

@@ -127,10 +127,13 @@ def _show(report, display: Display, render: Callable[..., None], context: dict |
 def _outputs(*inputs: tuple[Path | None, str]):
     """The command's outputs, to be planned against these inputs (path, what it is)."""
     from ..files import Outputs
+    from ..onnx_save import data_files_read
 
     outputs = Outputs()
     for path, what in inputs:
         outputs.add_input(path, what)
+        for data in data_files_read(path):  # an ONNX input's weights are inputs too
+            outputs.add_input(data, f"the external data of {what}")
     return outputs
 
 

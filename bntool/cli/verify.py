@@ -205,8 +205,12 @@ def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
 
     outputs = Outputs()
     junit_xml, summary_md = _flag_value(argv, "--junit-xml"), _flag_value(argv, "--summary-md")
+    from ..onnx_save import data_files_read
+
     for path in _paths_named(argv, skip_values_of=("--junit-xml", "--summary-md")):
         outputs.add_input(path, "an input named on the command line")
+        for data in data_files_read(path):
+            outputs.add_input(data, "the external data of an input named on the command line")
     _plan_ci_reports(outputs, junit_xml, summary_md, "--force" in argv)
     try:
         outputs.check()

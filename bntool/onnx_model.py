@@ -120,10 +120,22 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> OnnxFile:
             raise CorruptFileError(f"{path}: cannot read its external data ({type(e).__name__}: {first_line(e)})",
                                    what=str(path)) from e
     _refuse_spatial_zero(model, path)
+    _refuse_duplicate_names(model, path)
     if invalid is not None:
         raise InputError(f"{path}: invalid ONNX model ({type(invalid).__name__}: {first_line(invalid)})") from invalid
     total = size + sum(p.stat().st_size for p in external)
     return OnnxFile(path=path, model=model, external_data=external, file_bytes=total)
+
+
+def _refuse_duplicate_names(model, path: Path) -> None:
+    """Two nodes of the main graph with one name: onnxruntime refuses such a graph, and bntool names nodes to
+    fold and recalibrate them (one BN's statistics would be written into the other's)."""
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.name and node.name in seen:
+            raise InputError(f"{path}: two nodes are named {node.name!r} (onnxruntime refuses such a graph too); "
+                             "give each node its own name")
+        seen.add(node.name)
 
 
 def _checked_size(path: Path) -> int:

@@ -189,6 +189,23 @@ def test_verify_reference_with_other_inputs_names_both_files(tmp_path, cli, zoo_
     assert str(b) in result.err and str(a) in result.err and "--input-shape gives" not in result.err
 
 
+def test_two_nodes_with_one_name_are_refused(tmp_path, cli):
+    """Two BNs named 'bn' (onnx.checker accepts it, onnxruntime does not): exit 2 naming it; recalibrate wrote
+    the second BN's statistics into the first (exit 0), fold crashed (exit 3)."""
+    model = bn_graph(17)
+    g = model.graph
+    g.node.extend([helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"),
+                   helper.make_node("BatchNormalization", ["c2", "g", "b", "m", "v"], ["y2"], name="bn")])
+    g.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 4, 6, 6]))
+    path = tmp_path / "dup.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    for args in (("fold", path, "-o", tmp_path / "f.onnx"), ("verify", path), ("inspect", path),
+                 ("recalibrate", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "r.onnx")):
+        assert_clean_error(cli(*args), contains="two nodes are named 'bn'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.onnx", "x.npy"]
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

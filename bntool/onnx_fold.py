@@ -19,7 +19,7 @@ import numpy as np
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance
-from .errors import InputError, param
+from .errors import BrokenStatistics, InputError, param
 from .files import Outputs
 from .onnx_fold_check import OriginalRuns, check_against_original, example_inputs, graph_inputs
 from .onnx_graph import OnnxGraph
@@ -221,9 +221,9 @@ def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
             broken.append((bn.name, problem))
             advice["recalibrate"] = "run `bntool recalibrate` first"
     if broken:
-        raise InputError(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. "
-                         f"{', or '.join(advice.values()).capitalize()}, or leave them with {param('skip')}",
-                         param="skip")
+        raise BrokenStatistics(f"{onnx_file.path}: {broken_layers_text(broken)}: cannot be folded or checked. "
+                               f"{', or '.join(advice.values()).capitalize()}, or leave them with {param('skip')}",
+                               broken, param="skip")
 
 
 # ---------------------------------------------------------------- fold, checked

@@ -244,6 +244,11 @@ def test_broken_statistics_are_refused_before_any_work(tmp_path, cli):
     onnx.save(model, str(path))
     assert_clean_error(cli("fold", path, "-o", tmp_path / "out.onnx"), contains="'bn' (running_var + eps")
     assert not (tmp_path / "out.onnx").exists()
+    # verify: the checks run and fail (exit 1), as for a checkpoint with the same defect; the JUnit file says so
+    result = cli("verify", path, "--junit-xml", tmp_path / "v.xml")
+    assert result.code == 1 and "bn-health" in result.err, (result.code, result.err)
+    xml = (tmp_path / "v.xml").read_text()
+    assert 'name="bn-health"' in xml and 'errors="0"' in xml and "not run: 1 BN layer cannot be folded" in xml
 
 
 # ---------------------------------------------------------------- fold against a float64 reference

@@ -206,6 +206,19 @@ def test_two_nodes_with_one_name_are_refused(tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.onnx", "x.npy"]
 
 
+@pytest.mark.skipif(ort.get_device() == "GPU", reason="needs a machine without onnxruntime's CUDA provider")
+def test_torch_only_flags_are_refused_for_an_onnx_file_not_ignored(tmp_path, cli, zoo_files):
+    """--device cuda with no CUDA provider here, and --dtype (an ONNX file declares its input types): exit 2;
+    both were accepted and ignored (a CPU check reported as the GPU one asked for)."""
+    path = zoo_files["resnet"][1]
+    out = tmp_path / "out.onnx"
+    for command in (("fold", path, "-o", out), ("verify", path), ("inspect", path)):
+        assert_clean_error(cli(*command, "--device", "cuda"))
+        assert_clean_error(cli(*command, "--dtype", "float16"), contains="--dtype")
+    assert not out.exists()
+    assert cli("fold", path, "-o", out, "--device", "cpu").code == 0
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

@@ -24,6 +24,7 @@ from .shared import (
     _input_shapes,
     _left_out,
     _onnx_input,
+    _onnx_provider,
     _outputs,
     _refuse_onnx_name,
     _require_eager,
@@ -67,7 +68,8 @@ def fold(
     from ..report import render_fold
 
     if _onnx_input(model):
-        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge)
+        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge,
+                          _onnx_provider(device, example))
     if model.ckpt.exists():  # a missing input is named by the loader, not blamed on -o
         _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
                                       "writes ONNX")
@@ -96,7 +98,7 @@ def fold(
            _left_out(loaded, out.output, keep_training_state=keep_extra))
 
 
-def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge) -> None:
+def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge, provider) -> None:
     from ..onnx_fold import fold_onnx
     from ..report import render_fold
 
@@ -107,7 +109,7 @@ def _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_a
         report = fold_onnx(model.ckpt, out.output, input_shapes=_input_shapes(example), samples=samples,
                            seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, skip=skip or (),
                            affine_as=affine_as.value, force=out.force, in_place=out.in_place,
-                           merge=merge)
+                           merge=merge, provider=provider)
     except CheckFailed as e:
         if e.report is not None:
             _show(e.report, display, render_fold, context)

@@ -19,6 +19,7 @@ from .shared import (
     _context,
     _input_shapes,
     _onnx_input,
+    _onnx_provider,
     _say,
     _show,
     _tell,
@@ -43,6 +44,8 @@ def inspect(
 
     if _onnx_input(model):
         from ..onnx_fold import inspect_onnx
+
+        _onnx_provider(device, example)  # refused as for a checkpoint; its shapes run on the CPU
 
         report = inspect_onnx(model.ckpt, _input_shapes(example))
         return _show(report, display, render_inspect, _context(model), wide=wide)

@@ -22,6 +22,7 @@ from .shared import (
     _context,
     _left_out,
     _onnx_input,
+    _onnx_provider,
     _outputs,
     _require_eager,
     _say,
@@ -119,17 +120,12 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     """recalibrate on an ONNX file: onnxruntime on the device's provider; an image folder is resized to
     --input-shape, else to the graph's own fixed input size."""
     from ..files import OutputKind, Outputs
-    from ..onnx_export import check_provider
     from ..onnx_model import load_onnx
     from ..onnx_recalibration import onnx_input_shape, recalibrate_onnx
     from ..onnx_save import plan_onnx_output, save_onnx
     from ..report import render_recalibrate
 
-    where = str(device.resolve())
-    provider = "cuda" if where.startswith("cuda") else "cpu"
-    if where.split(":")[0] not in ("cpu", "cuda"):
-        raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
-    check_provider(provider)
+    provider = _onnx_provider(device)
     budget = options.budget()
     onnx_file = load_onnx(model.ckpt)
     outputs = Outputs()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import InputError
 from ..options import (
+    Device,
     Display,
     ExampleInputs,
     ModelSource,
@@ -135,6 +136,21 @@ def _outputs(*inputs: tuple[Path | None, str]):
         for data in data_files_read(path):  # an ONNX input's weights are inputs too
             outputs.add_input(data, f"the external data of {what}")
     return outputs
+
+
+def _onnx_provider(device: Device, example: ExampleInputs | None = None) -> str:
+    """onnxruntime's provider for --device (cpu or cuda, checked here before any work); --dtype does not apply to
+    an ONNX file (its graph declares its input types): exit 2 rather than ignored."""
+    from ..onnx_check import check_provider
+
+    if example is not None and example.dtype is not None:
+        raise InputError("--dtype: an ONNX file's inputs have the types its graph declares; drop --dtype")
+    where = str(device.resolve())
+    if where.split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
+    provider = "cuda" if where.startswith("cuda") else "cpu"
+    check_provider(provider)
+    return provider
 
 
 def _onnx_input(model: ModelSource) -> bool:

@@ -29,6 +29,7 @@ from .shared import (
     _input_shapes,
     _one_line,
     _onnx_input,
+    _onnx_provider,
     _outputs,
     _require_eager,
     _say,
@@ -87,7 +88,7 @@ def verify(
     try:
         if _onnx_input(model):
             report, context = _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol,
-                                           onnx_atol)
+                                           onnx_atol, _onnx_provider(device, example))
         else:
             if reference is not None:
                 raise InputError("--reference: compares two ONNX files; for a PyTorch checkpoint use --onnx")
@@ -149,7 +150,7 @@ def _verify(model: ModelSource, example: ExampleInputs, data: DataOptions, image
     return report, _context(model, source, loaded)
 
 
-def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol, onnx_atol):
+def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol, onnx_atol, provider):
     from ..onnx_model import is_onnx_file
     from ..verification import verify_onnx
 
@@ -161,7 +162,7 @@ def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onn
         raise InputError(f"--reference {reference}: not an ONNX file")
     report = verify_onnx(model.ckpt, reference=reference, input_shapes=_input_shapes(example), samples=samples,
                          seed=example.seed, rtol=tolerances.rtol, atol=tolerances.atol, onnx_rtol=onnx_rtol,
-                         onnx_atol=onnx_atol)
+                         onnx_atol=onnx_atol, provider=provider)
     return report, _context(model)
 
 

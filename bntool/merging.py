@@ -246,9 +246,9 @@ def _merge_one(name, module, gm, root, source, terms, values, flow):
                 m, shape = None, x.shape
                 for node in _chain(term, source):
                     sub = gm.get_submodule(node.target)
+                    step = branch_map(sub, shape, x)  # first: a nonlinearity (a shared ReLU) is the reason
                     if len(flow.calls_of(sub)) > len(flow.calls_of(module)):
                         raise NoMerge("the branch module is called more than once per call of its owner")
-                    step = branch_map(sub, shape, x)
                     if step is not None:
                         m = step if m is None else then(m, step)
                         shape = shape_after(step, shape)

@@ -127,6 +127,22 @@ def moved_to(model: nn.Module, device: str | torch.device | None) -> Iterator[to
 
 
 @contextlib.contextmanager
+def statistics_kept(model: nn.Module) -> Iterator[None]:
+    """The running statistics and counts of every module in training mode as they were (also on error): a BN the
+    user left in training mode inside an eval model updates them on each forward that a plan or a check runs,
+    and the caller's model must come back unchanged."""
+    saved = [(t, t.detach().clone()) for m in model.modules() if m.training
+             for name in ("running_mean", "running_var", "num_batches_tracked")
+             if isinstance(t := getattr(m, name, None), torch.Tensor)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
+
+
+@contextlib.contextmanager
 def modes_kept(model: nn.Module) -> Iterator[None]:
     """Every module's training flag as it was after a job that puts the model in eval mode (also on error)."""
     flags = [(m, m.training) for m in model.modules()]

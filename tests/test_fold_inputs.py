@@ -189,3 +189,29 @@ def test_verify_fails_the_fold_check_of_a_functional_batch_norm_with_broken_stat
     report = verify(model, torch.randn(2, 3, 8, 8), onnx=False)
     fold_check = next(c for c in report.checks if c.name == "fold-equivalence")
     assert not report.passed and not fold_check.passed and "(model)" in fold_check.summary
+
+
+def test_a_bn_left_in_training_mode_keeps_its_statistics():
+    """A BN the user left in training mode inside an eval model is refused by fold, but every forward of the plan
+    and the check updated its running statistics: the caller's model (and the folded copy) came back changed,
+    num_batches_tracked 1000 → 1007 and the folded model 16% off once put in eval mode."""
+    import copy
+
+    from bntool import inspect, plan_fold, zoo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model = zoo.randomize_bn(model).eval()
+    model[4].num_batches_tracked.fill_(1000)
+    model[4].train()  # left in training mode by the user
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 10, 10)
+    inspect(model, x)
+    plan_fold(model, x)
+    folded, report = fold(model, x)
+    assert report.passed and model[4].training and not model[1].training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    refused = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(refused) == 1 and torch.equal(refused[0].running_mean, before["4.running_mean"])
+    assert int(refused[0].num_batches_tracked) == 1000

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..compare import RecordedRuns, Tolerance, check_samples
-from ..devices import check_not_meta, device_of, model_dtype, moved_to, to_device
+from ..devices import check_not_meta, device_of, model_dtype, moved_to, statistics_kept, to_device
 from ..errors import BrokenStatistics, CheckFailed, InputError, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
 from ..merging import merge_branches
@@ -128,7 +128,7 @@ def fold(
     if not isinstance(skip, str):
         _refuse_broken_statistics(model, skip)
     home = device_of(model)
-    with moved_to(model, device) as dev:
+    with moved_to(model, device) as dev, statistics_kept(model):  # the check runs a BN left in training mode
         inputs = to_device(inputs, dev) if device is not None else inputs
         if plan is None:  # once, on the original: the flush retry below applies the same decisions
             plan = plan_fold(model, inputs, skip=skip)
@@ -175,30 +175,31 @@ def _fold_and_check(model, inputs, samples, seed, tolerance, skip, plan, flush: 
     started = time.perf_counter()
     with user_code("copying the model (copy.deepcopy)"):
         folded, by_request = eval_copy(model)
-    if plan is None:
-        plan = plan_fold(folded, inputs, skip=skip)
-    keep_what_would_overflow(folded, plan)
-    report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
-                        decisions=plan.decisions, opaque=plan.opaque, notes=list(plan.notes))
-    targets = fold_target_modules(folded, plan)
-    applied = apply_plan(folded, plan, flush_subnormals=flush)
-    report.layout, report.subnormals_flushed = applied.layout, applied.subnormals_flushed
-    if merge:
-        with user_code("the folded model's forward (finding branches to merge)"):
-            records, report.merges = merge_branches(folded, inputs)
-        report.layout.merges = [r.to_json() for r in records]
-    report.layout.depthwise_affine = depthwise_to_affine(folded, targets)  # after merging: they may merge
-    if report.layout.depthwise_affine:
-        report.notes.append(f"{len(report.layout.depthwise_affine)} depthwise 1×1 conv(s) with a BN folded in "
-                            "became a per-channel x·w + b (DepthwiseAffine): the same numbers, faster on CPU")
-    attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
-    report.ops_left = ops_left(plan)
-    report.fold_seconds = time.perf_counter() - started
-    report.params_after = sum(p.numel() for p in folded.parameters())
+    with statistics_kept(folded):  # a BN left in training mode in the copy: its statistics as given
+        if plan is None:
+            plan = plan_fold(folded, inputs, skip=skip)
+        keep_what_would_overflow(folded, plan)
+        report = FoldReport(batch_norm_ops_before=plan.batch_norm_ops, params_before=plan.params,
+                            decisions=plan.decisions, opaque=plan.opaque, notes=list(plan.notes))
+        targets = fold_target_modules(folded, plan)
+        applied = apply_plan(folded, plan, flush_subnormals=flush)
+        report.layout, report.subnormals_flushed = applied.layout, applied.subnormals_flushed
+        if merge:
+            with user_code("the folded model's forward (finding branches to merge)"):
+                records, report.merges = merge_branches(folded, inputs)
+            report.layout.merges = [r.to_json() for r in records]
+        report.layout.depthwise_affine = depthwise_to_affine(folded, targets)  # after merging: they may merge
+        if report.layout.depthwise_affine:
+            report.notes.append(f"{len(report.layout.depthwise_affine)} depthwise 1×1 conv(s) with a BN folded in "
+                                "became a per-channel x·w + b (DepthwiseAffine): the same numbers, faster on CPU")
+        attach_layout(folded, (layout_of(model) or FoldLayout()).merged(report.layout))
+        report.ops_left = ops_left(plan)
+        report.fold_seconds = time.perf_counter() - started
+        report.params_after = sum(p.numel() for p in folded.parameters())
 
-    started = time.perf_counter()
-    report.tolerance = tolerance
-    report.batch_norm_ops_after = compare(model, folded, inputs, samples, seed, by_request, report, runs)
-    report.passed = all(c.passed for c in report.comparisons)
-    report.check_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        report.tolerance = tolerance
+        report.batch_norm_ops_after = compare(model, folded, inputs, samples, seed, by_request, report, runs)
+        report.passed = all(c.passed for c in report.comparisons)
+        report.check_seconds = time.perf_counter() - started
     return folded, report

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..devices import as_float64, check_not_meta
+from ..devices import as_float64, check_not_meta, statistics_kept
 from ..errors import InputError, param, user_code
 from ..graph import Dataflow, OpCall, trace
 from ..layers import (
@@ -94,6 +94,11 @@ def plan_fold(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor, *,
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError("a TorchScript module cannot be folded: fold the eager model, then script the result")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with statistics_kept(model):  # a BN left in training mode updates them in the trace
+        return _plan(model, inputs, skip, notes)
+
+
+def _plan(model: nn.Module, inputs: tuple, skip: Sequence[str], notes: list[str]) -> FoldPlan:
     by_request = {n for n, m in bn_modules(model) if m.training and not model.training}
     flags = [(m, m.training) for m in model.modules()]
     model.eval()

@@ -79,6 +79,7 @@ def recalibrate_onnx(
 
     if isinstance(model, (str, os.PathLike)):
         model = load_onnx(model)
+    path = model.path if isinstance(model, OnnxFile) else None
     if isinstance(model, OnnxFile):
         model = model.model
     if not isinstance(model, onnx.ModelProto):
@@ -95,6 +96,7 @@ def recalibrate_onnx(
     if not usable:
         raise InputError(f"no BatchNormalization node has stored statistics ({bns[0].name}: {bns[0].skipped}): "
                          "nothing to recalibrate")
+    _refuse_what_onnxruntime_refuses(model, path, provider)
     input_name = _data_input(graph)
     levels = _assign_levels(graph, usable)
     depth = max(levels.values())
@@ -149,11 +151,32 @@ def recalibrate_onnx_file(
     outputs = Outputs()
     plan_onnx_output(outputs, out, source, force=force, in_place=in_place)
     outputs.check()
-    model, report = recalibrate_onnx(source.model, data, **options)
+    model, report = recalibrate_onnx(source, data, **options)
     with outputs:
         save_onnx(model, out, outputs, source)
         outputs.commit()
     return report
+
+
+def _refuse_what_onnxruntime_refuses(model, path, provider: str) -> None:
+    """Before any work: onnxruntime loads the whole graph (the passes run only its segments, which a graph it
+    refuses, e.g. a BN with unused outputs named, may still pass; the file written would not load either)."""
+    import onnxruntime as ort
+
+    from .onnx_check import error_line, ort_session
+
+    if path is not None:
+        ort_session(path, provider, "ORT_DISABLE_ALL")
+        return
+    if model.ByteSize() >= 2**31 - 1:  # no file to read it from, and too large to hand over in memory
+        return
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise InputError(f"onnxruntime cannot load the model ({error_line(e)})") from e
 
 
 def onnx_input_shape(model) -> tuple[int, ...] | None:

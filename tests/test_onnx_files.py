@@ -219,6 +219,20 @@ def test_torch_only_flags_are_refused_for_an_onnx_file_not_ignored(tmp_path, cli
     assert cli("fold", path, "-o", out, "--device", "cpu").code == 0
 
 
+def test_recalibrate_refuses_a_graph_onnxruntime_refuses(tmp_path, cli):
+    """A BN in inference mode with its optional outputs named ("y", "", ""): onnx.checker accepts it, onnxruntime
+    does not. fold said so (exit 2); recalibrate ran its segments, exit 0, and wrote a file that does not load."""
+    model = bn_graph(15)
+    del model.graph.node[1].output[:]
+    model.graph.node[1].output.extend(["y", "", ""])
+    path = tmp_path / "outs.onnx"
+    onnx.save(model, str(path))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    result = cli("recalibrate", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "r.onnx")
+    assert_clean_error(result, contains="onnxruntime cannot load it")
+    assert not (tmp_path / "r.onnx").exists()
+
+
 def test_spatial_zero_is_refused(tmp_path):
     path = tmp_path / "old.onnx"
     model = bn_graph(7, spatial=0)

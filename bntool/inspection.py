@@ -77,9 +77,12 @@ class HealthFlag:
 
 @dataclass
 class TensorSummary:
+    """min, max and mean over the finite values; how many are NaN/Inf (never hidden by the range)."""
+
     min: float
     max: float
     mean: float
+    non_finite: int = 0
 
     @classmethod
     def of(cls, t: torch.Tensor | None) -> TensorSummary | None:
@@ -87,9 +90,10 @@ class TensorSummary:
             return None
         t = as_float64(t)
         finite = t[torch.isfinite(t)]
+        bad = t.numel() - finite.numel()
         if finite.numel() == 0:
-            return cls(float("nan"), float("nan"), float("nan"))
-        return cls(float(finite.min()), float(finite.max()), float(finite.mean()))
+            return cls(float("nan"), float("nan"), float("nan"), bad)
+        return cls(float(finite.min()), float(finite.max()), float(finite.mean()), bad)
 
 
 @dataclass

@@ -28,7 +28,10 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def _range(summary) -> str:
-    return "-" if summary is None else f"{fmt(summary.min)} … {fmt(summary.max)}"
+    if summary is None:
+        return "-"
+    bad = f" ({summary.non_finite} NaN/Inf)" if summary.non_finite else ""
+    return f"{fmt(summary.min)} … {fmt(summary.max)}{bad}"
 
 
 INSPECT_LEGEND = (

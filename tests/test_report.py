@@ -367,3 +367,14 @@ def test_a_long_health_flag_is_wrapped_never_cut(width):
     assert max(len(line) for line in text.splitlines()) <= width
     table = text.split("C: channels")[0]
     assert "…" not in table and "track_running_stats=False" in "".join(table.split()), table
+
+
+def test_a_non_finite_statistic_is_counted_in_the_range_and_the_json():
+    """running_mean holding inf showed '-0.972 … 0.901' (the finite values only) with no word in --json."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean[2] = float("inf")
+    report = inspect(model)
+    assert report.layers[0].running_mean.non_finite == 1
+    assert report.to_dict()["layers"][0]["running_mean"]["non_finite"] == 1
+    assert "(1 NaN/Inf)" in " ".join(rendered(render_inspect, report, width=200, wide=True).split())

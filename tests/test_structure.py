@@ -108,11 +108,11 @@ def test_shared_modules_stand_below_the_jobs():
 # The README's module map, top to bottom: a module may import only modules after it.
 MODULE_ORDER = [
     "__main__", "cli", "options", "report", "report_json", "plot", "demo", "zoo", "verification", "onnx_fold",
-    "onnx_surgery", "onnx_merge", "onnx_fold_check", "onnx_graph", "onnx_export", "onnx_check", "inspection",
-    "onnx_recalibration", "onnx_segments", "recalibration", "recalibration_exact", "recalibration_passes",
-    "distributed", "segments", "folding", "merging", "merge_math", "checkpoint", "onnx_save", "onnx_model", "arch",
-    "data", "images", "preprocessing", "compare", "graph", "layout", "rewrite", "layers", "devices", "files",
-    "tempfiles", "choices", "utils", "errors", "_version", "__init__",
+    "onnx_surgery", "onnx_merge", "onnx_fold_check", "onnx_graph", "onnx_export", "inspection",
+    "onnx_recalibration", "onnx_segments", "onnx_check", "recalibration", "recalibration_exact",
+    "recalibration_passes", "distributed", "segments", "folding", "merging", "merge_math", "checkpoint",
+    "onnx_save", "onnx_model", "arch", "data", "images", "preprocessing", "compare", "graph", "layout", "rewrite",
+    "layers", "devices", "files", "tempfiles", "choices", "utils", "errors", "_version", "__init__",
 ]
 
 

@@ -268,6 +268,7 @@ def _from_state_dict(path, state_dict, arch, arch_kwargs, kind, fmt=CheckpointFo
         except InputError as e:  # the record is part of the file: name it
             raise CorruptFileError(f"{where}: {e.message}", param=e.param) from e
     load_state_dict_checked(model, sd, where, arch)
+    notes += _dtype_notes(model, sd)
     return Checkpoint(model=model, kind=kind, path=path, stripped_prefix=removed, submodule=submodule,
                       other_entries=others, fmt=fmt, arch=arch, notes=notes)
 
@@ -345,6 +346,21 @@ def build_arch(arch: str, arch_kwargs: str | Mapping[str, Any] | None = None,
     if not isinstance(model, nn.Module):
         raise InputError(f"{param('arch')} {arch!r}: returned {a_type(model)}, not a torch.nn.Module")
     return model
+
+
+def _dtype_notes(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Weights stored in another float type than the model --arch builds take the model's (load_state_dict
+    copies them): the outputs are written in the model's type, which the user should know."""
+    stored = {v.dtype for v in sd.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    built = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not stored or not built or stored == built:
+        return []
+    return [f"the file's {_dtype_names(stored)} weights were loaded into the {_dtype_names(built)} model --arch "
+            f"builds: outputs are written in {_dtype_names(built)}"]
+
+
+def _dtype_names(dtypes: set[torch.dtype]) -> str:
+    return "/".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
 
 
 def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path | str, arch: str) -> None:

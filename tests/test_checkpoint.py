@@ -400,3 +400,15 @@ def test_a_malformed_input_shape_is_refused_not_shortened(tmp_path, cli, resnet_
     out = tmp_path / "out.pt"
     assert_clean_error(cli("fold", resnet_sd, *ARCH, "--input-shape", shape, "-o", out), contains="--input-shape")
     assert not out.exists()
+
+
+def test_a_float16_state_dict_loaded_into_a_float32_arch_says_so(tmp_path, cli):
+    """A float16 state_dict comes out float32 (load_state_dict casts into the model --arch builds): said in a note,
+    not silently."""
+    model = zoo.build("resnet")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+               tmp_path / "half.pt")
+    loaded = load_checkpoint(tmp_path / "half.pt", arch="bntool.zoo:resnet")
+    assert any("float16 weights were loaded into the float32 model" in n for n in loaded.notes), loaded.notes
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    assert not any("were loaded" in n for n in load_checkpoint(tmp_path / "full.pt", arch="bntool.zoo:resnet").notes)

@@ -55,12 +55,16 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
     if source is not None and (source.has_external_data or source.file_bytes >= int(TWO_GB * 0.9)):
         replaced = os.path.lexists(path) and (force or in_place)
         old = _data_files_read(path) if replaced else set()
-        others = _data_files_read_by_others(path)
+        others = _data_files_read_by_others(path, old)
+        # The input's own data stays, unless the input is the file replaced in place.
+        kept = set() if source is None or _same_file(path, source.path) else \
+            {p.name for p in source.external_data if _same_file(p.parent, path.parent)}
         beside = [path.with_name(name) for name in data_file_names(path, count=8)]
-        data = next((p for p in beside if p.name not in old | others and not os.path.lexists(p)),
-                    next((p for p in beside if p.name not in old | others), beside[0]))
+        taken = old | others | kept
+        data = next((p for p in beside if p.name not in taken and not os.path.lexists(p)),
+                    next((p for p in beside if p.name not in taken), beside[0]))
         outputs.add(data, OutputKind.ONNX, force=force, what="external data")  # first: committed first
-        outputs.obsolete += [path.with_name(n) for n in sorted(old - others) if path.with_name(n) != data]
+        outputs.obsolete += [path.with_name(n) for n in sorted(old - others - kept) if path.with_name(n) != data]
     outputs.add(path, OutputKind.ONNX, force=force, in_place=in_place, what=what, replaceable=True)
     return path
 
@@ -92,10 +96,17 @@ def _data_files_read(path: Path) -> set[str]:
     return {name for name in locations if Path(name).name == name}
 
 
-def _data_files_read_by_others(path: Path) -> set[str]:
-    """Data file names beside `path` that another .onnx file in its folder reads (a small file's bytes name them;
-    a large one is taken to read them all)."""
-    names = set(data_file_names(path, count=8))
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _data_files_read_by_others(path: Path, read_by_path: set[str]) -> set[str]:
+    """Of the data file names beside `path` (those it may write, and `read_by_path`, those it reads now), the ones
+    another .onnx file in its folder reads (a small file's bytes name them; a large one is taken to read all)."""
+    names = set(data_file_names(path, count=8)) | read_by_path
     read: set[str] = set()
     for other in path.parent.glob("*.onnx"):
         if other.name == path.name or not other.is_file():

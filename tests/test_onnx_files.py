@@ -728,6 +728,28 @@ def test_a_report_never_replaces_an_input_s_external_data(tmp_path, cli, zoo_fil
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == data
 
 
+def test_replacing_a_copy_keeps_the_input_s_data_and_any_shared_name(tmp_path, zoo_files):
+    """-o b.onnx --force where b.onnx is a copy of the input a.onnx (both read a.onnx.data): the input's data
+    stays (it was deleted: the input no longer loaded). And a shared data file under any name (weights.bin)
+    stays while another .onnx reads it."""
+    a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
+    b = tmp_path / "b.onnx"
+    b.write_bytes(a.read_bytes())
+    x = example("resnet").numpy()
+    before = run_ort(a, x)
+    fold_onnx(a, b, force=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.data"]
+    assert np.array_equal(run_ort(a, x), before)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    onnx.save_model(onnx.load(str(zoo_files["resnet"][1])), str(shared / "a.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    (shared / "b.onnx").write_bytes((shared / "a.onnx").read_bytes())
+    fold_onnx(shared / "a.onnx", shared / "a.onnx", in_place=True, samples=0)
+    assert sorted(p.name for p in shared.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "weights.bin"]
+    assert np.array_equal(run_ort(shared / "b.onnx", x), before)
+
+
 def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
     """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
     committed before the model file; the old data file goes after."""

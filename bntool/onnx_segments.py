@@ -24,6 +24,7 @@ import torch
 
 from .errors import InputError
 from .recalibration_passes import ChannelStats, RecalibrationReport
+from .tempfiles import current_session
 
 BN_OP = "BatchNormalization"
 
@@ -335,7 +336,10 @@ def measure_level(runner, members, keep, cache, batches, budget, report: Recalib
     held = done = 0
     if progress is not None:
         progress(0, level, passes)
+    session_state = current_session()
     for chunk, x in chunks:
+        if session_state.interrupted:  # a Ctrl-C swallowed on the way: stop now, not after every level
+            raise KeyboardInterrupt
         feeds = dict(chunk.tensors)
         if x is not None:
             feeds[runner.input_name] = x

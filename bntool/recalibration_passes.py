@@ -19,6 +19,7 @@ from torch import nn
 from .devices import as_float64, float64_device
 from .errors import InputError, UserCodeError, param, user_code
 from .layers import bn_eps
+from .tempfiles import current_session
 from .utils import plural
 
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, number of passes)
@@ -272,7 +273,10 @@ def _run_local_pass(model, batches, progress, pass_number, passes, cache=None, o
     if progress is not None:  # name the pass before its first batch is done (a slow model's first forward)
         progress(0, pass_number, passes)
     done = 0
+    session = current_session()
     for i, x in enumerate(batches):
+        if session.interrupted:  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way: stop now
+            raise KeyboardInterrupt
         if cache is not None:
             cache.begin_batch(i, x)
         level_done = False

@@ -333,13 +333,17 @@ def test_cli_ctrl_c_swallowed_on_the_way_still_writes_nothing(tmp_path, cli, res
         "    except KeyboardInterrupt:\n"
         "        pass  # swallowed\n"
         "    Half()  # a half-built object whose __del__ fails, as a DataLoader iterator's does then\n"
-        "    yield torch.randn(4, 3, 32, 32)\n"
+        "    for _ in range(20):\n"
+        "        SEEN.append(1)\n"
+        "        yield torch.randn(4, 3, 32, 32)\n"
+        "SEEN = []\n"
         "class Half:\n"
         "    def __del__(self):\n"
         "        raise AttributeError('no _workers_status')\n"))
     out = tmp_path / "out.pt"
     result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", out)
     assert result.code == 130 and "interrupted: nothing written" in result.err, (result.code, result.err)
+    assert len(sys.modules["my_loader"].SEEN) <= 2  # stopped at the next batch, not after the whole run
     # In a process of its own (pytest catches "Exception ignored" itself): one line on stderr, no traceback.
     import subprocess
 

@@ -321,7 +321,7 @@ def verify_onnx(
     reference_file = load_onnx(reference, check=True) if reference is not None else None
     inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
     if reference_file is not None:
-        _refuse_other_inputs(reference_file, inputs, onnx_file.path)
+        _refuse_other_inputs(reference_file, inputs, onnx_file, input_shapes is not None)
     report = VerifyReport()
     report.checks.append(_timed(lambda: health_check(inspect_onnx(onnx_file))))
 
@@ -355,23 +355,26 @@ def verify_onnx(
     return report
 
 
-def _refuse_other_inputs(reference_file, inputs, path) -> None:
-    """Exit 2 naming both files when the reference does not take the inputs `path` takes (not the flag: the
-    shapes came from `path`'s graph, or from --input-shape, which the message then names too)."""
+def _refuse_other_inputs(reference_file, inputs, onnx_file, shapes_given: bool) -> None:
+    """Exit 2 naming both files when the reference does not take the inputs the checked file takes: another
+    number, the same names in another order (both files are fed by position), or other fixed sizes."""
     from .onnx_fold_check import graph_inputs
 
-    specs = graph_inputs(reference_file.model)
-    if len(specs) != len(inputs):
-        raise InputError(f"{reference_file.path}: takes {len(specs)} inputs, {path} takes {len(inputs)}: the two files "
-                         "do not take the same inputs")
+    path, reference = onnx_file.path, reference_file.path
+    specs, mine = graph_inputs(reference_file.model), [i.name for i in graph_inputs(onnx_file.model)]
+    theirs = [spec.name for spec in specs]
+    if len(theirs) != len(mine) or (theirs != mine and sorted(theirs) == sorted(mine)):
+        order = " in another order" if len(theirs) == len(mine) else ""
+        raise InputError(f"{reference}: takes inputs {', '.join(theirs)}, {path} takes {', '.join(mine)}: the two "
+                         f"files do not take the same inputs{order}" + (" (both are fed by position)" if order else ""))
     for spec, x in zip(specs, inputs):
         if not spec.type.tensor_type.HasField("shape"):  # no shape declared: onnxruntime judges it
             continue
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in spec.type.tensor_type.shape.dim]
         if len(dims) != x.dim() or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, x.shape)):
-            raise InputError(f"{reference_file.path}: input {spec.name!r} has shape {dims}, but {path}'s inputs "
-                             f"are {list(x.shape)} (its graph, or {param('example_inputs')}): the two files do not "
-                             "take the same inputs")
+            given = f" (from {param('example_inputs')})" if shapes_given else ""
+            raise InputError(f"{reference}: input {spec.name!r} has shape {dims}, {path}'s is {list(x.shape)}{given}: "
+                             "the two files do not take the same inputs")
 
 
 def _onnx_pair_check(result, tolerance, reference) -> Check:

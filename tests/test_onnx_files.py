@@ -186,7 +186,23 @@ def test_verify_reference_with_other_inputs_names_both_files(tmp_path, cli, zoo_
     a, b = zoo_files["mobilenet"][1], zoo_files["mlp"][1]
     result = cli("verify", a, "--reference", b)
     assert_clean_error(result, contains="the two files do not take the same inputs")
-    assert str(b) in result.err and str(a) in result.err and "--input-shape gives" not in result.err
+    assert str(b) in result.err and str(a) in result.err and "--input-shape" not in result.err
+    # the same inputs declared in another order: said as such (both files are fed by position)
+    two = bn_graph(17)
+    g = two.graph
+    g.node.append(helper.make_node("Reshape", ["t", "to_nchw"], ["tr"], name="reshape"))
+    g.node.append(helper.make_node("Add", ["y", "tr"], ["out"], name="add"))
+    g.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1], dtype=np.int64), "to_nchw"))
+    g.input.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [4]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6]))
+    onnx.save(two, str(tmp_path / "xt.onnx"))
+    swapped = g.input[0]
+    g.input.remove(swapped)
+    g.input.append(swapped)
+    onnx.save(two, str(tmp_path / "tx.onnx"))
+    assert_clean_error(cli("verify", tmp_path / "xt.onnx", "--reference", tmp_path / "tx.onnx"),
+                       contains="in another order")
 
 
 def test_two_nodes_with_one_name_are_refused(tmp_path, cli):

@@ -70,19 +70,26 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
 
 
 def data_files_read(path: str | os.PathLike | None) -> list[Path]:
-    """The external data files beside it that the ONNX file at `path` reads (none for any other file): inputs
-    too, which no output may replace."""
+    """The external data files the ONNX file at `path` reads, wherever in its folder they lie (`./a.data`,
+    `weights/w.bin`), whatever its size; none for any other file: inputs too, which no output may replace."""
     if path is None or not os.path.isfile(path):
         return []
-    return [Path(path).with_name(name) for name in sorted(_data_files_read(Path(path)))]
+    return sorted({Path(path).parent / location for location in _data_locations(Path(path), any_size=True)})
 
 
 def _data_files_read(path: Path) -> set[str]:
-    """The external data files (names beside it) the ONNX file at `path` reads; none when it is not one."""
+    """The data files beside it (bare names) that the ONNX file at `path` reads: those a replacing output may
+    remove; one under another folder is never removed."""
+    return {name for name in _data_locations(path) if Path(name).name == name}
+
+
+def _data_locations(path: Path, any_size: bool = False) -> set[str]:
+    """The external data locations the ONNX file at `path` names; none when it is not one (or, unless
+    `any_size`, is over SCANNED_SIBLING_BYTES: such a file holds its weights)."""
     from .onnx_model import is_onnx_file
 
     try:
-        if not is_onnx_file(path) or path.stat().st_size > SCANNED_SIBLING_BYTES:  # a large file holds its weights
+        if not is_onnx_file(path) or (not any_size and path.stat().st_size > SCANNED_SIBLING_BYTES):
             return set()
         import onnx
 
@@ -91,9 +98,8 @@ def _data_files_read(path: Path) -> set[str]:
         return set()
     from onnx.external_data_helper import _get_all_tensors  # as onnx_model reads them
 
-    locations = {entry.value for tensor in _get_all_tensors(model) for entry in tensor.external_data
-                 if entry.key == "location"}
-    return {name for name in locations if Path(name).name == name}
+    return {entry.value for tensor in _get_all_tensors(model) for entry in tensor.external_data
+            if entry.key == "location"}
 
 
 def _same_file(a: Path, b: Path) -> bool:

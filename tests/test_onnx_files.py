@@ -742,6 +742,15 @@ def test_a_report_never_replaces_an_input_s_external_data(tmp_path, cli, zoo_fil
     result = cli("verify", a, "--reference", b, "--samples", "x", "--junit-xml", tmp_path / "b.onnx.data", "--force")
     assert result.code == 2  # options that do not parse: the errored case is not written over the data either
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == data
+    # data named by a path, not a bare name: ./c.data, and a file in a folder beside the model
+    (tmp_path / "w").mkdir()
+    for location in ("./c.data", "w/weights.bin"):
+        c = tmp_path / "c.onnx"
+        onnx.save_model(onnx.load(str(zoo_files["resnet"][1])), str(c), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=location, size_threshold=0)
+        weights = (tmp_path / location).read_bytes()
+        assert_clean_error(cli("verify", c, "--junit-xml", tmp_path / location, "--force"), contains="external data")
+        assert (tmp_path / location).read_bytes() == weights
 
 
 def test_replacing_a_copy_keeps_the_input_s_data_and_any_shared_name(tmp_path, zoo_files):

@@ -516,3 +516,32 @@ def test_a_checkpoint_that_is_not_a_regular_file_says_what_it_is(tmp_path, cli, 
         torch.save(zoo.build("resnet").state_dict(), in_pt)
         assert_clean_error(cli("recalibrate", in_pt, *ARCH, "--data", path, "-o", tmp_path / "o.pt"),
                            contains=f"{path}: is {noun}, not a regular file")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_process_forked_during_a_run_gets_default_signal_handling():
+    """DataLoader workers forked during a run inherited the run's handlers: `timeout -s TERM` signals the whole
+    process group, and the handler raising in a worker's bootstrap printed a traceback above `terminated:`."""
+    import functools
+    import signal
+
+    from bntool.cli import runner
+    from bntool.cli.shared import Run
+    from bntool.tempfiles import WriteSession
+
+    run = Run(WriteSession())
+    runner._reset_signals_in_forked_children()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, functools.partial(runner._on_sigterm, run))
+    signal.signal(signal.SIGINT, functools.partial(runner._on_sigint, run))
+    try:
+        pid = os.fork()
+        if pid == 0:
+            ok = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert os.WEXITSTATUS(status) == 0

@@ -42,6 +42,25 @@ def _on_sigint(run: Run, signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+_AT_FORK: list[object] = []  # the at-fork hook, registered once per process
+
+
+def _reset_signals_in_forked_children() -> None:
+    """A process forked during a run (DataLoader workers) gets Python's default handling of Ctrl-C and SIGTERM
+    back: `timeout` and a terminal signal the whole process group, and this run's handlers raising inside a
+    worker's bootstrap printed its traceback above the one `interrupted:` line."""
+    if not _AT_FORK and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_default_handlers)
+        _AT_FORK.append(_default_handlers)
+
+
+def _default_handlers() -> None:
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        handler = signal.getsignal(signum)
+        if isinstance(handler, functools.partial) and handler.func in (_on_sigint, _on_sigterm):
+            signal.signal(signum, default)
+
+
 def _quiet_after_interrupt(run: Run, default, unraisable) -> None:
     """CPython's "Exception ignored in …" tracebacks of a Ctrl-C that landed in a hook (an at-fork handler, a
     half-built DataLoader iterator's __del__) are noise above the one `interrupted:` line; others still show."""
@@ -59,6 +78,7 @@ def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) ->
     with run.active():
         if threading.current_thread() is not threading.main_thread():
             return _main(argv, run)
+        _reset_signals_in_forked_children()
         previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run)),
                     signal.SIGINT: signal.signal(signal.SIGINT, functools.partial(_on_sigint, run))}
         unraisable = sys.unraisablehook

@@ -434,8 +434,8 @@ class Outputs:
                 self.session.reached("during-commit")
             for directory in {parent_dir(p.path) for p in ready}:
                 fsync_dir(directory)
-        for path in self.obsolete:  # unread by any committed output now
-            remove_quietly(path)
+            for path in self.obsolete:  # unread by any committed output now; part of the commit's unit
+                remove_quietly(path)
         self._remove_temp_dirs()
         self.session.reached("after-commit")
         return done

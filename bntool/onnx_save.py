@@ -61,7 +61,8 @@ def plan_onnx_output(outputs: Outputs, path: str | os.PathLike, source: OnnxFile
             {p.name for p in source.external_data if _same_file(p.parent, path.parent)}
         beside = [path.with_name(name) for name in data_file_names(path, count=8)]
         taken = old | others | kept
-        data = next((p for p in beside if p.name not in taken and not os.path.lexists(p)),
+        # A name no file has yet is read by nobody (a large sibling "reads" every name only where one exists).
+        data = next((p for p in beside if not os.path.lexists(p)),
                     next((p for p in beside if p.name not in taken), beside[0]))
         outputs.add(data, OutputKind.ONNX, force=force, what="external data")  # first: committed first
         outputs.obsolete += [path.with_name(n) for n in sorted(old - others - kept) if path.with_name(n) != data]

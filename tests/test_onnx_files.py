@@ -775,6 +775,29 @@ def test_replacing_a_copy_keeps_the_input_s_data_and_any_shared_name(tmp_path, z
     assert np.array_equal(run_ort(shared / "b.onnx", x), before)
 
 
+def test_in_place_beside_a_large_onnx_file(tmp_path, zoo_files):
+    """A large .onnx beside (not scanned: taken to read any data file there) left no free name, and --in-place
+    fell back to the input's own data name: exit 2 the user could not avoid. A name no file has is free."""
+    a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
+    with open(tmp_path / "z.onnx", "wb") as f:
+        f.truncate(300 << 20)  # sparse: stands for a large model in the same folder
+    fold_onnx(a, a, in_place=True, samples=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.1.data", "a.onnx.data", "z.onnx"]
+    assert "BatchNormalization" not in op_types(a)
+
+
+def test_ctrl_c_during_an_in_place_commit_still_removes_the_old_data(tmp_path, zoo_files, capsys):
+    """The commit is one unit, the old data's removal included: a Ctrl-C during it left a full-size stray copy
+    of the weights (a.onnx.data, read by nothing) while the message said nothing else was written."""
+    from bntool.cli import main
+    from bntool.tempfiles import InterruptAt
+
+    a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
+    code = main(["fold", str(a), "-o", str(a), "--in-place", "--samples", "0"], interrupt=InterruptAt("during-commit"))
+    assert code == 130, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.1.data"]
+
+
 def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_files):
     """-o over an existing model that reads `out.onnx.data` (--force): the new data goes to `out.onnx.1.data`,
     committed before the model file; the old data file goes after."""

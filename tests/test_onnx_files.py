@@ -220,6 +220,15 @@ def test_two_nodes_with_one_name_are_refused(tmp_path, cli):
                  ("recalibrate", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "r.onnx")):
         assert_clean_error(cli(*args), contains="two nodes are named 'bn'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.onnx", "x.npy"]
+    # an unnamed BN writing 'bn2', the name of another BN: both went by 'bn2'
+    g.node[-1].name = "bn2"
+    g.node[1].name = ""
+    g.node[1].output[0] = "bn2"
+    g.output[0].name = "bn2"
+    onnx.save(model, str(path))
+    assert_clean_error(cli("recalibrate", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "r.onnx"),
+                       contains="an unnamed BatchNormalization writes 'bn2'")
+    assert not (tmp_path / "r.onnx").exists()
 
 
 @pytest.mark.skipif(ort.get_device() == "GPU", reason="needs a machine without onnxruntime's CUDA provider")

@@ -136,10 +136,12 @@ def _refuse_duplicate_names(model, path: Path) -> None:
             raise InputError(f"{path}: two nodes are named {node.name!r} (onnxruntime refuses such a graph too); "
                              "give each node its own name")
         seen.add(node.name)
-    for node in model.graph.node:  # an unnamed node goes by its first output's name (BNNode.name, the reports)
-        if not node.name and node.output and node.output[0] in seen:
-            raise InputError(f"{path}: an unnamed {node.op_type} writes {node.output[0]!r}, the name of another "
-                             "node; bntool names an unnamed node by its output: give it a name of its own")
+    bns = {node.name for node in model.graph.node if node.op_type == "BatchNormalization"}
+    for node in model.graph.node:  # an unnamed BN goes by its first output's name (BNNode.name, the reports)
+        key = node.output[0] if not node.name and node.output else ""
+        if key and key in seen and (node.op_type == "BatchNormalization" or key in bns):
+            raise InputError(f"{path}: an unnamed {node.op_type} writes {key!r}, the name of another node; bntool "
+                             "names an unnamed node by its output: give it a name of its own")
 
 
 def _checked_size(path: Path) -> int:

@@ -179,7 +179,10 @@ def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
     graph = graph if graph is not None else OnnxGraph.of(model, input_shapes, example)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
-    layers = {node_name(node): node for node in model.graph.node}
+    layers: dict[str, Any] = {}
+    for node in model.graph.node:  # a named node wins over an unnamed one whose output bears its name
+        if node.name or node_name(node) not in layers:
+            layers[node_name(node)] = node
     for step in plan.steps:
         bn = bns.get(step.decision.name)
         action = step.decision.action

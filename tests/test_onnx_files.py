@@ -229,6 +229,13 @@ def test_two_nodes_with_one_name_are_refused(tmp_path, cli):
     assert_clean_error(cli("recalibrate", path, "--data", tmp_path / "x.npy", "-o", tmp_path / "r.onnx"),
                        contains="an unnamed BatchNormalization writes 'bn2'")
     assert not (tmp_path / "r.onnx").exists()
+    # an unnamed Relu writing 'conv', the name of the Conv the BN folds into: no BN goes by it, the fold runs
+    relu = bn_graph(17)
+    relu.graph.node.append(helper.make_node("Relu", ["y"], ["conv"]))
+    relu.graph.output[0].name = "conv"
+    onnx.save(relu, str(tmp_path / "relu.onnx"))
+    assert cli("fold", tmp_path / "relu.onnx", "-o", tmp_path / "relu_f.onnx").code == 0
+    assert "BatchNormalization" not in op_types(tmp_path / "relu_f.onnx")
 
 
 @pytest.mark.skipif(ort.get_device() == "GPU", reason="needs a machine without onnxruntime's CUDA provider")

@@ -113,10 +113,12 @@ def _same_file(a: Path, b: Path) -> bool:
 def _data_files_read_by_others(path: Path, read_by_path: set[str]) -> set[str]:
     """Of the data file names beside `path` (those it may write, and `read_by_path`, those it reads now), the ones
     another .onnx file in its folder reads (a small file's bytes name them; a large one is taken to read all)."""
+    from .onnx_model import is_onnx_file
+
     names = set(data_file_names(path, count=8)) | read_by_path
     read: set[str] = set()
-    for other in path.parent.glob("*.onnx"):
-        if other.name == path.name or not other.is_file():
+    for other in path.parent.iterdir():  # by content: a backup (a.onnx.bak, A.ONNX) reads the data too
+        if other.name == path.name or not other.is_file() or other.name in names or not is_onnx_file(other):
             continue
         if other.stat().st_size > SCANNED_SIBLING_BYTES:
             return names

@@ -744,6 +744,11 @@ def test_in_place_keeps_data_that_another_model_file_reads(tmp_path, zoo_files):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.2.data", "a.onnx.data", "c.onnx"]
     assert np.array_equal(run_ort(c, x), before)
     assert np.abs(run_ort(a, x) - before).max() < 1e-4
+    # a backup by another name (found by content, not by the .onnx suffix) keeps the data it reads
+    (tmp_path / "a.onnx.bak").write_bytes(a.read_bytes())  # reads a.onnx.2.data
+    c.unlink()
+    fold_onnx(a, a, in_place=True, samples=0)
+    assert "a.onnx.2.data" in {p.name for p in tmp_path.iterdir()}
 
 
 def test_a_report_never_replaces_an_input_s_external_data(tmp_path, cli, zoo_files):

@@ -371,6 +371,23 @@ def test_cli_ctrl_c_turned_into_another_error_is_still_an_interrupt(tmp_path, cl
     assert result.code == 130 and "interrupted: nothing written" in result.err, (result.code, result.err)
 
 
+def test_cli_keeps_an_ignored_sigint_ignored(tmp_path, cli, resnet_sd, monkeypatch):
+    """A run started with SIGINT ignored (trap '' INT, a background job of a script) goes on through a SIGINT."""
+    import signal
+
+    spec = write_loader_module(tmp_path, monkeypatch, (
+        "import signal, torch\n"
+        "def batches():\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    yield torch.randn(4, 3, 32, 32)\n"))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = cli("recalibrate", resnet_sd, *ARCH, "--loader", spec, "-o", tmp_path / "out.pt")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.code == 0 and (tmp_path / "out.pt").exists(), result.err
+
+
 # ---------------------------------------------------------------- BN subclasses with children of their own
 
 

@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None, interrupt: InterruptAt | None = None) ->
         if threading.current_thread() is not threading.main_thread():
             return _main(argv, run)
         _reset_signals_in_forked_children()
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, run)),
-                    signal.SIGINT: signal.signal(signal.SIGINT, functools.partial(_on_sigint, run))}
+        handlers = {signal.SIGTERM: functools.partial(_on_sigterm, run),
+                    signal.SIGINT: functools.partial(_on_sigint, run)}
+        previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()
+                    if signal.getsignal(signum) != signal.SIG_IGN}  # an ignored signal (trap '' INT) stays ignored
         unraisable = sys.unraisablehook
         sys.unraisablehook = functools.partial(_quiet_after_interrupt, run, unraisable)
         try:

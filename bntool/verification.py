@@ -339,7 +339,7 @@ def verify_onnx(
     report.checks.append(_timed(fold))
     if reference_file is not None:
         del reference_file  # loaded to refuse a bad file before any check; onnxruntime reads it from disk
-        tolerance = Tolerance.resolve(onnx_rtol, onnx_atol, DEFAULT_TOLERANCE)
+        tolerance = Tolerance.resolve(onnx_rtol, onnx_atol, _pair_tolerance(onnx_file.model, DEFAULT_TOLERANCE))
         assert reference is not None  # reference_file was loaded from it
 
         def compare() -> Check:
@@ -353,6 +353,15 @@ def verify_onnx(
 
         report.checks.append(_timed(compare))
     return report
+
+
+def _pair_tolerance(model, float32_rule):
+    """The ONNX-against-ONNX rule: float32's, or a float16 file's own (as fold's check of that file uses)."""
+    from .onnx_fold import DEFAULT_TOLERANCE as FOLD_FLOAT32
+    from .onnx_fold import default_tolerance
+
+    own = default_tolerance(model)
+    return own if own.atol > FOLD_FLOAT32.atol else float32_rule
 
 
 def _refuse_other_inputs(reference_file, inputs, onnx_file, shapes_given: bool) -> None:

@@ -179,6 +179,11 @@ def test_a_float16_file_is_checked_with_the_float16_rule(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     report = fold_onnx(path, tmp_path / "folded.onnx", samples=4)
     assert report.passed and report.tolerance.atol == 5e-2 and report.max_abs_over_scale < 5e-3
+    # verify folded --reference original: the same float16 rule (it failed with float32's: exit 1)
+    from bntool.verification import verify_onnx
+
+    pair = verify_onnx(tmp_path / "folded.onnx", reference=path, samples=4)
+    assert pair.passed, [(c.name, c.summary) for c in pair.checks]
 
 
 def test_verify_reference_with_other_inputs_names_both_files(tmp_path, cli, zoo_files):

@@ -806,7 +806,8 @@ def test_in_place_beside_a_large_onnx_file(tmp_path, zoo_files):
     fell back to the input's own data name: exit 2 the user could not avoid. A name no file has is free."""
     a = with_external_data(zoo_files["resnet"][1], tmp_path / "a.onnx")
     with open(tmp_path / "z.onnx", "wb") as f:
-        f.truncate(300 << 20)  # sparse: stands for a large model in the same folder
+        f.write(zoo_files["mlp"][1].read_bytes())  # ONNX by content,
+        f.truncate(300 << 20)  # and large (sparse): stands for a large model in the same folder
     fold_onnx(a, a, in_place=True, samples=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.1.data", "a.onnx.data", "z.onnx"]
     assert "BatchNormalization" not in op_types(a)

@@ -545,3 +545,21 @@ def test_a_process_forked_during_a_run_gets_default_signal_handling():
         for s, handler in previous.items():
             signal.signal(s, handler)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_an_interrupted_run_s_json_error_needs_no_torch(monkeypatch, capsys):
+    """A Ctrl-C while torch was being imported left it half-imported; --json's error object imported it again for
+    the versions (through report.py) and crashed: exit 1, a traceback, nothing on stdout."""
+    import json
+    import sys
+
+    from bntool.cli import runner
+    from bntool.cli.shared import Run
+    from bntool.tempfiles import WriteSession
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails, as for a half-imported torch
+    monkeypatch.delitem(sys.modules, "bntool.report", raising=False)
+    monkeypatch.delitem(sys.modules, "bntool.inspection", raising=False)
+    runner._print_error_json(["inspect", "m.pt", "--json"], 130, Run(WriteSession()))
+    document = json.loads(capsys.readouterr().out)
+    assert document["error"]["exit_code"] == 130 and document["versions"]["bntool"]

@@ -163,7 +163,7 @@ def _print_error_json(argv: list[str], code: int, run: Run) -> None:
     JSON. Not when the command already printed its report (a failed check prints its report)."""
     import json
 
-    from ..report import versions
+    from ..report_json import versions  # no torch: a Ctrl-C may have cut its import short
 
     kind, message = run.error or (
         "interrupted" if code in (130, 143) else "check_failed" if code == 1 else "usage", "")

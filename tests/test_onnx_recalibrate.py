@@ -245,6 +245,38 @@ def test_statistics_keep_float64_accuracy_over_many_values_far_from_zero():
     np.testing.assert_allclose(var, ref_var, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 40), (3, 7), (3,)])
+def test_statistics_hold_for_far_apart_samples_constant_channels_and_every_rank(shape):
+    """The rows are summed about a centre of their own plane: samples 1e4 apart with σ 0.01 inside each, a
+    constant channel (variance exactly 0), and BN inputs of rank 4, 3 and 2, all against float64."""
+    from onnx import TensorProto, helper
+
+    c = shape[0]
+    inits = [numpy_helper.from_array(np.full(c, v, np.float32), n) for n, v in
+             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
+                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(2):
+        x = torch.randn(4, *shape, generator=g)
+        x[:, 0] = 0.01 * x[:, 0] + torch.tensor([0.0, 1e4, -3e3, 7e3]).view(4, *[1] * (len(shape) - 1))
+        x[:, 1] = 5.0
+        data.append(x)
+    recalibrate_onnx(proto, data)
+    (mean, var), = onnx_statistics(proto)
+    x = torch.cat(data).double().numpy()
+    axes = (0, *range(2, x.ndim))
+    ref_mean, ref_var = x.mean(axis=axes), x.var(axis=axes, ddof=1)
+    # within the float32 file's last place, or a hair of σ for a mean near zero
+    allowed = np.maximum(np.spacing(np.abs(ref_mean.astype(np.float32))), 1e-7 * np.sqrt(ref_var))
+    assert (np.abs(mean - ref_mean) <= allowed).all(), (mean, ref_mean)
+    np.testing.assert_allclose(var, ref_var, rtol=1e-6)
+    assert var[1] == 0.0
+
+
 def _two_conv_bn_graph(identity: bool) -> onnx.ModelProto:
     """conv-BN-ReLU-conv-BN whose two BNs share one initializer of ones (scale and variance) and one of zeros
     (bias and mean), as the legacy exporter writes a fresh model's equal tensors; with `identity`, the BNs read

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .folding.planner import OUTPUT, OpKind
-from .onnx_model import Constants, all_names, default_opset, graph_output_names, readers_of
+from .onnx_model import Constants, all_names, default_opset, graph_output_names, readers_of, without_large_tensors
 
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
 # Nodes whose output shapes the planner reads (layers, moves, sums, concats, pads).
@@ -290,7 +290,7 @@ def tensor_types(model, input_shapes: dict[str, tuple[int, ...]]):
     (or 1)."""
     import onnx
 
-    light = _without_large_tensors(model, input_shapes)
+    light = without_large_tensors(model, input_shapes)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # best effort: a shape it cannot tell makes the planner stop there (an exact fallback)
@@ -309,32 +309,3 @@ def tensor_types(model, input_shapes: dict[str, tuple[int, ...]]):
     for init in model.graph.initializer:
         shapes[init.name], ranks[init.name], elem_types[init.name] = tuple(init.dims), len(init.dims), init.data_type
     return shapes, ranks, elem_types
-
-
-def _without_large_tensors(model, input_shapes: dict[str, tuple[int, ...]]):
-    """The model with each initializer over 1 KiB replaced by a graph input of its shape, and symbolic input
-    dimensions made concrete."""
-    import onnx
-
-    small = onnx.ModelProto()
-    small.ir_version, small.producer_name = model.ir_version, model.producer_name
-    small.opset_import.extend(model.opset_import)
-    small.functions.extend(model.functions)
-    g = small.graph
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    for info in g.input:
-        given = input_shapes.get(info.name)
-        dims = info.type.tensor_type.shape.dim
-        for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                d.dim_value = given[i] if given is not None and i < len(given) else 1
-    inputs = {i.name for i in model.graph.input}
-    for init in model.graph.initializer:
-        if len(init.raw_data) <= 1024 and not init.external_data:
-            g.initializer.append(init)
-        elif init.name not in inputs:
-            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return small

@@ -378,3 +378,33 @@ def all_names(model) -> set[str]:
             names |= set(node.input) | set(node.output) | ({node.name} if node.name else set())
     names.discard("")
     return names
+
+
+def without_large_tensors(model, input_shapes: dict[str, tuple[int, ...]] | None):
+    """The model with each initializer over 1 KiB replaced by a graph input of its shape (what shape inference
+    needs of it, without copying or serializing the weights), and symbolic input dimensions made concrete: those
+    `input_shapes` gives, else 1; None: left symbolic."""
+    import onnx
+
+    small = onnx.ModelProto()
+    small.ir_version, small.producer_name = model.ir_version, model.producer_name
+    small.opset_import.extend(model.opset_import)
+    small.functions.extend(model.functions)
+    g = small.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    for info in g.input if input_shapes is not None else []:
+        given = input_shapes.get(info.name)
+        dims = info.type.tensor_type.shape.dim
+        for i, d in enumerate(dims):
+            if not d.HasField("dim_value"):
+                d.dim_value = given[i] if given is not None and i < len(given) else 1
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if len(init.raw_data) <= 1024 and not init.external_data:
+            g.initializer.append(init)
+        elif init.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return small

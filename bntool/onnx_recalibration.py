@@ -160,19 +160,28 @@ def recalibrate_onnx_file(
 
 def _refuse_what_onnxruntime_refuses(model, path, provider: str) -> None:
     """Before any work: onnxruntime loads the whole graph (the passes run only its segments, which a graph it
-    refuses, e.g. a BN with unused outputs named, may still pass; the file written would not load either)."""
+    refuses, e.g. a BN with unused outputs named, may still pass; the file written would not load either).
+    First its nodes alone, the large weights as inputs (0.03 s where the whole ResNet-50 takes 0.38 s: its node
+    checks do not read weight values); only where that is refused does the whole model decide."""
     import onnxruntime as ort
 
     from .onnx_check import error_line, ort_session
+    from .onnx_model import without_large_tensors
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(without_large_tensors(model, None).SerializeToString(), sess_options=options,
+                             providers=["CPUExecutionProvider"])
+        return
+    except Exception:
+        pass  # maybe only the light copy's doing: the whole model says
     if path is not None:
         ort_session(path, provider, "ORT_DISABLE_ALL")
         return
     if model.ByteSize() >= 2**31 - 1:  # no file to read it from, and too large to hand over in memory
         return
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:

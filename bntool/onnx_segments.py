@@ -193,11 +193,14 @@ class SegmentRunner:
 
 
 def _shapes(model) -> dict[str, list[int | None]]:
-    """Tensor → its shape (None for a symbolic dimension) where ONNX shape inference knows its rank."""
+    """Tensor → its shape (None for a symbolic dimension) where ONNX shape inference knows its rank: on a copy
+    without the large weights (0.35 s → 0.02 s on ResNet-50)."""
     import onnx
 
+    from .onnx_model import without_large_tensors
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = onnx.shape_inference.infer_shapes(without_large_tensors(model, None)).graph
     except Exception:  # a model shape inference cannot read (over 2 GB, unknown ops): shapes unknown
         return {}
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]

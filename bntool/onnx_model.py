@@ -396,7 +396,7 @@ def without_large_tensors(model, input_shapes: dict[str, tuple[int, ...]] | None
     g.output.extend(model.graph.output)
     g.value_info.extend(model.graph.value_info)
     for info in g.input if input_shapes is not None else []:
-        given = input_shapes.get(info.name)
+        given = input_shapes.get(info.name) if input_shapes is not None else None
         dims = info.type.tensor_type.shape.dim
         for i, d in enumerate(dims):
             if not d.HasField("dim_value"):

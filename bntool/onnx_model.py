@@ -395,12 +395,12 @@ def without_large_tensors(model, input_shapes: dict[str, tuple[int, ...]] | None
     g.input.extend(model.graph.input)
     g.output.extend(model.graph.output)
     g.value_info.extend(model.graph.value_info)
-    for info in g.input if input_shapes is not None else []:
-        given = input_shapes.get(info.name) if input_shapes is not None else None
-        dims = info.type.tensor_type.shape.dim
-        for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                d.dim_value = given[i] if given is not None and i < len(given) else 1
+    if input_shapes is not None:
+        for info in g.input:
+            given = input_shapes.get(info.name)
+            for i, d in enumerate(info.type.tensor_type.shape.dim):
+                if not d.HasField("dim_value"):
+                    d.dim_value = given[i] if given is not None and i < len(given) else 1
     inputs = {i.name for i in model.graph.input}
     for init in model.graph.initializer:
         if len(init.raw_data) <= 1024 and not init.external_data:

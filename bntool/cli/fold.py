@@ -54,8 +54,8 @@ def fold(
                                    "MobileOne, ACNet, DBB blocks) into one conv where exact.")] = True,
     affine_as: Annotated[Optional[AffineAs], typer.Option(
         "--affine-as", help="ONNX files: a BN that folds into no neighbour becomes a depthwise 1x1 Conv (conv), "
-                            "Mul+Add (mul), or by default (auto) the Conv on a float32 4-D tensor, as "
-                            "onnxruntime runs a BN there, and Mul+Add elsewhere.")] = None,
+                            "Mul+Add (mul), or by default (auto) the Conv on a float32 tensor of rank 3-5 (as "
+                            "onnxruntime runs a BN there) and Mul+Add elsewhere.")] = None,
 ) -> None:
     """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
 

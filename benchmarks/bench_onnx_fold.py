@@ -276,7 +276,8 @@ SUMMARY_COLUMNS = ["tool", "BN nodes left", "files with none left", "standalone 
 NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
          "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
          "ratio to the exported file's, the two run interleaved (A, B, A, B, …). Affines: Muls of an activation "
-         "by a constant added (a BN left as a standalone affine); on the PyTorch-path row, ChannelAffine modules "
+         "by a constant, and depthwise 1×1 Convs, added (a BN left as a standalone affine; `bntool fold` writes "
+         "one as such a Conv on a float32 4-D tensor); on the PyTorch-path row, ChannelAffine modules "
          "left after branch merging. bntool's time includes its onnxruntime check.")
 
 

@@ -184,18 +184,25 @@ def latencies(paths: list[Path], x: np.ndarray, reps: int) -> list[float]:
 
 def op_counts(path: Path) -> Counter:
     """Node counts by op type, and "affine": Mul nodes that scale an activation (a tensor that depends on the
-    graph input) by a constant, as a BN left as a standalone affine does (not Muls on weights)."""
+    graph input) by a constant, as a BN left as a standalone affine does (not Muls on weights), and depthwise
+    1×1 Convs (one weight per channel: what `bntool fold` writes a standalone affine as by default)."""
     model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    dynamic = {i.name for i in model.graph.input if i.name not in inits}
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    dynamic = {i.name for i in model.graph.input if i.name not in dims}
     counts = Counter()
     for node in model.graph.node:
         counts[node.op_type] += 1
         reads = [i in dynamic for i in node.input if i]
         if any(reads):
             dynamic.update(node.output)
-            counts["affine"] += node.op_type == "Mul" and not all(reads)
+            counts["affine"] += (node.op_type == "Mul" and not all(reads)) or _per_channel_conv(node, dims)
     return counts
+
+
+def _per_channel_conv(node, dims: dict[str, list[int]]) -> bool:
+    w = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return w is not None and len(w) > 2 and w[0] == group > 1 and all(d == 1 for d in w[1:])
 
 
 def measure_file(name: str, tmp: Path, reps: int) -> list[list]:
@@ -269,7 +276,8 @@ SUMMARY_COLUMNS = ["tool", "BN nodes left", "files with none left", "standalone 
 NOTES = ("Error: max |Δ| vs the exported file in onnxruntime (optimisations off), one random input, over the "
          "original's largest |output|; latency: onnxruntime default level, 1 thread, batch 1, median, and its "
          "ratio to the exported file's, the two run interleaved (A, B, A, B, …). Affines: Muls of an activation "
-         "by a constant added (a BN left as a standalone affine); on the PyTorch-path row, ChannelAffine modules "
+         "by a constant, and depthwise 1×1 Convs, added (a BN left as a standalone affine; `bntool fold` writes "
+         "one as such a Conv on a float32 4-D tensor); on the PyTorch-path row, ChannelAffine modules "
          "left after branch merging. bntool's time includes its onnxruntime check.")
 
 

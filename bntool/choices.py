@@ -43,6 +43,7 @@ class FoldAction(StrEnum):
 class AffineAs(StrEnum):
     """How an ONNX fold writes a BN that folds into no neighbour."""
 
+    AUTO = "auto"  # conv for a float32 4-D (N, C, H, W) input, as onnxruntime itself runs a BN node; else mul
     MUL = "mul"  # a Mul and an Add with per-channel constants
     CONV = "conv"  # one depthwise 1x1 Conv (for backends without broadcasting Mul)
 

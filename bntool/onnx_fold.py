@@ -25,7 +25,7 @@ from .onnx_fold_check import OriginalRuns, check_against_original, example_input
 from .onnx_graph import OnnxGraph
 from .onnx_model import BNNode, OnnxFile, batch_norm_nodes, load_onnx
 from .onnx_save import TensorChanges, give_memory_back, plan_onnx_output, save_onnx
-from .onnx_surgery import BN_TYPE, OnnxFoldPlan, apply_onnx_fold_plan, bn_statistics
+from .onnx_surgery import BN_TYPE, OnnxFoldPlan, affine_form, apply_onnx_fold_plan, bn_statistics
 
 __all__ = ["DEFAULT_TOLERANCE", "OnnxFoldPlan", "OriginalRuns", "apply_onnx_fold_plan", "describe_bn_node",
            "example_inputs", "fold_onnx", "inspect_onnx", "plan_onnx_fold"]
@@ -172,8 +172,13 @@ def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
     if graph.ranks.get(bn.x) is None or graph.elem_types.get(bn.x) is None:
         decision.reason += "; its input's rank or type is unknown (no exact affine without it)"
         return step
-    decision.action, decision.replaced_by = FoldAction.AFFINE, "Mul+Add"
-    step.centered = far > MAX_FORWARD_FOLD_MEAN  # subtract the mean first: keeps precision far from zero
+    # Subtract the mean first where it sits far from zero and the BN reads a graph input (or a constant): exact
+    # values, whose precision x·s + t would lose by cancelling two large terms. A computed input carries that
+    # rounding already (its own, eps·|μ|), and onnxruntime's BatchNormalization kernel computes x·s + t too.
+    step.centered = far > MAX_FORWARD_FOLD_MEAN and graph.producer(bn.x) is None
+    form = affine_form(graph, bn.x, AffineAs.AUTO, step.centered)
+    decision.action = FoldAction.AFFINE
+    decision.replaced_by = "Conv" if form == "conv" else "Sub+Mul+Add" if step.centered else "Mul+Add"
     return step
 
 
@@ -239,7 +244,7 @@ def fold_onnx(
     rtol: float | None = None,
     atol: float | None = None,
     skip: Sequence[str] = (),
-    affine_as: str = "mul",
+    affine_as: str = "auto",
     provider: str = "cpu",
     force: bool = False,
     check: bool = True,
@@ -260,7 +265,8 @@ def fold_onnx(
             an output is over it, the original run in float64 (onnx.reference) arbitrates: the folded file passes
             when it is no further from it than 1.5× the original's own float32 error.
         skip: BN node names or glob patterns left as they are.
-        affine_as: "mul" (Mul + Add) or "conv" (a depthwise 1×1 Conv) for BNs that fold into no neighbour.
+        affine_as: for BNs that fold into no neighbour: "auto" (a depthwise 1×1 Conv where onnxruntime runs
+            a BN as one, a float32 4-D input; Mul + Add elsewhere), "mul" (Mul + Add) or "conv" (the Conv).
         provider: onnxruntime's: "cpu" or "cuda".
         force: replace an existing `out`.
         in_place: `out` may be the input file (replaced atomically after a passing check; external data too).

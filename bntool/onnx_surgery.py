@@ -165,17 +165,18 @@ def _index_of(graph, node) -> int:
     raise ValueError("node not in graph")
 
 
-def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "mul",
+def apply_onnx_fold_plan(model, plan: OnnxFoldPlan, affine_as: str = "auto",
                          input_shapes: dict[str, tuple[int, ...]] | None = None,
                          example: dict[str, np.ndarray] | None = None, graph: OnnxGraph | None = None,
                          merge: bool = True) -> TensorChanges:
     """Apply `plan` to `model`: each folded BN's scale and shift into its target layers' constants
-    (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by Mul+Add (or a
-    depthwise 1×1 Conv; Sub, Mul, Add where its mean is far from zero). Nodes change in place; the
-    initializers' changes are returned (`save_onnx(..., changes=)` writes them without a second copy of the
-    model in memory; `changes.apply_to(model)` puts them in the model). `graph`: the OnnxGraph the plan was
-    made on, if the model has not changed since (saves building it again). `merge`: then summed branches of one
-    tensor (RepVGG, MobileOne) become one Conv where exact (bntool.onnx_merge; listed in `plan.merges`)."""
+    (bntool.folding.math, float64, cast once to each tensor's dtype), each affine BN replaced by a depthwise 1×1
+    Conv or Mul+Add (`affine_as`: "auto", "conv", "mul", see affine_form; Sub, Mul, Add where it is centered).
+    Nodes change in place; the initializers' changes are returned (`save_onnx(..., changes=)` writes them
+    without a second copy of the model in memory; `changes.apply_to(model)` puts them in the model). `graph`:
+    the OnnxGraph the plan was made on, if the model has not changed since (saves building it again). `merge`:
+    then summed branches of one tensor (RepVGG, MobileOne) become one Conv where exact (bntool.onnx_merge;
+    listed in `plan.merges`)."""
     graph = graph if graph is not None else OnnxGraph.of(model, input_shapes, example)
     surgery = _Surgery(model, graph)
     bns = {bn.name: bn for bn in batch_norm_nodes(model) if not bn.where}
@@ -274,6 +275,23 @@ def _rename_input(node, old: str, new: str) -> None:
             node.input[i] = new
 
 
+def affine_form(graph: OnnxGraph, x: str, affine_as: str = "auto", centered: bool = False) -> str:
+    """"conv" (one depthwise 1×1 Conv) or "mul" (Mul and Add; Sub first where `centered`): how the affine of a BN
+    reading `x` is written. "auto" takes the Conv for a float32 input of rank 3–5: onnxruntime runs a 4-D
+    BatchNormalization node as that same depthwise Conv in its blocked (NCHWc) layout, a following Relu fused,
+    where a Mul and an Add are two kernels that each convert the layout back and forth (DenseNet-121: 1.19× the
+    original's latency as Mul+Add, 1.00× as Conv; 1-D and 3-D: within 1.01× of the BN node, Mul+Add 1.06–1.09×).
+    float16 keeps Mul and Add (not every onnxruntime build has a float16 Conv on CPU), as do ranks < 3."""
+    from onnx import TensorProto
+
+    rank = graph.ranks.get(x, 0)
+    if centered or rank < 3 or affine_as == "mul":
+        return "mul"
+    if affine_as == "conv":
+        return "conv"
+    return "conv" if rank <= 5 and graph.elem_types.get(x) == TensorProto.FLOAT else "mul"
+
+
 def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Surgery, affine_as: str,
                   graph: OnnxGraph, centered: bool = False) -> list:
     """y = x·scale + shift per channel (axis 1), exactly the BN in eval mode: Mul and Add with [C, 1, …]
@@ -286,7 +304,7 @@ def _affine_nodes(bn: BNNode, scale: np.ndarray, shift: np.ndarray, surgery: _Su
     rank = graph.ranks[bn.x]
     dtype = helper.tensor_dtype_to_np_dtype(graph.elem_types[bn.x])  # X's type (opset 15 lets γ, β differ)
     base = bn.name
-    if affine_as == "conv" and rank >= 3 and not centered:
+    if affine_form(graph, bn.x, affine_as, centered) == "conv":
         ones = [1] * (rank - 2)
         w = surgery.new_constant(scale.reshape(-1, 1, *ones), dtype, f"{base}.affine_weight")
         b = surgery.new_constant(shift, dtype, f"{base}.affine_bias")

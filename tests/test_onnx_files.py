@@ -478,6 +478,21 @@ def test_cli_affine_as_conv(cli, tmp_path, zoo_files):
     assert op_types(out).count("Conv") == op_types(path).count("Conv") + 1 and "Mul" not in op_types(out)
 
 
+def test_cli_default_affine_is_a_depthwise_conv_and_mul_on_request(cli, tmp_path, zoo_files, resnet_sd):
+    """The default (auto) writes the shared BN of a float32 4-D tensor as one depthwise Conv, as onnxruntime runs
+    a BN node; `--affine-as mul` keeps Mul+Add; a PyTorch input still refuses the flag (it keeps a module)."""
+    path = zoo_files["shared"][1]
+    assert cli("fold", path, "-o", tmp_path / "auto.onnx").code == 0
+    auto = op_types(tmp_path / "auto.onnx")
+    assert auto.count("Conv") == op_types(path).count("Conv") + 1 and "Mul" not in auto
+    assert cli("fold", path, "-o", tmp_path / "mul.onnx", "--affine-as", "mul").code == 0
+    mul = op_types(tmp_path / "mul.onnx")
+    assert mul.count("Mul") == 1 and mul.count("Conv") == op_types(path).count("Conv")
+    result = cli("fold", resnet_sd, "--arch", "bntool.zoo:resnet", "--input-shape", "1,3,16,16",
+                 "-o", tmp_path / "f.pt", "--affine-as", "mul")
+    assert result.code == 2 and "applies to ONNX files only" in result.err
+
+
 def test_cli_bad_onnx_inputs_exit_2_and_write_nothing(cli, tmp_path, zoo_files, resnet_sd):
     export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "dyn.onnx", dynamic=True)
     cut = tmp_path / "cut.onnx"

@@ -52,9 +52,10 @@ def fold(
     merge: Annotated[bool, typer.Option(
         "--merge/--no-merge", help="After folding, merge summed linear branches that read one tensor (RepVGG, "
                                    "MobileOne, ACNet, DBB blocks) into one conv where exact.")] = True,
-    affine_as: Annotated[AffineAs, typer.Option(
-        "--affine-as", help="ONNX files: a BN that folds into no neighbour becomes Mul+Add (mul) or a depthwise "
-                            "1x1 Conv (conv).")] = AffineAs.MUL,
+    affine_as: Annotated[Optional[AffineAs], typer.Option(
+        "--affine-as", help="ONNX files: a BN that folds into no neighbour becomes a depthwise 1x1 Conv (conv), "
+                            "Mul+Add (mul), or by default (auto) the Conv on a float32 tensor of rank 3-5 (as "
+                            "onnxruntime runs a BN there) and Mul+Add elsewhere.")] = None,
 ) -> None:
     """Fold each BatchNorm into the conv/linear next to it; check against the original; write the result.
 
@@ -68,12 +69,12 @@ def fold(
     from ..report import render_fold
 
     if _onnx_input(model):
-        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as, merge,
-                          _onnx_provider(device, example))
+        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as or AffineAs.AUTO,
+                          merge, _onnx_provider(device, example))
     if model.ckpt.exists():  # a missing input is named by the loader, not blamed on -o
         _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
                                       "writes ONNX")
-    if affine_as != AffineAs.MUL:
+    if affine_as is not None:
         raise InputError("--affine-as: applies to ONNX files only (a PyTorch fold keeps an affine as a module)")
     outputs = _outputs((model.ckpt, "the input checkpoint"))
     outputs.add(out.output, OutputKind.CHECKPOINT, force=out.force, in_place=out.in_place, what="-o")

@@ -15,7 +15,6 @@ bias) is added in each library's own order, so the two can differ in the last bi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -80,9 +79,15 @@ def bn_scale_shift(mean: Array, var: Array, weight: Array | None, bias: Array | 
 
 
 def mean_in_stds(mean: Array, var: Array, eps: float) -> float:
-    """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations."""
-    mean, var = float64(mean), float64(var)
-    return float((abs(mean) / _ops(var).sqrt(var + eps)).max()) if math.prod(mean.shape) else 0.0
+    """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations. A number that decisions
+    compare with a threshold, so computed in numpy for both kinds of input: torch's vectorized float64 division
+    can differ from numpy's in the last bit, and a PyTorch model and its ONNX file must decide alike."""
+    mean, var = _numpy64(mean), _numpy64(var)
+    return float((np.abs(mean) / np.sqrt(var + eps)).max()) if mean.size else 0.0
+
+
+def _numpy64(a: Array) -> np.ndarray:
+    return np.asarray(a if isinstance(a, np.ndarray) else a.detach().cpu(), dtype=np.float64)
 
 
 def statistics_problem(mean: Array, var: Array, weight: Array | None, bias: Array | None, eps: float) -> str:

@@ -12,16 +12,16 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree as ET
 
-import torch
-from torch import nn
-
 from .compare import RecordedRuns
-from .devices import check_not_meta, modes_kept, moved_to, to_device
 from .errors import BrokenStatistics, CheckFailed, InputError, param
 from .utils import plural
+
+if TYPE_CHECKING:  # torch is imported by the PyTorch checks: verify_onnx and the reports need none of its modules
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -83,9 +83,12 @@ def verify(
     Raises:
         InputError: the model does not accept the inputs, or `onnx_path` is not a loadable ONNX file.
     """
-    check_not_meta(model)
-    from .compare import check_samples
+    import torch
 
+    from .compare import check_samples
+    from .devices import check_not_meta, modes_kept, moved_to, to_device
+
+    check_not_meta(model)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     check_samples(samples)
     report = VerifyReport()

@@ -296,7 +296,7 @@ CHILD_PEAK = ("import resource, subprocess, sys; subprocess.run([sys.executable,
               "capture_output=True); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
 IMPORTS_ONLY = ("import bntool.cli, bntool.checkpoint, bntool.folding, bntool.report, bntool.onnx_fold, onnx, "
-                "onnxruntime")  # what `bntool fold` imports before it loads the file
+                "onnxruntime")  # what `bntool fold` holds at its peak (torch: imported for the check's inputs)
 
 
 def resnet50_cost(tmp: Path, rounds: int) -> list[list]:

@@ -105,9 +105,10 @@ def checked_arguments(function):
     where the hint names str somewhere (`Sequence[str]`); hints that cannot be read are not checked."""
     import functools
     import inspect
+    import typing
 
     try:
-        hints = _type_hints(function)
+        hints = typing.get_type_hints(function)
     except Exception:  # a hint that names what is not importable at run time: check nothing rather than fail
         return function
     signature = inspect.signature(function)
@@ -128,19 +129,6 @@ def checked_arguments(function):
         return function(*args, **kwargs)
 
     return checked
-
-
-def _type_hints(function) -> dict[str, Any]:
-    """typing.get_type_hints, also where the function's module imports torch only for type checkers (so that the
-    ONNX commands import no torch): such an entry point takes torch objects, so torch is imported for its hints."""
-    import typing
-
-    try:
-        return typing.get_type_hints(function)
-    except NameError:
-        import torch
-
-        return typing.get_type_hints(function, localns={"torch": torch, "nn": torch.nn})
 
 
 def _runtime_classes(hint) -> tuple[type, ...] | None:

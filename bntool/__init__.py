@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name i
     from .onnx_fold import fold_onnx, inspect_onnx
     from .onnx_recalibration import recalibrate_onnx, recalibrate_onnx_file
     from .recalibration import RecalibrationReport, recalibrate
-    from .verification import VerifyReport, verify
+    from .verification import verify
+    from .verification_onnx import VerifyReport
 
 _EXPORTS = {
     "inspect": "inspection",
@@ -54,7 +55,7 @@ _EXPORTS = {
     "inspect_onnx": "onnx_fold",
     "ExportReport": "onnx_export",
     "verify": "verification",
-    "VerifyReport": "verification",
+    "VerifyReport": "verification_onnx",
     "load_checkpoint": "checkpoint",
     "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import CodeType
 from typing import Any
 
@@ -76,6 +76,13 @@ class BrokenStatistics(InputError):
     def __init__(self, message: str, broken: list[tuple[str, str]], *, param: str | None = None):
         super().__init__(message, param=param)
         self.broken = broken
+
+
+def broken_layers_text(broken: Sequence[tuple[str, str]]) -> str:
+    """'BatchNorm 'a' (NaN/Inf in running_var), 'b' (…) and 2 more (4 in all)': each named with its own problem."""
+    names = ", ".join(f"{name!r} ({problem})" for name, problem in broken[:3])
+    more = f" and {len(broken) - 3} more ({len(broken)} in all)" if len(broken) > 3 else ""
+    return f"BatchNorm {names}{more}"
 
 
 class UnsupportedError(BntoolError):

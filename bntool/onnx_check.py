@@ -8,9 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .choices import Provider
 from .compare import (
@@ -25,6 +23,10 @@ from .compare import (
 )
 from .errors import CheckFailed, InputError, param, user_code, without_ansi
 from .utils import iter_tensors
+
+if TYPE_CHECKING:  # torch is imported where a run needs it: ONNX files are read and checked without it
+    import torch
+    from torch import nn
 
 # Without atol, the absolute tolerance is this share of each output's largest magnitude: onnxruntime and
 # PyTorch sum in different orders, and through a deep float32 network that differs by ~1e-6 of the scale.
@@ -181,6 +183,8 @@ def compare_with_onnxruntime(
     Raises:
         InputError: onnxruntime cannot load the file, or its inputs do not match `inputs`.
     """
+    import torch
+
     runs = reference_runs if reference_runs is not None else RecordedRuns()
 
     def reference(label: str, xs: tuple) -> list:
@@ -214,6 +218,8 @@ def compare_runs(
     of an ONNX fold). `inputs_like`: something with `get_inputs()` describing `path`'s inputs as a session does
     (a fold's original file, whose inputs the folded file keeps): no session on `path` is made just to read them.
     Comparisons are listed input by input, the default level first."""
+    import torch
+
     # One session at a time, level by level: a large model is held once by onnxruntime, not once per level.
     session = ort_session(path, provider, OPTIMIZATION_LEVELS[0]) if inputs_like is None else None
     described = session if session is not None else inputs_like

@@ -19,7 +19,7 @@ import numpy as np
 
 from .choices import AffineAs, FoldAction
 from .compare import Tolerance
-from .errors import BrokenStatistics, InputError, param
+from .errors import BrokenStatistics, InputError, broken_layers_text, param
 from .files import Outputs
 from .onnx_fold_check import OriginalRuns, check_against_original, example_inputs, graph_inputs
 from .onnx_graph import OnnxGraph
@@ -213,8 +213,6 @@ def _refuse_unfoldable(onnx_file: OnnxFile, skip: Sequence[str]) -> None:
     """Exit 2 before any work, as for a checkpoint: a BN in training mode (onnxruntime computes it from the batch,
     differently at each optimisation level, so no check could pass) or with broken statistics (NaN/Inf, var +
     eps ≤ 0: the file is broken, not the fold), unless --skip leaves it."""
-    from .folding import broken_layers_text
-
     broken, advice = [], {}
     for bn in batch_norm_nodes(onnx_file.model):
         if bn.where or any(fnmatch.fnmatchcase(bn.name, pattern) for pattern in skip):
@@ -285,8 +283,7 @@ def fold_onnx(
     """
     from .compare import check_samples
     from .errors import CheckFailed
-    from .folding import FoldReport
-    from .onnx_export import check_provider
+    from .onnx_check import check_provider
 
     if affine_as not in AffineAs.values():
         raise InputError(f"{param('affine_as')} {affine_as!r}: choose one of {', '.join(AffineAs.values())}",
@@ -295,14 +292,15 @@ def fold_onnx(
     check_provider(provider)
     Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)  # bad values are refused before any work
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
-    tolerance = Tolerance.resolve(rtol, atol, default_tolerance(onnx_file.model))
     _refuse_unfoldable(onnx_file, skip)
     outputs = Outputs()
     if out is not None:
         plan_onnx_output(outputs, out, onnx_file, force=force, in_place=in_place)
         outputs.check()
-    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
+    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)  # torch imported here
     original = OriginalRuns(onnx_file.path, provider, inputs)
+    tolerance = Tolerance.resolve(rtol, atol, default_tolerance(onnx_file.model))
+    from .folding import FoldReport
 
     started = time.perf_counter()
     model = onnx_file.model
@@ -340,7 +338,7 @@ def fold_onnx(
 
 
 def _bn_count(model) -> int:
-    from .onnx_export import op_counts
+    from .onnx_check import op_counts
 
     return op_counts(model).get(BN_TYPE, 0)
 

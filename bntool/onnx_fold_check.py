@@ -27,19 +27,23 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
     Raises:
         InputError: a symbolic dimension without `input_shapes` (naming the input), or shapes that do not fit.
     """
-    import torch
     from onnx import helper
 
     specs = graph_inputs(model)
     if input_shapes is not None and len(input_shapes) != len(specs):
         raise InputError(f"{path}: has {len(specs)} inputs {[s.name for s in specs]}, but {param('example_inputs')} "
                          f"gives {len(input_shapes)} shapes", param="example_inputs")
+    shapes = []
+    for i, spec in enumerate(specs):  # all checked before torch is imported (its generator draws the values)
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in spec.type.tensor_type.shape.dim]
+        shapes.append(_input_shape(spec.name, dims, None if input_shapes is None else tuple(input_shapes[i]), path))
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     inputs = []
-    for i, spec in enumerate(specs):
+    for spec, shape in zip(specs, shapes):
         t = spec.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        shape = _input_shape(spec.name, dims, None if input_shapes is None else tuple(input_shapes[i]), path)
         dtype = torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(t.elem_type))).dtype
         if dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=g).to(dtype))
@@ -81,7 +85,7 @@ class OriginalRuns:
         self.float64: Any = None  # onnx.reference.ReferenceEvaluator, made on first use
 
     def open(self):
-        from .onnx_export import check_signature, ort_session
+        from .onnx_check import check_signature, ort_session
 
         if self.session is None:
             self.session = ort_session(self.path, self.provider, "ORT_DISABLE_ALL")
@@ -141,7 +145,7 @@ def as_float64(model):
 def check_against_original(original: OriginalRuns, staged: Path, inputs, tolerance, samples, seed, provider):
     """onnxruntime on the folded file against the original, level by level; a comparison over tolerance is
     re-judged against the original run in float64."""
-    from .onnx_export import compare_runs
+    from .onnx_check import compare_runs
 
     exact_only = Tolerance(0.0, 0.0, atol_relative=False)
 

@@ -4,13 +4,15 @@ op kinds, concrete shapes and channel probes of an onnx.ModelProto's main graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from .folding.planner import OUTPUT, OpKind
 from .onnx_model import Constants, all_names, default_opset, graph_output_names, readers_of, without_large_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
 # Nodes whose output shapes the planner reads (layers, moves, sums, concats, pads).

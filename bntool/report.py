@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .inspection import HealthKind
 from .report_json import dumps as dumps  # the CLI imports the JSON side from here too
 from .report_json import versions as versions
 from .utils import plural
@@ -67,6 +66,8 @@ def render_inspect(report, console: Console, wide: bool = False) -> None:
 
 def few_updates_warning(report) -> str:
     """The inspect warning about BN layers that averaged few batches ("" when none did); -q shows it too."""
+    from .inspection import HealthKind  # here: the report module imports no torch (ONNX commands)
+
     few = [layer for layer in report.layers if any(f.kind == HealthKind.FEW_UPDATES for f in layer.health)]
     if not few:
         return ""

@@ -140,8 +140,8 @@ def test_verify_plans_and_folds_once(monkeypatch):
     monkeypatch.setattr(torch_plan, "trace", counting(torch_plan.trace, "trace"))
     monkeypatch.setattr(check, "trace", counting(check.trace, "trace"))
     monkeypatch.setattr(surgery, "apply_plan", counting(surgery.apply_plan, "apply"))
-    import bntool.folding as folding
-    monkeypatch.setattr(folding, "apply_plan", surgery.apply_plan)
+    import bntool.folding.api as api
+    monkeypatch.setattr(api, "apply_plan", surgery.apply_plan)
     report = verify(pruned_model(), torch.randn(1, 8, 9, 9), samples=0, exporter="legacy")
     assert report.passed, report.to_dict()
     assert calls == {"trace": 2, "apply": 1}

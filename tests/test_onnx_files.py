@@ -849,3 +849,59 @@ def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "out.onnx", "out.onnx.1.data"]
     x = example("resnet").numpy()
     assert np.abs(run_ort(out, x) - run_ort(src, x)).max() < 1e-4
+
+
+# ---------------------------------------------------------------- no torch before the check's inputs
+
+# Run in a fresh interpreter: the CLI on ONNX files, recording where torch is first imported. Errors found before
+# any work import no torch at all; a run that works imports it only to draw the check's random inputs with
+# torch's generator (onnx_fold_check.example_inputs: the numbers stay those of the PyTorch path).
+_TORCH_WATCH = """
+import importlib.abc, json, sys, traceback
+first = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        stack = traceback.extract_stack()
+        if name == "torch" and not first and not any(f.name == "_library_dirs" for f in stack):  # a find_spec
+            first.append([f.name for f in stack if "bntool" in f.filename][-1:])
+sys.meta_path.insert(0, Watch())
+from bntool.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    results.append([code, "torch" in sys.modules, first[0] if first else None])
+print(json.dumps(results))
+"""
+
+
+def test_onnx_commands_import_torch_only_for_the_check_inputs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src, out, taken = tmp_path / "m.onnx", tmp_path / "folded.onnx", tmp_path / "taken.onnx"
+    onnx.save(bn_graph(17), str(src))
+    taken.write_bytes(src.read_bytes())
+    runs = [
+        ["fold", str(src), "-o", str(taken)],  # exists, no --force: exit 2 before any work
+        ["fold", str(src), "-o", str(out), "--samples", "-1", "--json"],  # a bad option, --json's error object
+        ["verify", str(src), "--reference", str(tmp_path / "missing.onnx")],
+        ["inspect", str(src), "--dtype", "float16", "--json"],
+        ["fold", str(src), "-o", str(out), "-q", "--samples", "1"],
+        ["inspect", str(src), "--json"],
+        ["verify", str(out), "--reference", str(src), "-q", "--samples", "1"],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", _TORCH_WATCH, json.dumps(runs)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert [code for code, _, _ in results] == [2, 2, 2, 2, 0, 0, 0], (results, done.stderr)
+    assert len(errors) == 4 and "exists" in errors[0] and "--samples" in errors[1] and "--dtype" in errors[3], errors
+    assert [imported for _, imported, _ in results[:4]] == [False] * 4, results  # the errors: no torch
+    assert results[4][2] == ["example_inputs"], results  # then only for the check's random inputs
+    error_object = json.loads(done.stdout[:done.stdout.index("\n}\n") + 2])
+    assert error_object["error"]["exit_code"] == 2 and error_object["versions"]["torch"] == torch.__version__
+    assert not batch_norm_nodes(onnx.load(str(out)))

@@ -63,14 +63,14 @@ def fold(
     bntool.load_model(path, arch=...) (its structure differs from --arch). An ONNX file (by content) needs no
     --arch; it is checked in onnxruntime against the original.
     """
+    if _onnx_input(model):  # before the PyTorch path's imports: an ONNX file's fold imports no torch module
+        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as or AffineAs.AUTO,
+                          merge, _onnx_provider(device, example))
     from ..checkpoint import write_checkpoint
     from ..files import OutputKind
     from ..folding import fold as fold_model
     from ..report import render_fold
 
-    if _onnx_input(model):
-        return _fold_onnx(model, out, example, tolerances, display, samples, skip, affine_as or AffineAs.AUTO,
-                          merge, _onnx_provider(device, example))
     if model.ckpt.exists():  # a missing input is named by the loader, not blamed on -o
         _refuse_onnx_name(out.output, "fold writes a PyTorch checkpoint for a PyTorch input; bntool export-onnx "
                                       "writes ONNX")

@@ -39,7 +39,6 @@ def inspect(
     """Show every BatchNorm layer, its statistics and health; with --input-shape, what `fold` would do.
 
     An ONNX file (by content) needs no --arch: every BatchNormalization node and what fold would do."""
-    from ..inspection import inspect as inspect_model
     from ..report import render_inspect
 
     if _onnx_input(model):
@@ -49,6 +48,8 @@ def inspect(
 
         report = inspect_onnx(model.ckpt, _input_shapes(example))
         return _show(report, display, render_inspect, _context(model), wide=wide)
+    from ..inspection import inspect as inspect_model
+
     where = device.resolve()
     loaded = model.load()
     inputs = None

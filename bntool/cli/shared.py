@@ -145,7 +145,7 @@ def _onnx_provider(device: Device, example: ExampleInputs | None = None) -> str:
 
     if example is not None and example.dtype is not None:
         raise InputError("--dtype: an ONNX file's inputs have the types its graph declares; drop --dtype")
-    where = str(device.resolve())
+    where = "cpu" if device.device.strip() == "cpu" else str(device.resolve())  # the default needs no torch
     if where.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
     provider = "cuda" if where.startswith("cuda") else "cpu"

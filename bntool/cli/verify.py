@@ -78,7 +78,7 @@ def verify(
     passes when |Δ| ≤ atol + rtol·|reference|.
     """
     from ..report import render_verify
-    from ..verification import junit_error_xml, markdown_error, to_junit_xml, to_markdown
+    from ..verification_onnx import junit_error_xml, markdown_error, to_junit_xml, to_markdown
 
     outputs = _outputs((model.ckpt, "the input checkpoint"), (data.data, "the --data file"), (onnx, "the --onnx file"),
                        (reference, "the --reference file"))
@@ -152,7 +152,7 @@ def _verify(model: ModelSource, example: ExampleInputs, data: DataOptions, image
 
 def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onnx_rtol, onnx_atol, provider):
     from ..onnx_model import is_onnx_file
-    from ..verification import verify_onnx
+    from ..verification_onnx import verify_onnx
 
     if onnx is not None or data.data is not None or data.loader is not None:
         flag = "--onnx" if onnx is not None else ("--data" if data.data is not None else "--loader")
@@ -202,7 +202,7 @@ def _ci_reports_of_unparsed_verify(argv: list[str], message: str) -> None:
     CI dashboard, read from the arguments as given; a report that may not be written (exists without --force,
     would replace a checkpoint, ...) is left out: the error line has been said."""
     from ..files import Outputs
-    from ..verification import junit_error_xml, markdown_error
+    from ..verification_onnx import junit_error_xml, markdown_error
 
     outputs = Outputs()
     junit_xml, summary_md = _flag_value(argv, "--junit-xml"), _flag_value(argv, "--summary-md")

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..choices import FoldAction
-from ..graph import channel_map, channel_probe
+
+if TYPE_CHECKING:
+    import torch
 
 # What a BN became (see FoldAction).
 FOLDED = FoldAction.FOLDED
@@ -227,6 +227,8 @@ def _producer_channels(graph: FoldGraph, node: Any, path: list, channels: int) -
     out_axis = graph.channel_axes(node)[1] % len(shape)
     per_bn = _direct_channels(graph, path, shape, out_axis)
     if per_bn is None:
+        from ..graph import channel_map, channel_probe  # a probe only where data moves: the module imports no torch
+
         per_bn = channel_map(_carry(graph, path, channel_probe(shape, out_axis)), 1)
     layer_channels = shape[out_axis]
     if per_bn is None or sorted(c for c in per_bn if c >= 0) != list(range(layer_channels)) or len(per_bn) != channels:
@@ -260,6 +262,8 @@ def _direct_channels(graph: FoldGraph, path: list, shape: tuple[int, ...], out_a
 def _carry(graph: FoldGraph, path: list, probe: torch.Tensor) -> torch.Tensor:
     """Carry a channel-index probe from a layer's output to the BN's input along the path: data movement
     replayed, a sum passes it through, a concat places it among -1s (the other parts' channels)."""
+    import torch
+
     for step in path:
         kind, node = step[0], step[1]
         if kind == "move":
@@ -316,6 +320,8 @@ def _consumer(graph: FoldGraph, node: Any, x: Any, chain: list, y_shape) -> tupl
     in_axis = graph.channel_axes(node)[0]
     mapping = _direct_consumer_channels(chain, tuple(y_shape), in_axis)
     if mapping is None:
+        from ..graph import channel_map, channel_probe
+
         probe = channel_probe(y_shape, 1)
         for move in chain:
             probe = graph.move_probe(move, probe)

@@ -7,11 +7,12 @@ boundary, which replaces the cache. Every node thus runs about once over all pas
 while the cache holds (the cached chunks stand for the batches). What does not fit the byte budget is not cached,
 and the next pass starts from the model input instead.
 
-Statistics: each sample's rows (one per channel, its positions) get their float32 sums of d and d² in
-onnxruntime, d = x minus a centre inside the plane's own range (so that large offsets cost no digits); the rows
-are pooled in float64 (Chan's formula, exact), as PyTorch's exact mode pools its batches. Only the per-row values
-leave the session. A graph with a fixed batch size gets its data in chunks of that size, the last one padded with
-copies of its own samples whose rows are dropped, so padding changes no statistic.
+Statistics: each sample's rows (one per channel, its positions) get their float32 mean m and the sums of
+e = x - m and e² in onnxruntime (the row's own mean as the centre, so values far from zero or from the rest of
+the plane cost no digits); the rows are pooled in float64 (Chan's formula, exact), as PyTorch's exact mode pools
+its batches. Only the per-row values leave the session. A graph with a fixed batch size gets its data in chunks
+of that size, the last one padded with copies of its own samples whose rows are dropped, so padding changes no
+statistic.
 """
 
 from __future__ import annotations
@@ -233,20 +234,20 @@ STATS = "bntool.statistics"
 
 
 def _statistics_nodes(measured: list[tuple[str, str]], opset: int, dtype) -> tuple[list, list, list[str]]:
-    """Nodes that give, for each measured (tensor, `_row_cut`) seen as (N, C, rows, row length): a centre per
-    sample and channel (the mean of its first row: only a centre, close to the values, so that d = x - c keeps the
-    digits of values far from zero); each short row's sum of d and of d² in float32 (one pass over contiguous
-    memory, no cast of the tensor); and the shape. `_accumulate` pools the rows in float64. Only these per-row
-    values come out (a row-length-th of the tensor), no copy of the tensor unless the cache keeps it.
-    One pass about a centre inside the row's own range loses no more than the two-pass form; it reads the tensor
-    three times where that read it four times and wrote it twice (measured: 2.3-2.8x faster in onnxruntime)."""
+    """Nodes that give, for each measured (tensor, `_row_cut`) seen as (N, C, rows, row length): each short row's
+    float32 mean m, and the sums of e and e² for e = x - m (no cast of the tensor), and the shape. The row's own
+    mean is a centre as close to its values as float32 allows, wherever they lie (a first row, a first column or
+    a whole plane far from the rest costs no digits); the sums of e correct that centre's rounding exactly, so
+    one pass over e loses nothing (M2 = Σe² - (Σe)²/W). `_accumulate` pools the rows in float64. Only these
+    per-row values come out (a row-length-th of the tensor), no copy of the tensor unless the cache keeps it.
+    The tensor is read three times and e written once (the two-pass form read it four times and wrote twice)."""
     from onnx import TensorProto, helper
 
     def const(name, values):
         return helper.make_tensor(f"{STATS}.{name}", TensorProto.INT64, [len(values)], values)
 
     inits = [const("rows", [0, 0, -1, 0]), const("plane", [0, 0, 1, -1]), const("values", [0, 0, -1, 1]),
-             const("zero", [0]), const("axis3", [3])]
+             const("axis3", [3])]
     nodes, outputs = [], []
 
     def reduce(op, x, y):
@@ -262,32 +263,32 @@ def _statistics_nodes(measured: list[tuple[str, str]], opset: int, dtype) -> tup
         if cast:
             nodes.append(helper.make_node("Cast", [f"{p}.x"], [f"{p}.xf"], to=TensorProto.FLOAT))
         xf = f"{p}.xf" if cast else f"{p}.x"
-        nodes += [helper.make_node("Gather", [xf, f"{STATS}.zero"], [f"{p}.first"], axis=2),
-                  reduce("ReduceMean", f"{p}.first", f"{p}.centre"),
-                  helper.make_node("Sub", [xf, f"{p}.centre"], [f"{p}.d"]),
-                  reduce("ReduceSum", f"{p}.d", f"{p}.s"),
-                  reduce("ReduceSumSquare", f"{p}.d", f"{p}.q"),
+        nodes += [reduce("ReduceMean", xf, f"{p}.m"),
+                  helper.make_node("Sub", [xf, f"{p}.m"], [f"{p}.e"]),
+                  reduce("ReduceSum", f"{p}.e", f"{p}.s"),
+                  reduce("ReduceSumSquare", f"{p}.e", f"{p}.q"),
                   helper.make_node("Shape", [f"{p}.x"], [f"{p}.shape"])]
-        outputs += [f"{p}.centre", f"{p}.s", f"{p}.q", f"{p}.shape"]
+        outputs += [f"{p}.m", f"{p}.s", f"{p}.q", f"{p}.shape"]
     return nodes, inits, outputs
 
 
 def _accumulate(stats: ChannelStats, values: dict[str, np.ndarray], prefix: str, chunk: Chunk, bn: str) -> None:
-    """One chunk's per-channel count, mean and centred sum of squares from `_statistics_nodes`' row sums, pooled
-    exactly in float64: per (sample, channel) plane of L values, mean m = c + S/L and M2 = Q - S²/L from the sums
-    S, Q of its rows; per channel, mean = the mean of m, M2 = Σ plane M2 + L · Σ (m - mean)²; merged into `stats`
-    with Chan's formula. A padded chunk's padding is left out."""
+    """One chunk's per-channel count, mean and centred sum of squares from `_statistics_nodes`' rows, pooled
+    exactly in float64: per row of W values, mean = m + S/W and M2 = Q - S²/W; per channel, mean = the mean of the
+    row means, M2 = Σ row M2 + W · Σ (row mean - mean)²; merged into `stats` with Chan's formula. A padded chunk's
+    padding is left out."""
     n_rows, channels, rows, width = (int(v) for v in values[f"{prefix}.shape"])
     kept = _real_rows(n_rows, chunk, bn)
-    length = rows * width
-    centre = values[f"{prefix}.centre"].reshape(n_rows, channels)[:kept].astype(np.float64)
-    s = values[f"{prefix}.s"].reshape(n_rows, channels, rows)[:kept].sum(axis=2, dtype=np.float64)
-    q = values[f"{prefix}.q"].reshape(n_rows, channels, rows)[:kept].sum(axis=2, dtype=np.float64)
-    plane_mean = centre + s / length
-    plane_m2 = np.maximum(q - s * s / length, 0.0)  # ≥ 0: a constant plane may round a hair below
-    mean = plane_mean.mean(axis=0)
-    m2 = plane_m2.sum(axis=0) + length * np.square(plane_mean - mean).sum(axis=0)
-    stats.add(kept * length, torch.from_numpy(mean), torch.from_numpy(m2))
+
+    def per_row(name: str) -> np.ndarray:
+        return values[f"{prefix}.{name}"].reshape(n_rows, channels, rows)[:kept].astype(np.float64)
+
+    s = per_row("s")
+    row_mean = per_row("m") + s / width
+    row_m2 = np.maximum(per_row("q") - s * s / width, 0.0)  # ≥ 0: a constant row may round a hair below
+    mean = row_mean.mean(axis=(0, 2))
+    m2 = row_m2.sum(axis=(0, 2)) + width * np.square(row_mean - mean[:, None]).sum(axis=(0, 2))
+    stats.add(kept * rows * width, torch.from_numpy(mean), torch.from_numpy(m2))
 
 
 def _real_rows(n_rows: int, chunk: Chunk, bn: str) -> int:

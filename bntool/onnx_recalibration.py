@@ -299,19 +299,28 @@ def write_statistics(model, usable: list[_BN], stats: dict[str, tuple[np.ndarray
     outputs = graph_output_names(graph)
     nodes = {(n.name or n.output[0]): n for n in graph.node if n.op_type == BN_OP}
     taken = all_names(model)
+    planned = []  # every array cast to its file's dtype first: one that overflows it changes nothing
     for b in usable:
         if b.name not in stats:
             continue
         for slot, name, values in ((3, b.mean, stats[b.name][0]), (4, b.var, stats[b.name][1])):
             old = inits.get(name) or constants.proto(name)  # an Identity of an initializer: written as a copy
-            array = values.astype(numpy_helper.to_array(old).dtype).reshape(tuple(old.dims))
-            if name not in inits or readers.get(name, 0) > 1 or name in outputs:
-                new_name = unique_name(taken, f"{name}.recalibrated")
-                graph.initializer.append(numpy_helper.from_array(array, new_name))
-                nodes[b.name].input[slot] = new_name
-                readers[name] = readers.get(name, 1) - 1
-            else:
-                old.CopyFrom(numpy_helper.from_array(array, name))
+            dtype = numpy_helper.to_array(old).dtype
+            with np.errstate(over="ignore"):
+                array = values.astype(dtype).reshape(tuple(old.dims))
+            if not np.isfinite(array).all():
+                raise InputError(f"recalibrated statistics of {b.name} overflow the file's {dtype} (largest "
+                                 f"{np.abs(values).max():.4g}; {dtype} holds at most {np.finfo(dtype).max:.4g}): "
+                                 "nothing written")
+            planned.append((b, slot, name, old, array))
+    for b, slot, name, old, array in planned:
+        if name not in inits or readers.get(name, 0) > 1 or name in outputs:
+            new_name = unique_name(taken, f"{name}.recalibrated")
+            graph.initializer.append(numpy_helper.from_array(array, new_name))
+            nodes[b.name].input[slot] = new_name
+            readers[name] = readers.get(name, 1) - 1
+        else:
+            old.CopyFrom(numpy_helper.from_array(array, name))
 
 
 def _initializer_array(graph, name: str) -> np.ndarray | None:

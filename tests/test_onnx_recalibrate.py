@@ -302,6 +302,23 @@ def test_statistics_hold_when_a_planes_first_row_or_column_is_an_outlier(outlier
     np.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), rtol=1e-7)
 
 
+def test_statistics_that_overflow_a_float16_file_are_refused_and_change_nothing():
+    """σ² ≈ 9e4 is finite in float64 but inf in a float16 file: it was written as inf with exit 0 (hostile QA)."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.full(3, v, np.float16), n) for n, v in
+             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
+                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = proto.SerializeToString()
+    x = torch.from_numpy((np.random.default_rng(0).normal(size=(16, 3, 8, 8)) * 300).astype(np.float16))
+    with pytest.raises(InputError, match="overflow the file's float16"):
+        recalibrate_onnx(proto, [x])
+    assert proto.SerializeToString() == before
+
+
 def _two_conv_bn_graph(identity: bool) -> onnx.ModelProto:
     """conv-BN-ReLU-conv-BN whose two BNs share one initializer of ones (scale and variance) and one of zeros
     (bias and mean), as the legacy exporter writes a fresh model's equal tensors; with `identity`, the BNs read

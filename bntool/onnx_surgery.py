@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .choices import FoldAction
+from .errors import InputError, param
 from .onnx_graph import CONSTANT_OPS, OnnxGraph, attr, node_name
 from .onnx_model import BNNode, batch_norm_nodes, graph_output_names, unique_name
 from .onnx_save import TensorChanges, give_memory_back
@@ -281,13 +282,17 @@ def affine_form(graph: OnnxGraph, x: str, affine_as: str = "auto", centered: boo
     BatchNormalization node as that same depthwise Conv in its blocked (NCHWc) layout, a following Relu fused,
     where a Mul and an Add are two kernels that each convert the layout back and forth (DenseNet-121: 1.19× the
     original's latency as Mul+Add, 1.00× as Conv; 1-D and 3-D: within 1.01× of the BN node, Mul+Add 1.06–1.09×).
-    float16 keeps Mul and Add (not every onnxruntime build has a float16 Conv on CPU), as do ranks < 3."""
+    float16 keeps Mul and Add (not every onnxruntime build has a float16 Conv on CPU), as do ranks < 3. "conv"
+    asked for on a float64 tensor is an InputError: onnxruntime has no float64 Conv, so the file would not run."""
     from onnx import TensorProto
 
     rank = graph.ranks.get(x, 0)
     if centered or rank < 3 or affine_as == "mul":
         return "mul"
     if affine_as == "conv":
+        if graph.elem_types.get(x) == TensorProto.DOUBLE:
+            raise InputError(f"{param('affine_as')} conv: {x!r} is float64 and onnxruntime has no float64 Conv "
+                             "(the file would not run); use mul, or auto (Mul+Add there)")
         return "conv"
     return "conv" if rank <= 5 and graph.elem_types.get(x) == TensorProto.FLOAT else "mul"
 

@@ -493,6 +493,24 @@ def test_cli_default_affine_is_a_depthwise_conv_and_mul_on_request(cli, tmp_path
     assert result.code == 2 and "applies to ONNX files only" in result.err
 
 
+def test_affine_as_conv_on_float64_is_refused_naming_the_flag(cli, tmp_path):
+    """onnxruntime has no float64 Conv: the explicit choice was exit 3 at the check (hostile QA); it is exit 2
+    before any work, and auto writes Mul+Add there."""
+    inits = [numpy_helper.from_array(np.full(4, v, np.float64), n) for n, v in
+             (("scale", 1.5), ("bias", 0.1), ("mean", 0.2), ("var", 2.0))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"],
+                                                name="bn")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 4, 8, 8])], inits)
+    path = tmp_path / "f64.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    result = cli("fold", path, "-o", tmp_path / "conv.onnx", "--affine-as", "conv")
+    assert_clean_error(result, contains="--affine-as conv: 'x' is float64")
+    assert not (tmp_path / "conv.onnx").exists()
+    assert cli("fold", path, "-o", tmp_path / "auto.onnx").code == 0
+    assert "Mul" in op_types(tmp_path / "auto.onnx")
+
+
 def test_cli_bad_onnx_inputs_exit_2_and_write_nothing(cli, tmp_path, zoo_files, resnet_sd):
     export_with_bn(zoo.build("resnet"), zoo.example_input("resnet"), tmp_path / "dyn.onnx", dynamic=True)
     cut = tmp_path / "cut.onnx"

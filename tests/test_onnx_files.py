@@ -551,6 +551,9 @@ def test_cli_verify_an_onnx_file_and_a_rewrite(cli, tmp_path, zoo_files):
     export_with_bn(zoo.build("resnet", seed=1), zoo.example_input("resnet"), other)
     result = cli("verify", other, "--reference", original)
     assert result.code == 1 and "onnx-equivalence" in result.err
+    # A missing reference or a folder is named as such, not as "not an ONNX file" (hostile QA).
+    assert_clean_error(cli("verify", folded, "--reference", tmp_path / "missing.onnx"), contains="no such file")
+    assert_clean_error(cli("verify", folded, "--reference", tmp_path), contains="is a directory")
 
 
 def test_float64_arbiter_judges_what_is_over_tolerance(zoo_files):

@@ -158,6 +158,10 @@ def _verify_onnx(model, example, data, tolerances, onnx, reference, samples, onn
         flag = "--onnx" if onnx is not None else ("--data" if data.data is not None else "--loader")
         raise InputError(f"{flag}: not used when the input is an ONNX file ({model.ckpt}); "
                          "--reference compares it with another ONNX file")
+    if reference is not None and not reference.exists():
+        raise InputError(f"--reference {reference}: no such file")
+    if reference is not None and reference.is_dir():
+        raise InputError(f"--reference {reference}: is a directory, not an ONNX file")
     if reference is not None and not is_onnx_file(reference):
         raise InputError(f"--reference {reference}: not an ONNX file")
     report = verify_onnx(model.ckpt, reference=reference, input_shapes=_input_shapes(example), samples=samples,

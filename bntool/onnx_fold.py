@@ -61,10 +61,9 @@ def inspect_onnx(source: str | os.PathLike | OnnxFile, input_shapes: Sequence[Se
     The decisions are fold's: where shape inference leaves a shape the rules need unknown, the same one
     onnxruntime run on random inputs tells it (`input_shapes` for symbolic input dimensions, as for fold).
     Without them, a decision that may depend on such a shape says that fold decides after that run."""
-    from .inspection import InspectReport
-
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
     graph = _fold_graph(onnx_file, input_shapes)
+    from .inspection import InspectReport  # imports torch: after the file is known good
     plan = plan_onnx_fold(onnx_file.model, graph=graph)
     steps = {s.decision.name: s for s in plan.steps}
     layers = []

@@ -282,6 +282,7 @@ def fold_onnx(
     """
     from .compare import check_samples
     from .errors import CheckFailed
+    from .folding.planner import check_skip_patterns
     from .onnx_check import check_provider
 
     if affine_as not in AffineAs.values():
@@ -292,6 +293,7 @@ def fold_onnx(
     Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)  # bad values are refused before any work
     onnx_file = source if isinstance(source, OnnxFile) else load_onnx(source)
     _refuse_unfoldable(onnx_file, skip)
+    check_skip_patterns(skip, [bn.name for bn in batch_norm_nodes(onnx_file.model)])  # a typo: before any work
     outputs = Outputs()
     if out is not None:
         plan_onnx_output(outputs, out, onnx_file, force=force, in_place=in_place)
@@ -305,8 +307,6 @@ def fold_onnx(
     model = onnx_file.model
     report = FoldReport(tolerance=tolerance, batch_norm_ops_before=_bn_count(model),
                         params_before=_param_count(model))
-    from .folding import check_skip_patterns
-
     shapes = {spec.name: tuple(x.shape) for spec, x in zip(graph_inputs(model), inputs)}
     feed = {spec.name: x.numpy() for spec, x in zip(graph_inputs(model), inputs)}
     graph = OnnxGraph.of(model, shapes, feed)  # once, for the plan and its surgery

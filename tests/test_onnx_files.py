@@ -912,6 +912,7 @@ def test_onnx_commands_import_torch_only_for_the_check_inputs(tmp_path):
         ["verify", str(src), "--reference", str(tmp_path / "missing.onnx")],
         ["inspect", str(src), "--dtype", "float16", "--json"],
         ["inspect", str(corrupt)],  # a corrupt file: refused on loading, before inspect's torch-side report
+        ["fold", str(src), "-o", str(out), "--skip", "nomatch"],  # a typo in --skip: before the check's inputs
         ["fold", str(src), "-o", str(out), "-q", "--samples", "1"],
         ["inspect", str(src), "--json"],
         ["verify", str(out), "--reference", str(src), "-q", "--samples", "1"],
@@ -922,11 +923,11 @@ def test_onnx_commands_import_torch_only_for_the_check_inputs(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout.strip().splitlines()[-1])
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert [code for code, _, _ in results] == [2, 2, 2, 2, 2, 0, 0, 0], (results, done.stderr)
-    assert len(errors) == 5 and "exists" in errors[0] and "--samples" in errors[1], errors
-    assert "--dtype" in errors[3] and "corrupt" in errors[4], errors
-    assert [imported for _, imported, _ in results[:5]] == [False] * 5, results  # the errors: no torch
-    assert results[5][2] == ["example_inputs"], results  # then only for the check's random inputs
+    assert [code for code, _, _ in results] == [2, 2, 2, 2, 2, 2, 0, 0, 0], (results, done.stderr)
+    assert len(errors) == 6 and "exists" in errors[0] and "--samples" in errors[1], errors
+    assert "--dtype" in errors[3] and "corrupt" in errors[4] and "--skip 'nomatch'" in errors[5], errors
+    assert [imported for _, imported, _ in results[:6]] == [False] * 6, results  # the errors: no torch
+    assert results[6][2] == ["example_inputs"], results  # then only for the check's random inputs
     error_object = json.loads(done.stdout[:done.stdout.index("\n}\n") + 2])
     assert error_object["error"]["exit_code"] == 2 and error_object["versions"]["torch"] == torch.__version__
     assert not batch_norm_nodes(onnx.load(str(out)))

@@ -33,18 +33,19 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name i
         FoldTarget,
         FunctionalBN,
         OpKind,
+        check_skip_patterns,
     )
     from .surgery import apply_fold_plan
-    from .torch_plan import MAX_FORWARD_FOLD_MEAN, check_skip_patterns, mean_in_stds, plan_fold
+    from .torch_plan import MAX_FORWARD_FOLD_MEAN, mean_in_stds, plan_fold
 
 _EXPORTS = {
     **dict.fromkeys(["fold", "broken_layers_text"], "api"),
     **dict.fromkeys(["FoldReport", "default_tolerance"], "check"),
     "fold_value_range": "math",
     **dict.fromkeys(["AFFINE", "FOLDED", "FOLDED_FORWARD", "REFUSED", "BNDecision", "FoldGraph", "FoldPlan",
-                     "FoldStep", "FoldTarget", "FunctionalBN", "OpKind"], "planner"),
+                     "FoldStep", "FoldTarget", "FunctionalBN", "OpKind", "check_skip_patterns"], "planner"),
     "apply_fold_plan": "surgery",
-    **dict.fromkeys(["MAX_FORWARD_FOLD_MEAN", "check_skip_patterns", "mean_in_stds", "plan_fold"], "torch_plan"),
+    **dict.fromkeys(["MAX_FORWARD_FOLD_MEAN", "mean_in_stds", "plan_fold"], "torch_plan"),
 }
 
 __all__ = [

@@ -15,11 +15,14 @@ The rules:
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..choices import FoldAction
+from ..errors import InputError, param
 
 if TYPE_CHECKING:
     import torch
@@ -337,3 +340,14 @@ def _direct_consumer_channels(chain: list, y_shape: tuple[int, ...], in_axis: in
     if chain or len(y_shape) < 2 or in_axis % len(y_shape) != 1 or 0 in y_shape:
         return None
     return list(range(y_shape[1]))
+
+
+def check_skip_patterns(skip: Sequence[str], names: Sequence[str]) -> None:
+    """Every skip pattern must name at least one BN: a typo would otherwise fold the layer it meant to keep."""
+    if isinstance(skip, str):
+        raise InputError(f"{param('skip')} {skip!r}: give a list of patterns, not one string", param="skip")
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        shown = ", ".join(names[:6]) + (f", … {len(names) - 6} more" if len(names) > 6 else "")
+        raise InputError(f"{param('skip')} {unmatched[0]!r}: matches no BatchNorm layer (they are: "
+                         f"{shown or 'none'})", param="skip")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..devices import as_float64, check_not_meta, statistics_kept
-from ..errors import InputError, param, user_code
+from ..errors import InputError, user_code
 from ..graph import Dataflow, OpCall, trace
 from ..layers import (
     FoldedNormAct,
@@ -41,6 +41,7 @@ from .planner import (
     FoldTarget,
     FunctionalBN,
     NoFold,
+    check_skip_patterns,
     consumer_target,
     producer_targets,
 )
@@ -132,17 +133,6 @@ def unwrap_compiled(model: nn.Module) -> tuple[nn.Module, list[str]]:
         return original, ["the model is torch.compile'd: folded the module it wraps (its _orig_mod); "
                           "torch.compile the folded model again"]
     return model, []
-
-
-def check_skip_patterns(skip: Sequence[str], names: Sequence[str]) -> None:
-    """Every skip pattern must name at least one BN: a typo would otherwise fold the layer it meant to keep."""
-    if isinstance(skip, str):
-        raise InputError(f"{param('skip')} {skip!r}: give a list of patterns, not one string", param="skip")
-    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-    if unmatched:
-        shown = ", ".join(names[:6]) + (f", … {len(names) - 6} more" if len(names) > 6 else "")
-        raise InputError(f"{param('skip')} {unmatched[0]!r}: matches no BatchNorm layer (they are: "
-                         f"{shown or 'none'})", param="skip")
 
 
 def broken_statistics(model: nn.Module, skip: Sequence[str] = ()) -> list[tuple[str, str]]:

@@ -145,11 +145,16 @@ def _onnx_provider(device: Device, example: ExampleInputs | None = None) -> str:
 
     if example is not None and example.dtype is not None:
         raise InputError("--dtype: an ONNX file's inputs have the types its graph declares; drop --dtype")
-    where = "cpu" if device.device.strip() == "cpu" else str(device.resolve())  # the default needs no torch
+    where = device.device.strip()
+    if where != "cpu" and where.split(":")[0] != "cuda":  # cpu and cuda are onnxruntime's to judge, not torch's
+        where = str(device.resolve())
     if where.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
     provider = "cuda" if where.startswith("cuda") else "cpu"
-    check_provider(provider)
+    try:
+        check_provider(provider)
+    except InputError as e:  # named by this command's flag: --provider is export-onnx's
+        raise InputError(f"--device {where}: {e.render().split(': ', 1)[-1]}") from e
     return provider
 
 

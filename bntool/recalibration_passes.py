@@ -161,7 +161,7 @@ class Batches:
                     break
                 x = x[: self.num_samples - seen]
             if x.is_floating_point() and not _all_finite(x):
-                raise InputError(f"calibration batch {batches + 1} contains NaN or Inf values")
+                raise InputError(f"{param('data')}: calibration batch {batches + 1} contains NaN or Inf values")
             x = x.to(self.device, non_blocking=True)
             if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -287,7 +287,7 @@ def test_cli_bad_input(tmp_path, cli, resnet_sd, case, monkeypatch):
     elif case == "shape":
         x, needle = x[:, :2], "forward on calibration batch 1 of shape (4, 2, 32, 32) failed"
     elif case == "nan":
-        x[1, 0, 0, 0], needle = np.nan, "NaN"
+        x[1, 0, 0, 0], needle = np.nan, "--data: calibration batch 1 contains NaN"
     elif case == "no_bn":
         ckpt = tmp_path / "nobn.pt"
         torch.save(zoo.build("nobn").state_dict(), ckpt)

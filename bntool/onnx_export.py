@@ -115,7 +115,8 @@ def export_onnx(
         samples, seed: random inputs checked per batch size besides the example.
         data: real input batches checked too.
         rtol, atol: elementwise |Δ| ≤ atol + rtol·|reference| (bntool.compare.Tolerance); default rtol 1e-4 and
-            atol 1e-4 of each output's largest magnitude; an atol given here is absolute.
+            atol 1e-4 of each output's largest magnitude (a float16/bfloat16 model: atol 5e-2 of it, the fold
+            check's rule); an atol given here is absolute.
         provider: a Provider: "cpu" or "cuda" (onnxruntime's execution provider).
         check: raise CheckFailed when the check fails (else return the failed report).
         failed_path: where a file that failed the check is kept (the CLI's `--keep-failed` gives
@@ -152,10 +153,24 @@ def export_onnx(
             RecordedRuns())
 
 
+def default_export_tolerance(model: nn.Module, inputs) -> Tolerance:
+    """float32's rule, or the fold check's float16/bfloat16 one where the model or its inputs are half precision:
+    onnxruntime and PyTorch differ by a float16 ulp (5e-4 of the magnitude), so float32's 1e-4 failed every
+    float16 export, folded or not."""
+    from .folding.check import default_tolerance
+
+    tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    for half in (torch.float16, torch.bfloat16):
+        if half in dtypes:
+            return default_tolerance(half)
+    return DEFAULT_TOLERANCE
+
+
 def _export_and_check(model, inputs, path, *, fold, exporter, opset, dynamic_batch, input_names, output_names,
                       samples, seed, data, rtol, atol, provider, check, failed_path, folded, runs) -> ExportReport:
     """export_onnx with the model and inputs where they are."""
-    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
+    tolerance = Tolerance.resolve(rtol, atol, default_export_tolerance(model, inputs))
     if exporter not in EXPORTERS:
         raise InputError(f"{param('exporter')} {exporter!r}: choose one of {', '.join(EXPORTERS)}", param="exporter")
     check_opset(opset)

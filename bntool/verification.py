@@ -136,10 +136,10 @@ def check_fold(model, inputs, samples, seed, rtol, atol, folding: _Folding | Non
 def check_onnx(model, inputs, onnx_path, exporter, samples, seed, rtol, atol, data,
                folding: _Folding | None = None) -> Check:
     from .compare import Tolerance
-    from .onnx_check import DEFAULT_TOLERANCE, compare_with_onnxruntime, load_checked, op_counts
-    from .onnx_export import export_onnx
+    from .onnx_check import compare_with_onnxruntime, load_checked, op_counts
+    from .onnx_export import default_export_tolerance, export_onnx
 
-    tolerance = Tolerance.resolve(rtol, atol, DEFAULT_TOLERANCE)
+    tolerance = Tolerance.resolve(rtol, atol, default_export_tolerance(model, inputs))
     folding = folding or _Folding()
     figures: dict[str, Any]
     if onnx_path is None and folding.not_run:

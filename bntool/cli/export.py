@@ -59,7 +59,7 @@ def export_onnx(
     """Export to ONNX (BatchNorm folded first) and prove it matches PyTorch with onnxruntime.
 
     --rtol/--atol: an element passes when |Δ| ≤ atol + rtol·|PyTorch's|; by default rtol 1e-4 and atol 1e-4 of
-    each output's largest magnitude.
+    each output's largest magnitude (a float16 model: atol 5e-2 of it).
     """
     from ..files import failed_name
     from ..onnx_export import check_provider, needs_external_data, plan_outputs

@@ -65,12 +65,12 @@ def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view([1, -1] + [1] * (ndim - 2)) if ndim >= 2 else t
 
 
-def exports_as_conv(x: torch.Tensor, batch_and_channel: int) -> bool:
+def exports_as_conv(x: torch.Tensor) -> bool:
     """Whether an ONNX export is running and x is a float32 (N, C, spatial...) tensor of rank 3-5: a per-channel
     affine is then written as one depthwise 1×1 Conv node, as onnxruntime runs a BatchNormalization node (in its
     blocked layout, the next activation fused), where a Mul and an Add leave that layout (DenseNet-121 with its
     62 affines as Mul+Add ran 1.17× slower than its unfolded export)."""
-    return torch.onnx.is_in_onnx_export() and x.dtype == torch.float32 and 1 <= x.dim() - batch_and_channel <= 3
+    return torch.onnx.is_in_onnx_export() and x.dtype == torch.float32 and 3 <= x.dim() <= 5
 
 
 def depthwise_conv(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class ChannelAffine(nn.Module):
         if self.center is not None:
             x = x - channel_view(self.center, x.dim())
         if not torch.jit.is_scripting():  # skipped by TorchScript: a scripted model keeps Mul+Add
-            if exports_as_conv(x, 2):
+            if exports_as_conv(x):
                 return depthwise_conv(x, self.scale, self.shift)
         # mul then add: as fast as the eval batch_norm kernel on CPU, where a broadcast addcmul is ~2.5x slower.
         return x * channel_view(self.scale, x.dim()) + channel_view(self.shift, x.dim())
@@ -135,7 +135,7 @@ class DepthwiseAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # skipped by TorchScript: a scripted model keeps Mul+Add
-            if x.dim() == self.dims + 2 and exports_as_conv(x, 2):
+            if x.dim() == self.dims + 2 and exports_as_conv(x):
                 return depthwise_conv(x, self.scale, self.shift)
         view = [-1] + [1] * self.dims
         return x * self.scale.view(view) + self.shift.view(view)

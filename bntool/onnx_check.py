@@ -99,8 +99,9 @@ def op_counts(model) -> Counter:
     return counts
 
 
-def check_provider(provider: str) -> None:
-    """Before any work: `provider` is one onnxruntime has here."""
+def check_provider(provider: str, given: str | None = None) -> None:
+    """Before any work: `provider` is one onnxruntime has here. `given`: how the error names the choice (a
+    command whose flag is --device says so), by default the `provider` parameter and its value."""
     import onnxruntime as ort
 
     if provider not in Provider.values():
@@ -108,7 +109,7 @@ def check_provider(provider: str) -> None:
                          param="provider")
     available = ort.get_available_providers()
     if provider == Provider.CUDA and "CUDAExecutionProvider" not in available:
-        raise InputError(f"{param('provider')} cuda: onnxruntime has no CUDA provider here "
+        raise InputError(f"{given or param('provider') + ' cuda'}: onnxruntime has no CUDA provider here "
                          f"(available: {available})", param="provider")
 
 

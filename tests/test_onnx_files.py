@@ -140,21 +140,28 @@ def bn_graph(opset: int, spatial: int | None = None, training_mode: int | None =
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("batch", ["1", "N"])
-def test_a_second_input_keeps_its_own_shape_in_the_check(tmp_path, batch):
-    """x [batch, 3, 8, 8] and a per-channel offset t [4] (not batch-major): the check's random inputs keep t's
-    shape. They took the first input's batch as every input's axis 0 (t [1]): exit 2 blaming the file."""
-    model = bn_graph(17)
+def with_offset_input(model: onnx.ModelProto, out_batch: int | None) -> onnx.ModelProto:
+    """`bn_graph`'s model with a second input t [4] added per channel to its output (a Reshape to [1, 4, 1, 1]
+    and an Add): an input that is not batch-major. The output "out" is [out_batch, 4, 6, 6]."""
     g = model.graph
     g.node.append(helper.make_node("Reshape", ["t", "to_nchw"], ["tr"], name="reshape"))
     g.node.append(helper.make_node("Add", ["y", "tr"], ["out"], name="add"))
     g.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1], dtype=np.int64), "to_nchw"))
     g.input.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [4]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [out_batch, 4, 6, 6]))
+    return model
+
+
+@pytest.mark.parametrize("batch", ["1", "N"])
+def test_a_second_input_keeps_its_own_shape_in_the_check(tmp_path, batch):
+    """x [batch, 3, 8, 8] and a per-channel offset t [4] (not batch-major): the check's random inputs keep t's
+    shape. They took the first input's batch as every input's axis 0 (t [1]): exit 2 blaming the file."""
+    model = with_offset_input(bn_graph(17), None)
+    g = model.graph
     g.input[0].type.tensor_type.shape.dim[0].dim_param = batch if batch == "N" else ""
     if batch == "1":
         g.input[0].type.tensor_type.shape.dim[0].dim_value = 1
-    del g.output[:]
-    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4, 6, 6]))
     path = tmp_path / "two_inputs.onnx"
     onnx.save(model, str(path))
     shapes = [(2, 3, 8, 8), (4,)] if batch == "N" else None
@@ -193,14 +200,8 @@ def test_verify_reference_with_other_inputs_names_both_files(tmp_path, cli, zoo_
     assert_clean_error(result, contains="the two files do not take the same inputs")
     assert str(b) in result.err and str(a) in result.err and "--input-shape" not in result.err
     # the same inputs declared in another order: said as such (both files are fed by position)
-    two = bn_graph(17)
+    two = with_offset_input(bn_graph(17), 1)
     g = two.graph
-    g.node.append(helper.make_node("Reshape", ["t", "to_nchw"], ["tr"], name="reshape"))
-    g.node.append(helper.make_node("Add", ["y", "tr"], ["out"], name="add"))
-    g.initializer.append(numpy_helper.from_array(np.array([1, 4, 1, 1], dtype=np.int64), "to_nchw"))
-    g.input.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [4]))
-    del g.output[:]
-    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6]))
     onnx.save(two, str(tmp_path / "xt.onnx"))
     swapped = g.input[0]
     g.input.remove(swapped)

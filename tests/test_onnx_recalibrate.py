@@ -222,18 +222,25 @@ def test_a_file_with_external_data_is_written_with_its_own(tmp_path):
         np.testing.assert_allclose(v1, v0, rtol=1e-6, atol=1e-7)
 
 
+def one_bn_graph(shape: tuple[int, ...], dtype=np.float32) -> onnx.ModelProto:
+    """A graph of one BatchNormalization on an input of shape (n, *shape), γ 1, β 0 and statistics 0 and 1 of
+    `dtype`: what is measured is the data's own statistics."""
+    from onnx import helper
+
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(np.full(shape[0], v, dtype), n) for n, v in
+             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
+                              "bn", [helper.make_tensor_value_info("x", elem, ["n", *shape])],
+                              [helper.make_tensor_value_info("y", elem, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_statistics_keep_float64_accuracy_over_many_values_far_from_zero():
     """131,072 values per channel around 1000 with σ 0.5: a float32 sum over the batch is off by far more than
     float32's last place; the statistics are numpy's float64 ones, cast once."""
-    from onnx import TensorProto, helper
-
     c = 2
-    inits = [numpy_helper.from_array(np.full(c, v, np.float32), n) for n, v in
-             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
-    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
-                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, 256, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = one_bn_graph((c, 256, 256))
     g = torch.Generator().manual_seed(0)
     data = [1000 + 0.5 * torch.randn(2, c, 256, 256, generator=g) for _ in range(2)]
     recalibrate_onnx(proto, data)
@@ -247,17 +254,9 @@ def test_statistics_keep_float64_accuracy_over_many_values_far_from_zero():
 
 @pytest.mark.parametrize("shape", [(3, 40, 40), (3, 7), (3,)])
 def test_statistics_hold_for_far_apart_samples_constant_channels_and_every_rank(shape):
-    """The rows are summed about a centre of their own plane: samples 1e4 apart with σ 0.01 inside each, a
+    """Each row is summed about its own mean: samples 1e4 apart with σ 0.01 inside each, a
     constant channel (variance exactly 0), and BN inputs of rank 4, 3 and 2, all against float64."""
-    from onnx import TensorProto, helper
-
-    c = shape[0]
-    inits = [numpy_helper.from_array(np.full(c, v, np.float32), n) for n, v in
-             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
-    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
-                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *shape])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = one_bn_graph(shape)
     g = torch.Generator().manual_seed(0)
     data = []
     for _ in range(2):
@@ -282,14 +281,7 @@ def test_statistics_hold_when_a_planes_first_row_or_column_is_an_outlier(outlier
     """A black top row or left column (letterboxing) in planes around 1e4 with σ 0.01: a centre taken from the
     first row was 1e4 from every other row, and one float32 pass over them lost 4e-5-8e-5 of σ² (hostile QA).
     Each row is now centred on its own mean."""
-    from onnx import TensorProto, helper
-
-    inits = [numpy_helper.from_array(np.full(2, v, np.float32), n) for n, v in
-             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
-    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
-                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 128, 128])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = one_bn_graph((2, 128, 128))
     x = (np.random.default_rng(0).normal(size=(4, 2, 128, 128)) * 1e-2 + 1e5).astype(np.float32)
     if outlier == "first row":
         x[:, :, 0, :] = 0
@@ -304,14 +296,7 @@ def test_statistics_hold_when_a_planes_first_row_or_column_is_an_outlier(outlier
 
 def test_statistics_that_overflow_a_float16_file_are_refused_and_change_nothing():
     """σ² ≈ 9e4 is finite in float64 but inf in a float16 file: it was written as inf with exit 0 (hostile QA)."""
-    from onnx import TensorProto, helper
-
-    inits = [numpy_helper.from_array(np.full(3, v, np.float16), n) for n, v in
-             (("scale", 1.0), ("bias", 0.0), ("mean", 0.0), ("var", 1.0))]
-    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"])],
-                              "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = one_bn_graph((3, 8, 8), np.float16)
     before = proto.SerializeToString()
     x = torch.from_numpy((np.random.default_rng(0).normal(size=(16, 3, 8, 8)) * 300).astype(np.float16))
     with pytest.raises(InputError, match="overflow the file's float16"):

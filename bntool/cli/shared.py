@@ -151,10 +151,7 @@ def _onnx_provider(device: Device, example: ExampleInputs | None = None) -> str:
     if where.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"--device {where}: an ONNX file runs in onnxruntime, on cpu or cuda")
     provider = "cuda" if where.startswith("cuda") else "cpu"
-    try:
-        check_provider(provider)
-    except InputError as e:  # named by this command's flag: --provider is export-onnx's
-        raise InputError(f"--device {where}: {e.render().split(': ', 1)[-1]}") from e
+    check_provider(provider, f"--device {where}")  # this command's flag: --provider is export-onnx's
     return provider
 
 

@@ -241,6 +241,15 @@ def random_like(inputs: Sequence[Any], generator) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def random_array(rng, shape, dtype) -> np.ndarray:
+    """A numpy input of `shape` and `dtype` from numpy generator `rng`: standard-normal floats (drawn in float32
+    and cast, as `random_like` draws them), other dtypes 0 or 1. No torch: an ONNX file's check draws these."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating) or "float" in dtype.name:  # bfloat16 (ml_dtypes) is no numpy float
+        return rng.standard_normal(tuple(shape), dtype=np.float32).astype(dtype)
+    return rng.integers(0, 2, tuple(shape)).astype(dtype)
+
+
 def check_samples(samples: int) -> None:
     """`samples`, the number of random inputs checked besides the example: a whole number, 0 or more."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:

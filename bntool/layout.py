@@ -3,38 +3,41 @@
 A folded state_dict no longer fits `--arch` as built (BNs became Identity or ChannelAffine, some convs gained a
 bias). `FoldLayout` records those changes; it travels inside the state_dict as a uint8 tensor of JSON under
 `LAYOUT_KEY`, and on the folded model itself (`layout_of` / `attach_layout`), so saving cannot forget it.
-Depends only on layers.py and rewrite.py (merged branches are rebuilt from their records).
+Depends only on layers.py and rewrite.py (merged branches are rebuilt from their records), imported where a model
+is changed: the records themselves (FoldLayout, MergeDecision) import no torch, so an ONNX fold's report does not.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
-
-import torch
-from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import InputError
-from .layers import (
-    ChannelAffine,
-    DepthwiseAffine,
-    FoldedNormAct,
-    bn_num_features,
-    has_standard_forward,
-    is_bn,
-    make_custom_bn_folded,
-    norm_act_parts,
-    plain_depthwise_1x1,
-    replace_module,
-)
-from .rewrite import MergeRecord, apply_merges
+
+if TYPE_CHECKING:  # torch only where a model is changed: an ONNX fold's report holds a layout, and imports none
+    import torch
+    from torch import nn
 
 # The state_dict key of the layout record.
 LAYOUT_KEY = "bntool.fold_layout"
 # The attribute a folded model carries its layout in.
 _ATTRIBUTE = "_bntool_fold_layout"
+
+
+@dataclass
+class MergeDecision:
+    """One sum of branches reading one tensor: merged into one layer, or not, and why."""
+
+    module: str  # the module whose forward adds them ("" for the model itself; the Add node in an ONNX graph)
+    branches: list[str]  # qualified names of the branch modules; "identity" for the input itself
+    merged: bool
+    into: str = ""  # the new layer's qualified name
+    reason: str = ""
+    left_out: list[str] = field(default_factory=list)  # branches of the sum kept, each with why
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -83,12 +86,16 @@ class FoldLayout:
         layout = cls(**known)
         if not set(layout.centered) <= set(layout.affine):
             raise InputError("corrupt fold layout record: a 'centered' layer that is not 'affine'")
+        from .rewrite import MergeRecord
+
         for text in layout.merges:
             MergeRecord.from_json(text)
         return layout
 
     def to_tensor(self) -> torch.Tensor:
         """The layout as a uint8 tensor of JSON, to store in a state_dict under LAYOUT_KEY."""
+        import torch
+
         return torch.tensor(list(json.dumps(self.to_dict(), sort_keys=True).encode()), dtype=torch.uint8)
 
     @classmethod
@@ -112,6 +119,24 @@ class FoldLayout:
         Raises:
             InputError: the layout names a module the architecture does not have, or one that is not a BN.
         """
+        import torch
+        from torch import nn
+        from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+
+        from .layers import (
+            ChannelAffine,
+            DepthwiseAffine,
+            FoldedNormAct,
+            bn_num_features,
+            has_standard_forward,
+            is_bn,
+            make_custom_bn_folded,
+            norm_act_parts,
+            plain_depthwise_1x1,
+            replace_module,
+        )
+        from .rewrite import MergeRecord, apply_merges
+
         modules = dict(model.named_modules())
         for name in self.bias_added:
             layer = named_module(modules, name)

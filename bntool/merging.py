@@ -15,7 +15,6 @@ the maps, their composition and sum, and the merged layer are merge_math.py.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from .graph import Dataflow, trace
 from .layers import replace_module
+from .layout import MergeDecision  # the record, torch-free: an ONNX merge's too
 from .merge_math import LinearMap, NoMerge, branch_map, build_merged, shape_after, summed, then
 from .rewrite import (
     MergeRecord,
@@ -37,21 +37,6 @@ from .rewrite import (
 from .utils import iter_tensors
 
 SUM_OP_NAMES = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__", "__isub__"}
-
-
-@dataclass
-class MergeDecision:
-    """One sum of branches reading one tensor: merged into one layer, or not, and why."""
-
-    module: str  # the module whose forward adds them ("" for the model itself)
-    branches: list[str]  # qualified names of the branch modules; "identity" for the input itself
-    merged: bool
-    into: str = ""  # the new layer's qualified name
-    reason: str = ""
-    left_out: list[str] = field(default_factory=list)  # branches of the sum kept, each with why
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- finding and rewriting sums

@@ -10,13 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .choices import Provider
 from .compare import (
+    RANDOM_STREAM,
     ComparedReport,
     Comparison,
     RecordedRuns,
     Tolerance,
     compare_arrays,
+    random_array,
     random_like,
     random_stream,
     to_numpy,
@@ -135,15 +139,15 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu", optimization: st
         raise InputError(f"{path}: onnxruntime cannot load it ({error_line(e)})") from e
 
 
-def check_signature(session, inputs: Sequence[torch.Tensor], path) -> None:
-    """The ONNX inputs must match the PyTorch inputs in number, rank and fixed sizes."""
+def check_signature(session, inputs: Sequence[torch.Tensor | np.ndarray], path) -> None:
+    """The ONNX inputs must match the given inputs (tensors or arrays) in number, rank and fixed sizes."""
     ort_inputs = session.get_inputs()
     if len(ort_inputs) != len(inputs):
         raise InputError(f"{path}: has {len(ort_inputs)} inputs {[i.name for i in ort_inputs]}, "
                          f"but {len(inputs)} were given ({param('example_inputs')})", param="example_inputs")
     for spec, x in zip(ort_inputs, inputs):
         shape = spec.shape
-        if len(shape) != x.dim() or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
+        if len(shape) != len(x.shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, x.shape)):
             raise InputError(f"{path}: input {spec.name!r} has shape {shape}, but {param('example_inputs')} gives "
                              f"{list(x.shape)}", param="example_inputs")
 
@@ -151,7 +155,7 @@ def check_signature(session, inputs: Sequence[torch.Tensor], path) -> None:
 def _batch_sizes(session, inputs) -> list[int]:
     dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
     dynamic = bool(dims) and all(not isinstance(d, int) for d in dims)
-    b = inputs[0].shape[0] if inputs and inputs[0].dim() else 1
+    b = inputs[0].shape[0] if inputs and len(inputs[0].shape) else 1
     return sorted({1, b, b + 3}) if dynamic else [b]
 
 
@@ -201,7 +205,7 @@ def compare_runs(
     reference,
     reference_name: str,
     path: str | os.PathLike,
-    inputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor | np.ndarray],
     tolerance: Tolerance = DEFAULT_TOLERANCE,
     *,
     samples: int = 4,
@@ -218,24 +222,23 @@ def compare_runs(
     inputs, reference_array, candidate_array, output_name)` may re-judge a failed comparison (the float64 arbiter
     of an ONNX fold). `inputs_like`: something with `get_inputs()` describing `path`'s inputs as a session does
     (a fold's original file, whose inputs the folded file keeps): no session on `path` is made just to read them.
-    Comparisons are listed input by input, the default level first."""
-    import torch
-
+    Comparisons are listed input by input, the default level first. `inputs` are torch tensors (the random
+    inputs drawn as the PyTorch fold check draws them) or numpy arrays (an ONNX file's check: numpy's generator,
+    and no torch imported)."""
     # One session at a time, level by level: a large model is held once by onnxruntime, not once per level.
     session = ort_session(path, provider, OPTIMIZATION_LEVELS[0]) if inputs_like is None else None
     described = session if session is not None else inputs_like
     result = OnnxCheck(provider=session.get_providers()[0] if session is not None else provider)
     check_signature(described, inputs, path)
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
-    g = random_stream(seed)
-    example_batch = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+    draw = _random_inputs(inputs, seed)
+    example_batch = inputs[0].shape[0] if inputs and len(inputs[0].shape) else None
     for b in _batch_sizes(described, inputs):
         for i in range(samples):
             # At the example's batch size every input keeps its own shape (a mask, a 1-D parameter input);
             # other batch sizes come only when every input's axis 0 is symbolic (`_batch_sizes`).
-            shaped = tuple(torch.empty(x.shape if b == example_batch else (b, *x.shape[1:]), dtype=x.dtype,
-                                       device=x.device) for x in inputs)
-            cases.append((f"random b={b} #{i + 1}", random_like(shaped, g)))
+            shapes = [tuple(x.shape) if b == example_batch else (b, *x.shape[1:]) for x in inputs]
+            cases.append((f"random b={b} #{i + 1}", draw(shapes)))
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))
     if hasattr(reference, "close"):  # another onnxruntime model: hold one model at a time, not two
@@ -262,13 +265,27 @@ def compare_runs(
     return result
 
 
+def _random_inputs(inputs, seed: int):
+    """shapes → one random input per example input, in its dtype (and device): floats standard normal; other
+    inputs 0 or 1 for numpy inputs, as the example holds them for tensors (zeros at another batch size). The
+    generator is seeded once, so the draws follow one stream."""
+    if all(isinstance(x, np.ndarray) for x in inputs):
+        rng = np.random.default_rng(seed + RANDOM_STREAM)
+        return lambda shapes: tuple(random_array(rng, shape, x.dtype) for shape, x in zip(shapes, inputs))
+
+    g = random_stream(seed)
+    return lambda shapes: random_like(tuple(x if tuple(x.shape) == shape else x.new_zeros(shape)
+                                            for shape, x in zip(shapes, inputs)), g)
+
+
 def _compare_case(session, names, label, xs, level, expected, reference_name, path, tolerance, candidate_check,
                   result: OnnxCheck) -> list[Comparison]:
     """One input at one optimisation level: each output against the reference's."""
     # Labels of the default level stay as they are; the unoptimised run says so.
     level_label = label if level == OPTIMIZATION_LEVELS[0] else UNOPTIMIZED_LABEL.format(label, level)
     try:
-        got = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
+        got = session.run(None, {n: x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+                                 for n, x in zip(names, xs)})
     except Exception as e:
         message = f"onnxruntime failed: {error_line(e)}"
         result.notes.append(f"{level_label}: {message}")

@@ -157,7 +157,7 @@ def default_export_tolerance(model: nn.Module, inputs) -> Tolerance:
     """float32's rule, or the fold check's float16/bfloat16 one where the model or its inputs are half precision:
     onnxruntime and PyTorch differ by a float16 ulp (5e-4 of the magnitude), so float32's 1e-4 failed every
     float16 export, folded or not."""
-    from .folding.check import default_tolerance
+    from .folding.report import default_tolerance
 
     tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
     dtypes = {t.dtype for t in tensors if t.is_floating_point()}

@@ -34,20 +34,19 @@ DEFAULT_TOLERANCE = Tolerance(rtol=0.0, atol=1e-4)  # the fold check's float32 r
 
 
 def default_tolerance(model) -> Tolerance:
-    """The PyTorch fold check's rule (bntool.folding.check.default_tolerance) for the lowest float precision among
+    """The PyTorch fold check's rule (bntool.folding.default_tolerance) for the lowest float precision among
     the graph's inputs, outputs and BatchNormalization constants: a float16 file gets float16's, as a float16
     model does on the PyTorch path."""
-    import torch
     from onnx import TensorProto
 
-    from .folding.check import default_tolerance as by_dtype
+    from .folding.report import default_tolerance as by_dtype
 
     kinds = {v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
     kinds |= {tensor.dtype for bn in batch_norm_nodes(model) for tensor in bn.values.values() if tensor is not None}
     if TensorProto.FLOAT16 in kinds or np.dtype(np.float16) in kinds:
-        return by_dtype(torch.float16)
+        return by_dtype("float16")
     if TensorProto.BFLOAT16 in kinds:
-        return by_dtype(torch.bfloat16)
+        return by_dtype("bfloat16")
     return DEFAULT_TOLERANCE
 
 
@@ -95,7 +94,7 @@ def _fold_graph(onnx_file: OnnxFile, input_shapes: Sequence[Sequence[int]] | Non
         return OnnxGraph.of(model)
     specs = graph_inputs(model)
     return OnnxGraph.of(model, {s.name: tuple(x.shape) for s, x in zip(specs, inputs)},
-                        {s.name: x.numpy() for s, x in zip(specs, inputs)})
+                        dict(zip((s.name for s in specs), inputs)))
 
 
 def describe_bn_node(bn: BNNode):
@@ -139,9 +138,8 @@ def plan_onnx_fold(model, skip: Sequence[str] = (), input_shapes: dict[str, tupl
 
 def _decide(bn: BNNode, graph: OnnxGraph, skip: Sequence[str]):
     """One BN's decision, in the PyTorch path's order: refusal → producer → consumer → affine."""
-    from .folding import MAX_FORWARD_FOLD_MEAN
     from .folding.math import mean_in_stds
-    from .folding.planner import BNDecision, FoldStep, NoFold, consumer_target, producer_targets
+    from .folding.planner import MAX_FORWARD_FOLD_MEAN, BNDecision, FoldStep, NoFold, consumer_target, producer_targets
 
     decision = BNDecision(name=bn.name, type=BN_TYPE, channels=bn.channels, action=FoldAction.REFUSED)
     step = FoldStep(decision=decision)
@@ -298,17 +296,17 @@ def fold_onnx(
     if out is not None:
         plan_onnx_output(outputs, out, onnx_file, force=force, in_place=in_place)
         outputs.check()
-    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)  # torch imported here
+    inputs = example_inputs(onnx_file.model, input_shapes, seed, onnx_file.path)
     original = OriginalRuns(onnx_file.path, provider, inputs)
     tolerance = Tolerance.resolve(rtol, atol, default_tolerance(onnx_file.model))
-    from .folding import FoldReport
+    from .folding.report import FoldReport
 
     started = time.perf_counter()
     model = onnx_file.model
     report = FoldReport(tolerance=tolerance, batch_norm_ops_before=_bn_count(model),
                         params_before=_param_count(model))
     shapes = {spec.name: tuple(x.shape) for spec, x in zip(graph_inputs(model), inputs)}
-    feed = {spec.name: x.numpy() for spec, x in zip(graph_inputs(model), inputs)}
+    feed = {spec.name: x for spec, x in zip(graph_inputs(model), inputs)}
     graph = OnnxGraph.of(model, shapes, feed)  # once, for the plan and its surgery
     plan = plan_onnx_fold(model, skip, graph=graph)
     check_skip_patterns(skip, [d.name for d in plan.decisions])

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Tolerance, compare_arrays
+from .compare import Tolerance, compare_arrays, random_array
 from .errors import InputError, first_line, param
 from .onnx_model import load_onnx
 from .onnx_save import give_memory_back
@@ -19,10 +19,10 @@ from .onnx_save import give_memory_back
 # ---------------------------------------------------------------- inputs
 
 
-def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: int, path) -> tuple:
-    """Random inputs for the graph's inputs (those that are not initializers): shapes from the graph, symbolic
-    dimensions from `input_shapes` (one full shape per input, in order). Floats are standard normal, integers
-    0 or 1, booleans random.
+def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: int, path) -> tuple[np.ndarray, ...]:
+    """Random inputs for the graph's inputs (those that are not initializers), as numpy arrays (no torch: an ONNX
+    file is folded and checked without it): shapes from the graph, symbolic dimensions from `input_shapes` (one
+    full shape per input, in order): `compare.random_array` from numpy's generator seeded with `seed`.
 
     Raises:
         InputError: a symbolic dimension without `input_shapes` (naming the input), or shapes that do not fit.
@@ -34,22 +34,13 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
         raise InputError(f"{path}: has {len(specs)} inputs {[s.name for s in specs]}, but {param('example_inputs')} "
                          f"gives {len(input_shapes)} shapes", param="example_inputs")
     shapes = []
-    for i, spec in enumerate(specs):  # all checked before torch is imported (its generator draws the values)
+    for i, spec in enumerate(specs):
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                 for d in spec.type.tensor_type.shape.dim]
         shapes.append(_input_shape(spec.name, dims, None if input_shapes is None else tuple(input_shapes[i]), path))
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    inputs = []
-    for spec, shape in zip(specs, shapes):
-        t = spec.type.tensor_type
-        dtype = torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(t.elem_type))).dtype
-        if dtype.is_floating_point:
-            inputs.append(torch.randn(shape, generator=g).to(dtype))
-        else:
-            inputs.append(torch.randint(0, 2, shape, generator=g).to(dtype))
-    return tuple(inputs)
+    rng = np.random.default_rng(seed)
+    dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)) for spec in specs]
+    return tuple(random_array(rng, shape, dtype) for shape, dtype in zip(shapes, dtypes))
 
 
 def graph_inputs(model) -> list:
@@ -103,7 +94,7 @@ class OriginalRuns:
 
     def __call__(self, label: str, xs: tuple) -> list:
         session = self.open()
-        feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), xs)}
+        feed = {i.name: x for i, x in zip(session.get_inputs(), xs)}
         try:
             return session.run(None, feed)
         except Exception as e:
@@ -116,7 +107,7 @@ class OriginalRuns:
 
         if self.float64 is None:
             self.float64 = ReferenceEvaluator(as_float64(load_onnx(self.path, check=False).model))
-        feed = {i: x.detach().cpu().double().numpy() if x.is_floating_point() else x.numpy()
+        feed = {i: x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
                 for i, x in zip(self.float64.input_names, xs)}
         return dict(zip(self.float64.output_names, self.float64.run(None, feed)))
 

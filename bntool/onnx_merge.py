@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .merging import MergeDecision
+from .layout import MergeDecision
 
 Value = Callable[[str], "np.ndarray | None"]  # a tensor's constant value, None when computed at run time
 

@@ -239,7 +239,7 @@ def _refuse_other_inputs(reference_file, inputs, onnx_file, shapes_given: bool) 
         if not spec.type.tensor_type.HasField("shape"):  # no shape declared: onnxruntime judges it
             continue
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in spec.type.tensor_type.shape.dim]
-        if len(dims) != x.dim() or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, x.shape)):
+        if len(dims) != x.ndim or any(isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, x.shape)):
             given = f" (from {param('example_inputs')})" if shapes_given else ""
             raise InputError(f"{reference}: input {spec.name!r} has shape {dims}, {path}'s is {list(x.shape)}{given}: "
                              "the two files do not take the same inputs")

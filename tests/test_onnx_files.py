@@ -876,8 +876,8 @@ def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_
 # ---------------------------------------------------------------- no torch before the check's inputs
 
 # Run in a fresh interpreter: the CLI on ONNX files, recording where torch is first imported. Errors found before
-# any work import no torch at all; a run that works imports it only to draw the check's random inputs with
-# torch's generator (onnx_fold_check.example_inputs: the numbers stay those of the PyTorch path).
+# any work import no torch at all, nor does a whole fold with its check (numpy draws the check's inputs); inspect
+# and verify do, for the health rules they share with the PyTorch path.
 _TORCH_WATCH = """
 import importlib.abc, json, sys, traceback
 first = []
@@ -896,7 +896,7 @@ print(json.dumps(results))
 """
 
 
-def test_onnx_commands_import_torch_only_for_the_check_inputs(tmp_path):
+def test_onnx_fold_and_errors_import_no_torch(tmp_path):
     import os
     import subprocess
     import sys
@@ -928,7 +928,8 @@ def test_onnx_commands_import_torch_only_for_the_check_inputs(tmp_path):
     assert len(errors) == 6 and "exists" in errors[0] and "--samples" in errors[1], errors
     assert "--dtype" in errors[3] and "corrupt" in errors[4] and "--skip 'nomatch'" in errors[5], errors
     assert [imported for _, imported, _ in results[:6]] == [False] * 6, results  # the errors: no torch
-    assert results[6][2] == ["example_inputs"], results  # then only for the check's random inputs
+    assert results[6] == [0, False, None], results  # a fold with its check: none either (numpy draws its inputs)
+    assert results[7][1], results  # inspect's health rules are the PyTorch path's (bntool.inspection): torch
     error_object = json.loads(done.stdout[:done.stdout.index("\n}\n") + 2])
     assert error_object["error"]["exit_code"] == 2 and error_object["versions"]["torch"] == torch.__version__
     assert not batch_norm_nodes(onnx.load(str(out)))

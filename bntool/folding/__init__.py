@@ -5,9 +5,10 @@ The package, top to bottom (imports point down):
                     planner and math, as the ONNX path does) imports no torch
     api.py          fold (on a copy, with its check), the broken-statistics refusals
     torch_plan.py   a PyTorch model's fold decisions (plan_fold): BN modules, functional calls, target dtypes
-    check.py        the fold check (folded vs original, float64 arbiter) and FoldReport
+    check.py        the fold check (folded vs original, float64 arbiter)
     surgery.py      applies a plan to a module, casting once
     torch_graph.py  a traced forward as the planner's graph (TorchGraph)
+    report.py       FoldReport and the default tolerance: records, no torch (the ONNX fold reports in them)
     planner.py      the rules against an abstract graph (FoldGraph), shared with the ONNX path
     math.py         pure float64 fold math on tensors (BN → scale/shift, producer, consumer, affine, ranges)
 """
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time each name is imported on first use
     from .api import broken_layers_text, fold
-    from .check import FoldReport, default_tolerance
     from .math import fold_value_range
     from .planner import (
         AFFINE,
         FOLDED,
         FOLDED_FORWARD,
+        MAX_FORWARD_FOLD_MEAN,
         REFUSED,
         BNDecision,
         FoldGraph,
@@ -35,17 +36,19 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name i
         OpKind,
         check_skip_patterns,
     )
+    from .report import FoldReport, default_tolerance
     from .surgery import apply_fold_plan
-    from .torch_plan import MAX_FORWARD_FOLD_MEAN, mean_in_stds, plan_fold
+    from .torch_plan import mean_in_stds, plan_fold
 
 _EXPORTS = {
     **dict.fromkeys(["fold", "broken_layers_text"], "api"),
-    **dict.fromkeys(["FoldReport", "default_tolerance"], "check"),
+    **dict.fromkeys(["FoldReport", "default_tolerance"], "report"),
     "fold_value_range": "math",
-    **dict.fromkeys(["AFFINE", "FOLDED", "FOLDED_FORWARD", "REFUSED", "BNDecision", "FoldGraph", "FoldPlan",
-                     "FoldStep", "FoldTarget", "FunctionalBN", "OpKind", "check_skip_patterns"], "planner"),
+    **dict.fromkeys(["AFFINE", "FOLDED", "FOLDED_FORWARD", "MAX_FORWARD_FOLD_MEAN", "REFUSED", "BNDecision",
+                     "FoldGraph", "FoldPlan", "FoldStep", "FoldTarget", "FunctionalBN", "OpKind",
+                     "check_skip_patterns"], "planner"),
     "apply_fold_plan": "surgery",
-    **dict.fromkeys(["MAX_FORWARD_FOLD_MEAN", "mean_in_stds", "plan_fold"], "torch_plan"),
+    **dict.fromkeys(["mean_in_stds", "plan_fold"], "torch_plan"),
 }
 
 __all__ = [

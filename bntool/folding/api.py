@@ -14,8 +14,9 @@ from ..devices import check_not_meta, device_of, model_dtype, moved_to, statisti
 from ..errors import BrokenStatistics, CheckFailed, InputError, broken_layers_text, param, user_code
 from ..layout import FoldLayout, attach_layout, layout_of
 from ..merging import merge_branches
-from .check import FoldReport, compare, default_tolerance, eval_copy, ops_left
+from .check import compare, eval_copy, ops_left
 from .planner import FoldPlan
+from .report import FoldReport, default_tolerance
 from .surgery import apply_plan, depthwise_to_affine, fold_target_modules
 from .torch_plan import (
     broken_functional_statistics,

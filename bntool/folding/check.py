@@ -1,18 +1,15 @@
 """The fold check: folded against original outputs on the example and random inputs, with the float64
-original as arbiter where float32 rounding is in question; and the FoldReport that carries it."""
+original as arbiter where float32 rounding is in question (the FoldReport that carries it: report.py)."""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..compare import (
-    ComparedReport,
     Comparison,
     Float64Reference,
     RecordedRuns,
@@ -24,60 +21,8 @@ from ..compare import (
 )
 from ..graph import OPAQUE, Dataflow, trace
 from ..layers import bn_modules, is_frozen_bn
-from ..layout import FoldLayout
-from ..merging import MergeDecision
-from .planner import AFFINE, FOLDED, FOLDED_FORWARD, REFUSED, BNDecision, FoldPlan
-
-
-def default_tolerance(dtype: torch.dtype) -> Tolerance:
-    """|Δ| ≤ a share of each output's largest magnitude, by dtype: rounding changes when ops are merged."""
-    if dtype == torch.float64:
-        return Tolerance(rtol=0.0, atol=1e-9)
-    if dtype in (torch.float16, torch.bfloat16):
-        return Tolerance(rtol=0.0, atol=5e-2)
-    return Tolerance(rtol=0.0, atol=1e-4)
-
-
-@dataclass
-class FoldReport(ComparedReport):
-    """What `fold` did to each BN, and the check of folded against original outputs.
-
-    Each comparison is folded vs original outputs on one input. Where they differ by more than the tolerance,
-    both are also compared with the original run in float64: folding passes if it is no less accurate than
-    the original (≤ 1.5× its float32 error), since deep networks differ from themselves under reordering."""
-
-    decisions: list[BNDecision] = field(default_factory=list)
-    batch_norm_ops_before: int = 0
-    batch_norm_ops_after: int = 0
-    params_before: int = 0
-    params_after: int = 0
-    comparisons: list[Comparison] = field(default_factory=list)
-    tolerance: Tolerance = field(default_factory=lambda: default_tolerance(torch.float32))
-    passed: bool = True
-    fold_seconds: float = 0.0
-    check_seconds: float = 0.0
-    layout: FoldLayout = field(default_factory=FoldLayout)
-    opaque: list[str] = field(default_factory=list)  # TorchScript submodules run as they are
-    ops_left: list[str] = field(default_factory=list)  # batch_norm calls the folded model still makes, and why
-    # Values the fold wrote that float32/16/bf16 holds only as subnormals (slow on many CPUs), set to 0.
-    subnormals_flushed: int = 0
-    notes: list[str] = field(default_factory=list)  # about the model as a whole (a compiled model unwrapped)
-    merges: list[MergeDecision] = field(default_factory=list)  # summed branches merged into one layer, or not
-
-    def count(self, action: str) -> int:
-        return sum(d.action == action for d in self.decisions)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """BNs per action: {"folded": 6, "folded-forward": 0, "affine": 1, "refused": 0}."""
-        return {getattr(a, "value", a): self.count(a) for a in (FOLDED, FOLDED_FORWARD, AFFINE, REFUSED)}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tolerance"] = self.tolerance.to_dict()
-        d["counts"] = self.counts
-        d.update(self.summary_figures())
-        return d
+from .planner import FOLDED, REFUSED, FoldPlan
+from .report import FoldReport
 
 
 def ops_left(plan: FoldPlan) -> list[str]:

@@ -33,6 +33,9 @@ FOLDED_FORWARD = FoldAction.FOLDED_FORWARD
 AFFINE = FoldAction.AFFINE
 REFUSED = FoldAction.REFUSED
 
+# Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
+# (a model input). Past this, an affine that subtracts μ first is used instead.
+MAX_FORWARD_FOLD_MEAN = 4.0
 OUTPUT = "output"  # what `FoldGraph.value_readers` lists for a graph output
 
 

@@ -29,11 +29,12 @@ from ..layers import (
     norm_act_parts,
 )
 from . import math as fm
-from .check import default_tolerance, norm_op_count
+from .check import norm_op_count
 from .planner import (
     AFFINE,
     FOLDED,
     FOLDED_FORWARD,
+    MAX_FORWARD_FOLD_MEAN,
     REFUSED,
     BNDecision,
     FoldPlan,
@@ -45,12 +46,9 @@ from .planner import (
     consumer_target,
     producer_targets,
 )
+from .report import default_tolerance
 from .surgery import affine_module, bn_affine, fold_weights_consumer, fold_weights_producer
 from .torch_graph import TorchGraph
-
-# Folding forward computes W·s·x + W·t instead of W·((x - μ)·s): rounding grows with |μ|/σ when x is exact
-# (a model input). Past this, an affine that subtracts μ first is used instead.
-MAX_FORWARD_FOLD_MEAN = 4.0
 
 
 def mean_in_stds(bn) -> float:

@@ -241,12 +241,21 @@ def random_like(inputs: Sequence[Any], generator) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def numpy_generator(seed: int) -> np.random.Generator:
+    """numpy's generator for any whole-number seed (numpy takes none below 0: -1 is read as 2**64 - 1)."""
+    return np.random.default_rng(seed % 2**64)
+
+
 def random_array(rng, shape, dtype) -> np.ndarray:
     """A numpy input of `shape` and `dtype` from numpy generator `rng`: standard-normal floats (drawn in float32
-    and cast, as `random_like` draws them), other dtypes 0 or 1. No torch: an ONNX file's check draws these."""
+    and cast, as `random_like` draws them); booleans all True (a mask that keeps everything: a random one may mask
+    a whole row, whose softmax is NaN in the original too); other dtypes 0 or 1. No torch: an ONNX file's check
+    draws these."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating) or "float" in dtype.name:  # bfloat16 (ml_dtypes) is no numpy float
         return rng.standard_normal(tuple(shape), dtype=np.float32).astype(dtype)
+    if dtype == np.bool_:
+        return np.ones(tuple(shape), dtype)
     return rng.integers(0, 2, tuple(shape)).astype(dtype)
 
 

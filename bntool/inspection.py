@@ -1,24 +1,29 @@
-"""Every BN layer of a model: its configuration, statistics, health, and what `fold` would do with it."""
+"""Every BN layer of a model: its configuration, statistics, health, and what `fold` would do with it.
+
+The records and the health rules are numpy (a BN module's tensors are read as float64 arrays): an ONNX file is
+inspected by the same rules without importing torch, and both paths judge alike to the last bit."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
-from torch import nn
+import numpy as np
 
 from .choices import FoldAction
-from .devices import as_float64, check_not_meta, moved_to, to_device
 from .folding.math import bn_scale_shift
-from .layers import bn_eps, bn_modules, bn_type_name
 from .layout import layout_of
 from .utils import StrEnum, plural
 
+if TYPE_CHECKING:  # torch where a PyTorch model is inspected, imported there
+    import torch
+    from torch import nn
+
 DEAD_GAMMA = 1e-8  # |γ| below this (absolute) or below 1e-6·max|γ|: the channel outputs only its bias
 FEW_UPDATES = 100  # running statistics averaged over fewer batches than this are noisy (a warning, not a failure)
+BFLOAT16_MAX = 3.3895313892515355e38  # torch.finfo(torch.bfloat16).max; numpy has no bfloat16
 
 
 class HealthKind(StrEnum):
@@ -85,15 +90,29 @@ class TensorSummary:
     non_finite: int = 0
 
     @classmethod
-    def of(cls, t: torch.Tensor | None) -> TensorSummary | None:
-        if t is None or t.numel() == 0:
+    def of(cls, t: Any) -> TensorSummary | None:
+        """Of a tensor or array (None: None)."""
+        if t is None:
             return None
-        t = as_float64(t)
-        finite = t[torch.isfinite(t)]
-        bad = t.numel() - finite.numel()
-        if finite.numel() == 0:
+        values = float64_array(t)
+        if values.size == 0:
+            return None
+        finite = values[np.isfinite(values)]
+        bad = values.size - finite.size
+        if finite.size == 0:
             return cls(float("nan"), float("nan"), float("nan"), bad)
         return cls(float(finite.min()), float(finite.max()), float(finite.mean()), bad)
+
+
+def float64_array(t: Any) -> np.ndarray:
+    """A tensor (any device, bfloat16 included) or array as a flat float64 numpy array."""
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float64, copy=False).reshape(-1)
+    return t.detach().cpu().double().numpy().reshape(-1)
+
+
+def bn_eps(module: Any) -> float:
+    return float(getattr(module, "eps", 1e-5))
 
 
 @dataclass
@@ -160,22 +179,23 @@ def health_flags(module: Any) -> list[str]:
 def health(module: Any) -> list[HealthFlag]:
     """Problems that make a BN produce wrong or degenerate outputs in eval mode, and folds that would give
     subnormal or half-precision-overflowing values (judged from the BN alone: weights of magnitude 1)."""
-    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-    if mean is None or var is None:
+    if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
         return [HealthFlag.of(HealthKind.NO_RUNNING_STATS)]
     flags = []
-    tensors = {"running_mean": mean, "running_var": var, "weight": getattr(module, "weight", None),
-               "bias": getattr(module, "bias", None)}
+    mean, var = float64_array(module.running_mean), float64_array(module.running_var)
+    tensors = {"running_mean": mean, "running_var": var,
+               **{key: None if getattr(module, key, None) is None else float64_array(getattr(module, key))
+                  for key in ("weight", "bias")}}
     for key, t in tensors.items():
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not np.isfinite(t).all():
             flags.append(HealthFlag.of(HealthKind.NON_FINITE, tensor=key,
-                                       channels=plural(int((~torch.isfinite(t)).sum()), "channel")))
-    low = int((as_float64(var) <= bn_eps(module)).sum())
+                                       channels=plural(int((~np.isfinite(t)).sum()), "channel")))
+    low = int((var <= bn_eps(module)).sum())
     if low:
         flags.append(HealthFlag.of(HealthKind.VAR_BELOW_EPS, channels=plural(low, "channel")))
     weight = tensors["weight"]
-    if weight is not None and weight.numel():
-        gamma = as_float64(weight).abs()
+    if weight is not None and weight.size:
+        gamma = np.abs(weight)
         dead = int(((gamma < DEAD_GAMMA) | (gamma < 1e-6 * float(gamma.max()))).sum())
         if dead:
             flags.append(HealthFlag.of(HealthKind.NEAR_DEAD, channels=plural(dead, "channel")))
@@ -188,7 +208,7 @@ def health(module: Any) -> list[HealthFlag]:
         flags.append(HealthFlag.of(HealthKind.FEW_UPDATES, tracked=int(tracked), few=FEW_UPDATES))
     if not any(f.fatal for f in flags):
         scale, shift = bn_scale_shift(mean, var, tensors["weight"], tensors["bias"], bn_eps(module))
-        flags += fold_range_flags(scale, shift, scale.abs().view(-1, 1))
+        flags += fold_range_flags(scale, shift, np.abs(scale).reshape(-1, 1))
     return flags
 
 
@@ -217,11 +237,14 @@ def _judge_planned_fold_ranges(model: nn.Module, plan, layers: list[BNLayerInfo]
             scale, shift = bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
                                        getattr(bn, "bias", None), bn_eps(bn))
         bounds = _weight_bounds(step, modules, scale.numel(), forward=action == FoldAction.FOLDED_FORWARD)
-        layer.health += fold_range_flags(scale, shift, scale.abs().view(-1, 1) * bounds.to(scale.device))
+        scale, shift = float64_array(scale), float64_array(shift)
+        layer.health += fold_range_flags(scale, shift, np.abs(scale).reshape(-1, 1) * bounds.numpy())
 
 
 def _weight_bounds(step, modules: dict[str, nn.Module], channels: int, forward: bool) -> torch.Tensor:
     """Per BN channel, (smallest nonzero |w|, largest |w|) over the target weights its scale multiplies."""
+    import torch
+
     low = torch.full((channels,), float("inf"), dtype=torch.float64)
     high = torch.zeros(channels, dtype=torch.float64)
     for target in step.targets:
@@ -238,7 +261,10 @@ def _weight_bounds(step, modules: dict[str, nn.Module], channels: int, forward: 
 def _rows_per_channel(layer: nn.Module, forward: bool) -> torch.Tensor:
     """The layer's weight as one row per channel the BN's scale multiplies: output channels when the BN folds
     into its producer, input channels when it folds forward (grouped convolutions: per group)."""
-    w = as_float64(cast(torch.Tensor, layer.weight)).cpu()
+    import torch
+    from torch import nn
+
+    w = cast(torch.Tensor, layer.weight).detach().cpu().double()
     transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     if isinstance(layer, nn.Linear):
         return w.t() if forward else w
@@ -249,19 +275,19 @@ def _rows_per_channel(layer: nn.Module, forward: bool) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def fold_range_flags(scale: torch.Tensor, shift: torch.Tensor, folded: torch.Tensor) -> list[HealthFlag]:
+def fold_range_flags(scale: np.ndarray, shift: np.ndarray, folded: np.ndarray) -> list[HealthFlag]:
     """Flags for folded values out of range. `folded`: |values| a fold writes, one row per BN channel (float64):
     nonzero below float32's smallest normal is subnormal (slow on many CPUs and runtimes); over float16's
     (or bfloat16's) largest is inf once cast to half precision. `shift` is the BN's shift (a bias written too)."""
-    folded = torch.cat([folded.abs(), shift.abs().view(-1, 1)], dim=1)
+    folded = np.concatenate([np.abs(folded), np.abs(shift).reshape(-1, 1)], axis=1)
     flags = []
-    tiny = torch.finfo(torch.float32).tiny
-    subnormal = ((folded > 0) & (folded < tiny)).any(dim=1)
+    tiny = float(np.finfo(np.float32).tiny)
+    subnormal = ((folded > 0) & (folded < tiny)).any(axis=1)
     if subnormal.any():
         flags.append(HealthFlag.of(HealthKind.FOLD_SUBNORMAL, channels=plural(int(subnormal.sum()), "channel"),
-                                   smallest=float(scale.abs()[subnormal].min())))
-    half_max, bf16_max = torch.finfo(torch.float16).max, torch.finfo(torch.bfloat16).max
-    overflowing = (folded > half_max).any(dim=1)
+                                   smallest=float(np.abs(scale)[subnormal].min())))
+    half_max, bf16_max = float(np.finfo(np.float16).max), BFLOAT16_MAX
+    overflowing = (folded > half_max).any(axis=1)
     if overflowing.any():
         largest = float(folded.max())
         dtypes = "float16 and bfloat16" if largest > bf16_max else "float16"
@@ -271,6 +297,8 @@ def fold_range_flags(scale: torch.Tensor, shift: torch.Tensor, folded: torch.Ten
 
 
 def describe_layer(name: str, module: nn.Module) -> BNLayerInfo:
+    from .layers import bn_type_name
+
     mean = getattr(module, "running_mean", None)
     tracked = getattr(module, "num_batches_tracked", None)
     weight = getattr(module, "weight", None)
@@ -299,6 +327,10 @@ def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | Non
 
     `device`: run the fold plan's forward there (inputs moved too; the model is put back afterwards).
     Default: where the model is, inputs as given."""
+    import torch
+
+    from .devices import check_not_meta, moved_to, to_device
+
     check_not_meta(model)
     with moved_to(model, device) as dev:
         if example_inputs is not None and device is not None:
@@ -308,6 +340,10 @@ def inspect(model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | Non
 
 
 def _inspect(model: nn.Module, example_inputs) -> InspectReport:
+    import torch
+
+    from .layers import bn_modules
+
     layers = [describe_layer(name, m) for name, m in bn_modules(model)]
     report = InspectReport(layers=layers, total_modules=sum(1 for _ in model.modules()),
                            total_params=sum(p.numel() for p in model.parameters()), fold_planned=False,

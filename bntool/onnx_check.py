@@ -20,6 +20,7 @@ from .compare import (
     RecordedRuns,
     Tolerance,
     compare_arrays,
+    numpy_generator,
     random_array,
     random_like,
     random_stream,
@@ -131,7 +132,7 @@ def ort_session(path: str | os.PathLike, provider: str = "cpu", optimization: st
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == Provider.CUDA else \
         ["CPUExecutionProvider"]
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, said in one line: no log of its own
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -152,11 +153,14 @@ def check_signature(session, inputs: Sequence[torch.Tensor | np.ndarray], path) 
                              f"{list(x.shape)}", param="example_inputs")
 
 
-def _batch_sizes(session, inputs) -> list[int]:
-    dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
-    dynamic = bool(dims) and all(not isinstance(d, int) for d in dims)
-    b = inputs[0].shape[0] if inputs and len(inputs[0].shape) else 1
-    return sorted({1, b, b + 3}) if dynamic else [b]
+def _batch_sizes(session, inputs) -> tuple[int | None, list[int | None], list[bool]]:
+    """(the example's batch size, the batch sizes checked, which inputs take them): several sizes where the first
+    input's axis 0 is symbolic, for it and every input whose axis 0 is the same symbol (an input with a symbol of
+    its own, a rank-0 input, keeps its shape); None where the first input has no axis 0."""
+    dims = [i.shape[0] if i.shape else 0 for i in session.get_inputs()]
+    example = inputs[0].shape[0] if inputs and len(inputs[0].shape) else None
+    batched = [example is not None and not isinstance(dims[0], int) and d == dims[0] for d in dims]
+    return example, (sorted({1, example, example + 3}) if example is not None and batched[0] else [example]), batched
 
 
 def compare_with_onnxruntime(
@@ -232,13 +236,14 @@ def compare_runs(
     check_signature(described, inputs, path)
     cases: list[tuple[str, tuple]] = [("example", tuple(inputs))]
     draw = _random_inputs(inputs, seed)
-    example_batch = inputs[0].shape[0] if inputs and len(inputs[0].shape) else None
-    for b in _batch_sizes(described, inputs):
+    example_batch, sizes, batched = _batch_sizes(described, inputs)
+    for b in sizes:
         for i in range(samples):
-            # At the example's batch size every input keeps its own shape (a mask, a 1-D parameter input);
-            # other batch sizes come only when every input's axis 0 is symbolic (`_batch_sizes`).
-            shapes = [tuple(x.shape) if b == example_batch else (b, *x.shape[1:]) for x in inputs]
-            cases.append((f"random b={b} #{i + 1}", draw(shapes)))
+            # At the example's batch size every input keeps its own shape (a mask, a 1-D parameter input); at
+            # another one, only the inputs whose axis 0 is the batch's symbol change (`_batch_sizes`).
+            shapes = [(b, *x.shape[1:]) if b != example_batch and on else tuple(x.shape)
+                      for x, on in zip(inputs, batched)]
+            cases.append((f"random {'' if b is None else f'b={b} '}#{i + 1}", draw(shapes)))
     for i, batch in enumerate(data or []):
         cases.append((f"data batch {i + 1}", (batch.to(inputs[0].device),)))
     if hasattr(reference, "close"):  # another onnxruntime model: hold one model at a time, not two
@@ -266,16 +271,25 @@ def compare_runs(
 
 
 def _random_inputs(inputs, seed: int):
-    """shapes → one random input per example input, in its dtype (and device): floats standard normal; other
-    inputs 0 or 1 for numpy inputs, as the example holds them for tensors (zeros at another batch size). The
+    """shapes → one random input per example input, in its dtype (and device): floats standard normal; for
+    numpy inputs `compare.random_array`'s others; a tensor's other inputs (token ids, masks) are the example's
+    own values, its samples repeated or cut to another batch size (values the model is known to take). The
     generator is seeded once, so the draws follow one stream."""
     if all(isinstance(x, np.ndarray) for x in inputs):
-        rng = np.random.default_rng(seed + RANDOM_STREAM)
+        rng = numpy_generator(seed + RANDOM_STREAM)
         return lambda shapes: tuple(random_array(rng, shape, x.dtype) for shape, x in zip(shapes, inputs))
 
     g = random_stream(seed)
-    return lambda shapes: random_like(tuple(x if tuple(x.shape) == shape else x.new_zeros(shape)
-                                            for shape, x in zip(shapes, inputs)), g)
+    return lambda shapes: random_like(tuple(_resized(x, shape) for shape, x in zip(shapes, inputs)), g)
+
+
+def _resized(x, shape: tuple):
+    """The tensor `x` at `shape` (another size of axis 0 only): its samples repeated or cut."""
+    if tuple(x.shape) == shape:
+        return x
+    import torch
+
+    return x[torch.arange(shape[0], device=x.device) % x.shape[0]]
 
 
 def _compare_case(session, names, label, xs, level, expected, reference_name, path, tolerance, candidate_check,

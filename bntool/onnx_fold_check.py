@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare import Tolerance, compare_arrays, random_array
+from .compare import Tolerance, compare_arrays, numpy_generator, random_array
 from .errors import InputError, first_line, param
 from .onnx_model import load_onnx
 from .onnx_save import give_memory_back
@@ -38,7 +38,7 @@ def example_inputs(model, input_shapes: Sequence[Sequence[int]] | None, seed: in
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                 for d in spec.type.tensor_type.shape.dim]
         shapes.append(_input_shape(spec.name, dims, None if input_shapes is None else tuple(input_shapes[i]), path))
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     dtypes = [np.dtype(helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)) for spec in specs]
     return tuple(random_array(rng, shape, dtype) for shape, dtype in zip(shapes, dtypes))
 

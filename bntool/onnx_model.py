@@ -237,13 +237,12 @@ class BNNode:
         return all(v is not None for v in self.values.values())
 
     def as_module_values(self) -> SimpleNamespace:
-        """Its values in the shape bntool.inspection's health rules read from a BN module (float64 tensors);
+        """Its values in the shape bntool.inspection's health rules read from a BN module (float64 arrays);
         `running_mean`/`running_var` are None when computed at run time."""
-        import torch
 
         def tensor(key):
             v = self.values[key]
-            return None if v is None else torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1))
+            return None if v is None else np.asarray(v, dtype=np.float64).reshape(-1)
 
         return SimpleNamespace(running_mean=tensor("mean"), running_var=tensor("var"), weight=tensor("scale"),
                                bias=tensor("bias"), eps=self.epsilon, momentum=self.momentum, training=False,

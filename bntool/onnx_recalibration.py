@@ -169,7 +169,7 @@ def _refuse_what_onnxruntime_refuses(model, path, provider: str) -> None:
     from .onnx_model import without_large_tensors
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # its errors come back as exceptions (one line): no log of its own
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         ort.InferenceSession(without_large_tensors(model, None).SerializeToString(), sess_options=options,

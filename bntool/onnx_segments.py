@@ -120,7 +120,7 @@ class SegmentRunner:
 
         model, inputs = self._segment(available, wanted, measured)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors come back as exceptions (one line): no log of its own
         # onnxruntime's threads spin after each run, which starves the statistics computed between runs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"

@@ -105,10 +105,9 @@ def checked_arguments(function):
     where the hint names str somewhere (`Sequence[str]`); hints that cannot be read are not checked."""
     import functools
     import inspect
-    import typing
 
     try:
-        hints = typing.get_type_hints(function)
+        hints = _type_hints(function)
     except Exception:  # a hint that names what is not importable at run time: check nothing rather than fail
         return function
     signature = inspect.signature(function)
@@ -129,6 +128,19 @@ def checked_arguments(function):
         return function(*args, **kwargs)
 
     return checked
+
+
+def _type_hints(function) -> dict:
+    """`function`'s type hints; torch and nn resolved where its module imports them only for type checkers
+    (a module the ONNX path shares: torch is imported here, for the PyTorch entry point being checked)."""
+    import typing
+
+    try:
+        return typing.get_type_hints(function)
+    except NameError:
+        import torch
+
+        return typing.get_type_hints(function, localns={"torch": torch, "nn": torch.nn})
 
 
 def _runtime_classes(hint) -> tuple[type, ...] | None:

@@ -1,6 +1,6 @@
 """`verify` for an ONNX file (`verify_onnx`), and what both verifies share: `Check`, `VerifyReport`, the verdicts
-of an inspect and a fold report, JUnit XML and Markdown. Imports no torch module: an ONNX file's verify imports
-torch only to draw its check's random inputs, and its errors none."""
+of an inspect and a fold report, JUnit XML and Markdown. Imports no torch module: an ONNX file's verify, its
+check and its errors import none (numpy draws the check's inputs; the health rules are numpy)."""
 
 from __future__ import annotations
 

@@ -51,8 +51,10 @@ def test_a_parameter_hinted_any_takes_anything(tmp_path):
 
     checked = checked_arguments(f)
     assert checked("a") == checked(3) == checked(object(), y="b") == 1
+    from bntool.utils import _type_hints
+
     hinted_any = [name for name in bntool.__all__ if callable(obj := getattr(bntool, name)) and
-                  any(h is typing.Any for h in typing.get_type_hints(inspect.unwrap(obj)).values())]
+                  any(h is typing.Any for h in _type_hints(inspect.unwrap(obj)).values())]
     assert {"open_data", "recalibrate_onnx", "recalibrate_onnx_file"} <= set(hinted_any), hinted_any
     for i in range(2):
         Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(tmp_path / f"{i}.png")

@@ -169,6 +169,46 @@ def test_a_second_input_keeps_its_own_shape_in_the_check(tmp_path, batch):
     assert report.passed and report.batch_norm_ops_after == 0
 
 
+def test_an_input_with_a_symbol_of_its_own_keeps_its_shape_at_other_batch_sizes(tmp_path):
+    """x [N, 3, 8, 8] and t [K]: only inputs whose axis 0 is the batch's symbol change at the check's other batch
+    sizes. t became [1] and [5] (every symbolic axis 0 was taken for the batch): exit 2 blaming the file."""
+    model = with_offset_input(bn_graph(17), None)
+    g = model.graph
+    g.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    g.input[1].type.tensor_type.shape.dim[0].dim_param = "K"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = fold_onnx(tmp_path / "m.onnx", None, input_shapes=[(2, 3, 8, 8), (4,)], samples=1)
+    assert report.passed and {c.input.split(" #")[0] for c in report.comparisons} >= {"random b=1", "random b=5"}
+
+
+def test_a_rank0_first_input_and_a_negative_seed(tmp_path):
+    """A static graph whose first input is a scalar: every input keeps its shape (the scalar became [1]: exit 2);
+    and --seed -1 (numpy's generator takes no negative seed: exit 3)."""
+    model = bn_graph(17)
+    g = model.graph
+    g.node.append(helper.make_node("Mul", ["y", "s"], ["out"], name="scale"))
+    g.input.insert(0, helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 6, 6]))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert fold_onnx(tmp_path / "m.onnx", None, samples=2, seed=-1).passed
+
+
+def test_random_check_inputs_keep_masks_and_ids_valid():
+    """numpy (an ONNX file's check): booleans all True (a random mask may mask a whole row: NaN in the original
+    too, a verdict that depended on the seed), integers 0 or 1. Tensors (the PyTorch path): other dtypes are the
+    example's own values, its samples repeated at another batch size (zeros made an all-False mask: NaN)."""
+    from bntool.compare import numpy_generator, random_array
+    from bntool.onnx_check import _random_inputs
+
+    rng = numpy_generator(-1)
+    assert random_array(rng, (3, 2), np.bool_).all() and set(np.unique(random_array(rng, (50,), np.int64))) == {0, 1}
+    mask, ids = torch.tensor([[True, False], [False, True]]), torch.tensor([7, 9])
+    drawn = _random_inputs((torch.zeros(2, 3), mask, ids), 0)([(3, 3), (3, 2), (3,)])
+    assert drawn[0].shape == (3, 3) and drawn[0].abs().sum() > 0
+    assert drawn[1].tolist() == [[True, False], [False, True], [True, False]] and drawn[2].tolist() == [7, 9, 7]
+
+
 def test_a_float16_file_is_checked_with_the_float16_rule(tmp_path):
     """A float16 file folds and passes the check at the default tolerance, float16's (5e-2 of each output's
     magnitude) as for a float16 PyTorch model; the float32 rule (1e-4) failed such files (exit 1): the folded
@@ -875,9 +915,9 @@ def test_force_over_a_file_with_external_data_switches_data_files(tmp_path, zoo_
 
 # ---------------------------------------------------------------- no torch before the check's inputs
 
-# Run in a fresh interpreter: the CLI on ONNX files, recording where torch is first imported. Errors found before
-# any work import no torch at all, nor does a whole fold with its check (numpy draws the check's inputs); inspect
-# and verify do, for the health rules they share with the PyTorch path.
+# Run in a fresh interpreter: the CLI on ONNX files, recording where torch is first imported. Neither the errors
+# found before any work nor a whole fold, inspect or verify import it: numpy draws the check's inputs, and the
+# health rules shared with the PyTorch path are numpy (bntool.inspection).
 _TORCH_WATCH = """
 import importlib.abc, json, sys, traceback
 first = []
@@ -896,7 +936,7 @@ print(json.dumps(results))
 """
 
 
-def test_onnx_fold_and_errors_import_no_torch(tmp_path):
+def test_onnx_commands_import_no_torch(tmp_path):
     import os
     import subprocess
     import sys
@@ -928,8 +968,7 @@ def test_onnx_fold_and_errors_import_no_torch(tmp_path):
     assert len(errors) == 6 and "exists" in errors[0] and "--samples" in errors[1], errors
     assert "--dtype" in errors[3] and "corrupt" in errors[4] and "--skip 'nomatch'" in errors[5], errors
     assert [imported for _, imported, _ in results[:6]] == [False] * 6, results  # the errors: no torch
-    assert results[6] == [0, False, None], results  # a fold with its check: none either (numpy draws its inputs)
-    assert results[7][1], results  # inspect's health rules are the PyTorch path's (bntool.inspection): torch
+    assert results[6:] == [[0, False, None]] * 3, results  # nor do a fold, inspect and verify that work
     error_object = json.loads(done.stdout[:done.stdout.index("\n}\n") + 2])
     assert error_object["error"]["exit_code"] == 2 and error_object["versions"]["torch"] == torch.__version__
     assert not batch_norm_nodes(onnx.load(str(out)))

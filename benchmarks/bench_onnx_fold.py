@@ -289,7 +289,6 @@ LIBRARY_RUN = """
 import os, sys, time
 started = time.perf_counter()
 import onnx, onnxruntime
-import torch  # fold_onnx imports it to draw its check's inputs: counted with the imports, not in the call
 import bntool
 fold_onnx = bntool.fold_onnx
 imported = time.perf_counter()
@@ -299,13 +298,16 @@ done = time.perf_counter()
 peak = [int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')][0]
 print(imported - started, done - imported, report.fold_seconds, report.check_seconds, peak - base)
 """
+# ml_dtypes' own import (numpy already imported): 0.7.0 takes about 0.6 s here, 0.6.0 0.06 s.
+ML_DTYPES_IMPORT = ("import time, numpy; started = time.perf_counter(); import ml_dtypes; "
+                    "print(time.perf_counter() - started, ml_dtypes.__version__)")
 # A child's peak RSS (the CLI's, or an import-only process's), read by a small parent of its own (ru_maxrss
 # carries the parent's size across fork + exec: the benchmark's own would count).
 CHILD_PEAK = ("import resource, subprocess, sys; subprocess.run([sys.executable, *sys.argv[1:]], check=True, "
               "capture_output=True); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
-IMPORTS_ONLY = ("import bntool.cli, bntool.checkpoint, bntool.folding, bntool.report, bntool.onnx_fold, onnx, "
-                "onnxruntime")  # what `bntool fold` holds at its peak (torch: imported for the check's inputs)
+IMPORTS_ONLY = ("import bntool.cli, bntool.report, bntool.onnx_fold, bntool.onnx_check, onnx, "
+                "onnxruntime")  # what `bntool fold model.onnx` holds at its peak (no torch)
 
 
 def resnet50_cost(tmp: Path, rounds: int) -> list[list]:
@@ -345,13 +347,16 @@ def resnet50_cost(tmp: Path, rounds: int) -> list[list]:
         print(f"CLI: {cli[-1]:.2f} s, peak above an import-only process {above:.2f}×, above the command on a "
               f"one-layer file {above_tiny:.2f}×", flush=True)
     imports, call, fold, check, memory = (statistics.median(c) for c in zip(*library))
+    ml_dtypes = subprocess.run([sys.executable, "-c", ML_DTYPES_IMPORT], check=True, capture_output=True,
+                               text=True).stdout.split()
     cli_memory = statistics.median(c - i for c, i in zip(cli_peaks, import_peaks))
     cli_model_memory = statistics.median(c - t for c, t in zip(cli_peaks, tiny_peaks))
     return [
         ["bntool.fold_onnx (the call: fold + check)", f"{call:.2f} s (best {min(r[1] for r in library):.2f})",
          "< 2 s"],
         ["  of which the fold / the check", f"{fold:.2f} s / {check:.2f} s", ""],
-        ["  imports before it (onnx, onnxruntime, torch, bntool)", f"{imports:.2f} s", ""],
+        ["  imports before it (onnx, onnxruntime, bntool)", f"{imports:.2f} s", ""],
+        [f"    of which ml_dtypes {ml_dtypes[1]} (onnx imports it)", f"{float(ml_dtypes[0]):.2f} s", ""],
         ["bntool fold (CLI, the whole process)", f"{statistics.median(cli):.2f} s (best {min(cli):.2f})", "< 2 s"],
         ["peak memory, library (above the process after imports)", f"{memory / size:.2f}× the file", "< 3×"],
         ["peak memory, CLI (above an import-only process)", f"{cli_memory / size:.2f}× the file", "< 3×"],
@@ -366,7 +371,7 @@ COST_NOTES = ("ResNet-50 (torchvision, random weights, BN statistics set) export
               "fresh process, {rounds} rounds with the library and the CLI interleaved, medians; default check "
               "(4 random inputs + the example, onnxruntime at ORT_DISABLE_ALL and ORT_ENABLE_ALL). The CLI's "
               "peak memory is taken above two baselines: a process that only imports what the command holds at "
-              "its peak (bntool, onnx, onnxruntime, torch), and the same command on a one-layer Conv+BN file (its "
+              "its peak (bntool, onnx, onnxruntime; no torch), and the same command on a one-layer Conv+BN file (its "
               "code, onnxruntime's start and Typer's, so the rest is what the model costs). Load average during "
               "the run: {load}.")
 

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .onnx_segments import BN_OP, Chunk, SegmentRunner, boundaries, measure_level, node_inputs
+from .onnx_segments import (
+    BN_OP,
+    Chunk,
+    SegmentRunner,
+    boundaries,
+    measure_level,
+    node_inputs,
+    release_shared_arena,
+)
 from .recalibration_passes import Batches, LayerShift, ProgressFn, RecalibrationReport
 from .segments import default_cache_budget
 
@@ -109,17 +117,21 @@ def recalibrate_onnx(
     new_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → (mean, var) in float64
     cache: list[Chunk] | None = None  # per chunk of data: the previous pass's boundary tensors
     kept = boundaries(graph, input_name, levels, depth)
-    for level in range(1, depth + 1):
-        members = [b for b in usable if b.level == level]
-        keep = kept[level] if level < depth and budget > 0 else set()
-        runner.stats = dict(new_stats)
-        stats, cache = measure_level(runner, members, keep, cache, batches, budget, report, level, depth, progress)
-        for b in members:
-            if stats[b.name].count > 0:
-                new_stats[b.name] = (stats[b.name].mean.numpy(), stats[b.name].unbiased_var.numpy())
-            batches.values_per_channel[b.name] = int(stats[b.name].count)
-        report.passes += 1
-    del cache
+    try:
+        for level in range(1, depth + 1):
+            members = [b for b in usable if b.level == level]
+            keep = kept[level] if level < depth and budget > 0 else set()
+            runner.stats = dict(new_stats)
+            stats, cache = measure_level(runner, members, keep, cache, batches, budget, report, level, depth,
+                                         progress)
+            for b in members:
+                if stats[b.name].count > 0:
+                    new_stats[b.name] = (stats[b.name].mean.numpy(), stats[b.name].unbiased_var.numpy())
+                batches.values_per_channel[b.name] = int(stats[b.name].count)
+            report.passes += 1
+    finally:
+        cache = None
+        release_shared_arena()  # the passes' sessions shared one arena: its memory goes back now
     report.cache_note = _cache_note(report, budget, depth)
     _check_finite(usable, new_stats)
     report.layers = [_shift(b, _initializer_array(graph, b.mean), _initializer_array(graph, b.var),

@@ -121,7 +121,7 @@ def measure(name: str, batches: int, batch: int, size: int | None, reps: int, ac
         eval_pass(exposed_bytes, data)
         exposed_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        _, report = recalibrate_onnx(copy.deepcopy(proto), data)
+        _, report = recalibrate_onnx(copy.deepcopy(proto), data, shared_arena=True)  # as the CLI runs it
         recal_times.append(time.perf_counter() - start)
     vs32, vs64, floor = accuracy(model, proto, data[0][:accuracy_batch])
     ratio = min(recal_times) / min(eval_times)

@@ -28,6 +28,7 @@ from .onnx_segments import (
     boundaries,
     measure_level,
     node_inputs,
+    register_shared_arena,
     release_shared_arena,
 )
 from .recalibration_passes import Batches, LayerShift, ProgressFn, RecalibrationReport
@@ -58,6 +59,7 @@ def recalibrate_onnx(
     cache_budget: int | None = None,
     provider: str = "cpu",
     progress: ProgressFn | None = None,
+    shared_arena: bool = False,
 ):
     """Re-estimate the running statistics of every BatchNormalization node of an ONNX model (exact mode).
 
@@ -72,6 +74,10 @@ def recalibrate_onnx(
             pass runs from the model input up to its level).
         provider: onnxruntime's execution provider, "cpu" or "cuda".
         progress: called as progress(samples done in this pass, pass number, number of passes).
+        shared_arena: the passes share onnxruntime's CPU arena (1.3–1.6× faster: each pass's own arena starts
+            empty, so its tensors land in fresh pages), registered process-wide: it replaces an allocator the
+            process registered with onnxruntime.create_and_register_allocator. Only with a cache (a
+            `cache_budget` of 0 keeps memory lowest without it). The CLI asks for it.
 
     Returns:
         (the ModelProto with the new statistics, a RecalibrationReport with mode "exact").
@@ -112,6 +118,7 @@ def recalibrate_onnx(
     batches = Batches(data, first_input, input_key, torch.device("cpu"), num_batches, num_samples, False)
     runner = SegmentRunner(model, input_name, _input_spec(graph, input_name), provider,
                            {b.name: (b.mean, b.var) for b in usable})
+    runner.shared_arena = shared_arena and budget > 0 and register_shared_arena()
     report = RecalibrationReport(mode="exact", cache_budget_bytes=budget)
     started = time.perf_counter()
     new_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → (mean, var) in float64
@@ -131,7 +138,8 @@ def recalibrate_onnx(
             report.passes += 1
     finally:
         cache = None
-        release_shared_arena()  # the passes' sessions shared one arena: its memory goes back now
+        if runner.shared_arena:
+            release_shared_arena()  # the passes' sessions shared one arena: its memory goes back now
     report.cache_note = _cache_note(report, budget, depth)
     _check_finite(usable, new_stats)
     report.layers = [_shift(b, _initializer_array(graph, b.mean), _initializer_array(graph, b.var),

@@ -111,6 +111,7 @@ class SegmentRunner:
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
         self.shapes = _shapes(model)
+        self.shared_arena = False  # the sessions use onnxruntime's registered CPU arena (`shared_arena`)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str], measured: list[str]):
@@ -123,7 +124,7 @@ class SegmentRunner:
         options.log_severity_level = 4  # its errors come back as exceptions (one line): no log of its own
         # onnxruntime's threads spin after each run, which starves the statistics computed between runs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if shared_arena():
+        if self.shared_arena:
             options.add_session_config_entry("session.use_env_allocators", "1")
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.provider == "cuda"
                      else ["CPUExecutionProvider"])
@@ -198,19 +199,20 @@ class SegmentRunner:
 _ARENA: list[bool] = []  # whether the shared arena is registered (decided once per process)
 
 
-def shared_arena() -> bool:
-    """onnxruntime's CPU arena shared by the sessions that ask for it, registered once per process. Each pass
-    has a session of its own, and a session's own arena starts empty, so every pass wrote its tensors into
-    fresh pages (a page fault per page, an munmap when its session went): 40 % of EfficientNet-B0's and
-    MobileNetV2's recalibration. Extended by what is asked (no power-of-two slack); what it holds free after
-    the passes is given back (`release_shared_arena`). False where onnxruntime refuses it (the passes then use
-    their own arenas, as before)."""
+def register_shared_arena() -> bool:
+    """Registers onnxruntime's process-wide CPU arena (once per process), which the sessions that ask for it
+    share. Each pass has a session of its own, and a session's own arena starts empty, so every pass wrote its
+    tensors into fresh pages (a page fault per page, an munmap when its session went): 40 % of EfficientNet-B0's
+    and MobileNetV2's recalibration. onnxruntime replaces an allocator the process registered before, so only
+    a caller that owns the process asks for it (the CLI: `recalibrate_onnx(shared_arena=True)`). What it holds
+    free after the passes is given back (`release_shared_arena`). False where onnxruntime refuses it (the
+    passes then use their own arenas)."""
     if not _ARENA:
         import onnxruntime as ort
 
         try:
             info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # max, kSameAsRequested, …
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # onnxruntime's defaults
             _ARENA.append(True)
         except Exception:
             _ARENA.append(False)
@@ -220,8 +222,6 @@ def shared_arena() -> bool:
 def release_shared_arena() -> None:
     """Give the shared arena's free memory back to the system: one run of a one-node graph with onnxruntime's
     arena shrinkage on (it frees every region no tensor uses)."""
-    if not (_ARENA and _ARENA[0]):
-        return
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -96,13 +96,14 @@ def test_segments_from_cached_boundaries_equal_whole_passes():
             np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
 
 
-def test_the_passes_share_one_arena_and_it_changes_no_number(monkeypatch):
-    """The passes' sessions share onnxruntime's CPU arena (each pass's own empty arena wrote every tensor into
-    fresh pages: 40 % of the time on depthwise nets); where memory lives changes no statistic, and what the
-    arena holds free is given back after the passes."""
+def test_the_passes_share_one_arena_when_asked_and_it_changes_no_number(monkeypatch):
+    """With shared_arena (the CLI's), the passes' sessions share onnxruntime's CPU arena (each pass's own empty
+    arena wrote every tensor into fresh pages: 40 % of the time on depthwise nets), given back after the passes;
+    where memory lives changes no statistic. Without it (the library's default: registering replaces an
+    allocator the caller's process may have registered), or without a cache, no session asks for it."""
     import onnxruntime as ort
 
-    from bntool import onnx_recalibration, onnx_segments
+    from bntool import onnx_recalibration
 
     model = zoo.build("mobilenet")
     proto = export_with_bn(model, zoo.example_input("mobilenet"))
@@ -119,13 +120,14 @@ def test_the_passes_share_one_arena_and_it_changes_no_number(monkeypatch):
 
     monkeypatch.setattr(ort.InferenceSession, "__init__", session)
     monkeypatch.setattr(onnx_recalibration, "release_shared_arena",
-                        lambda real=onnx_segments.release_shared_arena: released.append(real()))
-    shared, report = recalibrate_onnx(copy.deepcopy(proto), data)
-    assert onnx_segments.shared_arena() and released == [None]
-    assert asked.count(True) == report.passes + 1  # every pass, and the run that gives the memory back
-    monkeypatch.setattr(onnx_segments, "_ARENA", [False])  # each pass with its own arena, as before
+                        lambda real=onnx_recalibration.release_shared_arena: released.append(real()))
+    shared, report = recalibrate_onnx(copy.deepcopy(proto), data, shared_arena=True)
+    assert asked.count(True) == report.passes + 1 and released == [None]  # every pass, and the giving back
+    asked.clear()
+    recalibrate_onnx(copy.deepcopy(proto), data, shared_arena=True, cache_budget=0)
+    assert not any(asked) and released == [None]
     own, _ = recalibrate_onnx(copy.deepcopy(proto), data)
-    assert asked.count(True) == report.passes + 1 and released == [None, None]
+    assert not any(asked) and released == [None]
     for (m0, v0), (m1, v1) in zip(onnx_statistics(shared), onnx_statistics(own), strict=True):
         assert np.array_equal(m0, m1) and np.array_equal(v0, v1)
 

@@ -148,7 +148,7 @@ def _recalibrate_onnx(model: ModelSource, out: FileOutput, data: DataOptions, im
     with _progress(display.quiet or display.json_output, total) as callback:
         recalibrated, report = recalibrate_onnx(onnx_file, source, provider=provider, cache_budget=budget,
                                                 progress=callback, num_batches=options.num_batches,
-                                                num_samples=options.num_samples)
+                                                num_samples=options.num_samples, shared_arena=True)  # our process
     if source.skipped:
         _say(f"warning: {_skipped_line(source)}")
     with outputs:

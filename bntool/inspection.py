@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from .choices import FoldAction
-from .folding.math import bn_scale_shift
+from .folding.math import bn_scale_shift, numpy64
 from .layout import layout_of
-from .utils import StrEnum, plural
+from .utils import StrEnum, bn_eps, plural
 
 if TYPE_CHECKING:  # torch where a PyTorch model is inspected, imported there
     import torch
@@ -94,7 +94,7 @@ class TensorSummary:
         """Of a tensor or array (None: None)."""
         if t is None:
             return None
-        values = float64_array(t)
+        values = numpy64(t)
         if values.size == 0:
             return None
         finite = values[np.isfinite(values)]
@@ -102,17 +102,6 @@ class TensorSummary:
         if finite.size == 0:
             return cls(float("nan"), float("nan"), float("nan"), bad)
         return cls(float(finite.min()), float(finite.max()), float(finite.mean()), bad)
-
-
-def float64_array(t: Any) -> np.ndarray:
-    """A tensor (any device, bfloat16 included) or array as a flat float64 numpy array."""
-    if isinstance(t, np.ndarray):
-        return t.astype(np.float64, copy=False).reshape(-1)
-    return t.detach().cpu().double().numpy().reshape(-1)
-
-
-def bn_eps(module: Any) -> float:
-    return float(getattr(module, "eps", 1e-5))
 
 
 @dataclass
@@ -182,9 +171,9 @@ def health(module: Any) -> list[HealthFlag]:
     if getattr(module, "running_mean", None) is None or getattr(module, "running_var", None) is None:
         return [HealthFlag.of(HealthKind.NO_RUNNING_STATS)]
     flags = []
-    mean, var = float64_array(module.running_mean), float64_array(module.running_var)
+    mean, var = numpy64(module.running_mean), numpy64(module.running_var)
     tensors = {"running_mean": mean, "running_var": var,
-               **{key: None if getattr(module, key, None) is None else float64_array(getattr(module, key))
+               **{key: None if getattr(module, key, None) is None else numpy64(getattr(module, key))
                   for key in ("weight", "bias")}}
     for key, t in tensors.items():
         if t is not None and not np.isfinite(t).all():
@@ -237,7 +226,7 @@ def _judge_planned_fold_ranges(model: nn.Module, plan, layers: list[BNLayerInfo]
             scale, shift = bn_scale_shift(bn.running_mean, bn.running_var, getattr(bn, "weight", None),
                                        getattr(bn, "bias", None), bn_eps(bn))
         bounds = _weight_bounds(step, modules, scale.numel(), forward=action == FoldAction.FOLDED_FORWARD)
-        scale, shift = float64_array(scale), float64_array(shift)
+        scale, shift = numpy64(scale), numpy64(shift)
         layer.health += fold_range_flags(scale, shift, np.abs(scale).reshape(-1, 1) * bounds.numpy())
 
 

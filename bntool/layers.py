@@ -47,10 +47,6 @@ def bn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_bn(m)]
 
 
-def bn_eps(module: nn.Module) -> float:
-    return float(getattr(module, "eps", 1e-5))
-
-
 def bn_num_features(module: nn.Module) -> int:
     return int(cast(torch.Tensor, module.running_mean).numel())
 

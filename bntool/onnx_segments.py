@@ -111,7 +111,7 @@ class SegmentRunner:
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # BN name → measured (mean, var)
         self.replaced: dict[str, tuple[Any, Any]] = {}  # BN name → TensorProtos of its measured mean and var
         self.shapes = _shapes(model)
-        self.shared_arena = False  # the sessions use onnxruntime's registered CPU arena (`shared_arena`)
+        self.shared_arena = False  # the sessions use onnxruntime's registered CPU arena (`register_shared_arena`)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def session(self, available: dict[str, tuple[np.dtype, int]], wanted: list[str], measured: list[str]):

@@ -31,7 +31,7 @@ from torch import nn
 from .choices import RecalibrationMode
 from .devices import Placement, as_float64, check_not_meta, device_of, modes_kept, resolve_device
 from .errors import InputError, param
-from .layers import bn_eps, bn_modules, bn_stats, is_frozen_bn
+from .layers import bn_modules, bn_stats, is_frozen_bn
 from .layout import layout_of
 from .recalibration_exact import exact_statistics
 from .recalibration_passes import (  # the report types and ChannelStats are part of this module's API
@@ -49,7 +49,7 @@ from .recalibration_passes import (  # the report types and ChannelStats are par
     world_size,
     write_all,
 )
-from .utils import short_list
+from .utils import bn_eps, short_list
 
 
 def recalibrate(

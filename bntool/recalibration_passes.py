@@ -18,9 +18,8 @@ from torch import nn
 
 from .devices import as_float64, float64_device
 from .errors import InputError, UserCodeError, param, user_code
-from .layers import bn_eps
 from .tempfiles import current_session
-from .utils import plural
+from .utils import bn_eps, plural
 
 ProgressFn = Callable[[int, int, int], None]  # (samples done in this pass, pass number, number of passes)
 

@@ -96,6 +96,11 @@ def a_type(obj: object) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
+def bn_eps(module: Any) -> float:
+    """A BN's eps (1e-5 where it has none): of a module, or of anything holding its values (an ONNX node's)."""
+    return float(getattr(module, "eps", 1e-5))
+
+
 def checked_arguments(function):
     """`function` with its arguments checked against its type hints first: a wrong type raises InputError naming
     the parameter ("example_inputs: expected a tensor or a sequence, got a str") instead of a TypeError or

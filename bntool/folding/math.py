@@ -82,12 +82,15 @@ def mean_in_stds(mean: Array, var: Array, eps: float) -> float:
     """max |μ| / √(σ² + ε): how far statistics sit from zero, in standard deviations. A number that decisions
     compare with a threshold, so computed in numpy for both kinds of input: torch's vectorized float64 division
     can differ from numpy's in the last bit, and a PyTorch model and its ONNX file must decide alike."""
-    mean, var = _numpy64(mean), _numpy64(var)
+    mean, var = numpy64(mean), numpy64(var)
     return float((np.abs(mean) / np.sqrt(var + eps)).max()) if mean.size else 0.0
 
 
-def _numpy64(a: Array) -> np.ndarray:
-    return np.asarray(a if isinstance(a, np.ndarray) else a.detach().cpu(), dtype=np.float64)
+def numpy64(a: Array) -> np.ndarray:
+    """A tensor (any device and dtype, bfloat16 included) or array as a float64 numpy array."""
+    if isinstance(a, np.ndarray):
+        return a.astype(np.float64, copy=False)
+    return a.detach().cpu().double().numpy()
 
 
 def statistics_problem(mean: Array, var: Array, weight: Array | None, bias: Array | None, eps: float) -> str:

@@ -13,7 +13,6 @@ from ..layers import (
     ChannelAffine,
     DepthwiseAffine,
     FoldedNormAct,
-    bn_eps,
     has_standard_forward,
     make_custom_bn_folded,
     norm_act_parts,
@@ -21,6 +20,7 @@ from ..layers import (
     replace_module,
 )
 from ..layout import FoldLayout, named_module
+from ..utils import bn_eps
 from . import math as fm
 from .planner import AFFINE, FOLDED, REFUSED, FoldPlan, FunctionalBN
 

@@ -18,7 +18,6 @@ from ..errors import InputError, user_code
 from ..graph import Dataflow, OpCall, trace
 from ..layers import (
     FoldedNormAct,
-    bn_eps,
     bn_modules,
     bn_num_features,
     bn_stats,
@@ -28,6 +27,7 @@ from ..layers import (
     is_frozen_bn,
     norm_act_parts,
 )
+from ..utils import bn_eps
 from . import math as fm
 from .check import norm_op_count
 from .planner import (
